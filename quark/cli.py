@@ -1,0 +1,90 @@
+"""The `quark` command. Each subcommand lives beside the code it drives; this file only assembles them.
+
+Choices:
+- Every module listed in COMMAND_MODULES exposes `add_commands(subparsers)`, which adds its parsers and sets
+  `func` to a plain function taking the parsed args. Modules import their heavy dependencies inside those
+  functions, so `quark --help` stays fast and a missing optional extra only breaks the command that needs it.
+- Errors the user can fix (ValueError, FileNotFoundError, ...) print one line `quark <cmd>: error: ...` and
+  exit 2, never a traceback; `QUARK_DEBUG=1` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMAND_MODULES = [
+    "quark.cli",            # info
+    "quark.tokenizer_cli",  # tokenizer train / stats
+    "quark.data.cli",       # prepare
+    "quark.train.cli",      # pretrain, sft
+    "quark.hf.cli",         # export
+    "quark.eval.cli",       # eval
+    "quark.serve.cli",      # chat, serve
+    "quark.speedrun",       # speedrun
+    "quark.quantize",       # quantize
+]
+
+
+def cmd_info(args) -> None:
+    from .config import QuarkConfig
+    from .weights import config_from_folder
+
+    cfg = config_from_folder(args.model) if args.model else QuarkConfig.from_name(args.preset)
+    n = cfg.n_params()
+    print(f"{'preset' if not args.model else 'model'}: {args.model or args.preset}")
+    for k, v in cfg.to_dict().items():
+        print(f"  {k:16s} {v}")
+    print(f"  {'head_dim':16s} {cfg.head_dim}")
+    print(f"parameters: {n:,} ({n / 1e6:.1f}M; embedding rows {cfg.vocab_size:,}, tied={cfg.tie_embeddings})")
+    print(f"KV cache per token: {cfg.kv_cache_bytes_per_token(2):,} bytes (bf16), "
+          f"{cfg.kv_cache_bytes_per_token(4):,} bytes (fp32); "
+          f"full {cfg.context_length}-token context: {cfg.kv_cache_bytes_per_token(2) * cfg.context_length / 2**20:.1f} MiB (bf16)")
+    print(f"training FLOPs per token: {cfg.flops_per_token():.3g}")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("info", help="print a preset's or model folder's architecture, parameter count, KV-cache size")
+    p.add_argument("--preset", default="quark-72m", help="named preset (default quark-72m)")
+    p.add_argument("--model", help="a model folder or checkpoint instead of a preset")
+    p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="quark", description="Train, fine-tune, evaluate and serve Quark models.")
+    parser.add_argument("--version", action="version", version=f"quark {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):  # the module itself is not there (yet); its dependencies must be
+                continue
+            raise
+        mod.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting makes small CPU matmuls crawl when shared
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print(f"quark {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError) as e:
+        if os.environ.get("QUARK_DEBUG"):
+            raise
+        print(f"quark {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Safe model weights: safetensors + JSON only, never pickle; clear errors for truncated or mismatched files.
+
+Choices:
+- A model folder holds `config.json` + `model.safetensors`. `config.json` is either our plain QuarkConfig
+  dict, an HF export's config (ours nested under "quark"), or a Llama config whose shapes fit.
+- Tied `lm_head.weight` is not stored (as in HF Llama with `tie_word_embeddings`).
+- Writes go to a temp file in the same folder and are renamed into place, so a crash never leaves a
+  half-written file behind.
+- Pickle files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused: loading them can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import QuarkConfig
+from .model import Quark
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def state_dict_for_save(model: Quark) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: Quark, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` into folder (created if needed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = state_dict_for_save(model)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    save_safetensors(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_text(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+    return folder
+
+
+def read_safetensors(path: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: refusing to load a pickle file ({path.suffix}); unpickling can run arbitrary "
+                         "code. Convert it to safetensors first (safetensors.torch.save_file).")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+        return out
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def config_from_folder(folder: str | Path) -> QuarkConfig:
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        pickles = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
+        hint = f" (found pickle files {pickles}, which Quark refuses to load)" if pickles else ""
+        raise FileNotFoundError(f"{cfg_path}: missing config.json{hint}")
+    try:
+        d = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if "quark" in d:
+        return QuarkConfig.from_dict(d["quark"], source=str(cfg_path))
+    if d.get("model_type") == "llama" or "LlamaForCausalLM" in d.get("architectures", []):
+        return config_from_llama(d, str(cfg_path))
+    return QuarkConfig.from_dict(d, source=str(cfg_path))
+
+
+def config_from_llama(d: dict, source: str) -> QuarkConfig:
+    """A QuarkConfig for a Llama-architecture config.json, or a ValueError naming what does not fit."""
+    for field, ok in (("hidden_act", d.get("hidden_act", "silu") == "silu"),
+                      ("attention_bias", not d.get("attention_bias", False)),
+                      ("mlp_bias", not d.get("mlp_bias", False)),
+                      ("rope_scaling", not d.get("rope_scaling"))):
+        if not ok:
+            raise ValueError(f"{source}: field {field}={d.get(field)!r} is not supported by Quark")
+    n_heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
+    if head_dim * n_heads != d["hidden_size"]:
+        raise ValueError(f"{source}: head_dim={head_dim} * num_attention_heads={n_heads} != hidden_size")
+    rope_theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return QuarkConfig(n_layers=d["num_hidden_layers"], d_model=d["hidden_size"], n_heads=n_heads,
+                       n_kv_heads=d.get("num_key_value_heads", n_heads), d_ff=d["intermediate_size"],
+                       vocab_size=d["vocab_size"], context_length=d.get("max_position_embeddings", 2048),
+                       rope_theta=float(rope_theta), norm_eps=d.get("rms_norm_eps", 1e-5),
+                       tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+
+
+def load_state_into(model: Quark, sd: dict[str, torch.Tensor], source: str) -> Quark:
+    """Copy tensors into model, checking names and shapes; errors name the file and tensor."""
+    expected = state_dict_for_save(model)
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected) - {"lm_head.weight"})
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                         "(a checkpoint of another architecture?)")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, the config expects "
+                             f"{tuple(v.shape)}")
+    if model.config.tie_embeddings and "lm_head.weight" in sd and not torch.equal(
+            sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
+        raise ValueError(f"{source}: config says tie_embeddings but lm_head.weight differs from the embedding")
+    model.load_state_dict({k: sd[k] for k in expected}, strict=False)
+    return model
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Quark:
+    """Load a Quark model from a folder (our checkpoint, an HF export, or a Llama folder) or a .safetensors
+    file with a config.json beside it. Never unpickles."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            read_safetensors(path)  # raises the pickle refusal
+        folder, weights = path.parent, path
+    else:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such model folder")
+        folder, weights = path, path / "model.safetensors"
+        if not weights.exists():
+            pickles = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise ValueError(f"{path}: only pickle weights {pickles} found; Quark loads safetensors only "
+                                 "because unpickling can run arbitrary code")
+            raise FileNotFoundError(f"{weights}: missing model weights")
+    config = config_from_folder(folder)
+    with torch.device("meta"):
+        model = Quark(config)
+    model = model.to_empty(device=device)
+    model.reset_rope()
+    sd = read_safetensors(weights, device=device)
+    load_state_into(model, sd, str(weights))
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(dtype).eval()
