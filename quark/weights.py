@@ -151,10 +151,25 @@ def load_state_into(model: Quark, sd: dict[str, torch.Tensor], source: str) -> Q
     return model
 
 
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Quark:
-    """Load a Quark model from a folder (our checkpoint, an HF export, or a Llama folder) or a .safetensors
-    file with a config.json beside it. Never unpickles."""
+def resolve_model_path(path: str | Path) -> Path:
+    """A model folder for `path`: itself when it holds config.json, a run folder's newest checkpoint
+    (`RUN/checkpoints/step_NNNNNN/`), or a file's own path."""
     path = Path(path)
+    if path.is_file() or (path / "config.json").exists():
+        return path
+    steps = sorted((path / "checkpoints").glob("step_*"), key=lambda p: p.name) if path.is_dir() else []
+    steps = [p for p in steps if (p / "config.json").exists()]
+    if steps:
+        return steps[-1]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model folder, checkpoint or run")
+    return path
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Quark:
+    """Load a Quark model from a folder (our checkpoint, an HF export, a Llama folder, or a run folder's newest
+    checkpoint) or a .safetensors file with a config.json beside it. Never unpickles."""
+    path = resolve_model_path(path)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             read_safetensors(path)  # raises the pickle refusal
@@ -179,3 +194,18 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(dtype).eval()
+
+
+def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from one folder; fails before loading weights when the tokenizer is missing or its
+    vocabulary disagrees with the model's embedding rows."""
+    from .tokenizer import Tokenizer
+
+    folder = resolve_model_path(path)
+    folder = folder.parent if folder.is_file() else folder
+    tok = Tokenizer.load(folder)
+    cfg = config_from_folder(folder)
+    if tok.vocab_size != cfg.vocab_size:
+        raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} ids but the model has {cfg.vocab_size} "
+                         "embedding rows (vocab_size); they must come from the same run")
+    return load_model(folder, device=device, dtype=dtype), tok
