@@ -1,0 +1,331 @@
+"""The continuous-batching inference engine shared by the server and the terminal chat.
+
+Choices:
+- One owner: a single thread (or the caller, for the chat) runs `step()`; other threads only `submit()` and
+  `cancel()`, which touch a lock-protected queue. The model and the KV cache are never shared.
+- One preallocated `KVCache` with `max_batch` rows and the full context. Active sequences are kept compact
+  in rows 0..n-1 (a finished row is filled by moving the last one into it), so each decode step runs the
+  model on exactly n rows through a view of the cache, with per-row `input_pos` (n, 1): every row sits at
+  its own length. A row's stale slots from an earlier occupant are never read: the model's mask only lets
+  a query see slots at or before its own position, and every such slot was written by this sequence.
+- New requests join between decode steps: they are prefilled together (right-padded, straight into their
+  cache rows; the padding slots get overwritten before they are ever visible), sample their first token
+  from the prefill, and join the very next batched decode step. Prefill is bounded by `prefill_tokens`
+  per step so a burst of long prompts cannot stall running streams for long.
+- Sampling uses `quark.sampling.sample_next`. Rows are grouped by (temperature, top_p, rep_penalty) and
+  sampled together with the engine's generator; a request with a `seed` gets its own generator and is
+  sampled alone, so its tokens do not depend on what else is in the batch.
+- A cancelled request (client gone) leaves the batch at the next step boundary; its slot is free at once.
+- Events go to each request's `sink(kind, value)`: ("token", id), then one ("done", "stop"|"length"|
+  "cancelled") or ("error", message). Stop tokens (<|im_end|>, <|endoftext|>) end a reply and are not sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..model import KVCache
+from ..sampling import check_sampling_args, sample_next
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 200
+    temperature: float = 0.2
+    top_p: float = 0.9
+    rep_penalty: float = 1.15
+    seed: int | None = None
+
+    def check(self) -> None:
+        check_sampling_args(self.temperature, self.top_p, self.rep_penalty, self.max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+class Request:
+    """One sequence to generate. Thread-safe to `cancel()` from anywhere."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[str, object], None] | None):
+        self.id = next(self._ids)
+        self.prompt = list(prompt)
+        self.params = params
+        self.events: queue.SimpleQueue | None = None
+        if sink is None:
+            self.events = queue.SimpleQueue()
+            sink = lambda kind, value: self.events.put((kind, value))  # noqa: E731
+        self.sink = sink
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.n_generated = 0
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    __slots__ = ("req", "length", "generator")
+
+    def __init__(self, req: Request, generator: torch.Generator | None):
+        self.req, self.length, self.generator = req, len(req.prompt), generator
+
+
+def _cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
+    """A KVCache whose tensors are views of rows start..stop-1 of `cache` (writes go through)."""
+    view = object.__new__(KVCache)
+    view.k, view.v = cache.k[:, start:stop], cache.v[:, start:stop]
+    view.batch_size, view.max_len = stop - start, cache.max_len
+    return view
+
+
+class Engine:
+    """Continuous batching over one model. Use `start()` for a background thread, or call `step()` yourself."""
+
+    def __init__(self, model, stop_ids: Sequence[int], max_batch: int = 32, prefill_tokens: int = 4096,
+                 seed: int | None = None):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.model = model.eval()
+        cfg = model.config
+        self.context_length = cfg.context_length
+        self.vocab_size = cfg.vocab_size
+        self.stop_ids = set(int(i) for i in stop_ids)
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        w = model.model.embed_tokens.weight
+        self.device = w.device
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        self.cache = KVCache(cfg, max_batch, cfg.context_length, device=self.device, dtype=dtype)
+        self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self.last_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**62))
+        self.rows: list[_Row] = []
+        self.pending: deque[Request] = deque()
+        self._admitting: list[Request] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.stats = {"steps": 0, "tokens": 0, "requests": 0, "peak_batch": 0, "errors": 0}
+
+    # ---- the public, thread-safe side ------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: SamplingParams,
+               sink: Callable[[str, object], None] | None = None) -> Request:
+        """Queue a prompt. ValueError if it cannot run (empty, bad ids, prompt + max_new_tokens > context)."""
+        params.check()
+        if not prompt:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt) + params.max_new_tokens > self.context_length:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the context length {self.context_length}")
+        req = Request(prompt, params, sink)
+        with self.lock:
+            self.pending.append(req)
+        self.wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        req.cancel()
+        self.wake.set()
+
+    def start(self) -> Engine:
+        if self.thread is None:
+            self.running = True
+            self.thread = threading.Thread(target=self._loop, name="quark-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.running = False
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+            self.thread = None
+
+    def load(self) -> dict:
+        with self.lock:
+            pending = len(self.pending)
+        return {"active": len(self.rows), "pending": pending, "max_batch": self.max_batch, **self.stats}
+
+    def iter_tokens(self, req: Request) -> Iterator[int]:
+        """Token ids of a request submitted without a sink, as they come; drives `step()` itself when no
+        engine thread runs. Closing the iterator early cancels the request."""
+        try:
+            while True:
+                if self.thread is None:
+                    while req.events.empty():
+                        self.step()
+                kind, value = req.events.get()
+                if kind == "token":
+                    yield value
+                elif kind == "error":
+                    raise RuntimeError(f"generation failed: {value}")
+                else:
+                    return
+        finally:
+            if req.finish_reason is None:
+                self.cancel(req)
+                if self.thread is None:
+                    self.step()
+
+    # ---- the engine side ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self.running:
+            if not self.step():
+                self.wake.wait(0.05)
+                self.wake.clear()
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Admit waiting requests, then run one batched decode step. Returns False when there was nothing to do."""
+        try:
+            self._drop_cancelled()
+            admitted = self._admit()
+            if not self.rows:
+                return admitted
+            self._decode()
+            return True
+        except Exception as e:  # keep serving: fail what was in flight, free every slot
+            self.stats["errors"] += 1
+            failed = {r.req.id: r.req for r in self.rows} | {r.id: r for r in self._admitting}
+            for req in failed.values():
+                if req.finish_reason is None:
+                    self._finish_event(req, "error", f"{type(e).__name__}: {e}")
+            self.rows, self._admitting = [], []
+            return True
+
+    def _finish_event(self, req: Request, kind: str, value: str) -> None:
+        req.finish_reason = value if kind == "done" else "error"
+        req.sink(kind, value)
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, r in enumerate(self.rows) if r.req.cancelled]
+        for i in gone:
+            self._finish_event(self.rows[i].req, "done", "cancelled")
+        self._free(gone)
+
+    def _admit(self) -> bool:
+        new: list[Request] = []
+        with self.lock:
+            budget = self.prefill_tokens
+            while self.pending and len(self.rows) + len(new) < self.max_batch:
+                req = self.pending[0]
+                if req.cancelled:
+                    self.pending.popleft()
+                    self._finish_event(req, "done", "cancelled")
+                    continue
+                longest = max([len(r.prompt) for r in new] + [len(req.prompt)])
+                if new and longest * (len(new) + 1) > budget:
+                    break
+                new.append(self.pending.popleft())
+        if not new:
+            return False
+        self._admitting = new
+        self._prefill(new)
+        self._admitting = []
+        return True
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        n0, m = len(self.rows), len(reqs)
+        T = max(len(r.prompt) for r in reqs)
+        idx = torch.zeros(m, T, dtype=torch.long)
+        for j, r in enumerate(reqs):
+            idx[j, :len(r.prompt)] = torch.tensor(r.prompt)
+        idx = idx.to(self.device)
+        view = _cache_rows(self.cache, n0, n0 + m)
+        h = self.model.hidden(idx, view, torch.arange(T, device=self.device))  # (m, T, d)
+        last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
+        logits = self.model.lm_head(h[torch.arange(m, device=self.device), last]).float()  # (m, V)
+        for j, r in enumerate(reqs):
+            gen = None
+            if r.params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(r.params.seed)
+            self.rows.append(_Row(r, gen))
+            self.seen[n0 + j] = False
+            self.seen[n0 + j, torch.tensor(r.prompt, device=self.device)] = True
+            self.lengths[n0 + j] = len(r.prompt)
+        self.stats["requests"] += m
+        self._sample_and_emit(logits, first=n0)
+
+    def _decode(self) -> None:
+        n = len(self.rows)
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], n)
+        view = _cache_rows(self.cache, 0, n)
+        pos = self.lengths[:n, None]
+        logits = self.model(self.last_tok[:n, None], view, pos)[:, -1]  # (n, V)
+        for row in self.rows:
+            row.length += 1
+        self.lengths[:n] += 1
+        self.stats["steps"] += 1
+        self._sample_and_emit(logits, first=0)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], first: int) -> torch.Tensor:
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            p = row.req.params
+            key = (p.temperature, p.top_p, p.rep_penalty) if row.generator is None else ("seeded", i)
+            groups.setdefault(key, []).append(i)
+        if len(groups) == 1:  # the common case: one batched call, no gathers
+            p, gen = rows[0].req.params, rows[0].generator or self.generator
+            seen = self.seen[first:first + len(rows)] if p.rep_penalty != 1.0 else None
+            return sample_next(logits, seen, p.temperature, p.top_p, p.rep_penalty, gen)
+        out = torch.empty(len(rows), dtype=torch.long, device=self.device)
+        for members in groups.values():
+            p, gen = rows[members[0]].req.params, rows[members[0]].generator or self.generator
+            ix = torch.tensor(members, device=self.device)
+            seen = self.seen[ix + first] if p.rep_penalty != 1.0 else None
+            out[ix] = sample_next(logits[ix], seen, p.temperature, p.top_p, p.rep_penalty, gen)
+        return out
+
+    def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
+        """Sample for rows first..end, send the tokens, retire finished rows."""
+        rows = self.rows[first:]
+        tok = self._sample(logits, rows, first)
+        n = len(rows)
+        self.seen[torch.arange(first, first + n, device=self.device), tok] = True
+        self.last_tok[first:first + n] = tok
+        done = []
+        for i, (row, t) in enumerate(zip(rows, tok.tolist())):
+            req = row.req
+            if req.cancelled:
+                self._finish_event(req, "done", "cancelled")
+            elif t in self.stop_ids:
+                self._finish_event(req, "done", "stop")
+            else:
+                req.n_generated += 1
+                self.stats["tokens"] += 1
+                req.sink("token", t)
+                if req.n_generated < req.params.max_new_tokens:
+                    continue
+                self._finish_event(req, "done", "length")
+            done.append(first + i)
+        self._free(done)
+
+    def _free(self, indices: list[int]) -> None:
+        """Retire rows, keeping the active rows compact: the last row moves into each hole."""
+        for i in sorted(indices, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                L = self.rows[last].length
+                self.cache.k[:, i, :, :L] = self.cache.k[:, last, :, :L]
+                self.cache.v[:, i, :, :L] = self.cache.v[:, last, :, :L]
+                self.seen[i] = self.seen[last]
+                self.last_tok[i] = self.last_tok[last]
+                self.lengths[i] = self.lengths[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
