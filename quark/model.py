@@ -217,10 +217,51 @@ class Quark(nn.Module):
         t = targets.flatten()
         if loss_mask is not None:
             t = torch.where(loss_mask.flatten().bool(), t, torch.full_like(t, -100))
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, h.shape[0], chunk_rows):
-            logits = self.lm_head(h[i:i + chunk_rows]).float()
-            total = total + F.cross_entropy(logits, t[i:i + chunk_rows], ignore_index=-100, reduction="sum")
+        if torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad):
+            # memory-flat under autograd: each chunk's logits are freed before the next (see _LinearCrossEntropy)
+            total = _LinearCrossEntropy.apply(h, self.lm_head.weight, t, chunk_rows)
+        else:
+            total = h.new_zeros((), dtype=torch.float32)
+            for i in range(0, h.shape[0], chunk_rows):
+                logits = self.lm_head(h[i:i + chunk_rows]).float()
+                total = total + F.cross_entropy(logits, t[i:i + chunk_rows], ignore_index=-100, reduction="sum")
         if reduction == "sum":
             return total
         return total / (t != -100).sum().clamp(min=1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `h @ w.T` against targets (-100 ignored), chunk by chunk, with the gradients
+    formed during the forward pass (softmax - onehot, times h and w), as Liger's fused linear cross-entropy does.
+    No chunk's (rows x vocab) logits outlive its iteration, so memory stays flat at any vocabulary size, and
+    nothing is recomputed: 3 matmuls per chunk, like plain forward + backward. Matmuls run in the autocast dtype
+    when autocast is on; the softmax and the weight-gradient sum are fp32."""
+
+    @staticmethod
+    def forward(ctx, h, w, t, chunk_rows: int):
+        dev = h.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        wc = w.to(cd)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h)
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for i in range(0, h.shape[0], chunk_rows):
+            hc, tc = h[i:i + chunk_rows].to(cd), t[i:i + chunk_rows]
+            valid = (tc != -100)
+            tsafe = torch.where(valid, tc, torch.zeros_like(tc))[:, None]  # (c, 1)
+            logits = (hc @ wc.T).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
+            total = total + ((lse - logits.gather(1, tsafe)).squeeze(1) * valid).sum()
+            g = logits.sub_(lse).exp_()  # softmax, in place of the logits
+            g.scatter_add_(1, tsafe, torch.full_like(lse, -1.0))
+            g = (g * valid[:, None]).to(cd)
+            gh[i:i + chunk_rows] = (g @ wc).to(h.dtype)
+            gw += (g.T @ hc).float()
+        ctx.save_for_backward(gh, gw)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw = ctx.saved_tensors
+        return gh * grad.to(gh.dtype), (gw * grad).to(ctx.w_dtype), None, None
