@@ -1,0 +1,189 @@
+"""Parsing and validating OpenAI-style request bodies into engine work; building the response objects.
+
+Choices:
+- Bodies are read and checked by hand (not pydantic) so every problem is a 400 in OpenAI's error shape
+  (`{"error": {"message", "type", "param", "code"}}`) naming the field and the allowed values.
+- Omitted sampling fields default to the model card's recommended configuration (temperature 0.2, top_p 0.9,
+  repetition_penalty 1.15), not OpenAI's 1.0/1.0: that is what this model needs to stay coherent.
+- `max_tokens` (or `max_completion_tokens`) is capped by the room left in the context and by the server-wide
+  limit; a prompt that leaves no room at all is a 400 `context_length_exceeded`.
+- The OpenAI `developer` role is the `system` role; any other role outside system/user/assistant is a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from .engine import SamplingParams
+
+DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.15}
+MAX_N = 16
+MAX_STOPS = 4
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise APIError(400, f"'{name}' must be a number, got {json.dumps(v)[:40]}", param=name)
+    if v < lo or v > hi or (lo_open and v == lo):
+        rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise APIError(400, f"'{name}' must be in {rng}, got {v}", param=name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise APIError(400, f"'{name}' must be an integer, got {json.dumps(v)[:40]}", param=name)
+    if v < lo or (hi is not None and v > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise APIError(400, f"'{name}' must be {allowed}, got {v}", param=name)
+    return v
+
+
+@dataclass
+class Job:
+    """What the engine must run for one HTTP request."""
+
+    prompts: list[list[int]]  # one per prompt; each is run `n` times
+    n: int
+    params: SamplingParams  # max_new_tokens already capped for the longest prompt
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+
+    def params_for(self, choice: int) -> SamplingParams:
+        p = self.params
+        seed = None if p.seed is None else p.seed + choice
+        return SamplingParams(p.max_new_tokens, p.temperature, p.top_p, p.rep_penalty, seed)
+
+
+def check_model(body: dict, served: str) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "'model' must be a string", param="model")
+    if model is not None and model != served:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{served}'", param="model",
+                       code="model_not_found")
+
+
+def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_tokens_limit: int) -> Job:
+    temperature = _number(body, "temperature", DEFAULTS["temperature"], 0.0, 2.0)
+    top_p = _number(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0, lo_open=True)
+    rep = _number(body, "repetition_penalty", DEFAULTS["repetition_penalty"], 0.0, 10.0, lo_open=True)
+    max_tokens = _integer(body, "max_tokens", 1)
+    mct = _integer(body, "max_completion_tokens", 1)
+    max_tokens = mct if mct is not None else max_tokens
+    n = _integer(body, "n", 1, MAX_N) or 1
+    seed = _integer(body, "seed", -(2**63), 2**63 - 1)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise APIError(400, "'stream_options.include_usage' must be true or false", param="stream_options")
+    stops = body.get("stop")
+    if stops is None:
+        stops = []
+    elif isinstance(stops, str):
+        stops = [stops]
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
+        raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop")
+    longest = max(len(p) for p in prompts)
+    room = context_length - longest
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {context_length} tokens; the prompt has "
+                       f"{longest} tokens, leaving no room for a reply. Shorten the messages.",
+                       param="messages", code="context_length_exceeded")
+    max_new = min(max_tokens if max_tokens is not None else max_tokens_limit, room, max_tokens_limit)
+    params = SamplingParams(max_new, temperature, top_p, rep, seed)
+    return Job(prompts, n, params, stops, stream, include_usage)
+
+
+def _content_text(content, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: only text is supported
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{index}].content: only text parts "
+                               "({\"type\": \"text\", \"text\": ...}) are supported", param=f"messages[{index}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise APIError(400, f"messages[{index}].content must be a string or a list of text parts",
+                   param=f"messages[{index}].content")
+
+
+def parse_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
+        role = m.get("role")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role {json.dumps(m.get('role'))[:40]} is not supported; allowed: "
+                           "system, developer, user, assistant", param=f"messages[{i}].role")
+        out.append({"role": role, "content": _content_text(m.get("content"), i)})
+    return out
+
+
+def parse_completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
+    p = body.get("prompt")
+    bad = APIError(400, "'prompt' must be a string, a list of strings, or token id list(s)", param="prompt")
+    if isinstance(p, str):
+        texts = [p]
+    elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        texts = p
+    elif isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+        return [_check_ids(p, tokenizer)]
+    elif isinstance(p, list) and p and all(isinstance(x, list) for x in p):
+        if not all(all(isinstance(t, int) and not isinstance(t, bool) for t in x) and x for x in p):
+            raise bad
+        return [_check_ids(x, tokenizer) for x in p]
+    else:
+        raise bad
+    # hand-built ChatML prompts (as in the model card) keep their markers as control tokens
+    return [tokenizer.encode_prompt(t) or [tokenizer.eot_id] for t in texts]
+
+
+def _check_ids(ids: list[int], tokenizer) -> list[int]:
+    if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+    return ids

@@ -1,0 +1,258 @@
+"""The OpenAI-compatible HTTP server (FastAPI): /v1/models, /v1/chat/completions, /v1/completions, /health, and
+the chat web page at /.
+
+Choices:
+- The engine thread owns the model; each HTTP request submits one engine request per choice, and the engine
+  pushes token events into the request's asyncio queue with `call_soon_threadsafe`. Streams drain every event
+  already queued before writing, so a slow client gets fewer, larger SSE chunks instead of falling behind.
+- A stream whose client goes away is cancelled in the generator's `finally` (Starlette cancels the response
+  task on disconnect), which frees the engine slot at the next step.
+- Bodies are capped (`max_body_bytes`, default 1 MiB) before parsing: a bigger body is a 413, read no further.
+- With `api_key`, every /v1 route needs `Authorization: Bearer <key>` (compared in constant time); /health
+  and the page itself stay open (the page asks for the key). The key is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api import APIError, Job, check_model, parse_common, parse_completion_prompts, parse_json, parse_messages
+from .engine import Engine
+from .text import IncrementalDecoder, StopMatcher
+
+STATIC = Path(__file__).parent / "static"
+
+
+class _Choice:
+    def __init__(self, tokenizer, stops):
+        self.decoder, self.stopper = IncrementalDecoder(tokenizer), StopMatcher(stops)
+        self.req = None
+        self.tokens, self.text, self.finish = 0, [], None
+
+    def feed(self, kind: str, value) -> str:
+        """One engine event -> newly visible text; sets `finish` when this choice is over."""
+        if self.finish is not None:
+            return ""
+        if kind == "token":
+            self.tokens += 1
+            out = self.stopper.push(self.decoder.push(value))
+            if self.stopper.stopped:
+                self.finish = "stop"
+                self.req.cancel()
+        elif kind == "done":
+            out = self.stopper.push(self.decoder.flush())
+            out += self.stopper.flush()
+            self.finish = "length" if value == "length" and not self.stopper.stopped else "stop"
+        else:
+            raise APIError(500, f"generation failed: {value}", type_="server_error", code="engine_error")
+        self.text.append(out)
+        return out
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_tokens_limit: int = 1024,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The app. The engine thread is started and stopped with the app's lifespan."""
+    if not isinstance(max_tokens_limit, int) or max_tokens_limit < 1:
+        raise ValueError(f"max_tokens_limit must be an integer >= 1, got {max_tokens_limit!r}")
+    context = engine.context_length
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="Quark", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(APIError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e):
+        err = APIError(500, f"internal error: {type(e).__name__}", type_="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        authorize(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            raise APIError(413, f"request body of {length} bytes is over the {max_body_bytes}-byte limit",
+                           code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > max_body_bytes:
+                raise APIError(413, f"request body is over the {max_body_bytes}-byte limit", code="request_too_large")
+        return parse_json(bytes(raw))
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "quark",
+                "context_length": context, "max_tokens_limit": max_tokens_limit}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "context_length": context, **engine.load()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        authorize(request)
+        if name != model_name:
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        check_model(body, model_name)
+        messages = parse_messages(body)
+        job = parse_common(body, [tokenizer.render_prompt(messages)], context, max_tokens_limit)
+        return await run(job, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        check_model(body, model_name)
+        job = parse_common(body, parse_completion_prompts(body, tokenizer), context, max_tokens_limit)
+        return await run(job, chat=False)
+
+    async def run(job: Job, chat: bool):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        choices = []
+        try:
+            for prompt in job.prompts:
+                for i in range(job.n):
+                    c = _Choice(tokenizer, job.stops)
+                    k = len(choices)
+                    sink = lambda kind, value, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, kind, value))  # noqa: E731
+                    c.req = engine.submit(prompt, job.params_for(i), sink)
+                    choices.append(c)
+        except ValueError as e:
+            for c in choices:
+                c.req.cancel()
+            raise APIError(400, str(e)) from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model_name}
+
+        def usage() -> dict:
+            prompt_tokens = sum(len(p) for p in job.prompts)
+            done = sum(c.tokens for c in choices)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+        async def next_events():
+            """Wait for one event, then take all that are already queued: {choice: (text, finish or None)}."""
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            out = {}
+            for k, kind, value in batch:
+                c = choices[k]
+                was_open = c.finish is None
+                text = c.feed(kind, value)
+                if was_open:
+                    prev, _ = out.get(k, ("", None))
+                    out[k] = (prev + text, c.finish)
+            return out
+
+        def open_count() -> int:
+            return sum(c.finish is None for c in choices)
+
+        def cancel_all():
+            for c in choices:
+                if c.req.finish_reason is None:
+                    c.req.cancel()
+            engine.wake.set()
+
+        if not job.stream:
+            try:
+                while open_count():
+                    await next_events()
+            finally:
+                cancel_all()
+            if chat:
+                out = [{"index": k, "message": {"role": "assistant", "content": "".join(c.text)},
+                        "logprobs": None, "finish_reason": c.finish} for k, c in enumerate(choices)]
+            else:
+                out = [{"index": k, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish}
+                       for k, c in enumerate(choices)]
+            obj = "chat.completion" if chat else "text_completion"
+            return {**head, "object": obj, "choices": out, "usage": usage()}
+
+        def chunk(k: int, text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
+            payload = {**head, "choices": [choice]}
+            if job.include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def sse():
+            try:
+                if chat:
+                    for k in range(len(choices)):
+                        yield chunk(k, None, None, role=True)
+                while open_count():
+                    try:
+                        batch = await next_events()
+                    except APIError as e:
+                        yield f"data: {json.dumps(e.body())}\n\n"
+                        break
+                    for k, (text, finish) in batch.items():
+                        if text and finish is None:
+                            yield chunk(k, text, None)
+                        elif finish is not None:
+                            if text:
+                                yield chunk(k, text, None)
+                            yield chunk(k, None, finish)
+                if job.include_usage:
+                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel_all()
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
