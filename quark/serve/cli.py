@@ -1,0 +1,111 @@
+"""`quark chat` and `quark serve`: argument parsing and model loading for the terminal chat and the server.
+
+Choices:
+- Defaults are the model card's recommended configuration (temperature 0.2, top_p 0.9, rep_penalty 1.15,
+  max_new_tokens 200). The server binds 127.0.0.1 unless --host says otherwise, and warns when it is public.
+- `--device auto` picks CUDA when present (weights in bf16 there), else the CPU in fp32.
+- `--quantize int8` calls `quark.quantize.quantize_int8(model)`, imported only when asked for.
+- The API key may come from --api-key or QUARK_API_KEY; it is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+CARD = {"temperature": 0.2, "top_p": 0.9, "rep_penalty": 1.15, "max_new_tokens": 200}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def load_for_inference(path: str, device: str = "auto", quantize: str | None = None):
+    """(model, tokenizer) ready for generation: eval mode, on the device, optionally int8."""
+    import torch
+
+    from ..weights import load_model_and_tokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but no CUDA device is available")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype)
+    model.eval()
+    if quantize == "int8":
+        try:
+            from ..quantize import quantize_int8
+        except ImportError as e:
+            raise RuntimeError("--quantize int8 needs quark.quantize.quantize_int8, which this install does not "
+                               f"have ({e})") from None
+        model = quantize_int8(model)
+        model.eval()
+    return model, tokenizer
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder, checkpoint, or run folder (newest checkpoint)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight quantization (quark.quantize)")
+
+
+def _sampling_params(args):
+    from .engine import SamplingParams
+
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.rep_penalty, args.seed)
+    params.check()
+    return params
+
+
+def cmd_chat(args) -> None:
+    from .chat import run_chat
+
+    params = _sampling_params(args)
+    model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
+    run_chat(model, tokenizer, params, system=args.system, name=Path(args.model).name)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .engine import Engine
+    from .server import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    api_key = args.api_key or os.environ.get("QUARK_API_KEY") or None
+    model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
+    name = args.model_name or Path(args.model).resolve().name
+    engine = Engine(model, [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
+    app = create_app(engine, tokenizer, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit)
+    host_shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"quark serve: model '{name}' on http://{host_shown}:{args.port}/ (OpenAI API under /v1, chat page at /; "
+          f"batch up to {args.max_batch}, max_tokens limit {args.max_tokens_limit}; "
+          f"API key {'required' if api_key else 'not required'})", flush=True)
+    if args.host not in LOOPBACK:
+        print(f"quark serve: warning: listening on {args.host}, reachable from other machines"
+              + ("" if api_key else " without an API key (set --api-key)"), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("chat", help="multi-turn terminal chat with a model (streams replies)")
+    _add_model_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=CARD["temperature"], help="0 = greedy (default 0.2)")
+    p.add_argument("--top-p", type=float, default=CARD["top_p"], help="nucleus threshold in (0, 1] (default 0.9)")
+    p.add_argument("--rep-penalty", type=float, default=CARD["rep_penalty"], help="repetition penalty (default 1.15)")
+    p.add_argument("--max-new-tokens", type=int, default=CARD["max_new_tokens"], help="reply length cap (default 200)")
+    p.add_argument("--seed", type=int, help="sampling seed (reproducible replies)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, plus a chat page")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set QUARK_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024,
+                   help="server-wide cap on a request's max_tokens (default 1024; the context caps it too)")
+    p.add_argument("--model-name", help="the model id clients send (default: the model folder's name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
