@@ -1,0 +1,236 @@
+"""Training data loaders: context windows from pre-training shards, conversation rows from SFT shards.
+
+Both read the data folder written by `quark prepare` (see the BRIEF's contract: `manifest.json`, `train/`, `val/`).
+
+Choices:
+- Shards are opened with `np.load(..., mmap_mode="r")`: only the windows a batch uses are read from disk, so a
+  corpus of any size costs no RAM.
+- Pre-training: each split is one virtual token stream (shards in manifest order). It is cut into non-overlapping
+  windows of `seq_len + 1` tokens at stride `seq_len` (the last target of one window is the first input of the
+  next), never across a shard boundary. Each epoch visits every window once, in an order drawn from
+  `(seed, epoch)`. SFT rows work the same way, one row per sample.
+- Sample number `i` of the run is a pure function of `(seed, i)`, and the only state is the count of samples
+  consumed. Resume restores that count, so it is exact; under DDP rank r of W takes rows `r*b .. r*b+b-1` of every
+  global micro-batch of `W*b` rows, so any world size sees the same global batch as one process would.
+- Validation reads the first windows/rows of the val split in file order, the same set at every evaluation.
+- SFT batches are trimmed to the longest row in the batch (rounded up to a bucket of seq_len/8) so padding
+  costs no compute, while the number of distinct shapes stays small for `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a data folder, with a clear error when the folder or file is missing or broken."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: data folder not found (create it with `quark prepare`)")
+    path = folder / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing manifest.json; is {folder} a data folder written by `quark prepare`?")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for key in ("kind", "splits"):
+        if key not in m:
+            raise ValueError(f"{path}: missing field {key!r}")
+    if m["kind"] not in ("pretrain", "sft"):
+        raise ValueError(f"{path}: field kind={m['kind']!r}; allowed: 'pretrain', 'sft'")
+    return m
+
+
+def _split_files(folder: Path, manifest: dict, split: str) -> list[Path]:
+    info = manifest["splits"].get(split)
+    if not info or not info.get("shards"):
+        raise ValueError(f"{folder / MANIFEST}: split {split!r} lists no shards")
+    files = [folder / split / name for name in info["shards"]]
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: shard listed in {folder / MANIFEST} is missing")
+    return files
+
+
+def _open(path: Path, ndim: int, dtypes: tuple) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable .npy shard ({e})") from None
+    if arr.ndim != ndim or arr.dtype not in dtypes:
+        raise ValueError(f"{path}: expected a {ndim}-D array of {'/'.join(str(np.dtype(d)) for d in dtypes)}, "
+                         f"found shape {arr.shape} dtype {arr.dtype}")
+    return arr
+
+
+class _EpochOrder:
+    """Sample index -> item index: a fresh permutation of `n` items for every epoch, drawn from (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return int(self._perm[i % self.n])
+
+
+class _Loader:
+    """Shared state handling: `consumed` counts global samples; rank/world pick this process's rows."""
+
+    kind = ""
+
+    def __init__(self, seed: int, batch_size: int, rank: int, world_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
+        self.consumed = 0
+        self.order = _EpochOrder(len(self), seed)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / len(self)
+
+    def _take_indices(self) -> list[int]:
+        start = self.consumed + self.rank * self.batch_size
+        self.consumed += self.batch_size * self.world_size
+        return [self.order(start + j) for j in range(self.batch_size)]
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed, "consumed": self.consumed, "items": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("kind", "seed", "items"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise ValueError(f"loader state does not match the data: {key}={state.get(key)!r} in the checkpoint, "
+                                 f"{mine!r} now (did the data folder or seed change?)")
+        self.consumed = int(state["consumed"])
+
+
+class PretrainLoader(_Loader):
+    """Batches `(inputs, targets, None)` of shape (batch_size, seq_len) int64 from a pre-training split."""
+
+    kind = "pretrain"
+
+    def __init__(self, folder: str | Path, split: str, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, manifest: dict | None = None):
+        folder = Path(folder)
+        manifest = manifest or read_manifest(folder)
+        if manifest["kind"] != "pretrain":
+            raise ValueError(f"{folder}: a {manifest['kind']!r} data folder; pre-training needs kind 'pretrain'")
+        self.seq_len = seq_len
+        self.shards = [_open(f, 1, (np.uint16, np.int32, np.uint32)) for f in _split_files(folder, manifest, split)]
+        counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
+        if counts.sum() == 0:
+            raise ValueError(f"{folder / split}: fewer than seq_len + 1 = {seq_len + 1} tokens in every shard")
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # window index -> shard via searchsorted
+        super().__init__(seed, batch_size, rank, world_size)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def window(self, w: int) -> np.ndarray:
+        s = int(np.searchsorted(self.starts, w, side="right")) - 1
+        off = (w - int(self.starts[s])) * self.seq_len
+        return self.shards[s][off:off + self.seq_len + 1]
+
+    def _batch(self, windows: list[int]):
+        buf = np.stack([self.window(w) for w in windows]).astype(np.int64)
+        t = torch.from_numpy(buf)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous(), None
+
+    def next_batch(self):
+        return self._batch(self._take_indices())
+
+    def val_batches(self, n_batches: int):
+        """The first n_batches * world_size * batch_size windows in file order, this rank's share."""
+        total = min(len(self), n_batches * self.world_size * self.batch_size)
+        mine = list(range(total))[self.rank::self.world_size]
+        for i in range(0, len(mine), self.batch_size):
+            yield self._batch(mine[i:i + self.batch_size])
+
+
+class SFTLoader(_Loader):
+    """Batches `(inputs, targets, loss_mask)` from SFT rows: ids[:, :-1], ids[:, 1:], mask[:, 1:]."""
+
+    kind = "sft"
+
+    def __init__(self, folder: str | Path, split: str, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, manifest: dict | None = None, trim: bool = True):
+        folder = Path(folder)
+        manifest = manifest or read_manifest(folder)
+        if manifest["kind"] != "sft":
+            raise ValueError(f"{folder}: a {manifest['kind']!r} data folder; SFT needs kind 'sft'")
+        self.ids, self.masks = [], []
+        for f in _split_files(folder, manifest, split):
+            mask_path = f.with_name(f.name.replace(".ids.npy", ".mask.npy"))
+            if not f.name.endswith(".ids.npy") or not mask_path.exists():
+                raise FileNotFoundError(f"{mask_path}: the loss mask for {f.name} is missing")
+            ids, mask = _open(f, 2, (np.int32, np.int64)), _open(mask_path, 2, (np.uint8, np.bool_))
+            if ids.shape != mask.shape:
+                raise ValueError(f"{mask_path}: shape {mask.shape} differs from {f.name} {ids.shape}")
+            self.ids.append(ids)
+            self.masks.append(mask)
+        widths = {a.shape[1] for a in self.ids}
+        if len(widths) != 1:
+            raise ValueError(f"{folder / split}: SFT shards disagree on row width {sorted(widths)}")
+        self.seq_len = widths.pop() - 1
+        self.trim, self.bucket = trim, max(1, self.seq_len // 8)
+        self.starts = np.concatenate([[0], np.cumsum([len(a) for a in self.ids])])
+        if self.starts[-1] == 0:
+            raise ValueError(f"{folder / split}: no SFT rows")
+        super().__init__(seed, batch_size, rank, world_size)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        s = int(np.searchsorted(self.starts, r, side="right")) - 1
+        j = r - int(self.starts[s])
+        return self.ids[s][j], self.masks[s][j]
+
+    def _batch(self, rows: list[int]):
+        pairs = [self.row(r) for r in rows]
+        ids = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.bool_))
+        width = ids.shape[1]
+        if self.trim:
+            used = mask[:, 1:].any(0).nonzero()
+            last = int(used[-1]) + 1 if len(used) else 1
+            width = min(self.seq_len, -(-last // self.bucket) * self.bucket) + 1
+        ids, mask = ids[:, :width], mask[:, :width]
+        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), mask[:, 1:].contiguous()
+
+    def next_batch(self):
+        return self._batch(self._take_indices())
+
+    def val_batches(self, n_batches: int):
+        total = min(len(self), n_batches * self.world_size * self.batch_size)
+        mine = list(range(total))[self.rank::self.world_size]
+        for i in range(0, len(mine), self.batch_size):
+            yield self._batch(mine[i:i + self.batch_size])
+
+
+def make_loader(folder: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
+                world_size: int = 1, manifest: dict | None = None):
+    """A PretrainLoader or SFTLoader, by the manifest's kind."""
+    manifest = manifest or read_manifest(folder)
+    if manifest["kind"] == "sft":
+        return SFTLoader(folder, split, batch_size, seed, rank, world_size, manifest)
+    return PretrainLoader(folder, split, seq_len, batch_size, seed, rank, world_size, manifest)

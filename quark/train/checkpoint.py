@@ -1,0 +1,164 @@
+"""Training checkpoints: a model folder plus the full training state, written atomically, last K kept.
+
+Layout of `RUN/checkpoints/step_NNNNNN/`:
+    config.json, model.safetensors, tokenizer files     (a model folder: `quark chat`, `eval`, `export` load it)
+    train_state.safetensors                             (AdamW moments and step counts, RNG states)
+    train_state.json                                    (step, tokens, elapsed time, schedule plan, loader
+                                                         state, optimizer hyper-parameters, train config)
+Choices:
+- No pickle anywhere: tensors go to safetensors, everything else to JSON.
+- The step folder is written under a temporary name and renamed into place only when complete, so a crash or a
+  full disk during a save leaves the previous checkpoints untouched (and at most a `.tmp-*` folder, removed by
+  the next run).
+- Optimizer tensors are keyed by parameter name (`exp_avg.model.norm.weight`), so a checkpoint is readable with
+  any safetensors tool and a mismatch names the parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import weights
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    return sorted(p for p in ckpts.glob("step_*") if (p / STATE_JSON).exists() and (p / "model.safetensors").exists())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def clean_partial(run_dir: str | Path) -> None:
+    """Remove temporary folders left by a save that was interrupted."""
+    for p in (Path(run_dir) / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, list]:
+    """(tensors keyed `<stat>.<param name>`, JSON-able param_groups) from an optimizer's state_dict."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{k}.{names[idx]}"] = v.detach().to("cpu").contiguous() if torch.is_tensor(v) \
+                else torch.tensor(v)
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    for g in groups:
+        g["params"] = [names[i] for i in g["params"]]
+    return tensors, groups
+
+
+def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Index used by optimizer.state_dict() -> parameter name."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    out, i = {}, 0
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            out[i] = by_id[id(p)]
+            i += 1
+    return out
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer,
+                    optimizer: torch.optim.Optimizer, state: dict, keep_last: int = 3) -> Path:
+    """Write `RUN/checkpoints/step_NNNNNN/` atomically, then delete all but the newest `keep_last`."""
+    ckpts = Path(run_dir) / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / step_dir_name(step)
+    tmp = ckpts / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        weights.save_model(model, tmp)
+        tokenizer.save(tmp)
+        names = optimizer_param_names(model, optimizer)
+        tensors, groups = optimizer_tensors(optimizer, names)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
+        weights.save_safetensors(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
+        full = dict(state, optimizer={"param_groups": groups})
+        weights.atomic_write_text(tmp / STATE_JSON, json.dumps(full, indent=2) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. the end of a resumed run): swap, then drop the old one
+            old = ckpts / f".tmp-old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load weights (and optimizer moments, RNG) from a checkpoint folder into model/optimizer; return the
+    JSON training state."""
+    ckpt = Path(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_JSON).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from None
+    device = next(model.parameters()).device
+    sd = weights.read_safetensors(ckpt / "model.safetensors", device=device)
+    with torch.no_grad():
+        weights.load_state_into(model, sd, str(ckpt / "model.safetensors"))
+    tensors = weights.read_safetensors(ckpt / STATE_TENSORS)
+    if optimizer is not None:
+        names = optimizer_param_names(model, optimizer)
+        idx_of = {n: i for i, n in names.items()}
+        groups = state["optimizer"]["param_groups"]
+        if len(groups) != len(optimizer.param_groups) or \
+                [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise ValueError(f"{ckpt}: optimizer parameter groups do not match the model")
+        opt_state: dict[int, dict] = {}
+        for key, t in tensors.items():
+            if key.startswith("rng."):
+                continue
+            stat, name = key.split(".", 1)
+            if name not in idx_of:
+                raise ValueError(f"{ckpt / STATE_TENSORS}: optimizer state for unknown parameter {name!r}")
+            opt_state.setdefault(idx_of[name], {})[stat] = t
+        for g in groups:
+            g["params"] = [idx_of[n] for n in g["params"]]
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    return state

@@ -1,0 +1,52 @@
+"""`quark pretrain` and `quark sft`: thin front-ends over the one training loop (`quark.train.loop.train`).
+
+Both take `--config` (a TOML file or a packaged name such as `pretrain-tiny`), `--data`, `--out`, and any number of
+`--set key=value` overrides; `sft` adds `--from BASE`. Launch several processes with torchrun:
+    torchrun --nproc_per_node 8 -m quark pretrain --config pretrain-quark-72m --data data/pretrain --out runs/base
+"""
+
+from __future__ import annotations
+
+
+def _run(args, kind: str) -> int:
+    from .config import load_config
+    from .loop import train
+
+    fixed = {"kind": kind, "data": args.data, "out": args.out}
+    if kind == "sft":
+        fixed["base"] = args.base
+    cfg = load_config(args.config, args.set or [], **fixed)
+    if args.print_config:
+        import json
+
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    train(cfg)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    return _run(args, "pretrain")
+
+
+def cmd_sft(args) -> int:
+    return _run(args, "sft")
+
+
+def _common(p) -> None:
+    p.add_argument("--config", help="TOML train config: a path or a packaged name (see quark/configs/)")
+    p.add_argument("--data", help="data folder written by `quark prepare` (overrides the config's data)")
+    p.add_argument("--out", help="run folder; resumed from its newest checkpoint when it has one")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lr=1e-3 --set max_minutes=5 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("pretrain", help="pre-train a model from scratch on prepared shards (resumable; torchrun-ready)")
+    _common(p)
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("sft", help="supervised fine-tuning of a base checkpoint on prepared chat rows")
+    _common(p)
+    p.add_argument("--from", dest="base", help="base checkpoint, export or run folder to fine-tune")
+    p.set_defaults(func=cmd_sft)
