@@ -222,7 +222,7 @@ def test_disconnect_frees_the_slot(slow_server):
             "stream": True}
     with httpx.stream("POST", slow_server.url + "/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
-        lines = r.iter_lines()
+        lines = (line for line in r.iter_lines() if line)
         assert next(lines).startswith("data: ")  # the role chunk
         assert '"content"' in next(lines)  # a token: the request is in the batch now
         assert httpx.get(health).json()["active"] == 1
