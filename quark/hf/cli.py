@@ -1,0 +1,37 @@
+"""`quark export`: a checkpoint (model folder or run folder) as an HF remote-code folder, a Llama folder or a GGUF file."""
+
+from __future__ import annotations
+
+
+def cmd_export(args) -> None:
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+
+        out = export_gguf(args.checkpoint, args.out, dtype=args.gguf_dtype, overwrite=args.force, name=args.name)
+    else:
+        from .export import export
+
+        out = export(args.checkpoint, args.out, fmt=args.format, overwrite=args.force, run=args.run,
+                     eval_results=args.eval_results, name=args.name, repo_id=args.repo_id,
+                     base_model=args.base_model)
+    print(f"wrote {out} ({args.format})")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face folder (remote code), a Llama folder "
+                                      "or a GGUF file, with a generated model card")
+    p.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or run folder (newest step)")
+    p.add_argument("--out", required=True, help="output folder (hf, llama) or .gguf file (gguf)")
+    p.add_argument("--format", choices=("hf", "llama", "gguf"), default="hf",
+                   help="hf: config.json + auto_map + modeling_quark.py (default); llama: plain LlamaForCausalLM "
+                        "folder, no remote code; gguf: one llama.cpp file")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty output")
+    p.add_argument("--run", help="run folder whose run.json/metrics.jsonl fill the card (default: found from the "
+                                 "checkpoint's path)")
+    p.add_argument("--eval-results", help="quark eval JSON for the card (default: <model folder>/eval_results.json)")
+    p.add_argument("--name", help="model name shown in the card / GGUF metadata (default: the output's name)")
+    p.add_argument("--repo-id", help="Hub repository id used in the card's Quickstart (default: the name)")
+    p.add_argument("--base-model", help="base_model for an SFT model's card (default: run.json's base path)")
+    p.add_argument("--gguf-dtype", choices=("f32", "f16"), default="f32",
+                   help="GGUF weight type for the matrices (norms stay f32); default f32")
+    p.set_defaults(func=cmd_export)

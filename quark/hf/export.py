@@ -1,0 +1,213 @@
+"""Export a Quark checkpoint as a Hugging Face model folder (remote code, as the card describes) or a plain
+Llama folder, each with tokenizer files, generation defaults, a generated model card and the licence.
+
+Choices:
+- HF format: `config.json` nests Quark's config under "quark" (read by `quark.weights` too) and registers
+  `configuration_quark.QuarkConfig` / `modeling_quark.QuarkForCausalLM` in `auto_map`. The modeling file wraps
+  verbatim copies of `quark/model.py`, `generate.py`, `sampling.py`, `config.py` placed beside it: one
+  implementation of the transformer, readable in one sitting, importing only torch and transformers.
+- Llama format: Quark uses Llama's parameter names and RoPE layout, so the weights are copied unchanged and
+  only `config.json` differs; `transformers.LlamaForCausalLM` (and Llama-serving engines) load it without
+  remote code.
+- Weights are float32 safetensors (the card's "Tensor type F32"); the tied `lm_head` is not stored.
+- The folder is assembled in a temporary sibling and renamed into place, so a failed export never leaves a
+  half-written folder; an existing non-empty folder is replaced only with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..tokenizer import CHAT_TEMPLATE
+from ..weights import (
+    atomic_write_text,
+    load_model_and_tokenizer,
+    resolve_model_path,
+    save_safetensors,
+    state_dict_for_save,
+)
+
+PACKAGE = Path(__file__).resolve().parent.parent
+TEMPLATES = {"configuration_quark": PACKAGE / "hf" / "configuration_quark.py",
+             "modeling_quark": PACKAGE / "hf" / "modeling_quark.py"}
+AUTO_MAP = {"AutoConfig": "configuration_quark.QuarkConfig",
+            "AutoModelForCausalLM": "modeling_quark.QuarkForCausalLM"}
+# The card's "Recommended starting configuration" for generate_text(), in transformers' names.
+RECOMMENDED = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.15, "max_new_tokens": 200}
+FORMATS = ("hf", "llama", "gguf")
+
+
+def _relative_imports(path: Path) -> set[str]:
+    # the same patterns transformers' dynamic_module_utils follows (indented and lazy imports included)
+    text = path.read_text()
+    return set(re.findall(r"^\s*import\s+\.(\S+)\s*$", text, flags=re.MULTILINE)
+               + re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE))
+
+
+def remote_code_files() -> dict[str, Path]:
+    """Export file name -> package source for the two remote-code files and every sibling they import,
+    transitively, exactly as transformers will look for them. The siblings are copied verbatim."""
+    files, todo = {}, list(TEMPLATES)
+    while todo:
+        mod = todo.pop()
+        if f"{mod}.py" in files:
+            continue
+        src = TEMPLATES.get(mod, PACKAGE / f"{mod}.py")
+        if not src.exists():
+            raise RuntimeError(f"remote code needs {mod}.py, which is not in {PACKAGE}")
+        files[f"{mod}.py"] = src
+        todo += sorted(_relative_imports(src))
+    return files
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except ImportError:
+        return None
+
+
+def hf_config_dict(cfg) -> dict:
+    """config.json for the remote-code folder: Quark's config under "quark" plus the standard mirrors."""
+    d = {
+        "architectures": ["QuarkForCausalLM"],
+        "auto_map": dict(AUTO_MAP),
+        "model_type": "quark",
+        "quark": cfg.to_dict(),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.context_length,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "hidden_act": "silu",
+        "bos_token_id": None,
+        "eos_token_id": cfg.im_end_id,
+        "pad_token_id": 0,
+        "dtype": "float32",
+        "use_cache": True,
+    }
+    if (v := _transformers_version()) is not None:
+        d["transformers_version"] = v
+    return d
+
+
+def llama_config_dict(cfg) -> dict:
+    """config.json that `transformers.LlamaForCausalLM` reads as exactly this model."""
+    d = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.context_length,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "bos_token_id": None,
+        "eos_token_id": cfg.im_end_id,
+        "pad_token_id": 0,
+        "dtype": "float32",
+        "use_cache": True,
+    }
+    if (v := _transformers_version()) is not None:
+        d["transformers_version"] = v
+    return d
+
+
+def generation_config_dict(cfg) -> dict:
+    return {"do_sample": True, **RECOMMENDED, "bos_token_id": None, "eos_token_id": cfg.im_end_id,
+            "pad_token_id": 0}
+
+
+def _staging_dir(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: folder exists and is not empty (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", overwrite: bool = False,
+           run: str | Path | None = None, eval_results: str | Path | None = None, name: str | None = None,
+           repo_id: str | None = None, base_model: str | None = None) -> Path:
+    """Write `checkpoint` (a model folder, checkpoint or run folder) as a `fmt` ("hf" or "llama") model folder
+    at `out`, with README.md (the generated model card) and LICENSE. Returns `out`."""
+    if fmt not in ("hf", "llama"):
+        raise ValueError(f"format {fmt!r}: allowed formats are {', '.join(FORMATS)} (gguf: quark.hf.gguf_export)")
+    from .card import MIT_LICENSE, card_facts, render_model_card
+
+    out = Path(out)
+    folder = resolve_model_path(checkpoint)
+    model, tok = load_model_and_tokenizer(folder)
+    cfg = model.config
+    facts = card_facts(folder, run=run, eval_results=eval_results, name=name or out.name, repo_id=repo_id,
+                       base_model=base_model, model=model)
+    tmp = _staging_dir(out, overwrite)
+    try:
+        sd = {k: v.to(torch.float32) for k, v in state_dict_for_save(model).items()}
+        save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = hf_config_dict(cfg) if fmt == "hf" else llama_config_dict(cfg)
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation_config_dict(cfg), indent=2) + "\n")
+        if fmt == "hf":
+            for dst, src in remote_code_files().items():
+                shutil.copyfile(src, tmp / dst)
+        tok.save(tmp)
+        _check_tokenizer_config(tmp, cfg)
+        atomic_write_text(tmp / "README.md", render_model_card(facts, fmt=fmt))
+        atomic_write_text(tmp / "LICENSE", MIT_LICENSE.format(year=facts["year"]))
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_tokenizer_config(folder: Path, cfg) -> None:
+    """The exported tokenizer must carry the ChatML template and the chat tokens at the model's ids."""
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    if tc.get("chat_template") != CHAT_TEMPLATE:
+        raise RuntimeError(f"{folder / 'tokenizer_config.json'}: chat_template missing or not Quark's ChatML")
+    added = {v["content"]: int(k) for k, v in tc.get("added_tokens_decoder", {}).items()}
+    if added.get("<|im_start|>") != cfg.im_start_id or added.get("<|im_end|>") != cfg.im_end_id:
+        raise RuntimeError(f"{folder / 'tokenizer_config.json'}: chat tokens are {added}, the model expects "
+                           f"<|im_start|>={cfg.im_start_id}, <|im_end|>={cfg.im_end_id}")

@@ -1,0 +1,134 @@
+"""Export a Quark checkpoint as one GGUF file (llama architecture) for llama.cpp and the tools built on it.
+
+Choices:
+- Written with the `gguf` package (the llama.cpp project's own writer); tensor names come from its
+  `TensorNameMap` for `MODEL_ARCH.LLAMA`, so Quark's Llama-named parameters map without a hand-made table.
+- llama.cpp applies RoPE to interleaved pairs while Quark (like HF Llama) rotates halves, so q_proj and
+  k_proj rows are permuted per head exactly as llama.cpp's `convert_hf_to_gguf.py` does for Llama; every other
+  tensor is copied as is. A tied lm_head is omitted (llama.cpp then reuses `token_embd`).
+- Vocabulary: tokenizer model "gpt2" (byte-level BPE) with the token strings, merges and token types (the three
+  special tokens are CONTROL). `tokenizer.ggml.pre = "llama-bpe"` because Quark splits text with Llama-3's
+  regex; a tokenizer whose split regex differs is refused rather than exported with silently different
+  tokenization. No BOS is added (Quark never trains with one); eos is `<|im_end|>`, pad is `<|endoftext|>`.
+- The ChatML template goes into `tokenizer.chat_template`. Weights are f32 (default) or f16 for matrices.
+- Written to a temporary file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, SPLIT_REGEX
+from ..weights import load_model_and_tokenizer, resolve_model_path, state_dict_for_save
+
+GGUF_PRE = "llama-bpe"
+
+
+def permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection from half-split RoPE order to llama.cpp's interleaved order, per head."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_from_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `permute_for_llama_cpp` (used to read a GGUF back)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def vocab_for_gguf(tok) -> tuple[list[str], list[int], list[str]]:
+    """(token strings by id, token types, merges as "a b") from the HF tokenizer.json."""
+    import gguf
+
+    data = json.loads(tok.tk.to_str())
+    pre = json.dumps(data.get("pre_tokenizer"))
+    if json.dumps(SPLIT_REGEX)[1:-1] not in pre:
+        raise ValueError(f"tokenizer pre-tokenizer is not Quark's Llama-3 split regex, so llama.cpp's '{GGUF_PRE}' "
+                         "would tokenize differently; retrain the tokenizer with `quark tokenizer train`")
+    vocab = tok.tk.get_vocab(with_added_tokens=True)
+    n = tok.vocab_size
+    tokens = [None] * n
+    for t, i in vocab.items():
+        if i >= n:
+            raise ValueError(f"tokenizer id {i} ({t!r}) is outside the vocabulary size {n}")
+        tokens[i] = t
+    if None in tokens:
+        raise ValueError(f"tokenizer has no token for id {tokens.index(None)}")
+    special = {EOT, IM_START, IM_END}
+    types = [int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    return tokens, types, merges
+
+
+def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", overwrite: bool = False,
+                name: str | None = None) -> Path:
+    """Write `checkpoint` (model / checkpoint / run folder) as a llama-architecture GGUF file at `out`."""
+    import gguf
+
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: a GGUF export is one file; give --out a name ending in .gguf")
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"GGUF dtype {dtype!r}: allowed values are f32, f16")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: file exists (pass --force to replace it)")
+    folder = resolve_model_path(checkpoint)
+    model, tok = load_model_and_tokenizer(folder)
+    cfg = model.config
+    tokens, types, merges = vocab_for_gguf(tok)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    w = gguf.GGUFWriter(tmp, arch="llama")
+    try:
+        w.add_name(name or out.stem)
+        w.add_license("mit")
+        w.add_context_length(cfg.context_length)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.d_ff)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(GGUF_PRE)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tok.eot_id)
+        w.add_eos_token_id(tok.im_end_id)
+        w.add_pad_token_id(tok.eot_id)
+        w.add_add_bos_token(False)
+        w.add_add_eos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
+
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+        for key, t in state_dict_for_save(model).items():
+            arr = t.detach().float().cpu().numpy()
+            if key.endswith("self_attn.q_proj.weight"):
+                arr = permute_for_llama_cpp(arr, cfg.n_heads)
+            elif key.endswith("self_attn.k_proj.weight"):
+                arr = permute_for_llama_cpp(arr, cfg.n_kv_heads)
+            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise RuntimeError(f"no GGUF name for tensor {key}")
+            if dtype == "f16" and arr.ndim == 2:
+                arr = arr.astype(np.float16)
+            w.add_tensor(gname, np.ascontiguousarray(arr))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
