@@ -170,6 +170,15 @@ class Quark(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are yielded once
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (activations, KV cache): the norms' dtype, also after int8 weight quantization."""
+        return self.model.norm.weight.dtype
+
     # ---- forward ------------------------------------------------------------------------------------------
     def hidden(self, idx, cache: KVCache | None = None, input_pos=None, key_mask=None):
         """Final-norm hidden states (B, T, d_model)."""

@@ -1,0 +1,370 @@
+"""Fast decoding: fused weights, a lean per-token step, and on CUDA a static cache with a CUDA-graph decode step.
+
+`generate.stream_tokens` uses a `FastDecoder` (`decoder_for(model, B, max_len)`) for prefill + decode; the plain
+`Quark.forward` path stays the readable reference and the two are tested to agree.
+
+Choices:
+- Weights are fused once per model: q/k/v into one (q+2kv, d) matrix and gate/up into one (2 d_ff, d) matrix, so
+  a layer runs 4 matmuls instead of 7. int8 models (quark.quantize) fuse their int8 rows and scales the same way.
+  The fused copies are refreshed in place when a source tensor's version counter moves (an optimizer step, a
+  `load_state_dict`), so a model that keeps training between generations is never served stale weights.
+- CPU: the step takes the position as a Python int, writes the cache with a slice copy and attends over only the
+  filled slots with SDPA. Prefill computes logits for the last position only (like HF `generate`).
+- CUDA: everything the step touches is preallocated (token, position, cache, mask); the step derives the RoPE
+  row, the cache slot (`index_copy_`) and the attention mask from a device position tensor, attends over the
+  whole static cache with a mask (grouped-query attention by reshaping q, K/V never repeated), is compiled
+  with `torch.compile` (fusing the elementwise work) and captured once as a `torch.cuda.CUDAGraph`. A decode
+  step is then: copy token in, replay, sample on the device; no host sync. Prefill is compiled separately
+  (dynamic length). Batch size and cache length are bucketed to powers of two so a server compiles a few
+  graphs, not one per request. If compiling or capturing fails, it falls back (warning once) to plain eager.
+- `QUARK_FAST=0` disables the fast path everywhere; `QUARK_COMPILE=0` keeps CUDA graphs but skips torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import Quark
+from .quantize import Int8Embedding, Int8Linear, int8_linear
+
+
+def fast_enabled() -> bool:
+    return os.environ.get("QUARK_FAST", "1") != "0"
+
+
+def _sources(mods: list[nn.Module]) -> list[torch.Tensor]:
+    out = []
+    for m in mods:
+        out.append(m.weight)
+        if isinstance(m, Int8Linear):
+            out.append(m.scale)
+    return out
+
+
+class FusedLinear:
+    """One matmul over the rows of several Linear / Int8Linear modules stacked (no copy for a single module)."""
+
+    def __init__(self, mods: list[nn.Module]):
+        self.mods = mods
+        kinds = {isinstance(m, Int8Linear) for m in mods}
+        if len(kinds) != 1 or not all(isinstance(m, (nn.Linear, Int8Linear)) for m in mods):
+            raise TypeError("FusedLinear needs modules that are all nn.Linear or all Int8Linear")
+        self.int8 = kinds == {True}
+        self.split = [m.weight.shape[0] for m in mods]
+        self._build()
+
+    def _build(self):
+        mods = self.mods
+        if len(mods) == 1:
+            self.weight = mods[0].weight.detach()
+            self.scale = mods[0].scale if self.int8 else None
+        else:
+            self.weight = torch.cat([m.weight.detach() for m in mods])
+            self.scale = torch.cat([m.scale for m in mods]) if self.int8 else None
+        self.scale_bf16 = self.scale.to(torch.bfloat16) if self.int8 else None
+        self.signature = self._signature()
+
+    def _signature(self):
+        return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in _sources(self.mods))
+
+    def refresh(self) -> bool:
+        """Re-copy the source weights if they changed in place; False if they were replaced (rebuild needed)."""
+        sig = self._signature()
+        if sig == self.signature:
+            return True
+        if [s[0::2] for s in sig] != [s[0::2] for s in self.signature]:
+            return False
+        with torch.no_grad():
+            if len(self.mods) > 1:
+                torch.cat([m.weight.detach() for m in self.mods], out=self.weight)
+                if self.int8:
+                    torch.cat([m.scale for m in self.mods], out=self.scale)
+            if self.int8:
+                self.scale_bf16.copy_(self.scale)
+        self.signature = sig
+        return True
+
+    def __call__(self, x):
+        if self.int8:
+            return int8_linear(x, self.weight, self.scale, self.scale_bf16)
+        return F.linear(x, self.weight)
+
+
+class FusedWeights:
+    """The per-model weights of the fast path, shared by all decoders of that model."""
+
+    def __init__(self, model):
+        c = model.config
+        self.config = c
+        self.embed = model.model.embed_tokens
+        self.layers = []
+        for blk in model.model.layers:
+            a, m = blk.self_attn, blk.mlp
+            self.layers.append((blk.input_layernorm.weight, FusedLinear([a.q_proj, a.k_proj, a.v_proj]),
+                                FusedLinear([a.o_proj]), blk.post_attention_layernorm.weight,
+                                FusedLinear([m.gate_proj, m.up_proj]), FusedLinear([m.down_proj])))
+        self.norm = model.model.norm.weight
+        self.lm_head = FusedLinear([model.lm_head])
+        self.cos, self.sin = model.rope_cos, model.rope_sin
+        self.norm_sources = [model.model.norm.weight, model.rope_cos] + [blk.input_layernorm.weight
+                                                                          for blk in model.model.layers]
+        self.norm_ptrs = [t.data_ptr() for t in self.norm_sources]
+        self.embed_ptr = self.embed.weight.data_ptr()
+
+    def fresh(self) -> bool:
+        """Bring fused copies up to date; False if the model's tensors were replaced (the caller rebuilds)."""
+        if [t.data_ptr() for t in self.norm_sources] != self.norm_ptrs:
+            return False
+        if self.embed.weight.data_ptr() != self.embed_ptr:
+            return False
+        ok = all(lin.refresh() for layer in self.layers for lin in (layer[1], layer[2], layer[4], layer[5]))
+        return ok and self.lm_head.refresh()
+
+
+def _rms(x, w, eps: float):
+    return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+
+def _rope(x, cos, sin):
+    # x (B, T, H, hd); cos/sin (T, 1, hd) fp32 -- Llama's rotate-half
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class FastDecoder:
+    """Prefill + one-token decode steps for a batch of `batch_size` rows and a cache of `max_len` slots."""
+
+    def __init__(self, model, weights: FusedWeights, batch_size: int, max_len: int, use_graph: bool = False,
+                 use_compile: bool = False):
+        c = model.config
+        if max_len > c.context_length:
+            raise ValueError(f"decoder max_len={max_len} exceeds the model's context_length={c.context_length}")
+        self.config, self.w = c, weights
+        self.B, self.max_len = batch_size, max_len
+        self.device, self.dtype = model.device, model.dtype
+        self.nh, self.nkv, self.hd, self.eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
+        self.q_dim, self.kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        shape = (c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=self.device)
+        self.padded = False
+        self.pos = 0
+        self.use_graph, self.use_compile = use_graph, use_compile
+        self.graph = None
+        self.busy = False  # set by generate while a generation owns this decoder
+        self._prefill_fn = self._prefill
+        if use_graph:
+            self.slots = torch.arange(max_len, device=self.device)
+            self.static_tok = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+            self.static_pos = torch.zeros(1, dtype=torch.long, device=self.device)
+            if use_compile:
+                self._prefill_fn = torch.compile(self._prefill, dynamic=True)
+
+    # ---- prefill ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (b, T) with b <= batch_size (rows beyond b are idle); key_mask (b, >=T) marks real tokens.
+        Fills slots 0..T-1 and returns the last position's logits (b, V) in fp32."""
+        b, T = idx.shape
+        if b > self.B or T >= self.max_len:
+            raise ValueError(f"prefill of {b}x{T} does not fit a decoder of {self.B}x{self.max_len}")
+        if b < self.B:
+            idx = torch.cat([idx, idx.new_zeros(self.B - b, T)])
+        self.key_mask.fill_(True)
+        self.padded = key_mask is not None
+        if key_mask is not None:
+            self.key_mask[:b, :T] = key_mask[:, :T]
+        mask = None
+        if self.padded:
+            causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+            mask = (causal & self.key_mask[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=self.device)
+            mask = mask[:, None]  # (B, 1, T, T); a pad query sees itself so no row is empty
+        try:
+            logits = self._prefill_fn(idx, mask)
+        except Exception as e:  # noqa: BLE001 -- compile problems must not break generation
+            if self._prefill_fn is self._prefill:
+                raise
+            warnings.warn(f"compiled prefill failed ({type(e).__name__}: {e}); using eager prefill", stacklevel=2)
+            self._prefill_fn = self._prefill
+            logits = self._prefill(idx, mask)
+        self.pos = T
+        return logits[:b]
+
+    def _prefill(self, idx, mask):
+        B, T = idx.shape
+        x = self.w.embed(idx)
+        cos, sin = self.w.cos[:T, None], self.w.sin[:T, None]  # (T, 1, hd)
+        for i, (w1, qkv_p, o_p, w2, gu_p, down_p) in enumerate(self.w.layers):
+            qkv = qkv_p(_rms(x, w1, self.eps)).view(B, T, self.nh + 2 * self.nkv, self.hd)
+            qk = _rope(qkv[:, :, :self.nh + self.nkv], cos, sin)
+            q = qk[:, :, :self.nh].transpose(1, 2)  # (B, nh, T, hd)
+            k = qk[:, :, self.nh:].transpose(1, 2)  # (B, nkv, T, hd)
+            v = qkv[:, :, self.nh + self.nkv:].transpose(1, 2)
+            self.k[i, :, :, :T] = k
+            self.v[i, :, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.nh != self.nkv)
+            x = x + o_p(y.transpose(1, 2).reshape(B, T, self.q_dim))
+            g, u = gu_p(_rms(x, w2, self.eps)).chunk(2, dim=-1)
+            x = x + down_p(F.silu(g) * u)
+        return self.w.lm_head(_rms(x[:, -1], self.w.norm, self.eps)).float()
+
+    # ---- decode -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """tok (b,) -> logits (b, V) fp32 for the next slot; advances the position."""
+        if self.pos >= self.max_len:
+            raise ValueError(f"decoder cache is full ({self.max_len} slots)")
+        b = tok.shape[0]
+        if self.use_graph:
+            out = self._graph_step(tok)
+        else:
+            if b < self.B:
+                tok = torch.cat([tok, tok.new_zeros(self.B - b)])
+            out = self._step_eager(tok, self.pos)
+        self.pos += 1
+        return out[:b]
+
+    def _attend_block(self, i, x, cos, sin, write, attend):
+        B = x.shape[0]
+        w1, qkv_p, o_p, w2, gu_p, down_p = self.w.layers[i]
+        qkv = qkv_p(_rms(x, w1, self.eps)).view(B, 1, self.nh + 2 * self.nkv, self.hd)
+        qk = _rope(qkv[:, :, :self.nh + self.nkv], cos, sin)
+        q = qk[:, :, :self.nh].transpose(1, 2)  # (B, nh, 1, hd)
+        k = qk[:, :, self.nh:].transpose(1, 2)  # (B, nkv, 1, hd)
+        v = qkv[:, :, self.nh + self.nkv:].transpose(1, 2)
+        write(i, k, v)
+        y = attend(i, q)  # (B, 1, nh*hd)
+        x = x + o_p(y)
+        g, u = gu_p(_rms(x, w2, self.eps)).chunk(2, dim=-1)
+        return x + down_p(F.silu(g) * u)
+
+    def _step_eager(self, tok, pos: int):
+        B, n = tok.shape[0], pos + 1
+        x = self.w.embed(tok[:, None])  # (B, 1, d)
+        cos, sin = self.w.cos[pos:n, None], self.w.sin[pos:n, None]
+        mask = self.key_mask[:, None, None, :n] if self.padded else None
+        gqa = self.nh != self.nkv
+
+        def write(i, k, v):
+            self.k[i, :, :, pos:n] = k
+            self.v[i, :, :, pos:n] = v
+
+        def attend(i, q):
+            y = F.scaled_dot_product_attention(q, self.k[i, :, :, :n], self.v[i, :, :, :n], attn_mask=mask,
+                                               enable_gqa=gqa)
+            return y.transpose(1, 2).reshape(B, 1, self.q_dim)
+
+        for i in range(len(self.w.layers)):
+            x = self._attend_block(i, x, cos, sin, write, attend)
+        return self.w.lm_head(_rms(x[:, 0], self.w.norm, self.eps)).float()
+
+    def _step_static(self, tok, pos):
+        """Static-shape step for CUDA graphs: tok (B,), pos (1,) device tensors; attends over all slots masked."""
+        B, g = tok.shape[0], self.nh // self.nkv
+        x = self.w.embed(tok[:, None])
+        cos, sin = self.w.cos.index_select(0, pos)[:, None], self.w.sin.index_select(0, pos)[:, None]
+        mask = ((self.slots <= pos) & self.key_mask)[:, None, None, :]  # (B, 1, 1, L)
+        scale = self.hd ** -0.5
+
+        def write(i, k, v):
+            self.k[i].index_copy_(2, pos, k)
+            self.v[i].index_copy_(2, pos, v)
+
+        def attend(i, q):
+            qg = q.reshape(B, self.nkv, g, self.hd)  # head h reads kv head h // g, as Llama's repeat_kv
+            att = (qg @ self.k[i].transpose(-1, -2)).float() * scale  # (B, nkv, g, L)
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
+            return (att @ self.v[i]).reshape(B, 1, self.q_dim)
+
+        for i in range(len(self.w.layers)):
+            x = self._attend_block(i, x, cos, sin, write, attend)
+        return self.w.lm_head(_rms(x[:, 0], self.w.norm, self.eps)).float()
+
+    def _graph_step(self, tok):
+        b = tok.shape[0]
+        self.static_tok[:b].copy_(tok)
+        self.static_pos.fill_(self.pos)  # a host scalar written into device memory: no sync
+        if self.graph is None:
+            if self.device.type == "cuda":
+                self._capture()
+            else:  # the static step also runs eagerly elsewhere (tested on CPU)
+                self.graph = False
+        if self.graph is False:
+            return self._step_static(self.static_tok, self.static_pos)
+        self.graph.replay()
+        return self.static_out
+
+    def _capture(self):
+        """Compile the static step (if asked) and capture it once as a CUDA graph; eager fallback on failure."""
+        saved_k, saved_v = self.k.clone(), self.v.clone()  # warm-up steps write a slot: restore it after
+        try:
+            fn = self._step_static
+            if self.use_compile:
+                fn = torch.compile(self._step_static, fullgraph=True, dynamic=False)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    fn(self.static_tok, self.static_pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.static_out = fn(self.static_tok, self.static_pos)
+            self.graph = graph
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"CUDA-graph decode unavailable ({type(e).__name__}: {e}); decoding eagerly", stacklevel=3)
+            self.graph = False
+        self.k.copy_(saved_k)
+        self.v.copy_(saved_v)
+
+
+# ---- per-model registry -------------------------------------------------------------------------------------------
+_REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pow2(n: int, lo: int) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+_PLAIN_FORWARD = Quark.forward
+
+
+def supports_fast(model) -> bool:
+    """The fast path handles the Quark architecture (float or int8 weights). A model whose `forward` was
+    overridden (a subclass or a patch) keeps the plain path, so the override is honoured."""
+    return (fast_enabled() and isinstance(model, Quark) and type(model).forward is _PLAIN_FORWARD
+            and isinstance(model.model.embed_tokens, (nn.Embedding, Int8Embedding)))
+
+
+def decoder_for(model, batch_size: int, max_len: int) -> FastDecoder:
+    """A FastDecoder for `model` with room for `batch_size` rows and `max_len` slots (reused on CUDA)."""
+    entry = _REGISTRY.get(model)
+    if entry is None or not entry["weights"].fresh():
+        entry = {"weights": FusedWeights(model), "decoders": {}}
+        _REGISTRY[model] = entry
+    weights = entry["weights"]
+    if model.device.type != "cuda":
+        return FastDecoder(model, weights, batch_size, max_len)
+    B = _pow2(batch_size, 1)
+    L = min(_pow2(max_len + 1, 256), model.config.context_length)
+    key = (B, L, model.dtype)
+    dec = entry["decoders"].get(key)
+    if dec is not None and dec.busy:  # another generation is using the captured one: an eager one for this call
+        return FastDecoder(model, weights, batch_size, max_len)
+    if dec is None:
+        use_compile = os.environ.get("QUARK_COMPILE", "1") != "0"
+        dec = FastDecoder(model, weights, B, L, use_graph=True, use_compile=use_compile)
+        entry["decoders"][key] = dec
+    return dec

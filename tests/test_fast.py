@@ -1,0 +1,159 @@
+"""The fast decoder (quark/fast.py) against the plain model.forward + KVCache path and full-sequence logits."""
+
+import copy
+
+import pytest
+import torch
+
+from quark import Quark
+from quark.config import PRESETS
+from quark.fast import FastDecoder, FusedWeights, decoder_for
+from quark.generate import generate, generate_text
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Quark(PRESETS["test"]).init_weights(seed=5).eval()
+    with torch.no_grad():  # non-trivial norms so a misplaced norm weight would show
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def _decode_logits(dec, idx, key_mask=None):
+    """Prefill idx[:, :P] then feed the rest one token at a time; logits for positions P-1 .. T-1."""
+    P = idx.shape[1] // 2
+    got = [dec.prefill(idx[:, :P], key_mask)]
+    for t in range(P, idx.shape[1]):
+        got.append(dec.step(idx[:, t]))
+    return torch.stack(got, 1)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_prefill_and_steps_match_full_forward(model, static):
+    idx = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(idx)[:, 11:]
+    dec = FastDecoder(model, FusedWeights(model), 3, 40, use_graph=static)
+    got = _decode_logits(dec, idx)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_left_padded_rows_match_unpadded(model, static):
+    short = torch.randint(1, 500, (1, 10), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([torch.zeros(1, 6, dtype=torch.long), short], 1)
+    key_mask = torch.cat([torch.zeros(1, 6, dtype=torch.bool), torch.ones(1, 10, dtype=torch.bool)], 1)
+    dec = FastDecoder(model, FusedWeights(model), 2, 32, use_graph=static)
+    both = torch.cat([padded, torch.randint(1, 500, (1, 16))])
+    mask = torch.cat([key_mask, torch.ones(1, 16, dtype=torch.bool)])
+    l0 = dec.prefill(both[:, :12], mask)
+    steps = [dec.step(both[:, t]) for t in range(12, 16)]
+    with torch.no_grad():
+        ref = model(short)  # the unpadded row alone
+    assert (l0[0] - ref[0, 5]).abs().max().item() <= 1e-4
+    for j, s in enumerate(steps):
+        assert (s[0] - ref[0, 6 + j]).abs().max().item() <= 1e-4
+
+
+def test_greedy_tokens_equal_plain_path(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [42], [100, 200, 300]]
+    fast = generate(model, prompts, max_new_tokens=20, temperature=0.0, fast=True)
+    plain = generate(model, prompts, max_new_tokens=20, temperature=0.0, fast=False)
+    assert fast == plain
+    pen_f = generate(model, [[1, 2, 3]], max_new_tokens=15, temperature=0.0, rep_penalty=1.3, fast=True)
+    pen_p = generate(model, [[1, 2, 3]], max_new_tokens=15, temperature=0.0, rep_penalty=1.3, fast=False)
+    assert pen_f == pen_p
+
+
+def test_generate_text_uses_fast_path_by_default(model, monkeypatch):
+    calls = {"n": 0}
+    real = FastDecoder.step
+
+    def counting(self, tok):
+        calls["n"] += 1
+        return real(self, tok)
+
+    monkeypatch.setattr(FastDecoder, "step", counting)
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    out = generate_text(model, prompt, max_new_tokens=6, temperature=0.0)
+    assert calls["n"] == 5
+    assert out.tolist() == generate_text(model, prompt, max_new_tokens=6, temperature=0.0, fast=False).tolist()
+
+
+def test_fused_weights_follow_in_place_updates_and_replacement():
+    m = Quark(PRESETS["test"]).init_weights(seed=9).eval()
+    before = generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0)
+    with torch.no_grad():  # an optimizer step, in place
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    after = generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0)
+    assert after == generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0, fast=False)
+    assert after != before
+    # replaced tensors (new storage) force a rebuild
+    m.model.layers[0].self_attn.k_proj.weight = torch.nn.Parameter(torch.randn(32, 64) * 0.3)
+    assert generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0) == \
+        generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0, fast=False)
+
+
+def test_nan_logits_in_fast_path_fall_back_to_greedy(model, monkeypatch):
+    real = FastDecoder.step
+    calls = {"n": 0}
+
+    def poisoned(self, tok):
+        out = real(self, tok)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out[..., 10] = float("nan")
+        return out
+
+    monkeypatch.setattr(FastDecoder, "step", poisoned)
+    out = generate(model, [[1, 2, 3]], max_new_tokens=6, temperature=0.8, seed=0, fast=True)[0]
+    assert calls["n"] == 5 and len(out) == 6 and all(0 <= t < model.config.vocab_size for t in out)
+
+
+def test_seeded_sampling_reproducible_on_fast_path(model):
+    a = generate(model, [[1, 2, 3]], max_new_tokens=15, temperature=1.0, top_p=0.9, seed=7, fast=True)
+    b = generate(model, [[1, 2, 3]], max_new_tokens=15, temperature=1.0, top_p=0.9, seed=7, fast=True)
+    assert a == b
+
+
+def test_decoder_errors_and_reuse(model):
+    dec = decoder_for(model, 1, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.prefill(torch.zeros(1, 8, dtype=torch.long))
+    dec.prefill(torch.zeros(1, 7, dtype=torch.long))
+    dec.step(torch.tensor([1]))
+    with pytest.raises(ValueError, match="full"):
+        dec.step(torch.tensor([1]))
+    with pytest.raises(ValueError, match="context_length"):
+        FastDecoder(model, FusedWeights(model), 1, model.config.context_length + 1)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_plain_path(model):
+    m = copy.deepcopy(model).cuda()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [42], [100, 200, 300]]
+    fast = generate(m, prompts, max_new_tokens=24, temperature=0.0, fast=True)
+    plain = generate(m, prompts, max_new_tokens=24, temperature=0.0, fast=False)
+    assert fast == plain
+    dec = decoder_for(m, 3, 7 + 24)
+    assert dec.graph not in (None, False), "the decode step was not captured as a CUDA graph"
+    again = generate(m, prompts, max_new_tokens=24, temperature=0.0, fast=True)  # the captured graph, reused
+    assert again == plain
+    single = generate(m, [[42]], max_new_tokens=24, temperature=0.0, fast=True)
+    assert single[0] == plain[1]
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_fast_logits_close_to_plain():
+    m = Quark(PRESETS["test"]).init_weights(seed=5).eval().cuda().to(torch.bfloat16)
+    idx = torch.randint(0, 500, (2, 20), device="cuda")
+    with torch.no_grad():
+        ref = m(idx)[:, 9:]
+    dec = decoder_for(m, 2, 24)
+    got = _decode_logits(dec, idx)
+    assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
