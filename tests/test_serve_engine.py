@@ -154,3 +154,12 @@ def test_stop_matcher_holds_back_possible_stops():
     m = StopMatcher(["END"])
     assert m.push("abcE") == "abc" and m.push("N") == "" and m.push("x") == "ENx"
     assert m.push("tail E") == "tail " and m.flush() == "E"
+
+
+def test_int8_model_runs_in_the_engine():
+    quantize = pytest.importorskip("quark.quantize")
+    m = quantize.quantize_int8(Quark(CFG).init_weights(4).eval())
+    ps = prompts(3, seed=5)
+    engine = Engine(m, stop_ids=[], max_batch=4)
+    outs = run_all(engine, [engine.submit(p, SamplingParams(8, 0.0, 1.0, 1.3)) for p in ps])
+    assert outs == [generate(m, [p], 8, temperature=0.0, rep_penalty=1.3)[0] for p in ps]

@@ -103,9 +103,8 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.stop_ids = set(int(i) for i in stop_ids)
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
-        w = model.model.embed_tokens.weight
-        self.device = w.device
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        norm = model.model.norm.weight  # device and compute dtype, also after int8 weight quantization
+        self.device, dtype = norm.device, norm.dtype
         self.cache = KVCache(cfg, max_batch, cfg.context_length, device=self.device, dtype=dtype)
         self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.last_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
