@@ -1,0 +1,80 @@
+"""The chat web page at GET /, in headless Chromium (Debian `chromium` + Playwright, no browser download):
+it streams a reply that equals the greedy reference, keeps the conversation, shows the sampling parameters,
+and sends what they say. Skips cleanly when Chromium or Playwright is missing."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("fastapi")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("needs Debian's chromium (apt-get install chromium)", allow_module_level=True)
+
+from quark.config import QuarkConfig  # noqa: E402
+from quark.generate import generate  # noqa: E402
+from quark.model import Quark  # noqa: E402
+from quark.serve.engine import Engine  # noqa: E402
+from quark.serve.server import ServerThread, create_app  # noqa: E402
+
+CFG = QuarkConfig.from_name("test")
+
+
+def greedy(model, tok, messages, n):
+    ids = generate(model, [tok.render_prompt(messages)], n, temperature=0.0, rep_penalty=1.15,
+                   eos_token_id=tok.im_end_id)[0]
+    if tok.eot_id in ids:
+        ids = ids[:ids.index(tok.eot_id)]
+    return tok.decode([t for t in ids if t != tok.im_end_id])
+
+
+def test_chat_page_streams_and_keeps_the_conversation(tiny_tokenizer, tmp_path):
+    model = Quark(CFG).init_weights(5).eval()
+    engine = Engine(model, [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id], max_batch=4)
+    with ServerThread(create_app(engine, tiny_tokenizer, "page-model")) as server, \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            bodies = []
+            page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model-name').textContent.includes('page-model')")
+            # the sampling parameters are shown, with the card's recommended defaults
+            assert page.input_value("#temperature") == "0.2" and page.input_value("#top_p") == "0.9"
+            assert page.input_value("#repetition_penalty") == "1.15"
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "16")
+            page.fill("#system", "Be brief.")
+
+            page.fill("#input", "Hello there")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant[data-done='true']", timeout=30000)
+            conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+            first = greedy(model, tiny_tokenizer, conv, 16)
+            shown = page.locator(".msg.assistant .text").first.text_content()
+            assert shown == first and first
+            assert "T=0" in page.locator(".msg.assistant .meta").first.text_content()
+
+            page.fill("#input", "Tell me more")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.assistant[data-done='true'] >> nth=1", timeout=30000)
+            conv += [{"role": "assistant", "content": first}, {"role": "user", "content": "Tell me more"}]
+            second = page.locator(".msg.assistant .text").nth(1).text_content()
+            assert second == greedy(model, tiny_tokenizer, conv, 16)
+            page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+            if os.environ.get("QUARK_SCREENSHOT"):
+                page.screenshot(path=os.environ["QUARK_SCREENSHOT"], full_page=True)
+            assert (tmp_path / "chat.png").stat().st_size > 1000
+
+            assert len(bodies) == 2 and bodies[1]["messages"] == conv and bodies[1]["stream"] is True
+            assert bodies[0]["temperature"] == 0 and bodies[0]["max_tokens"] == 16
+            assert bodies[0]["repetition_penalty"] == 1.15 and bodies[0]["model"] == "page-model"
+
+            page.click("#reset")
+            assert page.locator(".msg").count() == 0
+        finally:
+            browser.close()
