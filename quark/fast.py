@@ -27,8 +27,8 @@ import warnings
 import weakref
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .model import Quark
 from .quantize import Int8Embedding, Int8Linear, int8_linear
@@ -189,7 +189,7 @@ class FastDecoder:
             mask = mask[:, None]  # (B, 1, T, T); a pad query sees itself so no row is empty
         try:
             logits = self._prefill_fn(idx, mask)
-        except Exception as e:  # noqa: BLE001 -- compile problems must not break generation
+        except Exception as e:  # compile problems must not break generation
             if self._prefill_fn is self._prefill:
                 raise
             warnings.warn(f"compiled prefill failed ({type(e).__name__}: {e}); using eager prefill", stacklevel=2)
@@ -320,7 +320,7 @@ class FastDecoder:
             with torch.cuda.graph(graph):
                 self.static_out = fn(self.static_tok, self.static_pos)
             self.graph = graph
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 -- any capture failure falls back to eager
             warnings.warn(f"CUDA-graph decode unavailable ({type(e).__name__}: {e}); decoding eagerly", stacklevel=3)
             self.graph = False
         self.k.copy_(saved_k)

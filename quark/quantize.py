@@ -18,8 +18,8 @@ Choices:
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 _INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 SMALL_BATCH_ROWS = 32  # up to this many rows the int8 kernel beats dequantize + matmul on CPU (measured)

@@ -1,0 +1,112 @@
+"""int8 weight-only quantization: error bounds, closeness to fp32, the 2% perplexity budget, fast path, CLI."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from quark import Quark
+from quark.config import PRESETS
+from quark.generate import generate
+from quark.quantize import (Int8Embedding, Int8Linear, int8_linear, is_quantized, model_nbytes, quantize_int8,
+                            quantize_tensor)
+
+
+def _markov_batches(vocab: int, n: int, B: int, T: int, seed: int):
+    """Token streams from a sparse random Markov chain (4 successors per token): learnable structure."""
+    succ = torch.randint(1, vocab, (vocab, 4), generator=torch.Generator().manual_seed(0))  # one chain
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.empty(B, T + 1, dtype=torch.long)
+        x[:, 0] = torch.randint(1, vocab, (B,), generator=g)
+        for t in range(T):
+            x[:, t + 1] = succ[x[:, t], torch.randint(0, 4, (B,), generator=g)]
+        yield x[:, :-1], x[:, 1:]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The test preset trained for a few seconds so its logits are peaked like a real model's."""
+    torch.manual_seed(0)
+    cfg = PRESETS["test"]
+    m = Quark(cfg).init_weights(seed=0)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    for x, y in _markov_batches(cfg.vocab_size, 80, 8, 48, seed=1):
+        loss = m.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    held_out = list(_markov_batches(cfg.vocab_size, 4, 16, 64, seed=2))
+    return m, held_out
+
+
+def test_quantize_tensor_error_bound():
+    w = torch.randn(37, 53) * torch.rand(37, 1) * 3
+    q, s = quantize_tensor(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and s.shape == (37,)
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    assert (q.abs().amax(1) == 127).all()  # each row uses the full range
+
+
+@pytest.mark.parametrize("rows", [1, 5, 100])
+def test_int8_linear_kernel_and_dequant_paths_agree(rows):
+    w = torch.randn(96, 64) * 0.05
+    q, s = quantize_tensor(w)
+    x = torch.randn(rows, 64)
+    ref = x @ (q.float() * s[:, None]).T
+    got = int8_linear(x, q, s)
+    assert got.dtype == torch.float32 and got.shape == (rows, 96)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.01  # bf16 activations on the kernel path
+
+
+def test_quantized_model_structure_and_size():
+    m = quantize_int8(Quark(PRESETS["test"]).init_weights(seed=1))
+    assert is_quantized(m) and m.dtype == torch.float32
+    assert isinstance(m.model.embed_tokens, Int8Embedding) and isinstance(m.lm_head, Int8Linear)
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # tied: one int8 table
+    assert not any(isinstance(mod, torch.nn.Linear) for mod in m.modules())
+    fp32 = model_nbytes(Quark(PRESETS["test"]))
+    assert model_nbytes(m) < 0.35 * fp32  # int8 weights + fp32 scales, norms and RoPE tables
+    assert quantize_int8(m) is m  # idempotent
+
+
+def test_int8_logits_close_and_perplexity_within_2_percent(trained):
+    m, held_out = trained
+    q = quantize_int8(copy.deepcopy(m))
+    with torch.no_grad():
+        x, _ = held_out[0]
+        a, b = m(x[:2, :16]), q(x[:2, :16])  # small batch: the int8 kernel path
+        assert ((a - b).norm() / a.norm()).item() < 0.05
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+        lf = sum(m.loss(x, y).item() for x, y in held_out) / len(held_out)
+        lq = sum(q.loss(x, y).item() for x, y in held_out) / len(held_out)
+    assert lf < math.log(m.config.vocab_size) - 2.0, "the fixture model did not learn the chain"
+    print(f"val loss fp32 {lf:.4f} int8 {lq:.4f} ppl ratio {math.exp(lq - lf):.4f}")
+    assert math.exp(lq - lf) < 1.02, f"int8 perplexity {math.exp(lq):.3f} vs fp32 {math.exp(lf):.3f}"
+
+
+def test_int8_greedy_tokens_mostly_equal_fp32_and_fast_equals_plain(trained):
+    m, held_out = trained
+    q = quantize_int8(copy.deepcopy(m))
+    prompts = [held_out[0][0][i, :8].tolist() for i in range(4)]
+    ref = generate(m, prompts, max_new_tokens=24, temperature=0.0)
+    fast = generate(q, prompts, max_new_tokens=24, temperature=0.0, fast=True)
+    plain = generate(q, prompts, max_new_tokens=24, temperature=0.0, fast=False)
+    assert fast == plain
+    first = [r[:8] == f[:8] for r, f in zip(ref, fast)]
+    assert sum(first) >= 3, (ref, fast)
+
+
+def test_quantize_cli_reports_size_and_speed(tmp_path, capsys):
+    import json
+
+    from quark.cli import main
+    from quark.weights import save_model
+
+    save_model(Quark(PRESETS["test"]).init_weights(seed=2), tmp_path / "m")
+    assert main(["quantize", "--model", str(tmp_path / "m"), "--tokens", "8"]) in (0, None)
+    report = json.loads(capsys.readouterr().out)
+    assert report["int8_bytes"] < 0.35 * report["fp32_bytes"]
+    assert report["int8_decode_tok_per_s"] > 0
