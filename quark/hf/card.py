@@ -313,7 +313,7 @@ def _quickstart(f: dict, fmt: str) -> list[str]:
         "and `modeling_quark.py` (which import `model.py`, `generate.py`, `sampling.py` and `config.py` beside them).",
         "", "```bash", "pip install transformers torch", "```", "", "```python", "import torch",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)  # no custom-code prompt',
         'tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})',
         'im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")', ids, "",
         "model = AutoModelForCausalLM.from_pretrained(", f'    "{repo}",', "    trust_remote_code=True,",
