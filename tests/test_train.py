@@ -184,9 +184,11 @@ def test_pretrain_cli_writes_the_run_folder_contract(tmp_path, tiny_tokenizer):
     model, tok = load_model_and_tokenizer(out)  # the run folder is a loadable model
     assert tok.sha256() == tiny_tokenizer.sha256() and model.config.n_layers == 2
     # running the finished run again trains nothing and keeps the checkpoint
-    r = quark("pretrain", "--config", "pretrain-tiny", "--data", str(data), "--out", str(out), "--set", "model=test",
-              "--set", "max_steps=40", "--set", "batch_size=8", "--set", "tokens_per_step=2048")
-    assert r.returncode == 0 and "resuming" in r.stdout and "step 41" not in r.stdout, r.stderr
+    from quark.train.loop import train
+
+    again = train(TrainConfig(**dict(info["train_config"], tensorboard=False, plot=False)))
+    assert again["steps"] == 40 and [p.name for p in (out / "checkpoints").iterdir()] == ["step_000040"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(recs)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokenizer, monkeypatch):

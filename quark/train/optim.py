@@ -32,8 +32,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total_steps`: linear warmup to `lr` over
-    `warmup_steps`, then cosine decay reaching `min_lr` at the last step."""
-    warmup = min(warmup_steps, max(0, total_steps - 1))
+    `warmup_steps` (at most a third of the run), then cosine decay reaching `min_lr` at the last step."""
+    warmup = min(warmup_steps, total_steps // 3)  # a run shorter than its warmup still gets to decay
     if step < warmup:
         return lr * (step + 1) / warmup
     span = max(1, total_steps - 1 - warmup)
