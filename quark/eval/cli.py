@@ -1,0 +1,82 @@
+"""`quark eval`: benchmark accuracy (PIQA, ARC, HellaSwag, ...) and validation perplexity of a model folder.
+
+Choices:
+- The model folder's tokenizer is loaded and checked before any weights or items, so a folder without one fails
+  at once; unknown task names and missing data fail before the model loads.
+- Results go to `<model folder>/eval_results.json` (the eval-results contract; `quark export` reads it for the
+  model card) unless `--output` says otherwise, plus a Markdown table beside it (`.md`), both written atomically.
+- `--device auto` runs on CUDA in bf16 when present, else on the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def _load(model_path: str, device: str):
+    import torch
+
+    from ..weights import load_model_and_tokenizer, resolve_model_path
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but no CUDA device is available")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    folder = resolve_model_path(model_path)
+    model, tok = load_model_and_tokenizer(folder, device=device, dtype=dtype)
+    return model, tok, folder
+
+
+def cmd_eval(args) -> None:
+    from ..weights import atomic_write_text
+    from .harness import evaluate, markdown_table, perplexity
+    from .tasks import build_items, parse_tasks
+
+    tasks = parse_tasks(args.tasks) if args.tasks else []
+    if not tasks and not args.perplexity:
+        raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
+    for t in tasks:  # unknown names, missing data and bad --limit/--fewshot fail before the model loads
+        build_items(t, args.limit, args.fewshot, args.seed)
+    model, tok, folder = _load(args.model, args.device)
+    folder = folder.parent if folder.is_file() else folder
+    out = {"model": str(folder), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "limit": args.limit, "fewshot": args.fewshot, "seed": args.seed, "tasks": {}}
+    if tasks:
+        out["tasks"] = evaluate(model, tok, tasks, args.limit, args.fewshot, args.seed, args.batch_size,
+                                progress=not args.no_progress)
+    if args.perplexity:
+        out["perplexity"] = perplexity(model, args.perplexity, batch_size=max(1, args.batch_size // 4),
+                                       max_windows=args.perplexity_windows)
+    table = markdown_table(out)
+    print(table, end="")
+    path = Path(args.output) if args.output else folder / "eval_results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(out, indent=2) + "\n")
+    atomic_write_text(path.with_suffix(".md"), f"# Evaluation of {folder}\n\n{table}")
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def add_commands(sub) -> None:
+    from .tasks import DEFAULT_TASKS, TASKS
+
+    p = sub.add_parser("eval", help="score a model on PIQA/ARC/HellaSwag/... (lm-eval style) and validation "
+                                    "perplexity, offline")
+    p.add_argument("--model", required=True, help="model folder, checkpoint, export, or run folder (newest step)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated tasks (default {','.join(DEFAULT_TASKS)}; known: {', '.join(TASKS)}); "
+                        "'' with --perplexity for perplexity only")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--fewshot", type=int, default=0, help="solved examples before each item (default 0)")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234, as lm-eval)")
+    p.add_argument("--batch-size", type=int, default=32, help="requests (choices) per forward pass (default 32)")
+    p.add_argument("--perplexity", metavar="DATA_DIR",
+                   help="also report validation loss and bits-per-byte on a `quark prepare` pre-training folder")
+    p.add_argument("--perplexity-windows", type=int,
+                   help="evaluate only the first N context windows of the val split (default: all)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, bf16), cpu, cuda, cuda:N")
+    p.add_argument("--output", help="result JSON path (default <model folder>/eval_results.json; a .md table beside)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)

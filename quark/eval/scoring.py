@@ -1,0 +1,167 @@
+"""Log-likelihood scoring of (context, continuation) requests, with each shared context run once.
+
+Choices:
+- Tokenization is lm-evaluation-harness's `_encode_pair` for causal models: trailing spaces of the context move
+  to the continuation, the whole string is encoded, and the continuation is what follows the encoded context.
+  Too-long requests are cut from the left exactly as its HF model does (`(ctx + cont)[-(max_len + 1):]`).
+- Requests are grouped by their (token) context. A batch first runs each distinct context once, right-padded,
+  writing a KV cache (`key_mask` hides the padding); the cache rows are then repeated for every choice of that
+  context and only the continuation tokens run, with per-row positions. A 4-choice HellaSwag item therefore
+  costs one context pass instead of four.
+- Logits are formed only where a continuation token is predicted (the last context position and the
+  continuation's own positions), never for the whole sequence: the (tokens x vocab) head dominates small models.
+- Metrics follow lm-eval: acc = argmax of summed log-likelihood, acc_norm = argmax of log-likelihood / len(choice)
+  in characters, standard error = sample standard deviation / sqrt(n).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..model import KVCache
+
+
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
+                cache: dict | None = None) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's HF model splits them."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if not context:
+        raise ValueError("an evaluation request has an empty context")
+    whole = encode(context + continuation)
+    if cache is not None:
+        ctx = cache.get(context)
+        if ctx is None:
+            ctx = cache[context] = encode(context)
+    else:
+        ctx = encode(context)
+    return whole[:len(ctx)], whole[len(ctx):]
+
+
+def truncate(ctx: list[int], cont: list[int], max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Cut from the left so the model input (ctx + cont minus its last token) fits max_len, as lm-eval does."""
+    if not cont:
+        raise ValueError("an evaluation request has an empty continuation after tokenization")
+    whole = ctx + cont
+    if len(whole) > max_len + 1:
+        whole = whole[-(max_len + 1):]
+        n_ctx = max(1, len(whole) - len(cont))  # keep one conditioning token when the continuation is too long
+        return tuple(whole[:n_ctx]), tuple(whole[n_ctx:])
+    return tuple(ctx), tuple(cont)
+
+
+def _batches(groups: list[tuple[tuple[int, ...], list[int]]], conts: list[tuple[int, ...]], batch_size: int,
+             max_len: int):
+    """Consecutive groups whose rows fit batch_size and whose widest context + longest continuation fit max_len."""
+    batch, rows, wctx, wcont = [], 0, 0, 0
+    for g in groups:
+        ctx, reqs = g
+        gc = max(len(conts[r]) for r in reqs)
+        if batch and (rows + len(reqs) > batch_size or max(wctx, len(ctx)) + max(wcont, gc) - 1 > max_len):
+            yield batch
+            batch, rows, wctx, wcont = [], 0, 0, 0
+        batch.append(g)
+        rows, wctx, wcont = rows + len(reqs), max(wctx, len(ctx)), max(wcont, gc)
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def score_tokens(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 32,
+                 progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context), continuation is the greedy choice) for each token request."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size={batch_size} must be >= 1")
+    max_len = model.config.context_length
+    dev = model.device
+    pairs = [truncate(list(c), list(x), max_len) for c, x in requests]
+    by_ctx: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(pairs):
+        by_ctx.setdefault(ctx, []).append(i)
+    conts = [x for _, x in pairs]
+    # longest first (lm-eval's order too): similar lengths share a batch and an out-of-memory shows up at once
+    groups = sorted(by_ctx.items(), key=lambda g: -(len(g[0]) + max(len(conts[r]) for r in g[1])))
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    for batch in _batches(groups, conts, batch_size, max_len):
+        for r, res in zip([r for _, reqs in batch for r in reqs], _score_batch(model, batch, conts, dev)):
+            out[r] = res
+        if progress:
+            progress(sum(len(reqs) for _, reqs in batch))
+    return out  # type: ignore[return-value]
+
+
+def _score_batch(model, batch, conts, dev) -> list[tuple[float, bool]]:
+    B = len(batch)
+    ctx_lens = torch.tensor([len(c) for c, _ in batch], device=dev)
+    row_group = [gi for gi, (_, reqs) in enumerate(batch) for _ in reqs]
+    row_conts = [conts[r] for _, reqs in batch for r in reqs]
+    Tc = int(ctx_lens.max())
+    width = Tc + max(len(x) for x in row_conts) - 1  # cache slots: widest context + longest continuation input
+    slots = torch.arange(width, device=dev)
+
+    # 1) each distinct context once: right-padded, pads hidden from every query by key_mask
+    idx = torch.zeros(B, Tc, dtype=torch.long, device=dev)
+    for b, (c, _) in enumerate(batch):
+        idx[b, :len(c)] = torch.tensor(c, device=dev)
+    cache = KVCache(model.config, B, width, device=dev, dtype=model.dtype)
+    h = model.hidden(idx, cache, torch.arange(Tc, device=dev), key_mask=slots[None] < ctx_lens[:, None])
+    last = h[torch.arange(B, device=dev), ctx_lens - 1]  # (B, d): predicts each continuation's first token
+    first_lp = F.log_softmax(model.lm_head(last).float(), dim=-1)  # (B, V)
+
+    rows = torch.tensor(row_group, device=dev)
+    first_tok = torch.tensor([x[0] for x in row_conts], device=dev)
+    lp = first_lp[rows, first_tok]  # (R,)
+    greedy = first_lp[rows].argmax(-1) == first_tok
+
+    # 2) the continuations (minus their last token) of every choice, on a copy of its context's cache rows
+    long_rows = [i for i, x in enumerate(row_conts) if len(x) > 1]
+    if long_rows:
+        R = len(long_rows)
+        sel = rows[long_rows]
+        ccache = KVCache.__new__(KVCache)
+        ccache.k, ccache.v = cache.k.index_select(1, sel), cache.v.index_select(1, sel)
+        ccache.batch_size, ccache.max_len = R, width
+        Tn = max(len(row_conts[i]) - 1 for i in long_rows)
+        inp = torch.zeros(R, Tn, dtype=torch.long, device=dev)
+        tgt = torch.zeros(R, Tn, dtype=torch.long, device=dev)
+        valid = torch.zeros(R, Tn, dtype=torch.bool, device=dev)
+        for j, i in enumerate(long_rows):
+            x = torch.tensor(row_conts[i], device=dev)
+            inp[j, :len(x) - 1], tgt[j, :len(x) - 1], valid[j, :len(x) - 1] = x[:-1], x[1:], True
+        start = ctx_lens[sel]  # (R,)
+        pos = start[:, None] + torch.arange(Tn, device=dev)[None]  # (R, Tn); pads land after the row's tokens
+        key_mask = slots[None] < (start + valid.sum(1))[:, None]
+        h = model.hidden(inp, ccache, pos, key_mask=key_mask)  # (R, Tn, d)
+        logp = F.log_softmax(model.lm_head(h[valid]).float(), dim=-1)  # (N valid, V)
+        t = tgt[valid]
+        tok_lp = logp.gather(1, t[:, None]).squeeze(1)
+        tok_greedy = logp.argmax(-1) == t
+        row_of = torch.arange(R, device=dev)[:, None].expand(R, Tn)[valid]
+        lr = torch.tensor(long_rows, device=dev)
+        lp = lp.index_add(0, lr, torch.zeros(R, device=dev, dtype=lp.dtype).index_add(0, row_of, tok_lp))
+        misses = torch.zeros(R, dtype=torch.long, device=dev).index_add(0, row_of, (~tok_greedy).long())
+        greedy[lr] &= misses == 0
+    return [(float(a), bool(g)) for a, g in zip(lp.double().cpu(), greedy.cpu())]
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """lm-eval's `mean_stderr`: sample standard deviation (n - 1) / sqrt(n); None below two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
+
+
+def item_metrics(lls: Sequence[float], gold: int, norm_chars: Sequence[int]) -> tuple[int, int]:
+    """(acc, acc_norm) of one multiple-choice item; ties go to the first choice, like numpy's argmax."""
+    pred = max(range(len(lls)), key=lambda i: (lls[i], -i))
+    normed = [ll / n if n else -math.inf for ll, n in zip(lls, norm_chars)]
+    pred_norm = max(range(len(lls)), key=lambda i: (normed[i], -i))
+    return int(pred == gold), int(pred_norm == gold)
