@@ -153,6 +153,8 @@ def card_facts(checkpoint: str | Path, run: str | Path | None = None, eval_resul
     n_params = count_params(folder)
     if model is not None and sum(p.numel() for p in model.parameters()) != n_params:
         raise RuntimeError(f"{folder}: the weights file and the loaded model disagree on the parameter count")
+    from .export import remote_code_files, remote_code_imports
+
     finished = (rf or {}).get("finished") or ""
     year = int(finished[:4]) if re.match(r"\d{4}", finished) else _dt.date.today().year
     name = name or (Path(checkpoint).name if rf is None else Path(rf["path"]).name)
@@ -164,6 +166,7 @@ def card_facts(checkpoint: str | Path, run: str | Path | None = None, eval_resul
                       "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id, "sha256": tok.sha256()},
         "run": rf, "base": base, "base_model": base_model or (rf or {}).get("base"),
         "eval": ev, "eval_path": ev_path,
+        "remote_code": {"files": sorted(remote_code_files()), "imports": remote_code_imports()},
     }
 
 
@@ -298,6 +301,7 @@ def _eval_section(f: dict) -> tuple[list[str], list[str]]:
 
 def _quickstart(f: dict, fmt: str) -> list[str]:
     repo, tk = f["repo_id"], f["tokenizer"]
+    siblings = [x for x in f["remote_code"]["files"] if x not in ("configuration_quark.py", "modeling_quark.py")]
     ids = f"# in this model <|im_start|> = {tk['im_start_id']} and <|im_end|> = {tk['im_end_id']}"
     if fmt == "llama":
         return ["This folder is a plain Llama checkpoint: no remote code is needed.", "", "```python",
@@ -310,7 +314,7 @@ def _quickstart(f: dict, fmt: str) -> list[str]:
                 "print(tokenizer.decode(output_ids[0][input_ids.shape[1]:], skip_special_tokens=True))", "```"]
     return [
         "This model uses a custom architecture and requires `trust_remote_code=True` to load `configuration_quark.py` "
-        "and `modeling_quark.py` (which import `model.py`, `generate.py`, `sampling.py` and `config.py` beside them).",
+        "and `modeling_quark.py` (which import " + ", ".join(f"`{x}`" for x in siblings) + " beside them).",
         "", "```bash", "pip install transformers torch", "```", "", "```python", "import torch",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)  # no custom-code prompt',
@@ -353,7 +357,7 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
     tied = "embedding-tied" if c["tie_embeddings"] else "untied embeddings"
     lines = [front_matter(f, fmt), f"# {f['name']}", "",
              f"{f['name']} is a compact decoder-only language model of the Quark family ({_millions(n)} parameters), "
-             f"trained with [Quark](https://github.com/ThingAI/quark). It is {what}. It uses Grouped-Query "
+             f"trained with Quark. It is {what}. It uses Grouped-Query "
              "Attention, RoPE, SwiGLU feed-forward layers and RMSNorm, the building blocks of current large models, "
              "scaled down to run on consumer hardware.", "",
              "## Model Summary", "", "| | |", "|---|---|"]
@@ -406,7 +410,8 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
         lines += _training_section("Supervised fine-tuning (SFT)" if kind == "sft" else "Pre-training", run)
     ev_lines, ev_lims = _eval_section(f)
     lines += ["## Evaluation & Known Limitations", ""] + ev_lines + ["", "Known limitations:", ""] + ev_lims + [
-        "- **Repetition.** Small models loop without a repetition penalty; `rep_penalty` 1.1–1.2 helps.",
+        "- **Repetition.** Small models loop without a repetition penalty; the recommended "
+        f"`rep_penalty={_recommended_args()['rep_penalty']}` helps.",
         "- **Shallow reasoning.** Do not rely on it for multi-step logical or mathematical reasoning.",
         "- **Limited world knowledge.** It will often hallucinate specific facts, dates or entities.",
         f"- **Short effective context.** The architecture accepts {c['context_length']:,} tokens, but "
@@ -418,8 +423,10 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
     if fmt == "hf":
         files += [("configuration_quark.py", "`QuarkConfig` (extends `PretrainedConfig`)"),
                   ("modeling_quark.py", "`QuarkForCausalLM`, including the custom `generate_text()` method"),
-                  ("model.py, generate.py, sampling.py, config.py", "Quark's transformer, decoding loop, sampling "
-                                                                    "rules and config, imported by the two files above")]
+                  (", ".join(x for x in f["remote_code"]["files"] if x not in ("configuration_quark.py",
+                                                                               "modeling_quark.py")),
+                   "Quark's own modules (config, transformer, decoding loop, sampling, ...), copied verbatim and "
+                   "imported by the two files above")]
     files += [("model.safetensors", f"Model weights (float32, {_n(n)} parameters)"),
               ("generation_config.json", "Default generation hyperparameters"),
               ("tokenizer.json, tokenizer_config.json, special_tokens_map.json",
@@ -428,7 +435,8 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
     lines += [f"| {a} | {b} |" for a, b in files]
     if fmt == "hf":
         lines += ["", "As with any `trust_remote_code` model, review `modeling_quark.py` and the files it imports "
-                      "before running them; they import nothing but torch, transformers and each other."]
+                      "before running them; besides the standard library and each other they import only "
+                      + ", ".join(f"`{m}`" for m in f["remote_code"]["imports"]) + "."]
     lines += ["", "## Citation", "", "```bibtex", "@misc{quark,", f"  title  = {{{f['name']}}},",
               "  author = {ThingAI and the Quark contributors},", f"  year   = {{{f['year']}}}", "}", "```", "",
               "## License", "", "This model is released under the MIT License (see `LICENSE`). Training data sources "

@@ -66,6 +66,21 @@ def remote_code_files() -> dict[str, Path]:
     return files
 
 
+def remote_code_imports() -> list[str]:
+    """Top-level modules (beyond the standard library and each other) the exported code files import."""
+    import ast
+    import sys
+
+    mods = set()
+    for src in remote_code_files().values():
+        for node in ast.walk(ast.parse(src.read_text())):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods.add(node.module.split(".")[0])
+    return sorted(mods - set(sys.stdlib_module_names) - {"__future__"})
+
+
 def _transformers_version() -> str | None:
     try:
         import transformers
