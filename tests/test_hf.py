@@ -241,6 +241,18 @@ def test_llama_format_loads_without_remote_code(checkpoint, tmp_path):
         assert torch.equal(load_model(out)(idx), model(idx))  # and quark loads the Llama folder back
 
 
+def test_beam_search_and_no_cache_match_the_llama_oracle(hf_model, checkpoint, tmp_path):
+    _, folder = checkpoint
+    llama = transformers.LlamaForCausalLM.from_pretrained(export(folder, tmp_path / "l", fmt="llama")).eval()
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10, repetition_penalty=1.0,
+              eos_token_id=None)
+    beams = hf_model.generate(prompt, num_beams=3, **kw)  # the cache is reordered between beams
+    assert beams.tolist() == llama.generate(prompt, num_beams=3, **kw).tolist()
+    assert hf_model.generate(prompt, use_cache=False, **kw).tolist() == llama.generate(prompt, **kw).tolist()
+    assert isinstance(hf_model(prompt, return_dict=False), tuple)
+
+
 def test_bad_inputs_name_file_and_field(exported, tmp_path):
     import shutil
 

@@ -127,7 +127,8 @@ class QuarkForCausalLM(PreTrainedModel, GenerationMixin):
                                    reduction="sum" if n_items is not None else "mean")
             if n_items is not None:
                 loss = loss / n_items
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        return out.to_tuple() if return_dict is False else out
 
     @torch.no_grad()
     def generate_text(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.7, top_p: float = 0.9,
