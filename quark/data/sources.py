@@ -1,0 +1,300 @@
+"""Data sources: what a mixture entry names, and how its documents are read.
+
+A source is a dict from a mixture file (`name`, `type`, `weight`, type-specific keys) turned into a `Source` whose
+`documents(seed, epoch)` yields text documents (`str`) or conversations (lists of OpenAI-format messages).
+Types:
+- `files`: `paths` = files, folders (searched recursively) or globs. txt/md/rst/html and code files are one
+  document each; `.jsonl` is one document per line (field `field`, default "text"; conversations: "messages");
+  `.parquet` one per row of column `field`.
+- `hf`: a Hugging Face dataset streamed with `datasets.load_dataset(dataset, config, split=..., streaming=True)`;
+  `dataset` may also be a local folder of parquet/jsonl files (how the tests exercise this path offline). The text
+  of a row is `field` when given, else `text`/`content`, else a `conversations`/`messages` list, else the row's
+  string columns joined.
+- the offline corpora of DATA.md (`quark.data.offline`): `python_stdlib`, `site_packages`, `math`, `handbook`,
+  `fortunes`, `bible`, `chatterbot`, `instructions` (`kind` = docstring | math | handbook), with `lang` en/it.
+`max_documents` caps any source (a capped generator becomes finite and is repeated like a file corpus).
+Every source records a licence: the built-in ones know theirs, `files`/`hf` sources must state one (`license`).
+A conversation used in a pre-training mixture is flattened to "User: ...\\nAssistant: ..." text.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import itertools
+import random
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import offline
+
+TEXT_EXTS = {".txt", ".md", ".rst", ".tex", ".html", ".htm", ".csv", ".tsv", ".json", ".yaml", ".yml", ".toml"}
+CODE_EXTS = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".jsx", ".tsx",
+             ".sh", ".bash", ".rb", ".php", ".swift", ".kt", ".scala", ".lua", ".pl", ".r", ".jl", ".sql", ".hs",
+             ".cs", ".m", ".f90", ".css", ".ipynb", ".cfg", ".ini", ".mk", ".cmake"}
+BUILTIN = {"python_stdlib", "site_packages", "math", "handbook", "fortunes", "bible", "chatterbot", "instructions"}
+TYPES = BUILTIN | {"files", "hf"}
+CHAT_TYPES = {"chatterbot", "instructions"}
+HF_LICENSES = {  # the card's datasets, for users with internet
+    "open-web-math/open-web-math": "ODC-By-1.0",
+    "bigcode/the-stack-smol": "The Stack terms of use (permissively licensed source files)",
+    "Magpie-Align/Magpie-Reasoning-150K": "Llama 3 Community License (Magpie-Align)",
+    "open-thoughts/OpenThoughts-114k": "Apache-2.0",
+    "KingNish/reasoning-base-20k": "Apache-2.0",
+}
+
+
+class BadRecord(ValueError):
+    """A malformed input record; `where` is 'file:line' (or the source and row)."""
+
+    def __init__(self, where: str, msg: str):
+        super().__init__(f"{where}: {msg}")
+        self.where = where
+
+
+@dataclass
+class Source:
+    name: str
+    type: str
+    weight: float
+    license: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.type in CHAT_TYPES or bool(self.options.get("chat"))
+
+    @property
+    def is_generated(self) -> bool:
+        return self.type == "math" or (self.type == "instructions" and self.options.get("kind") == "math")
+
+    @property
+    def is_endless(self) -> bool:
+        return self.is_generated and not self.options.get("max_documents")
+
+    def documents(self, seed: int = 0, epoch: int = 0, start: int = 0, pool=None) -> Iterator:
+        """Documents in a fixed order from the `start`-th on. A malformed record is yielded as a `BadRecord` (the
+        caller skips or stops). `pool` parallelises math generation."""
+        cap = self.options.get("max_documents")
+        if self.is_generated:
+            from .mathgen import math_documents
+            from .offline import math_instructions
+            ppd = int(self.options.get("problems_per_doc", 16))
+            if self.type == "math":
+                docs = math_documents(seed + 1_000 * epoch * (cap is None), start, ppd, pool=pool)
+            else:
+                docs = math_instructions(seed + 1_000 * epoch * (cap is None), start)
+            return docs if cap is None else itertools.islice(docs, max(0, cap - start))
+        return itertools.islice(self._documents(seed), start, cap)
+
+    def _documents(self, seed: int) -> Iterator:
+        o, t = self.options, self.type
+        lang = o.get("lang", "en")
+        rng = random.Random(f"{seed}-{self.name}")  # so a budget smaller than the source samples all of it
+        if t in ("python_stdlib", "site_packages"):
+            files = offline.stdlib_files() if t == "python_stdlib" else offline.site_packages_files()
+            rng.shuffle(files)
+            return map(offline.read_text, files)
+        if t == "files":
+            return file_documents(o["paths"], o.get("field"), chat=self.is_chat, rng=rng)
+        if t == "hf":  # streamed in the dataset's order (it may be terabytes)
+            return hf_documents(o["dataset"], o.get("config"), o.get("split", "train"), o.get("field"),
+                                chat=self.is_chat, data_files=o.get("data_files"))
+        if t == "instructions" and o.get("kind", "docstring") == "docstring":
+            return offline.docstring_instructions(lang)
+        small = {  # a few MB each: read whole and shuffled
+            "handbook": lambda: offline.handbook_documents(lang),
+            "fortunes": lambda: offline.fortune_documents(lang),
+            "bible": offline.bible_documents,
+            "chatterbot": lambda: offline.chatterbot_conversations(lang),
+            "instructions": lambda: offline.handbook_instructions(lang),
+        }
+        docs = list(small[t]())
+        rng.shuffle(docs)
+        return iter(docs)
+
+
+def make_source(spec: dict, where: str = "mixture") -> Source:
+    """Validate one mixture entry (no data is read) and build its `Source`."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: each source must be a table with name, type, weight")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: a source is missing its 'name'")
+    where = f"{where}: source {name!r}"
+    typ = spec.get("type")
+    if typ not in TYPES:
+        raise ValueError(f"{where}: unknown type {typ!r}; allowed: {', '.join(sorted(TYPES))}")
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise ValueError(f"{where}: weight must be a number >= 0, got {weight!r}")
+    opts = {k: v for k, v in spec.items() if k not in {"name", "type", "weight", "license"}}
+    if opts.get("lang", "en") not in ("en", "it"):
+        raise ValueError(f"{where}: lang must be 'en' or 'it', got {opts['lang']!r}")
+    if typ == "files":
+        paths = opts.get("paths")
+        if isinstance(paths, str):
+            paths = [paths]
+        if not paths or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"{where}: 'paths' must list files, folders or globs")
+        opts["paths"] = paths
+        for p in paths:
+            if not globlib.has_magic(p) and not Path(p).exists():
+                raise FileNotFoundError(f"{where}: {p} does not exist")
+            if globlib.has_magic(p) and not globlib.glob(p, recursive=True):
+                raise FileNotFoundError(f"{where}: no file matches {p}")
+    if typ == "hf" and not isinstance(opts.get("dataset"), str):
+        raise ValueError(f"{where}: 'dataset' (a Hugging Face dataset id or a local folder) is required")
+    cap = opts.get("max_documents")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+        raise ValueError(f"{where}: max_documents must be a positive integer, got {cap!r}")
+    if typ == "instructions" and opts.get("kind", "docstring") not in ("docstring", "math", "handbook"):
+        raise ValueError(f"{where}: kind must be docstring, math or handbook, got {opts['kind']!r}")
+    lic = spec.get("license")
+    if lic is None:
+        if typ in BUILTIN:
+            key = "fortunes_it" if typ == "fortunes" and opts.get("lang") == "it" else typ
+            lic = offline.LICENSES[key]
+        elif typ == "hf" and opts["dataset"] in HF_LICENSES:
+            lic = HF_LICENSES[opts["dataset"]]
+        else:
+            raise ValueError(f"{where}: state the data's licence with license = \"...\"")
+    return Source(name=name, type=typ, weight=float(weight), license=str(lic), options=opts)
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+def expand_paths(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        hits = sorted(globlib.glob(p, recursive=True)) if globlib.has_magic(p) else [p]
+        for h in map(Path, hits):
+            if h.is_dir():
+                out += sorted(f for f in h.rglob("*") if f.is_file() and _readable_kind(f))
+            elif h.exists():
+                out.append(h)
+            else:
+                raise FileNotFoundError(f"{h} does not exist")
+    return out
+
+
+def _readable_kind(f: Path) -> bool:
+    s = f.suffix.lower()
+    return s in TEXT_EXTS or s in CODE_EXTS or s in {".jsonl", ".parquet"}
+
+
+def file_documents(paths: list[str], text_field: str | None = None, chat: bool = False,
+                   rng: random.Random | None = None) -> Iterator:
+    files = expand_paths(paths)
+    if rng is not None:
+        rng.shuffle(files)
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix == ".jsonl":
+            yield from jsonl_documents(f, text_field, chat)
+        elif suffix == ".parquet":
+            yield from parquet_documents(f, text_field, chat)
+        else:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRecord(str(f), f"not UTF-8 text ({e.reason} at byte {e.start})")
+                continue
+            except OSError as e:
+                raise FileNotFoundError(f"{f}: cannot read ({e.strerror})") from None
+            yield text
+
+
+def jsonl_documents(f: Path, text_field: str | None, chat: bool) -> Iterator:
+    with open(f, encoding="utf-8", errors="strict") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{f}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield BadRecord(where, f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            try:
+                yield row_document(row, text_field, chat, where)
+            except BadRecord as e:
+                yield e
+
+
+def parquet_documents(f: Path, text_field: str | None, chat: bool) -> Iterator:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(f)
+    row_no = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            row_no += 1
+            try:
+                yield row_document(row, text_field, chat, f"{f}: row {row_no}")
+            except BadRecord as e:
+                yield e
+
+
+def row_document(row, text_field: str | None, chat: bool, where: str):
+    """A record -> a text document, or a conversation when `chat`. Raises BadRecord naming the field."""
+    if not isinstance(row, dict):
+        raise BadRecord(where, f"expected a JSON object, got {type(row).__name__}")
+    if chat:
+        msgs = row.get(text_field or "messages")
+        if msgs is None and "conversations" in row:
+            msgs = row["conversations"]
+        if not isinstance(msgs, list):
+            raise BadRecord(where, f"field {text_field or 'messages'!r} must be a list of messages")
+        return [_message(m) for m in msgs]
+    if text_field:
+        if text_field not in row:
+            raise BadRecord(where, f"missing field {text_field!r} (fields: {', '.join(map(str, row))})")
+        value = row[text_field]
+    else:
+        value = next((row[k] for k in ("text", "content") if isinstance(row.get(k), str)), None)
+        if value is None:
+            for k in ("messages", "conversations"):
+                if isinstance(row.get(k), list):
+                    return flatten_chat([_message(m) for m in row[k]])
+            value = "\n\n".join(v for v in row.values() if isinstance(v, str) and v.strip())
+    if isinstance(value, list):
+        return flatten_chat([_message(m) for m in value])
+    if not isinstance(value, str):
+        raise BadRecord(where, f"field {text_field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
+
+
+def _message(m) -> dict:
+    """ShareGPT {'from', 'value'} or OpenAI {'role', 'content'} -> {'role', 'content'} (validated later)."""
+    if isinstance(m, dict) and "role" not in m and "from" in m:
+        role = str(m["from"])
+        return {"role": _ROLE_ALIASES.get(role, role), "content": m.get("value")}
+    return m
+
+
+def flatten_chat(messages: list[dict]) -> str:
+    return "\n".join(f"{str(m.get('role', '')).capitalize()}: {m.get('content', '')}" for m in messages
+                     if isinstance(m, dict)) + "\n"
+
+
+# ---- Hugging Face datasets --------------------------------------------------------------------------------------
+def hf_documents(dataset: str, config: str | None = None, split: str = "train", text_field: str | None = None,
+                 chat: bool = False, data_files=None) -> Iterator:
+    """Stream a Hugging Face dataset (or a local folder of parquet/jsonl files) row by row."""
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError("HF sources need `pip install datasets` (extra quark[data])") from None
+    kwargs = {"split": split, "streaming": True}
+    if data_files is not None:
+        kwargs["data_files"] = data_files
+    ds = datasets.load_dataset(dataset, config, **kwargs)
+    for i, row in enumerate(ds):
+        try:
+            yield row_document(row, text_field, chat, f"{dataset}[{split}] row {i}")
+        except BadRecord as e:
+            yield e
