@@ -163,3 +163,25 @@ def test_int8_model_runs_in_the_engine():
     engine = Engine(m, stop_ids=[], max_batch=4)
     outs = run_all(engine, [engine.submit(p, SamplingParams(8, 0.0, 1.0, 1.3)) for p in ps])
     assert outs == [generate(m, [p], 8, temperature=0.0, rep_penalty=1.3)[0] for p in ps]
+
+
+def test_nucleus_sample_matches_sample_next_distribution():
+    from quark.sampling import apply_rep_penalty, top_p_filter
+    from quark.serve.engine import nucleus_sample, rep_penalty_seen
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 2
+    seen = torch.rand(3, 50, generator=g) < 0.3
+    assert torch.equal(rep_penalty_seen(logits, seen, 1.3), apply_rep_penalty(logits, seen, 1.3))
+    temperature, top_p, draws = 0.8, 0.7, 20000
+    want = top_p_filter(logits / temperature, top_p).softmax(-1)  # sample_next's distribution
+    big = logits.repeat_interleave(draws, 0)
+    toks = nucleus_sample(big, temperature, top_p, torch.Generator().manual_seed(1)).view(3, draws)
+    for r in range(3):
+        freq = torch.bincount(toks[r], minlength=50).float() / draws
+        assert torch.equal(freq > 0, want[r] > 0), "the kept (top-p) set differs"
+        assert (freq - want[r]).abs().max() < 0.015
+    bad = logits.clone()
+    bad[1, 3] = float("nan")  # a non-finite row falls back to greedy over its finite entries, as in sample_next
+    assert nucleus_sample(bad, temperature, top_p)[1] == torch.nan_to_num(bad[1], nan=float("-inf")).argmax()
+    assert torch.equal(nucleus_sample(logits, 0.0, top_p), logits.argmax(-1))

@@ -2,9 +2,10 @@
 the chat web page at /.
 
 Choices:
-- The engine thread owns the model; each HTTP request submits one engine request per choice, and the engine
-  pushes token events into the request's asyncio queue with `call_soon_threadsafe`. Streams drain every event
-  already queued before writing, so a slow client gets fewer, larger SSE chunks instead of falling behind.
+- The engine thread owns the model; each HTTP request submits one engine request per choice. Engine events
+  are collected in a list and handed to the event loop once per engine step (one `call_soon_threadsafe` for
+  the whole batch, not one per token), then sorted into each HTTP request's asyncio queue. Streams drain
+  every event already queued before writing, so a slow client gets fewer, larger SSE chunks.
 - A stream whose client goes away is cancelled in the generator's `finally` (Starlette cancels the response
   task on disconnect), which frees the engine slot at the next step.
 - Bodies are capped (`max_body_bytes`, default 1 MiB) before parsing: a bigger body is a 413, read no further.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -32,6 +34,36 @@ from .engine import Engine
 from .text import IncrementalDecoder, StopMatcher
 
 STATIC = Path(__file__).parent / "static"
+
+
+class _Dispatcher:
+    """Engine thread -> event loop, one hand-over per engine step."""
+
+    def __init__(self, engine: Engine):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.lock = threading.Lock()
+        self.events: list = []
+        self.scheduled = False
+        engine.after_step.append(self.flush)
+
+    def sink(self, queue: asyncio.Queue, k: int):
+        def put(kind, value):
+            with self.lock:
+                self.events.append((queue, (k, kind, value)))
+        return put
+
+    def flush(self) -> None:  # engine thread
+        with self.lock:
+            if not self.events or self.scheduled or self.loop is None:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:  # event loop
+        with self.lock:
+            events, self.events, self.scheduled = self.events, [], False
+        for queue, event in events:
+            queue.put_nowait(event)
 
 
 class _Choice:
@@ -68,8 +100,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     context = engine.context_length
     created = int(time.time())
 
+    dispatcher = _Dispatcher(engine)
+
     @asynccontextmanager
     async def lifespan(app):
+        dispatcher.loop = asyncio.get_running_loop()
         engine.start()
         yield
         engine.stop()
@@ -154,16 +189,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return await run(job, chat=False)
 
     async def run(job: Job, chat: bool):
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         choices = []
         try:
             for prompt in job.prompts:
                 for i in range(job.n):
                     c = _Choice(tokenizer, job.stops)
-                    k = len(choices)
-                    sink = lambda kind, value, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, kind, value))  # noqa: E731
-                    c.req = engine.submit(prompt, job.params_for(i), sink)
+                    c.req = engine.submit(prompt, job.params_for(i), dispatcher.sink(events, len(choices)))
                     choices.append(c)
         except ValueError as e:
             for c in choices:

@@ -1,0 +1,175 @@
+"""Load test for `quark serve`: N concurrent streaming chat clients on loopback for a bounded time.
+
+Starts `quark serve` as a subprocess on a free loopback port (a random-weight `tiny` preset model with a tokenizer
+trained on the Python standard library, unless --model is given), then for each concurrency level (default 1, then
+32) runs that many clients, each sending streaming /v1/chat/completions requests back to back for --duration
+seconds. Reports requests/s, completion tokens/s (from the `usage` of each stream), p50/p95 time-to-first-token and
+request latency, and errors (which must be 0). The peer figure is the same server at concurrency 1 (no batching
+possible), measured in the same run; the ratio is the gain from continuous batching (target >= 8x at 32).
+
+    python bench/serve_load.py [--model M] [--duration 20] [--concurrency 1 32] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
+             "How do I sort a list in Python?", "Give me three tips for sleeping well.", "What is 17 * 23?"]
+
+
+def make_model(folder: Path, preset: str) -> Path:
+    """A random-weight model of `preset` with a BPE tokenizer trained on stdlib sources (same vocab size)."""
+    import sysconfig
+
+    from quark.config import QuarkConfig
+    from quark.model import Quark
+    from quark.tokenizer import train_tokenizer
+    from quark.weights import save_model
+
+    cfg = QuarkConfig.from_name(preset)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.rglob("*.py"))[:1500]]
+    tok = train_tokenizer(texts, vocab_size=cfg.base_vocab_size, show_progress=False)
+    save_model(Quark(cfg).init_weights(0), folder)
+    tok.save(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one_client(client: httpx.AsyncClient, url: str, model: str, deadline: float, max_tokens: int, idx: int,
+                     out: list) -> None:
+    i = idx
+    while time.perf_counter() < deadline:
+        body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                "max_tokens": max_tokens, "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
+        i += 1
+        t0 = time.perf_counter()
+        ttft, tokens, ok, done = None, 0, False, False
+        try:
+            async with client.stream("POST", url, json=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                else:
+                    async for line in r.aiter_lines():
+                        # parse only what is measured (first content, usage), so the client stays cheap
+                        if ttft is None and '"content":"' in line.replace(" ", "") and '"content": ""' not in line:
+                            ttft = time.perf_counter() - t0
+                        if line == "data: [DONE]":
+                            done = True
+                            break
+                        if line.startswith('data: {"error"'):
+                            break
+                        if '"usage": {' in line:
+                            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                    ok = done and tokens > 0
+        except httpx.HTTPError:
+            ok = False
+        out.append({"ok": ok, "ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens, "end": time.perf_counter()})
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def run_level(base: str, model: str, concurrency: int, duration: float, max_tokens: int) -> dict:
+    out: list = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        start = time.perf_counter()
+        deadline = start + duration
+        await asyncio.gather(*(one_client(client, base + "/v1/chat/completions", model, deadline, max_tokens, k, out)
+                               for k in range(concurrency)))
+        wall = time.perf_counter() - start
+    good = [r for r in out if r["ok"]]
+    tokens = sum(r["tokens"] for r in good)
+    return {"concurrency": concurrency, "requests": len(good), "errors": len(out) - len(good), "wall_s": wall,
+            "req_per_s": len(good) / wall, "tok_per_s": tokens / wall,
+            "ttft_p50": pct([r["ttft"] for r in good if r["ttft"] is not None], 0.5),
+            "ttft_p95": pct([r["ttft"] for r in good if r["ttft"] is not None], 0.95),
+            "lat_p50": pct([r["latency"] for r in good], 0.5), "lat_p95": pct([r["latency"] for r in good], 0.95)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model folder (default: a random-weight model of --preset, built in a temp dir)")
+    ap.add_argument("--preset", default="tiny", help="preset for the default model (default tiny)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level (default 20)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="levels to run (default 1 32)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.model) if args.model else make_model(Path(tmp) / f"{args.preset}-random", args.preset)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        cmd = [sys.executable, "-m", "quark", "serve", "--model", str(folder), "--port", str(port),
+               "--max-batch", str(max(args.concurrency)), "--log-level", "warning", "--device", "cpu"]
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    model = httpx.get(base + "/v1/models", timeout=2).json()["data"][0]["id"]
+                    break
+                except (httpx.HTTPError, KeyError):
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        print(server.stdout.read())
+                        raise SystemExit("the server did not start")
+                    time.sleep(0.3)
+            asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
+            results = [asyncio.run(run_level(base, model, c, args.duration, args.max_tokens))
+                       for c in args.concurrency]
+            health = httpx.get(base + "/health").json()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    print(f"model {folder.name} | {args.duration:.0f} s per level | max_tokens {args.max_tokens} | "
+          f"server torch threads {args.threads} | CPU cores {os.cpu_count()}")
+    print(f"{'conc':>5} {'reqs':>6} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
+          f"{'lat p50':>8} {'lat p95':>8}")
+    for r in results:
+        print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>6} {r['req_per_s']:>7.2f} {r['tok_per_s']:>8.1f} "
+              f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p95'] * 1e3:>7.0f}ms {r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s")
+    print(f"engine: peak batch {health['peak_batch']}, {health['steps']} decode steps, {health['tokens']} tokens, "
+          f"{health['errors']} engine errors")
+    lo = min(results, key=lambda r: r["concurrency"])
+    hi = max(results, key=lambda r: r["concurrency"])
+    if hi is not lo and lo["tok_per_s"] > 0:
+        ratio = hi["tok_per_s"] / lo["tok_per_s"]
+        print(f"aggregate tokens/s: ours (concurrency {hi['concurrency']}, batched) {hi['tok_per_s']:.1f} vs peer "
+              f"(concurrency {lo['concurrency']}, same server) {lo['tok_per_s']:.1f}: {ratio:.1f}x (target >= 8x)")
+    errors = sum(r["errors"] for r in results)
+    if errors:
+        print(f"ERRORS: {errors}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
