@@ -4,6 +4,7 @@ import ast
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_folder_has_the_cards_files(exported, checkpoint):
     # the transformer is model.py copied verbatim: one implementation
     import quark.model
 
-    assert (exported / "model.py").read_text() == open(quark.model.__file__).read()
+    assert (exported / "model.py").read_text() == Path(quark.model.__file__).read_text()
     assert "class Attention" not in (exported / "modeling_quark.py").read_text()
 
 
@@ -239,14 +240,17 @@ def test_llama_format_loads_without_remote_code(checkpoint, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(llama(idx).logits, model(idx), rtol=1e-5, atol=1e-5)
         assert torch.equal(load_model(out)(idx), model(idx))  # and quark loads the Llama folder back
+    llama.save_pretrained(tmp_path / "saved")  # a Llama folder written by transformers itself
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "saved")(idx), model(idx))
 
 
 def test_beam_search_and_no_cache_match_the_llama_oracle(hf_model, checkpoint, tmp_path):
     _, folder = checkpoint
     llama = transformers.LlamaForCausalLM.from_pretrained(export(folder, tmp_path / "l", fmt="llama")).eval()
     prompt = torch.tensor([[5, 6, 7, 8, 9]])
-    kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10, repetition_penalty=1.0,
-              eos_token_id=None)
+    kw = {"attention_mask": torch.ones_like(prompt), "do_sample": False, "max_new_tokens": 10, "repetition_penalty": 1.0,
+              "eos_token_id": None}
     beams = hf_model.generate(prompt, num_beams=3, **kw)  # the cache is reordered between beams
     assert beams.tolist() == llama.generate(prompt, num_beams=3, **kw).tolist()
     assert hf_model.generate(prompt, use_cache=False, **kw).tolist() == llama.generate(prompt, **kw).tolist()

@@ -182,7 +182,7 @@ def _millions(n: int) -> str:
 def _duration(s) -> str:
     if not isinstance(s, (int, float)):
         return "not recorded"
-    s = int(round(s))
+    s = round(s)
     h, m = divmod(s, 3600)
     m, sec = divmod(m, 60)
     return f"{h}h {m:02d}m {sec:02d}s" if h else f"{m}m {sec:02d}s"
@@ -273,12 +273,12 @@ def _eval_section(f: dict) -> tuple[list[str], list[str]]:
     """(section lines, limitation lines derived from the scores)."""
     ev = f.get("eval")
     if not ev:
-        return (["This model has not been evaluated: no `quark eval` results were found next to the checkpoint. "
+        return ([("This model has not been evaluated: no `quark eval` results were found next to the checkpoint. "
                  "Run `quark eval --model <folder>` to produce `eval_results.json` and re-export to fill this "
-                 "table."], [])
-    out = [f"Scored with `quark eval` on {ev.get('date')} (few-shot: {ev.get('fewshot')}, "
+                 "table.")], [])
+    out = [(f"Scored with `quark eval` on {ev.get('date')} (few-shot: {ev.get('fewshot')}, "
            f"limit: {ev.get('limit') if ev.get('limit') is not None else 'all items'}); accuracy is "
-           "lm-evaluation-harness style log-likelihood ranking; `acc_norm` normalises by length.", "",
+           "lm-evaluation-harness style log-likelihood ranking; `acc_norm` normalises by length."), "",
            "| Task | Split | Items | acc | acc_norm | Chance |", "|---|---|---|---|---|---|"]
     near_chance = []
     for task, t in (ev.get("tasks") or {}).items():
@@ -290,8 +290,8 @@ def _eval_section(f: dict) -> tuple[list[str], list[str]]:
             near_chance.append(task)
     ppl = ev.get("perplexity")
     if ppl:
-        out += ["", f"Validation perplexity: loss {ppl.get('val_loss'):.4f} nats/token, "
-                    f"{ppl.get('bpb'):.4f} bits per byte over {_n(ppl.get('tokens'))} tokens."]
+        out += ["", (f"Validation perplexity: loss {ppl.get('val_loss'):.4f} nats/token, "
+                    f"{ppl.get('bpb'):.4f} bits per byte over {_n(ppl.get('tokens'))} tokens.")]
     lim = []
     if near_chance:
         lim.append(f"- **Near-chance benchmarks.** On {', '.join(near_chance)} the accuracy is within two standard "
@@ -322,17 +322,17 @@ def _quickstart(f: dict, fmt: str) -> list[str]:
         'im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")', ids, "",
         "model = AutoModelForCausalLM.from_pretrained(", f'    "{repo}",', "    trust_remote_code=True,",
         "    dtype=torch.bfloat16,   # or torch.float32 on CPU", ").eval()", "",
-        'prompt = "<|im_start|>user\\nWhat is the difference between a list and a tuple in Python?<|im_end|>\\n'
-        '<|im_start|>assistant\\n"',
+        ('prompt = "<|im_start|>user\\nWhat is the difference between a list and a tuple in Python?<|im_end|>\\n'
+        '<|im_start|>assistant\\n"'),
         'input_ids = tokenizer.encode(prompt, add_special_tokens=False, return_tensors="pt")', "",
         "output_ids = model.generate_text(", "    input_ids,"] + [
         f"    {k}={v}," for k, v in _recommended_args().items()] + [
         "    eos_token_id=im_end_id,", ")", "",
         "response = tokenizer.decode(output_ids[0][input_ids.shape[1]:], skip_special_tokens=True)",
         "print(response)", "```", "",
-        "The standard `model.generate()` works too (KV cache, sampling defaults from `generation_config.json`), as do "
+        ("The standard `model.generate()` works too (KV cache, sampling defaults from `generation_config.json`), as do "
         "`pipeline(\"text-generation\")` and lm-evaluation-harness (`--model hf --model_args "
-        f"pretrained={repo},trust_remote_code=True`).", "", "### Running on GPU", "", "```python",
+        f"pretrained={repo},trust_remote_code=True`)."), "", "### Running on GPU", "", "```python",
         "model = AutoModelForCausalLM.from_pretrained(", f'    "{repo}",', "    trust_remote_code=True,",
         "    dtype=torch.bfloat16,", ").cuda().eval()", "", "input_ids = input_ids.cuda()", "```"]
 
@@ -356,10 +356,10 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
         kind, "a checkpoint")
     tied = "embedding-tied" if c["tie_embeddings"] else "untied embeddings"
     lines = [front_matter(f, fmt), f"# {f['name']}", "",
-             f"{f['name']} is a compact decoder-only language model of the Quark family ({_millions(n)} parameters), "
+             (f"{f['name']} is a compact decoder-only language model of the Quark family ({_millions(n)} parameters), "
              f"trained with Quark. It is {what}. It uses Grouped-Query "
              "Attention, RoPE, SwiGLU feed-forward layers and RMSNorm, the building blocks of current large models, "
-             "scaled down to run on consumer hardware.", "",
+             "scaled down to run on consumer hardware."), "",
              "## Model Summary", "", "| | |", "|---|---|"]
     if f.get("author"):
         lines.append(f"| Developed by | {f['author']} |")
@@ -382,22 +382,22 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
                                     else "Separate input embedding and output projection |"),
               f"| KV cache | {f['kv_bytes_per_token_bf16']:,} bytes per token in bf16 |", "",
               "## Intended Use", "",
-              "A research and educational artifact for studying small-scale LLM architecture, training and "
+              ("A research and educational artifact for studying small-scale LLM architecture, training and "
               "inference; a lightweight base for self-hosted projects and further task-specific fine-tuning. "
               "Out of scope: tasks needing deep multi-step reasoning, long-context retrieval or broad world "
               "knowledge; safety-critical, medical, legal or financial use; production use without further "
-              "evaluation.", "", "## Quickstart", ""] + _quickstart(f, fmt)
+              "evaluation."), "", "## Quickstart", ""] + _quickstart(f, fmt)
     lines += ["", "## Prompt Format", "",
-              f"ChatML, with `<|im_start|>` (id {tk['im_start_id']}) and `<|im_end|>` (id {tk['im_end_id']}) as role "
+              (f"ChatML, with `<|im_start|>` (id {tk['im_start_id']}) and `<|im_end|>` (id {tk['im_end_id']}) as role "
               f"delimiters; `<|endoftext|>` (id {tk['eot_id']}) separates pre-training documents. Both chat tokens "
               "are stored in `tokenizer.json`, so the Quickstart's `add_special_tokens` call is a harmless no-op, "
-              "and `tokenizer_config.json` ships this `chat_template` (use `apply_chat_template`):", "", "```",
+              "and `tokenizer_config.json` ships this `chat_template` (use `apply_chat_template`):"), "", "```",
               "<|im_start|>user", "{user message}<|im_end|>", "<|im_start|>assistant", "{model response}<|im_end|>",
               "```", "", "## Generation Parameters", "",
-              "`generate_text()` takes `max_new_tokens`, `temperature` (0.0 = greedy), `top_p`, `rep_penalty` "
+              ("`generate_text()` takes `max_new_tokens`, `temperature` (0.0 = greedy), `top_p`, `rep_penalty` "
               "(CTRL-style penalty on every token already seen; 1.0 = off) and `eos_token_id`; a step whose logits "
               "are not finite falls back to greedy. `generation_config.json` holds the recommended starting "
-              "configuration, which `model.generate()` uses by default:", "", "```python",
+              "configuration, which `model.generate()` uses by default:"), "", "```python",
               "model.generate_text(input_ids, " + ", ".join(f"{k}={v}" for k, v in _recommended_args().items())
               + ", eos_token_id=im_end_id)", "```", "", "## Training Details", ""]
     if not run:
@@ -410,12 +410,12 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
         lines += _training_section("Supervised fine-tuning (SFT)" if kind == "sft" else "Pre-training", run)
     ev_lines, ev_lims = _eval_section(f)
     lines += ["## Evaluation & Known Limitations", ""] + ev_lines + ["", "Known limitations:", ""] + ev_lims + [
-        "- **Repetition.** Small models loop without a repetition penalty; the recommended "
-        f"`rep_penalty={_recommended_args()['rep_penalty']}` helps.",
+        ("- **Repetition.** Small models loop without a repetition penalty; the recommended "
+        f"`rep_penalty={_recommended_args()['rep_penalty']}` helps."),
         "- **Shallow reasoning.** Do not rely on it for multi-step logical or mathematical reasoning.",
         "- **Limited world knowledge.** It will often hallucinate specific facts, dates or entities.",
-        f"- **Short effective context.** The architecture accepts {c['context_length']:,} tokens, but "
-        "instruction-following degrades over long inputs sooner than in larger models.", "",
+        (f"- **Short effective context.** The architecture accepts {c['context_length']:,} tokens, but "
+        "instruction-following degrades over long inputs sooner than in larger models."), "",
         "## Files in this Repository", "", "| File | Purpose |", "|---|---|"]
     files = [("config.json", "Model configuration" + (" (Quark's config under `quark`) and `auto_map` registration "
                                                        "for `trust_remote_code`" if fmt == "hf" else
@@ -425,8 +425,8 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
                   ("modeling_quark.py", "`QuarkForCausalLM`, including the custom `generate_text()` method"),
                   (", ".join(x for x in f["remote_code"]["files"] if x not in ("configuration_quark.py",
                                                                                "modeling_quark.py")),
-                   "Quark's own modules (config, transformer, decoding loop, sampling, ...), copied verbatim and "
-                   "imported by the two files above")]
+                   ("Quark's own modules (config, transformer, decoding loop, sampling, ...), copied verbatim and "
+                   "imported by the two files above"))]
     files += [("model.safetensors", f"Model weights (float32, {_n(n)} parameters)"),
               ("generation_config.json", "Default generation hyperparameters"),
               ("tokenizer.json, tokenizer_config.json, special_tokens_map.json",
@@ -439,7 +439,7 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
                       + ", ".join(f"`{m}`" for m in f["remote_code"]["imports"]) + "."]
     lines += ["", "## Citation", "", "```bibtex", "@misc{quark,", f"  title  = {{{f['name']}}},",
               "  author = {ThingAI and the Quark contributors},", f"  year   = {{{f['year']}}}", "}", "```", "",
-              "## License", "", "This model is released under the MIT License (see `LICENSE`). Training data sources "
+              "## License", "", ("This model is released under the MIT License (see `LICENSE`). Training data sources "
               "retain their own licenses (listed in the data mixture tables above); users are responsible for "
-              "complying with them.", ""]
+              "complying with them."), ""]
     return "\n".join(lines)
