@@ -11,11 +11,13 @@ Choices:
   per weight, 4x less memory traffic than fp32, which is what bounds decoding at batch 1. Larger batches
   (prefill, scoring) and other devices dequantize the weight and run an ordinary matmul in the compute dtype.
 - With tied embeddings the embedding and lm_head share one int8 table.
-- `quark quantize --model M [--data D]` quantizes a model folder and reports size, decode speed and, with a data
-  folder, validation loss/perplexity of fp32 vs int8 (the 2% budget of the issue).
+- `quark quantize --model M [--data D]` (quantize_cli.py) quantizes a model folder and reports size, decode speed
+  and, with a data folder, validation loss/perplexity of fp32 vs int8 (the 2% budget of the issue).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -120,66 +122,13 @@ def model_nbytes(model: nn.Module) -> int:
     return total
 
 
-# ---- CLI --------------------------------------------------------------------------------------------------------
-def _cmd_quantize(args):
-    import copy
-    import json
-    import math
-    import time
-
-    from .generate import generate
-    from .weights import load_model
-
-    model = load_model(args.model, device="cpu", dtype=torch.float32).eval()
-    q = quantize_int8(copy.deepcopy(model))
-    report = {"model": str(args.model), "fp32_bytes": model_nbytes(model), "int8_bytes": model_nbytes(q)}
-    prompt = [[1 + i % 200 for i in range(16)]]
-    n = min(args.tokens, model.config.context_length - 16)
-    for name, m in (("fp32", model), ("int8", q)):
-        generate(m, prompt, max_new_tokens=4, temperature=0.0)
-        t0 = time.perf_counter()
-        generate(m, prompt, max_new_tokens=n, temperature=0.0)
-        report[f"{name}_decode_tok_per_s"] = round(n / (time.perf_counter() - t0), 1)
-    if args.data:
-        for name, m in (("fp32", model), ("int8", q)):
-            report[f"{name}_val_loss"] = round(val_loss(m, args.data, args.eval_tokens), 5)
-        report["ppl_ratio"] = round(math.exp(report["int8_val_loss"] - report["fp32_val_loss"]), 5)
-    print(json.dumps(report, indent=2))
-
-
-@torch.no_grad()
-def val_loss(model, data_folder, max_tokens: int = 65536, seq_len: int | None = None) -> float:
-    """Mean next-token loss over the first `max_tokens` tokens of a pre-training data folder's val split."""
-    import json
-    from pathlib import Path
-
-    import numpy as np
-
-    folder = Path(data_folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not a data folder written by `quark prepare`")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("kind") != "pretrain":
-        raise ValueError(f"{manifest_path}: kind={manifest.get('kind')!r}, need a 'pretrain' data folder")
-    shards = manifest["splits"]["val"]["shards"]
-    toks = np.concatenate([np.load(folder / "val" / s, mmap_mode="r")[:max_tokens + 1] for s in shards])
-    toks = torch.from_numpy(toks[:max_tokens + 1].astype(np.int64))
-    T = seq_len or min(model.config.context_length, 512)
-    n = (toks.numel() - 1) // T
-    if n == 0:
-        raise ValueError(f"{folder}: validation split has fewer than {T + 1} tokens")
-    x, y = toks[:n * T].view(n, T), toks[1:n * T + 1].view(n, T)
-    total = 0.0
-    for i in range(0, n, 4):
-        total += float(model.loss(x[i:i + 4], y[i:i + 4], reduction="sum"))
-    return total / (n * T)
-
-
+# ---- CLI ---------------------------------------------------------------------------------------------------------
 def add_commands(sub) -> None:
+    """`quark quantize`. Its code lives in quark/quantize_cli.py, loaded by name when the command runs: this file
+    is copied into HF exports (fast.py imports it), which must not pull in the package's loaders."""
     p = sub.add_parser("quantize", help="int8 weight-only quantization: size, decode speed and val loss vs fp32")
     p.add_argument("--model", required=True, help="model folder, export or run folder")
     p.add_argument("--data", default=None, help="pre-training data folder: compare validation loss fp32 vs int8")
     p.add_argument("--tokens", type=int, default=128, help="new tokens for the decode-speed check")
     p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens for the loss comparison")
-    p.set_defaults(func=_cmd_quantize)
+    p.set_defaults(func=lambda args: importlib.import_module("quark.quantize_cli").cmd_quantize(args))

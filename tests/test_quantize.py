@@ -105,8 +105,18 @@ def test_quantize_cli_reports_size_and_speed(tmp_path, capsys):
     from quark.cli import main
     from quark.weights import save_model
 
+    import numpy as np
+
     save_model(Quark(PRESETS["test"]).init_weights(seed=2), tmp_path / "m")
-    assert main(["quantize", "--model", str(tmp_path / "m"), "--tokens", "8"]) in (0, None)
+    data = tmp_path / "data"
+    (data / "val").mkdir(parents=True)
+    np.save(data / "val" / "shard_00000.npy", np.arange(3000, dtype=np.uint16) % 500)
+    (data / "manifest.json").write_text(json.dumps({"kind": "pretrain", "splits": {
+        "train": {"shards": []}, "val": {"shards": ["shard_00000.npy"], "tokens": 3000, "bytes": 6000}}}))
+    args = ["quantize", "--model", str(tmp_path / "m"), "--tokens", "8", "--data", str(data), "--eval-tokens", "1024"]
+    assert main(args) in (0, None)
     report = json.loads(capsys.readouterr().out)
     assert report["int8_bytes"] < 0.35 * report["fp32_bytes"]
     assert report["int8_decode_tok_per_s"] > 0
+    assert abs(report["ppl_ratio"] - 1) < 0.02 and report["fp32_val_loss"] > 5  # random weights: ~ln(514)
+    assert main(["quantize", "--model", str(tmp_path / "m"), "--data", str(tmp_path)]) == 2  # not a data folder

@@ -1,0 +1,67 @@
+"""`quark quantize`: quantize a model folder to int8 and report what it costs and gains.
+
+Prints JSON: fp32 and int8 sizes, greedy decode tok/s of both (this machine, batch 1) and, with `--data`, the
+validation loss of both on the first `--eval-tokens` tokens of a pre-training data folder's val split, with
+`ppl_ratio` = int8 perplexity / fp32 perplexity (the issue's budget: < 1.02).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantize import model_nbytes, quantize_int8
+
+
+def cmd_quantize(args) -> None:
+    import copy
+    import json
+    import math
+    import time
+
+    from .generate import generate
+    from .weights import load_model
+
+    model = load_model(args.model, device="cpu", dtype=torch.float32).eval()
+    q = quantize_int8(copy.deepcopy(model))
+    report = {"model": str(args.model), "fp32_bytes": model_nbytes(model), "int8_bytes": model_nbytes(q)}
+    prompt = [[1 + i % 200 for i in range(16)]]
+    n = min(args.tokens, model.config.context_length - 16)
+    for name, m in (("fp32", model), ("int8", q)):
+        generate(m, prompt, max_new_tokens=4, temperature=0.0)
+        t0 = time.perf_counter()
+        generate(m, prompt, max_new_tokens=n, temperature=0.0)
+        report[f"{name}_decode_tok_per_s"] = round(n / (time.perf_counter() - t0), 1)
+    if args.data:
+        for name, m in (("fp32", model), ("int8", q)):
+            report[f"{name}_val_loss"] = round(val_loss(m, args.data, args.eval_tokens), 5)
+        report["ppl_ratio"] = round(math.exp(report["int8_val_loss"] - report["fp32_val_loss"]), 5)
+    print(json.dumps(report, indent=2))
+
+
+@torch.no_grad()
+def val_loss(model, data_folder, max_tokens: int = 65536, seq_len: int | None = None) -> float:
+    """Mean next-token loss over the first `max_tokens` tokens of a pre-training data folder's val split."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(data_folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: not a data folder written by `quark prepare`")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("kind") != "pretrain":
+        raise ValueError(f"{manifest_path}: kind={manifest.get('kind')!r}, need a 'pretrain' data folder")
+    shards = manifest["splits"]["val"]["shards"]
+    toks = np.concatenate([np.load(folder / "val" / s, mmap_mode="r")[:max_tokens + 1] for s in shards])
+    toks = torch.from_numpy(toks[:max_tokens + 1].astype(np.int64))
+    T = seq_len or min(model.config.context_length, 512)
+    n = (toks.numel() - 1) // T
+    if n == 0:
+        raise ValueError(f"{folder}: validation split has fewer than {T + 1} tokens")
+    x, y = toks[:n * T].view(n, T), toks[1:n * T + 1].view(n, T)
+    total = 0.0
+    for i in range(0, n, 4):
+        total += float(model.loss(x[i:i + 4], y[i:i + 4], reduction="sum"))
+    return total / (n * T)
