@@ -32,14 +32,18 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="req", desc="scoring", dynamic_ncols=True)
 
 
+def request_tokens(tokenizer, items, cache: dict | None = None) -> list[tuple[list[int], list[int]]]:
+    """Every request of every item, tokenized as lm-eval's HF model does, in item then choice order."""
+    cache = {} if cache is None else cache
+    return [encode_pair(tokenizer.encode, c, x, cache) for it in items for c, x in it.requests]
+
+
 def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, fewshot: int = 0, seed: int = 1234,
              batch_size: int = 32, progress: bool = True, data_root: str | None = None) -> dict[str, dict]:
     """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "chance", "split", ...}} for a model."""
     built = {t: build_items(t, limit, fewshot, seed, data_root) for t in tasks}
     token_cache: dict[str, list[int]] = {}
-    token_reqs: dict[str, list] = {}
-    for t, items in built.items():
-        token_reqs[t] = [encode_pair(tokenizer.encode, c, x, token_cache) for it in items for c, x in it.requests]
+    token_reqs = {t: request_tokens(tokenizer, items, token_cache) for t, items in built.items()}
     bar = _progress_bar(sum(len(r) for r in token_reqs.values()), progress)
     results = {}
     try:
