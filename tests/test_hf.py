@@ -257,6 +257,13 @@ def test_beam_search_and_no_cache_match_the_llama_oracle(hf_model, checkpoint, t
     assert isinstance(hf_model(prompt, return_dict=False), tuple)
 
 
+def test_context_overflow_is_a_clear_error(hf_model):
+    prompt = torch.ones(1, 250, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds the model's context_length=256"):
+        hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20,
+                          eos_token_id=None)
+
+
 def test_bad_inputs_name_file_and_field(exported, tmp_path):
     import shutil
 

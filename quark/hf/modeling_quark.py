@@ -101,6 +101,9 @@ class QuarkForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
+        if past + T > core.config.context_length:
+            raise ValueError(f"sequence length {past + T} exceeds the model's context_length="
+                             f"{core.config.context_length} (max_position_embeddings)")
         key_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             key_mask = attention_mask[:, :past + T].bool()
