@@ -88,8 +88,11 @@ def test_folder_has_the_cards_files(exported, checkpoint):
                                "AutoModelForCausalLM": "modeling_quark.QuarkForCausalLM"}
     assert cfg["quark"] == model.config.to_dict()
     gen = json.loads((exported / "generation_config.json").read_text())
-    assert {k: gen[k] for k in RECOMMENDED} == {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.15,
-                                               "max_new_tokens": 200}
+    assert RECOMMENDED == {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.15, "max_new_tokens": 200}
+    assert {k: gen[k] for k in ("temperature", "top_p", "repetition_penalty")} == {
+        "temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.15}
+    # max_new_tokens in the file would override callers' max_length (lm-eval's); cap at the context instead
+    assert "max_new_tokens" not in gen and gen["max_length"] == model.config.context_length
     assert gen["eos_token_id"] == model.config.im_end_id
     tc = json.loads((exported / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in tc["chat_template"]
@@ -236,6 +239,8 @@ def test_llama_format_loads_without_remote_code(checkpoint, tmp_path):
     out = export(folder, tmp_path / "llama", fmt="llama")
     assert not list(out.glob("*.py"))
     llama = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    readme = (out / "README.md").read_text()  # its card's Quickstart runs as written
+    exec(compile(readme.split("```python\n", 1)[1].split("```", 1)[0].replace('"llama"', f'"{out}"'), "qs", "exec"), {})
     idx = torch.randint(0, 514, (2, 20), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(llama(idx).logits, model(idx), rtol=1e-5, atol=1e-5)
@@ -249,8 +254,8 @@ def test_beam_search_and_no_cache_match_the_llama_oracle(hf_model, checkpoint, t
     _, folder = checkpoint
     llama = transformers.LlamaForCausalLM.from_pretrained(export(folder, tmp_path / "l", fmt="llama")).eval()
     prompt = torch.tensor([[5, 6, 7, 8, 9]])
-    kw = {"attention_mask": torch.ones_like(prompt), "do_sample": False, "max_new_tokens": 10, "repetition_penalty": 1.0,
-              "eos_token_id": None}
+    kw = {"attention_mask": torch.ones_like(prompt), "do_sample": False, "max_new_tokens": 10,
+          "repetition_penalty": 1.0, "eos_token_id": None}
     beams = hf_model.generate(prompt, num_beams=3, **kw)  # the cache is reordered between beams
     assert beams.tolist() == llama.generate(prompt, num_beams=3, **kw).tolist()
     assert hf_model.generate(prompt, use_cache=False, **kw).tolist() == llama.generate(prompt, **kw).tolist()
@@ -262,6 +267,30 @@ def test_context_overflow_is_a_clear_error(hf_model):
     with pytest.raises(ValueError, match="exceeds the model's context_length=256"):
         hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20,
                           eos_token_id=None)
+
+
+def test_lm_evaluation_harness_scores_and_generates(exported, checkpoint):
+    """lm-eval's HFLM (`--model hf --model_args pretrained=DIR,trust_remote_code=True`) on the folder: its
+    log-likelihoods are quark's, and generate_until honours max_gen_toks."""
+    huggingface = pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+
+    model, _ = checkpoint
+    lm = huggingface.HFLM(pretrained=str(exported), trust_remote_code=True, batch_size=2, device="cpu",
+                          dtype="float32")
+    pairs = [("def main():", " return 1"), ("Ciao, come", " stai?"), ("x = [1, 2", ", 3]")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (ctx, cont), (ll, _) in zip(pairs, got):
+        c, k = lm._encode_pair(ctx, cont)
+        ids = torch.tensor([c + k])
+        with torch.no_grad():
+            logp = model(ids[:, :-1]).log_softmax(-1)[0, len(c) - 1:]
+        assert ll == pytest.approx(logp.gather(-1, torch.tensor(k)[:, None]).sum().item(), abs=1e-4)
+    out = lm.generate_until([Instance("generate_until", {}, ("def main():", {"until": ["<<stop>>"],
+                                                                            "max_gen_toks": 6}), 0)])[0]
+    ids = torch.tensor([lm.tok_encode("def main():")])
+    ref = generate_text(model, ids, max_new_tokens=6, temperature=0.0, rep_penalty=RECOMMENDED["repetition_penalty"])
+    assert out == lm.tok_decode(ref[0, ids.shape[1]:].tolist())
 
 
 def test_bad_inputs_name_file_and_field(exported, tmp_path):

@@ -309,9 +309,12 @@ def _quickstart(f: dict, fmt: str) -> list[str]:
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
                 f'model = AutoModelForCausalLM.from_pretrained("{repo}", dtype=torch.float32).eval()', "",
                 'messages = [{"role": "user", "content": "What is the difference between a list and a tuple?"}]',
-                "input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
-                ids, "output_ids = model.generate(input_ids, max_new_tokens=200)  # generation_config.json defaults",
-                "print(tokenizer.decode(output_ids[0][input_ids.shape[1]:], skip_special_tokens=True))", "```"]
+                "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                "return_dict=True)", ids,
+                f"output_ids = model.generate(**inputs, max_new_tokens={_recommended_args()['max_new_tokens']})"
+                "  # sampling defaults: generation_config.json",
+                'n = inputs["input_ids"].shape[1]',
+                "print(tokenizer.decode(output_ids[0][n:], skip_special_tokens=True))", "```"]
     return [
         "This model uses a custom architecture and requires `trust_remote_code=True` to load `configuration_quark.py` "
         "and `modeling_quark.py` (which import " + ", ".join(f"`{x}`" for x in siblings) + " beside them).",
@@ -396,8 +399,9 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
               "```", "", "## Generation Parameters", "",
               ("`generate_text()` takes `max_new_tokens`, `temperature` (0.0 = greedy), `top_p`, `rep_penalty` "
               "(CTRL-style penalty on every token already seen; 1.0 = off) and `eos_token_id`; a step whose logits "
-              "are not finite falls back to greedy. `generation_config.json` holds the recommended starting "
-              "configuration, which `model.generate()` uses by default:"), "", "```python",
+              "are not finite falls back to greedy. The recommended starting configuration is below; "
+              "`generation_config.json` holds its sampling part (`temperature`, `top_p`, `repetition_penalty`), "
+              "which `model.generate()` uses by default (give it `max_new_tokens`):"), "", "```python",
               "model.generate_text(input_ids, " + ", ".join(f"{k}={v}" for k, v in _recommended_args().items())
               + ", eos_token_id=im_end_id)", "```", "", "## Training Details", ""]
     if not run:

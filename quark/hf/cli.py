@@ -1,4 +1,5 @@
-"""`quark export`: a checkpoint (model folder or run folder) as an HF remote-code folder, a Llama folder or a GGUF file."""
+"""`quark export`: a checkpoint (model folder or run folder) as an HF remote-code folder, a Llama folder or a
+GGUF file. Heavy imports happen inside the command."""
 
 from __future__ import annotations
 

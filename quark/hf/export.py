@@ -157,8 +157,12 @@ def llama_config_dict(cfg) -> dict:
 
 
 def generation_config_dict(cfg) -> dict:
-    return {"do_sample": True, **RECOMMENDED, "bos_token_id": None, "eos_token_id": cfg.im_end_id,
-            "pad_token_id": 0}
+    """The card's recommended sampling for `generate()`. Its max_new_tokens=200 stays `generate_text()`'s default
+    only: in generation_config.json it would override every caller's `max_length` (lm-evaluation-harness
+    passes max_length), so the file caps generation at the context length instead."""
+    sampling = {k: v for k, v in RECOMMENDED.items() if k != "max_new_tokens"}
+    return {"do_sample": True, **sampling, "max_length": cfg.context_length, "bos_token_id": None,
+            "eos_token_id": cfg.im_end_id, "pad_token_id": 0}
 
 
 def _staging_dir(out: Path, overwrite: bool) -> Path:
