@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lm_eval_tasks"))
-import local  # noqa: E402  (bench/lm_eval_tasks/local.py)
+import local
 
 ALL = "piqa,arc_easy,hellaswag,arc_challenge,winogrande,boolq,openbookqa,sciq,lambada"
 

@@ -36,7 +36,7 @@ def render_tasks(dst: Path) -> dict[str, str]:
     spec = importlib.util.find_spec("lm_eval")
     if spec is None:
         raise SystemExit("lm-evaluation-harness is not installed: pip install lm-eval accelerate")
-    lm_tasks = Path(list(spec.submodule_search_locations)[0]) / "tasks"
+    lm_tasks = Path(next(iter(spec.submodule_search_locations))) / "tasks"
     dst.mkdir(parents=True, exist_ok=True)
     names = {}
     for y in sorted(HERE.glob("*.yaml")):

@@ -5,4 +5,4 @@ validation perplexity. `tasks` loads items, `scoring` runs log-likelihoods with 
 from .harness import evaluate, markdown_table, perplexity
 from .tasks import DEFAULT_TASKS, TASKS, build_items
 
-__all__ = ["evaluate", "perplexity", "markdown_table", "build_items", "TASKS", "DEFAULT_TASKS"]
+__all__ = ["DEFAULT_TASKS", "TASKS", "build_items", "evaluate", "markdown_table", "perplexity"]

