@@ -3,9 +3,11 @@
 Starts `quark serve` as a subprocess on a free loopback port (a random-weight `tiny` preset model with a tokenizer
 trained on the Python standard library, unless --model is given), then for each concurrency level (default 1, then
 32) runs that many clients, each sending streaming /v1/chat/completions requests back to back for --duration
-seconds. Reports requests/s, completion tokens/s (from the `usage` of each stream), p50/p95 time-to-first-token and
-request latency, and errors (which must be 0). The peer figure is the same server at concurrency 1 (no batching
-possible), measured in the same run; the ratio is the gain from continuous batching (target >= 8x at 32).
+seconds (levels alternate in --rounds short rounds, so changes in the machine's load hit both alike). Reports
+requests/s, completion tokens/s (from the `usage` of each stream), p50/p95 time-to-first-token and request latency,
+the share of wall time the engine thread spent in steps, and errors (which must be 0). The peer figure is the same
+server at concurrency 1 (no batching possible), measured in the same run; the ratio is the gain from continuous
+batching (target >= 8x at 32).
 
     python bench/serve_load.py [--model M] [--duration 20] [--concurrency 1 32] [--max-tokens 64]
 """
@@ -17,7 +19,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,7 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, deadline: 
                     ok = done and tokens > 0
         except httpx.HTTPError:
             ok = False
-        out.append({"ok": ok, "ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens, "end": time.perf_counter()})
+        out.append({"ok": ok, "ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens})
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -102,12 +103,18 @@ async def run_level(base: str, model: str, concurrency: int, duration: float, ma
         await asyncio.gather(*(one_client(client, base + "/v1/chat/completions", model, deadline, max_tokens, k, out)
                                for k in range(concurrency)))
         wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "wall_s": wall, "out": out}
+
+
+def merge(rounds: list[dict], busy_s: float) -> dict:
+    out = [r for rd in rounds for r in rd["out"]]
+    wall = sum(rd["wall_s"] for rd in rounds)
     good = [r for r in out if r["ok"]]
     tokens = sum(r["tokens"] for r in good)
-    return {"concurrency": concurrency, "requests": len(good), "errors": len(out) - len(good), "wall_s": wall,
-            "req_per_s": len(good) / wall, "tok_per_s": tokens / wall,
-            "ttft_p50": pct([r["ttft"] for r in good if r["ttft"] is not None], 0.5),
-            "ttft_p95": pct([r["ttft"] for r in good if r["ttft"] is not None], 0.95),
+    ttft = [r["ttft"] for r in good if r["ttft"] is not None]
+    return {"concurrency": rounds[0]["concurrency"], "requests": len(good), "errors": len(out) - len(good),
+            "wall_s": wall, "req_per_s": len(good) / wall, "tok_per_s": tokens / wall, "engine_busy": busy_s / wall,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
             "lat_p50": pct([r["latency"] for r in good], 0.5), "lat_p95": pct([r["latency"] for r in good], 0.95)}
 
 
@@ -118,6 +125,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level (default 20)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="levels to run (default 1 32)")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per level (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -143,8 +151,16 @@ def main() -> int:
                         raise SystemExit("the server did not start")
                     time.sleep(0.3)
             asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
-            results = [asyncio.run(run_level(base, model, c, args.duration, args.max_tokens))
-                       for c in args.concurrency]
+            # levels alternate in short rounds, so a change in the machine's load hits each level alike
+            rounds: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+            busy: dict[int, float] = {c: 0.0 for c in args.concurrency}
+            for _ in range(args.rounds):
+                for c in args.concurrency:
+                    before = httpx.get(base + "/health").json()["busy_s"]
+                    rounds[c].append(asyncio.run(run_level(base, model, c, args.duration / args.rounds,
+                                                           args.max_tokens)))
+                    busy[c] += httpx.get(base + "/health").json()["busy_s"] - before
+            results = [merge(rounds[c], busy[c]) for c in args.concurrency]
             health = httpx.get(base + "/health").json()
         finally:
             server.terminate()
@@ -153,10 +169,11 @@ def main() -> int:
     print(f"model {folder.name} | {args.duration:.0f} s per level | max_tokens {args.max_tokens} | "
           f"server torch threads {args.threads} | CPU cores {os.cpu_count()}")
     print(f"{'conc':>5} {'reqs':>6} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
-          f"{'lat p50':>8} {'lat p95':>8}")
+          f"{'lat p50':>8} {'lat p95':>8} {'engine busy':>11}")
     for r in results:
-        print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>6} {r['req_per_s']:>7.2f} {r['tok_per_s']:>8.1f} "
-              f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p95'] * 1e3:>7.0f}ms {r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s")
+        print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>6} {r['req_per_s']:>7.2f} "
+              f"{r['tok_per_s']:>8.1f} {r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p95'] * 1e3:>7.0f}ms "
+              f"{r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s {r['engine_busy']:>10.0%}")
     print(f"engine: peak batch {health['peak_batch']}, {health['steps']} decode steps, {health['tokens']} tokens, "
           f"{health['errors']} engine errors")
     lo = min(results, key=lambda r: r["concurrency"])

@@ -2,10 +2,7 @@
 conversation, the commands, and trimming at the context limit."""
 
 import io
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -103,17 +100,17 @@ def test_set_params_validates():
             set_params(GREEDY, bad)
 
 
-def test_quark_chat_command(tmp_path, model, tiny_tokenizer):
+def test_quark_chat_command(tmp_path, model, tiny_tokenizer, monkeypatch, capsys):
+    from quark.cli import main
+
     folder = tmp_path / "m"
     save_model(model, folder)
     tiny_tokenizer.save(folder)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "quark", "chat", "--model", str(folder), "--temperature", "0", "--max-new-tokens", "12",
-           "--system", "Be brief."]
-    r = subprocess.run(cmd, input="Hello there\n", capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
+    rc = main(["chat", "--model", str(folder), "--temperature", "0", "--max-new-tokens", "12", "--system", "Be brief."])
+    assert rc == 0
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-    assert reference_reply(model, tiny_tokenizer, conv, GREEDY) in r.stdout
+    assert f"quark> {reference_reply(model, tiny_tokenizer, conv, GREEDY)}\n" in capsys.readouterr().out
 
 
 def test_chat_command_errors(tmp_path, model, tiny_tokenizer, capsys):

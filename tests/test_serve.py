@@ -3,13 +3,8 @@
 `quark.generate` on the same model."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -91,7 +86,7 @@ def test_chat_greedy_matches_generate(client, model, tiny_tokenizer):
 
 
 def test_chat_stream_equals_non_stream_with_seed(client):
-    kw = dict(model="quark-test", messages=HELLO, max_tokens=25, temperature=0.8, seed=7)
+    kw = {"model": "quark-test", "messages": HELLO, "max_tokens": 25, "temperature": 0.8, "seed": 7}
     full = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -108,7 +103,8 @@ def test_n_choices_and_raw_sse_ends_with_done(server):
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
-    done = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]}
+    done = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"]
+            for c in chunks if c["choices"][0]["finish_reason"]}
     assert sorted(done) == [0, 1, 2] and set(done.values()) <= {"stop", "length"}
 
 
@@ -232,41 +228,35 @@ def test_disconnect_frees_the_slot(slow_server):
         time.sleep(0.02)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_quark_serve_command(tmp_path, model, tiny_tokenizer, monkeypatch, capsys):
+    """`quark serve` end to end in-process: uvicorn.run is swapped for a ServerThread on a free port."""
+    import uvicorn
 
+    from quark.cli import main
 
-def test_quark_serve_command(tmp_path, model, tiny_tokenizer):
     folder = tmp_path / "my-model"
     save_model(model, folder)
     tiny_tokenizer.save(folder)
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "quark", "serve", "--model", str(folder), "--port", str(port), "--api-key", KEY,
-           "--max-batch", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
-        r = c.chat.completions.create(model="my-model", messages=HELLO, max_tokens=5)
-        assert r.usage.completion_tokens <= 5
-        assert httpx.get(url + "/").text.count("Quark chat") >= 1
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0]
-    assert "127.0.0.1" in out and "API key required" in out
-    assert KEY not in out  # never logged
+    seen = {}
+
+    def fake_run(app, host, port, log_level):
+        seen.update(host=host, port=port)
+        with ServerThread(app, log_level=log_level) as s:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+            r = c.chat.completions.create(model="my-model", messages=HELLO, max_tokens=5)
+            seen["tokens"] = r.usage.completion_tokens
+            seen["page"] = httpx.get(s.url + "/").text
+            seen["no_key"] = httpx.get(s.url + "/v1/models").status_code
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", "--model", str(folder), "--api-key", KEY, "--max-batch", "4"]) == 0
+    out = capsys.readouterr()
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000  # loopback unless asked
+    assert 1 <= seen["tokens"] <= 5 and "Quark chat" in seen["page"] and seen["no_key"] == 401
+    assert "API key required" in out.out and "warning" not in out.out
+    assert KEY not in out.out + out.err  # never logged
+    main(["serve", "--model", str(folder), "--host", "0.0.0.0", "--port", "8001"])
+    assert seen["host"] == "0.0.0.0" and "reachable from other machines without an API key" in capsys.readouterr().out
 
 
 def test_serve_refuses_bad_args(tmp_path):
@@ -276,3 +266,17 @@ def test_serve_refuses_bad_args(tmp_path):
     with pytest.raises(ValueError, match="max_tokens_limit"):
         create_app(Engine(Quark(CFG).init_weights(0), [0], max_batch=1), None, "m", max_tokens_limit=0)
     assert torch.is_grad_enabled()  # the engine does not leak no_grad mode
+
+
+def test_non_stream_client_that_leaves_frees_its_slot(slow_server):
+    health = slow_server.url + "/health"
+    body = {"model": "slow", "messages": HELLO, "max_tokens": 100, "temperature": 0, "repetition_penalty": 1.0}
+    tokens_before = httpx.get(health).json()["tokens"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s; the reply takes over 1 s
+        httpx.post(slow_server.url + "/v1/chat/completions", json=body, timeout=0.3,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    t0 = time.monotonic()
+    while httpx.get(health).json()["active"] != 0:
+        assert time.monotonic() - t0 < 5, "the slot of a departed non-streaming client was not freed"
+        time.sleep(0.05)
+    assert httpx.get(health).json()["tokens"] - tokens_before < 100  # stopped before the reply was complete

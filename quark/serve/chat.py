@@ -90,9 +90,10 @@ class ChatSession:
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
-def run_chat(model, tokenizer, params: SamplingParams, system: str | None = None, stdin: TextIO = sys.stdin,
-             stdout: TextIO = sys.stdout, name: str = "model") -> None:
+def run_chat(model, tokenizer, params: SamplingParams, system: str | None = None, stdin: TextIO | None = None,
+             stdout: TextIO | None = None, name: str = "model") -> None:
     params.check()
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     engine = Engine(model, [tokenizer.im_end_id, tokenizer.eot_id], max_batch=1)
     session = ChatSession(tokenizer, model.config.context_length, system)
     interactive = stdin.isatty()

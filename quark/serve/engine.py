@@ -78,43 +78,6 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
     return tok if all_finite else torch.where(finite, tok, safe.argmax(-1))
 
 
-def rep_penalty_seen(logits: torch.Tensor, seen: torch.Tensor, rep_penalty: float) -> torch.Tensor:
-    """`quark.sampling.apply_rep_penalty`, computed only on the seen entries. logits (B, V) float, seen bool."""
-    if rep_penalty == 1.0:
-        return logits
-    vals = logits.masked_select(seen)
-    vals = torch.where(vals > 0, vals / rep_penalty, vals * rep_penalty)
-    return logits.masked_scatter(seen, vals)
-
-
-def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) (repetition penalty already applied) -> tokens (B,), distributed as `sample_next` draws."""
-    logits = logits.float()
-    finite = torch.isfinite(logits).all(-1)
-    safe = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
-    greedy = safe.argmax(-1)
-    if temperature == 0.0:
-        return greedy
-    probs = (safe / temperature).softmax(-1)  # (B, V)
-    if top_p < 1.0:
-        # keep the most likely tokens while the mass before them is < top_p (as top_p_filter), i.e. p >= tau
-        if probs.device.type == "cpu":
-            desc = np.sort(probs.numpy(), axis=-1)[:, ::-1]
-            before = np.cumsum(desc, axis=-1) - desc
-            n_keep = np.maximum((before < top_p).sum(-1), 1)
-            tau = torch.from_numpy(desc[np.arange(len(desc)), n_keep - 1].copy())
-        else:
-            desc = probs.sort(dim=-1, descending=True).values
-            n_keep = ((desc.cumsum(-1) - desc) < top_p).sum(-1).clamp(min=1)
-            tau = desc.gather(-1, (n_keep - 1)[:, None]).squeeze(-1)
-        probs = torch.where(probs >= tau.to(probs.device)[:, None], probs, torch.zeros_like(probs))
-    cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-    return torch.where(finite, tok, greedy)
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 200
@@ -180,7 +143,7 @@ class Engine:
         cfg = model.config
         self.context_length = cfg.context_length
         self.vocab_size = cfg.vocab_size
-        self.stop_ids = set(int(i) for i in stop_ids)
+        self.stop_ids = {int(i) for i in stop_ids}
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         norm = model.model.norm.weight  # device and compute dtype, also after int8 weight quantization
         self.device, dtype = norm.device, norm.dtype
@@ -198,7 +161,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.running = False
         self.after_step: list[Callable[[], None]] = []
-        self.stats = {"steps": 0, "tokens": 0, "requests": 0, "peak_batch": 0, "errors": 0}
+        self.stats = {"steps": 0, "tokens": 0, "requests": 0, "peak_batch": 0, "errors": 0, "busy_s": 0.0}
 
     # ---- the public, thread-safe side ------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams,
@@ -272,6 +235,7 @@ class Engine:
     @torch.no_grad()
     def step(self) -> bool:
         """Admit waiting requests, then run one batched decode step. Returns False when there was nothing to do."""
+        t0 = time.perf_counter()
         try:
             self._drop_cancelled()
             admitted = self._admit()
@@ -282,6 +246,7 @@ class Engine:
         except Exception as e:
             return self._fail_all(e)
         finally:
+            self.stats["busy_s"] += time.perf_counter() - t0
             for hook in self.after_step:
                 hook()
 

@@ -7,7 +7,8 @@ Choices:
   the whole batch, not one per token), then sorted into each HTTP request's asyncio queue. Streams drain
   every event already queued before writing, so a slow client gets fewer, larger SSE chunks.
 - A stream whose client goes away is cancelled in the generator's `finally` (Starlette cancels the response
-  task on disconnect), which frees the engine slot at the next step.
+  task on disconnect), which frees the engine slot at the next step. A non-streaming request checks for a
+  departed client every 0.25 s while it waits.
 - Bodies are capped (`max_body_bytes`, default 1 MiB) before parsing: a bigger body is a 413, read no further.
 - With `api_key`, every /v1 route needs `Authorization: Bearer <key>` (compared in constant time); /health
   and the page itself stay open (the page asks for the key). The key is never logged or echoed.
@@ -25,7 +26,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -179,16 +180,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         check_model(body, model_name)
         messages = parse_messages(body)
         job = parse_common(body, [tokenizer.render_prompt(messages)], context, max_tokens_limit)
-        return await run(job, chat=True)
+        return await run(job, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
         check_model(body, model_name)
         job = parse_common(body, parse_completion_prompts(body, tokenizer), context, max_tokens_limit)
-        return await run(job, chat=False)
+        return await run(job, request, chat=False)
 
-    async def run(job: Job, chat: bool):
+    async def run(job: Job, request: Request, chat: bool):
         events: asyncio.Queue = asyncio.Queue()
         choices = []
         try:
@@ -236,8 +237,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
         if not job.stream:
             try:
+                checked = time.monotonic()
                 while open_count():
-                    await next_events()
+                    try:
+                        await asyncio.wait_for(next_events(), timeout=0.25)
+                    except TimeoutError:  # only ever cancelled while waiting on the queue: nothing lost
+                        pass
+                    if time.monotonic() - checked > 0.25:
+                        checked = time.monotonic()
+                        if await request.is_disconnected():
+                            return Response(status_code=499)  # the client left: free its slots now
             finally:
                 cancel_all()
             if chat:
