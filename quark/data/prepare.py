@@ -1,10 +1,10 @@
 """`quark prepare`: a mixture + a tokenizer -> a data folder of token shards (the BRIEF's data-folder contract).
 
 Pre-training (`kind = "pretrain"`): each source gets `tokens * weight / total_weight` tokens (train and val
-together), read in its fixed document order, repeated for more epochs when a finite source runs out, the last
-document cut so the count is exact: weights are honoured by token count. A document goes to val when a keyed
-hash of its text falls under `val_fraction` (so a repeated document always lands on the same side; val takes
-documents from the first epoch only). Each document's ids are followed by `<|endoftext|>` (id 0) and stored as
+together), read in its seeded document order, repeated for more epochs when a finite source runs out, the last
+document cut so the count is exact: weights are honoured by token count. Val takes every k-th document
+(k = 1 / val_fraction) of a source's first epoch until it holds `val_fraction` of the source's tokens; later
+epochs skip those documents, so val text never reaches train (a source of fewer than k documents has no val). Each document's ids are followed by `<|endoftext|>` (id 0) and stored as
 uint16 in `train/shard_NNNNN.npy` / `val/shard_NNNNN.npy`; a shard holds one source's tokens (the loader samples
 windows over all shards, so proportions are what matter).
 SFT (`kind = "sft"`): conversations rendered by `Tokenizer.render_chat` (the one ChatML renderer), shuffled with
@@ -59,14 +59,15 @@ def _is_val(key: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
-def _batches(docs, max_docs=BATCH_DOCS, max_chars=BATCH_CHARS):
-    batch, chars = [], 0
+def _batches(docs, max_docs=BATCH_DOCS, max_chars=lambda: BATCH_CHARS):
+    """Lists of documents; `max_chars()` is asked per batch, so a source near its budget reads little more."""
+    batch, chars, limit = [], 0, max_chars()
     for d in docs:
         batch.append(d)
         chars += len(d) if isinstance(d, str) else 0
-        if len(batch) >= max_docs or chars >= max_chars:
+        if len(batch) >= max_docs or chars >= limit:
             yield batch
-            batch, chars = [], 0
+            batch, chars, limit = [], 0, max_chars()
     if batch:
         yield batch
 
@@ -88,7 +89,7 @@ class _State:
         return self.data["sources"].setdefault(name, {
             "done": False, "epoch": 0, "docs": 0, "train_tokens": 0, "val_tokens": 0, "documents": 0,
             "bytes": 0, "train_bytes": 0, "val_bytes": 0, "empty_skipped": 0, "bad_skipped": 0, "eval_removed": 0,
-            "epochs": 1, "truncated": 0})
+            "epochs": 1, "truncated": 0, "val_docs": 0})
 
     def save(self) -> None:
         _atomic_write(self.path, json.dumps(self.data, indent=1).encode())
@@ -144,18 +145,19 @@ def prepare(mixture: Mixture, tokenizer: Tokenizer, out: str | Path, tokens: int
 # ---- pre-training --------------------------------------------------------------------------------------------------
 def _classify(doc, src: Source, i: int, skip_bad: bool, texts, st: dict):
     """-> the document's text, or None when it is skipped (and counted)."""
+    first = st["epoch"] == 0  # skips are counted once, not again in each repeat
     if isinstance(doc, BadRecord):
         if not skip_bad:
             raise ValueError(f"{doc} (use --skip-bad to skip and count such records)")
-        st["bad_skipped"] += 1
+        st["bad_skipped"] += first
         return None
     if isinstance(doc, list):
         doc = flatten_chat(doc) if doc else ""
     if not isinstance(doc, str) or not doc.strip():
-        st["empty_skipped"] += 1
+        st["empty_skipped"] += first
         return None
     if texts and contaminated(doc, texts):
-        st["eval_removed"] += 1
+        st["eval_removed"] += first
         return None
     return doc
 
@@ -208,19 +210,28 @@ def _pretrain_source(src, st, tok, out, seed, vf, skip_bad, shard_tokens, train_
         state.save()
 
     eot = tok.eot_id
+    every = max(2, round(1 / vf)) if vf > 0 else 0  # every k-th document of the first epoch goes to val
     while True:  # epochs
         produced = False
         docs = src.documents(seed, st["epoch"], st["docs"], pool)
-        for batch in _batches(docs, 64 if src.is_generated else BATCH_DOCS):
+        def need_chars():  # ~4 characters a token; a little over what the source still needs
+            left = train_target - st["train_tokens"] - sizes["train"]
+            return int(max(16_384, min(BATCH_CHARS, 5 * left, 4 * shard_tokens)))
+
+        for batch in _batches(docs, 64 if src.is_generated else BATCH_DOCS, need_chars):
             kept = []
-            for doc in batch:
-                text = _classify(doc, src, st["docs"], skip_bad, texts, st)
+            for j, doc in enumerate(batch):
+                idx = st["docs"] + j
+                val_slot = every > 0 and idx % every == every - 1
+                if st["epoch"] > 0 and val_slot and idx < st["val_docs"]:
+                    continue  # a val document of the first epoch: never repeated into train
+                text = _classify(doc, src, idx, skip_bad, texts, st)
                 if text is None:
                     continue
-                split = "val" if _is_val(text, seed, vf) else "train"
-                if split == "val" and (st["epoch"] > 0 or st["val_tokens"] + sizes["val"] >= val_target):
-                    continue
-                kept.append((split, text))
+                to_val = val_slot and st["epoch"] == 0 and st["val_tokens"] + sizes["val"] < val_target
+                if to_val:
+                    st["val_docs"] = idx + 1
+                kept.append(("val" if to_val else "train", text))
             st["docs"] += len(batch)
             ids_list = tok.encode_batch([t for _, t in kept]) if kept else []
             for (split, text), ids in zip(kept, ids_list):

@@ -53,6 +53,12 @@ class BadRecord(ValueError):
         self.where = where
 
 
+class Conversation(list):
+    """A list of messages that remembers where it was read ('file:line'), for error messages."""
+
+    where: str | None = None
+
+
 @dataclass
 class Source:
     name: str
@@ -95,7 +101,7 @@ class Source:
         if t in ("python_stdlib", "site_packages"):
             files = offline.stdlib_files() if t == "python_stdlib" else offline.site_packages_files()
             rng.shuffle(files)
-            return map(offline.read_text, files)
+            return map(offline.code_text, files)
         if t == "files":
             return file_documents(o["paths"], o.get("field"), chat=self.is_chat, rng=rng)
         if t == "hf":  # streamed in the dataset's order (it may be terabytes)
@@ -191,9 +197,9 @@ def file_documents(paths: list[str], text_field: str | None = None, chat: bool =
     for f in files:
         suffix = f.suffix.lower()
         if suffix == ".jsonl":
-            yield from jsonl_documents(f, text_field, chat)
+            yield from jsonl_documents(f, text_field or (None if chat else "text"), chat)
         elif suffix == ".parquet":
-            yield from parquet_documents(f, text_field, chat)
+            yield from parquet_documents(f, text_field or (None if chat else "text"), chat)
         else:
             try:
                 text = f.read_text(encoding="utf-8")
@@ -246,7 +252,9 @@ def row_document(row, text_field: str | None, chat: bool, where: str):
             msgs = row["conversations"]
         if not isinstance(msgs, list):
             raise BadRecord(where, f"field {text_field or 'messages'!r} must be a list of messages")
-        return [_message(m) for m in msgs]
+        conv = Conversation(_message(m) for m in msgs)
+        conv.where = where
+        return conv
     if text_field:
         if text_field not in row:
             raise BadRecord(where, f"missing field {text_field!r} (fields: {', '.join(map(str, row))})")
