@@ -228,10 +228,10 @@ def _mixture_table(manifest: dict | None) -> list[str]:
         out.append(f"| {s.get('name')} | {s.get('weight')} | {100 * s.get('tokens', 0) / total:.1f}% | "
                    f"{_n(s.get('tokens'))} | {_n(s.get('documents'))} | {_n(s.get('bytes'))} | {s.get('license')} |")
     splits = manifest.get("splits", {})
+    out.append("")
     for split in ("train", "val"):
         if split in splits:
             sp = splits[split]
-            out.append("")
             out.append(f"- `{split}` split: {_n(sp.get('tokens'))} tokens, {_n(sp.get('bytes'))} bytes of text, "
                        f"{len(sp.get('shards', []))} shard(s).")
     if "eval_dedup_removed" in manifest:
