@@ -167,21 +167,37 @@ def test_int8_model_runs_in_the_engine():
 
 def test_nucleus_sample_matches_sample_next_distribution():
     from quark.sampling import apply_rep_penalty, top_p_filter
-    from quark.serve.engine import nucleus_sample, rep_penalty_seen
+    from quark.serve.engine import nucleus_sample, rep_penalty_ids
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 2
     seen = torch.rand(3, 50, generator=g) < 0.3
-    assert torch.equal(rep_penalty_seen(logits, seen, 1.3), apply_rep_penalty(logits, seen, 1.3))
-    temperature, top_p, draws = 0.8, 0.7, 20000
-    want = top_p_filter(logits / temperature, top_p).softmax(-1)  # sample_next's distribution
-    big = logits.repeat_interleave(draws, 0)
-    toks = nucleus_sample(big, temperature, top_p, torch.Generator().manual_seed(1)).view(3, draws)
-    for r in range(3):
-        freq = torch.bincount(toks[r], minlength=50).float() / draws
-        assert torch.equal(freq > 0, want[r] > 0), "the kept (top-p) set differs"
-        assert (freq - want[r]).abs().max() < 0.015
+    ids = [r.nonzero().squeeze(-1).tolist() for r in seen]
+    width = max(len(r) for r in ids) + 3
+    ids = torch.tensor([r + [r[0]] * (width - len(r)) for r in ids])  # padded with repeats, as the engine does
+    assert torch.equal(rep_penalty_ids(logits, ids, 1.3), apply_rep_penalty(logits, seen, 1.3))
+    draws = 20000
+    # top_p 0.15 on flat logits rejects most full-distribution draws: that exercises the masked fallback
+    for scale, temperature, top_p in ((1.0, 0.8, 0.7), (0.25, 1.0, 0.15), (1.0, 1.3, 1.0)):
+        want = top_p_filter(logits * scale / temperature, top_p).softmax(-1)  # sample_next's distribution
+        big = (logits * scale).repeat_interleave(draws, 0)
+        toks = nucleus_sample(big, temperature, top_p, torch.Generator().manual_seed(1)).view(3, draws)
+        for r in range(3):
+            freq = torch.bincount(toks[r], minlength=50).float() / draws
+            assert torch.equal(freq > 0, want[r] > 0), f"the kept (top-p) set differs (top_p={top_p})"
+            assert (freq - want[r]).abs().max() < 0.015
     bad = logits.clone()
     bad[1, 3] = float("nan")  # a non-finite row falls back to greedy over its finite entries, as in sample_next
     assert nucleus_sample(bad, temperature, top_p)[1] == torch.nan_to_num(bad[1], nan=float("-inf")).argmax()
     assert torch.equal(nucleus_sample(logits, 0.0, top_p), logits.argmax(-1))
+
+
+def test_history_used_by_the_penalty_matches_the_seen_tokens(model):
+    engine = Engine(model, stop_ids=[], max_batch=3)
+    reqs = [engine.submit(p, SamplingParams(6 + 3 * i, 0.9, 0.9, 1.3)) for i, p in enumerate(prompts(6, seed=9))]
+    while any(r.finish_reason is None for r in reqs):
+        engine.step()
+        for i, row in enumerate(engine.rows):
+            hist = set(engine.hist[i, :row.length + 1].tolist())
+            assert hist == set(engine.seen[i].nonzero().squeeze(-1).tolist()), f"row {i}"
+    assert engine.stats["requests"] == 6

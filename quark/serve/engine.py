@@ -23,7 +23,8 @@ Choices:
 - Events go to each request's `sink(kind, value)`: ("token", id), then one ("done", "stop"|"length"|
   "cancelled") or ("error", message). Stop tokens (<|im_end|>, <|endoftext|>) end a reply and are not sent.
   `after_step` callbacks run once per step, so a consumer can hand a whole step's events on in one go.
-- The repetition penalty touches only the seen tokens (masked_select/masked_scatter), the same arithmetic as
+- The repetition penalty touches only the seen tokens: each row's tokens so far (prompt + output) are kept in
+  `hist` (B, context + 1), and the penalty is a gather/scatter over them, the same arithmetic as
   `apply_rep_penalty` without three passes over the whole (B, V) logits.
 """
 
@@ -44,18 +45,23 @@ from ..model import KVCache
 from ..sampling import check_sampling_args, sample_next
 
 
-def rep_penalty_seen(logits: torch.Tensor, seen: torch.Tensor, rep_penalty: float) -> torch.Tensor:
-    """`quark.sampling.apply_rep_penalty`, computed only on the seen entries. logits (B, V) float, seen bool."""
+def rep_penalty_ids(logits: torch.Tensor, ids: torch.Tensor, rep_penalty: float) -> torch.Tensor:
+    """`quark.sampling.apply_rep_penalty` where the seen set is given as ids (B, S) (repeats allowed): only
+    those entries are read and written. logits (B, V) float."""
     if rep_penalty == 1.0:
         return logits
-    vals = logits.masked_select(seen)
-    vals = torch.where(vals > 0, vals / rep_penalty, vals * rep_penalty)
-    return logits.masked_scatter(seen, vals)
+    vals = logits.gather(1, ids)
+    return logits.scatter(1, ids, torch.where(vals > 0, vals / rep_penalty, vals * rep_penalty))
 
 
 def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) (repetition penalty already applied) -> tokens (B,), distributed as `sample_next` draws."""
+                   generator: torch.Generator | None = None, tries: int = 4) -> torch.Tensor:
+    """logits (B, V) (repetition penalty already applied) -> tokens (B,), distributed as `sample_next` draws.
+
+    The top-p set is {p >= tau}, tau read off numpy's sort of the probabilities (as `top_p_filter`, the most
+    likely tokens while the mass before them is < top_p). Tokens are drawn from the full distribution by
+    inverse CDF and a draw outside the set is rejected (accepted with probability >= top_p), which samples
+    exactly p / mass(set) over the set; a row with `tries` rejections draws from the masked distribution."""
     logits = logits.float()
     finite = torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1))  # NaN propagates through both
     all_finite = bool(finite.all())
@@ -63,18 +69,30 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature == 0.0:
         return safe.argmax(-1)
     probs = (safe / temperature).softmax(-1)  # (B, V)
-    if top_p < 1.0:
-        # keep the most likely tokens while the mass before them is < top_p (as top_p_filter), i.e. p >= tau
+    B, V = probs.shape
+    cdf = probs.cumsum(-1)
+    u = torch.rand(B, tries, generator=generator, device=probs.device) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u, right=True).clamp(max=V - 1)  # (B, tries)
+    if top_p >= 1.0:
+        tok = draws[:, 0]
+    else:
         if probs.device.type == "cpu":
             desc = torch.from_numpy(np.ascontiguousarray(np.sort(probs.numpy(), axis=-1)[:, ::-1]))
         else:
             desc = probs.sort(dim=-1, descending=True).values
-        n_keep = ((desc.cumsum(-1) - desc) < top_p).sum(-1).clamp(min=1)
-        tau = desc.gather(-1, (n_keep - 1)[:, None])
-        probs.masked_fill_(probs < tau, 0.0)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        # kept: j with (mass before j) < top_p, i.e. 1 + #{j: cumsum[j] < top_p}
+        n_keep = (torch.searchsorted(desc.cumsum(-1), torch.full((B, 1), top_p, device=desc.device)) + 1)
+        tau = desc.gather(-1, n_keep.clamp(max=V) - 1)  # (B, 1)
+        ok = probs.gather(-1, draws) >= tau  # (B, tries)
+        first = ok.float().argmax(-1)  # the first accepted draw
+        tok = draws.gather(-1, first[:, None]).squeeze(-1)
+        missed = ~ok.any(-1)
+        if bool(missed.any()):
+            rows = missed.nonzero().squeeze(-1)
+            kept = probs[rows] * (probs[rows] >= tau[rows])
+            c = kept.cumsum(-1)
+            u2 = torch.rand(len(rows), 1, generator=generator, device=probs.device) * c[:, -1:]
+            tok[rows] = torch.searchsorted(c, u2, right=True).squeeze(-1).clamp(max=V - 1)
     return tok if all_finite else torch.where(finite, tok, safe.argmax(-1))
 
 
@@ -149,6 +167,7 @@ class Engine:
         self.device, dtype = norm.device, norm.dtype
         self.cache = KVCache(cfg, max_batch, cfg.context_length, device=self.device, dtype=dtype)
         self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self.hist = torch.zeros(max_batch, cfg.context_length + 1, dtype=torch.long, device=self.device)
         self.last_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.generator = torch.Generator(device=self.device)
@@ -307,8 +326,11 @@ class Engine:
             if r.params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(r.params.seed)
             self.rows.append(_Row(r, gen))
+            prompt = torch.tensor(r.prompt, device=self.device)
             self.seen[n0 + j] = False
-            self.seen[n0 + j, torch.tensor(r.prompt, device=self.device)] = True
+            self.seen[n0 + j, prompt] = True
+            self.hist[n0 + j] = r.prompt[0]  # padding repeats a seen token: harmless in gather/scatter
+            self.hist[n0 + j, :len(r.prompt)] = prompt
             self.lengths[n0 + j] = len(r.prompt)
         self.stats["requests"] += m
         self._sample_and_emit(logits, first=n0)
@@ -332,19 +354,22 @@ class Engine:
             key = (p.temperature, p.top_p, p.rep_penalty) if row.generator is None else ("seeded", i)
             groups.setdefault(key, []).append(i)
         if len(groups) == 1:  # the common case: one batched call, no gathers
-            return self._sample_group(logits, rows[0], self.seen[first:first + len(rows)])
+            return self._sample_group(logits, rows, slice(first, first + len(rows)))
         out = torch.empty(len(rows), dtype=torch.long, device=self.device)
         for members in groups.values():
             ix = torch.tensor(members, device=self.device)
-            out[ix] = self._sample_group(logits[ix], rows[members[0]], self.seen[ix + first])
+            out[ix] = self._sample_group(logits[ix], [rows[i] for i in members], ix + first)
         return out
 
-    def _sample_group(self, logits: torch.Tensor, row: _Row, seen: torch.Tensor) -> torch.Tensor:
-        p = row.req.params
-        if row.generator is not None or p.temperature == 0.0:
-            return sample_next(logits, seen if p.rep_penalty != 1.0 else None, p.temperature, p.top_p,
-                               p.rep_penalty, row.generator)
-        logits = rep_penalty_seen(logits.float(), seen, p.rep_penalty)
+    def _sample_group(self, logits: torch.Tensor, rows: list[_Row], where) -> torch.Tensor:
+        """Rows with the same params; `where` selects their engine rows (a slice or an index tensor)."""
+        p = rows[0].req.params
+        if rows[0].generator is not None or p.temperature == 0.0:
+            seen = self.seen[where] if p.rep_penalty != 1.0 else None
+            return sample_next(logits, seen, p.temperature, p.top_p, p.rep_penalty, rows[0].generator)
+        if p.rep_penalty != 1.0:
+            n_seen = max(r.length for r in rows) + 1  # the newest token sits at index `length`
+            logits = rep_penalty_ids(logits.float(), self.hist[where, :n_seen], p.rep_penalty)
         return nucleus_sample(logits, p.temperature, p.top_p, self.generator)
 
     def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
@@ -352,7 +377,9 @@ class Engine:
         rows = self.rows[first:]
         tok = self._sample(logits, rows, first)
         n = len(rows)
-        self.seen[torch.arange(first, first + n, device=self.device), tok] = True
+        at = torch.arange(first, first + n, device=self.device)
+        self.seen[at, tok] = True
+        self.hist[at, self.lengths[first:first + n]] = tok
         self.last_tok[first:first + n] = tok
         done = []
         for i, (row, t) in enumerate(zip(rows, tok.tolist())):
@@ -380,6 +407,7 @@ class Engine:
                 self.cache.k[:, i, :, :L] = self.cache.k[:, last, :, :L]
                 self.cache.v[:, i, :, :L] = self.cache.v[:, last, :, :L]
                 self.seen[i] = self.seen[last]
+                self.hist[i] = self.hist[last]
                 self.last_tok[i] = self.last_tok[last]
                 self.lengths[i] = self.lengths[last]
                 self.rows[i] = self.rows[last]
