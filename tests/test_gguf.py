@@ -29,7 +29,11 @@ def checkpoint(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def gguf_file(checkpoint, tmp_path_factory):
-    return export_gguf(checkpoint[1], tmp_path_factory.mktemp("g") / "quark-test.gguf")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # our tokenizer tokenizes exactly as llama.cpp's llama-bpe would
+        return export_gguf(checkpoint[1], tmp_path_factory.mktemp("g") / "quark-test.gguf")
 
 
 def _field(reader, key):

@@ -9,7 +9,9 @@ Choices:
 - Vocabulary: tokenizer model "gpt2" (byte-level BPE) with the token strings, merges and token types (the three
   special tokens are CONTROL). `tokenizer.ggml.pre = "llama-bpe"` because Quark splits text with Llama-3's
   regex; a tokenizer whose split regex differs is refused rather than exported with silently different
-  tokenization. No BOS is added (Quark never trains with one); eos is `<|im_end|>`, pad is `<|endoftext|>`.
+  tokenization, and a vocabulary entry that BPE does not merge back to itself (llama.cpp takes in-vocabulary
+  pre-tokens whole) is warned about. No BOS is added (Quark never trains with one); eos is `<|im_end|>`, pad
+  is `<|endoftext|>`.
 - The ChatML template goes into `tokenizer.chat_template`. Weights are f32 (default) or f16 for matrices.
 - Written to a temporary file and renamed into place.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +60,12 @@ def vocab_for_gguf(tok) -> tuple[list[str], list[int], list[str]]:
     if None in tokens:
         raise ValueError(f"tokenizer has no token for id {tokens.index(None)}")
     special = {EOT, IM_START, IM_END}
+    # llama.cpp's llama-bpe takes a pre-token found in the vocabulary whole (ignore_merges); HF's BPE merges it.
+    # The two agree exactly when every vocabulary string merges back to its own token.
+    differ = [t for t, i in vocab.items() if t not in special and [x.id for x in tok.tk.model.tokenize(t)] != [i]]
+    if differ:
+        warnings.warn(f"{len(differ)} vocabulary entries (e.g. {differ[:3]}) do not BPE-merge to themselves; "
+                      "llama.cpp will tokenize text containing them as whole words differently", stacklevel=2)
     types = [int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     return tokens, types, merges
