@@ -85,8 +85,9 @@ def score_tokens(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     for i, (ctx, _) in enumerate(pairs):
         by_ctx.setdefault(ctx, []).append(i)
     conts = [x for _, x in pairs]
-    # longest first (lm-eval's order too): similar lengths share a batch and an out-of-memory shows up at once
-    groups = sorted(by_ctx.items(), key=lambda g: -(len(g[0]) + max(len(conts[r]) for r in g[1])))
+    # longest context first: similar contexts share a batch (continuations are re-bucketed inside a batch), and an
+    # out-of-memory shows up at once
+    groups = sorted(by_ctx.items(), key=lambda g: (-len(g[0]), -max(len(conts[r]) for r in g[1])))
     out: list[tuple[float, bool] | None] = [None] * len(pairs)
     for batch in _batches(groups, conts, batch_size, max_len):
         for r, res in zip([r for _, reqs in batch for r in reqs], _score_batch(model, batch, conts, dev)):
@@ -120,34 +121,59 @@ def _score_batch(model, batch, conts, dev) -> list[tuple[float, bool]]:
     greedy = first_lp[rows].argmax(-1) == first_tok
 
     # 2) the continuations (minus their last token) of every choice, on a copy of its context's cache rows
-    long_rows = [i for i, x in enumerate(row_conts) if len(x) > 1]
-    if long_rows:
-        R = len(long_rows)
-        sel = rows[long_rows]
-        ccache = KVCache.__new__(KVCache)
-        ccache.k, ccache.v = cache.k.index_select(1, sel), cache.v.index_select(1, sel)
-        ccache.batch_size, ccache.max_len = R, width
-        Tn = max(len(row_conts[i]) - 1 for i in long_rows)
-        inp = torch.zeros(R, Tn, dtype=torch.long, device=dev)
-        tgt = torch.zeros(R, Tn, dtype=torch.long, device=dev)
-        valid = torch.zeros(R, Tn, dtype=torch.bool, device=dev)
-        for j, i in enumerate(long_rows):
-            x = torch.tensor(row_conts[i], device=dev)
-            inp[j, :len(x) - 1], tgt[j, :len(x) - 1], valid[j, :len(x) - 1] = x[:-1], x[1:], True
-        start = ctx_lens[sel]  # (R,)
-        pos = start[:, None] + torch.arange(Tn, device=dev)[None]  # (R, Tn); pads land after the row's tokens
-        key_mask = slots[None] < (start + valid.sum(1))[:, None]
-        h = model.hidden(inp, ccache, pos, key_mask=key_mask)  # (R, Tn, d)
-        logp = F.log_softmax(model.lm_head(h[valid]).float(), dim=-1)  # (N valid, V)
-        t = tgt[valid]
-        tok_lp = logp.gather(1, t[:, None]).squeeze(1)
-        tok_greedy = logp.argmax(-1) == t
-        row_of = torch.arange(R, device=dev)[:, None].expand(R, Tn)[valid]
-        lr = torch.tensor(long_rows, device=dev)
-        lp = lp.index_add(0, lr, torch.zeros(R, device=dev, dtype=lp.dtype).index_add(0, row_of, tok_lp))
-        misses = torch.zeros(R, dtype=torch.long, device=dev).index_add(0, row_of, (~tok_greedy).long())
-        greedy[lr] &= misses == 0
+    long_rows = sorted((i for i, x in enumerate(row_conts) if len(x) > 1), key=lambda i: -len(row_conts[i]))
+    for chunk in _similar_lengths(long_rows, [len(x) - 1 for x in row_conts]):
+        lr = torch.tensor(chunk, device=dev)
+        c_lp, c_greedy = _score_continuations(model, cache, rows[lr], ctx_lens, [row_conts[i] for i in chunk])
+        lp[lr] += c_lp
+        greedy[lr] &= c_greedy
     return [(float(a), bool(g)) for a, g in zip(lp.double().cpu(), greedy.cpu())]
+
+
+def _similar_lengths(order: list[int], lengths: list[int], slack: float = 0.1, free: int = 48):
+    """Split rows (sorted longest first) into runs whose padding stays within `slack` of their real tokens (or
+    `free` tokens, cheaper than another forward call): a batch mixing one long continuation with many short ones
+    would otherwise spend most of its work on padding."""
+    chunk: list[int] = []
+    real = 0
+    for i in order:
+        padded = (len(chunk) + 1) * lengths[chunk[0]] if chunk else 0
+        if chunk and padded - real - lengths[i] > max(free, slack * (real + lengths[i])):
+            yield chunk
+            chunk, real = [], 0
+        chunk.append(i)
+        real += lengths[i]
+    if chunk:
+        yield chunk
+
+
+def _score_continuations(model, cache: KVCache, sel, ctx_lens, conts: list[tuple[int, ...]]):
+    """Sum log-probs and all-greedy flags of continuation tokens 1.. of each row, on copies of the cache rows
+    `sel` (their contexts). Row r's tokens fill slots ctx_len .. ctx_len + len - 2; its padding lands after."""
+    dev = cache.k.device
+    R, Tn = len(conts), max(len(x) for x in conts) - 1
+    start = ctx_lens[sel]  # (R,)
+    width = int(start.max()) + Tn
+    ccache = KVCache.__new__(KVCache)
+    ccache.k = cache.k[:, :, :, :width].index_select(1, sel)
+    ccache.v = cache.v[:, :, :, :width].index_select(1, sel)
+    ccache.batch_size, ccache.max_len = R, width
+    inp = torch.zeros(R, Tn, dtype=torch.long, device=dev)
+    tgt = torch.zeros(R, Tn, dtype=torch.long, device=dev)
+    valid = torch.zeros(R, Tn, dtype=torch.bool, device=dev)
+    for j, c in enumerate(conts):
+        x = torch.tensor(c, device=dev)
+        inp[j, :len(x) - 1], tgt[j, :len(x) - 1], valid[j, :len(x) - 1] = x[:-1], x[1:], True
+    pos = start[:, None] + torch.arange(Tn, device=dev)[None]  # (R, Tn)
+    key_mask = torch.arange(width, device=dev)[None] < (start + valid.sum(1))[:, None]
+    h = model.hidden(inp, ccache, pos, key_mask=key_mask)  # (R, Tn, d)
+    logp = F.log_softmax(model.lm_head(h[valid]).float(), dim=-1)  # (N valid, V)
+    t = tgt[valid]
+    tok_lp = logp.gather(1, t[:, None]).squeeze(1)
+    row_of = torch.arange(R, device=dev)[:, None].expand(R, Tn)[valid]
+    lp = torch.zeros(R, device=dev, dtype=tok_lp.dtype).index_add(0, row_of, tok_lp)
+    misses = torch.zeros(R, dtype=torch.long, device=dev).index_add(0, row_of, (logp.argmax(-1) != t).long())
+    return lp, misses == 0
 
 
 def mean_stderr(values: Sequence[float]) -> float | None:
