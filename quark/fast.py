@@ -11,7 +11,7 @@ Choices:
 - CPU: the step takes the position as a Python int, writes the cache with a slice copy and attends over only the
   filled slots with SDPA. Prefill computes logits for the last position only (like HF `generate`).
 - CUDA: everything the step touches is preallocated (token, position, cache, mask); the step derives the RoPE
-  row, the cache slot (`index_copy_`) and the attention mask from a device position tensor, attends over the
+  row, the cache slot (`index_put_`) and the attention mask from a device position tensor, attends over the
   whole static cache with a mask (grouped-query attention by reshaping q, K/V never repeated), is compiled
   with `torch.compile` (fusing the elementwise work) and captured once as a `torch.cuda.CUDAGraph`. A decode
   step is then: copy token in, replay, sample on the device; no host sync. Prefill is compiled separately
@@ -151,9 +151,10 @@ class FastDecoder:
         self.device, self.dtype = model.device, model.dtype
         self.nh, self.nkv, self.hd, self.eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
         self.q_dim, self.kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        shape = (c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim)
-        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        # one tensor per layer (not views of one big one), so a compiled step mutates whole graph inputs in place
+        shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(c.n_layers)]
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=self.device)
         self.padded = False
         self.pos = 0
@@ -164,18 +165,26 @@ class FastDecoder:
         if use_graph:
             self.slots = torch.arange(max_len, device=self.device)
             self.static_tok = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-            self.static_pos = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.static_pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # per-row slots
+            self.rows = torch.arange(batch_size, device=self.device)
             if use_compile:
                 self._prefill_fn = torch.compile(self._prefill, dynamic=True)
 
     # ---- prefill ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None, row: int | None = None) -> torch.Tensor:
         """idx (b, T) with b <= batch_size (rows beyond b are idle); key_mask (b, >=T) marks real tokens.
-        Fills slots 0..T-1 and returns the last position's logits (b, V) in fp32."""
+        Fills slots 0..T-1 and returns the last position's logits (b, V) in fp32.
+        With `row`, idx is one prompt (1, T) written into that row only (continuous batching: the other rows
+        keep their state; decode them with `step(tok, pos)` and per-row positions)."""
         b, T = idx.shape
         if b > self.B or T >= self.max_len:
             raise ValueError(f"prefill of {b}x{T} does not fit a decoder of {self.B}x{self.max_len}")
+        if row is not None:
+            if b != 1 or not 0 <= row < self.B or key_mask is not None:
+                raise ValueError(f"prefill into row {row}: need one unpadded prompt and 0 <= row < {self.B}")
+            self.key_mask[row].fill_(True)
+            return self._run_prefill(idx, None, row)
         if b < self.B:
             idx = torch.cat([idx, idx.new_zeros(self.B - b, T)])
         self.key_mask.fill_(True)
@@ -187,19 +196,23 @@ class FastDecoder:
             causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
             mask = (causal & self.key_mask[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=self.device)
             mask = mask[:, None]  # (B, 1, T, T); a pad query sees itself so no row is empty
-        try:
-            logits = self._prefill_fn(idx, mask)
-        except Exception as e:  # compile problems must not break generation
-            if self._prefill_fn is self._prefill:
-                raise
-            warnings.warn(f"compiled prefill failed ({type(e).__name__}: {e}); using eager prefill", stacklevel=2)
-            self._prefill_fn = self._prefill
-            logits = self._prefill(idx, mask)
+        logits = self._run_prefill(idx, mask, None)
         self.pos = T
         return logits[:b]
 
-    def _prefill(self, idx, mask):
+    def _run_prefill(self, idx, mask, row):
+        try:
+            return self._prefill_fn(idx, mask, row)
+        except Exception as e:  # compile problems must not break generation
+            if self._prefill_fn is self._prefill:
+                raise
+            warnings.warn(f"compiled prefill failed ({type(e).__name__}: {e}); using eager prefill", stacklevel=3)
+            self._prefill_fn = self._prefill
+            return self._prefill(idx, mask, row)
+
+    def _prefill(self, idx, mask, row: int | None):
         B, T = idx.shape
+        rows = slice(None) if row is None else slice(row, row + 1)
         x = self.w.embed(idx)
         cos, sin = self.w.cos[:T, None], self.w.sin[:T, None]  # (T, 1, hd)
         for i, (w1, qkv_p, o_p, w2, gu_p, down_p) in enumerate(self.w.layers):
@@ -208,8 +221,8 @@ class FastDecoder:
             q = qk[:, :, :self.nh].transpose(1, 2)  # (B, nh, T, hd)
             k = qk[:, :, self.nh:].transpose(1, 2)  # (B, nkv, T, hd)
             v = qkv[:, :, self.nh + self.nkv:].transpose(1, 2)
-            self.k[i, :, :, :T] = k
-            self.v[i, :, :, :T] = v
+            self.k[i][rows, :, :T] = k
+            self.v[i][rows, :, :T] = v
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.nh != self.nkv)
             x = x + o_p(y.transpose(1, 2).reshape(B, T, self.q_dim))
@@ -219,12 +232,22 @@ class FastDecoder:
 
     # ---- decode -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, tok: torch.Tensor) -> torch.Tensor:
-        """tok (b,) -> logits (b, V) fp32 for the next slot; advances the position."""
+    def step(self, tok: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """tok (b,) -> logits (b, V) fp32 for the next slot; advances the shared position.
+        With `pos` (b,) (device tensor, slots < max_len, the caller's bookkeeping), each row writes and attends
+        at its own slot: the continuous-batching form; the shared position is left alone."""
+        b = tok.shape[0]
+        if pos is not None:
+            if self.use_graph:
+                self.static_pos[:b].copy_(pos)
+                return self._graph_step(tok)[:b]
+            if b < self.B:
+                tok, pos = torch.cat([tok, tok.new_zeros(self.B - b)]), torch.cat([pos, pos.new_zeros(self.B - b)])
+            return self._step_static(tok, pos)[:b]
         if self.pos >= self.max_len:
             raise ValueError(f"decoder cache is full ({self.max_len} slots)")
-        b = tok.shape[0]
         if self.use_graph:
+            self.static_pos.fill_(self.pos)  # a host scalar written into device memory: no sync
             out = self._graph_step(tok)
         else:
             if b < self.B:
@@ -255,11 +278,11 @@ class FastDecoder:
         gqa = self.nh != self.nkv
 
         def write(i, k, v):
-            self.k[i, :, :, pos:n] = k
-            self.v[i, :, :, pos:n] = v
+            self.k[i][:, :, pos:n] = k
+            self.v[i][:, :, pos:n] = v
 
         def attend(i, q):
-            y = F.scaled_dot_product_attention(q, self.k[i, :, :, :n], self.v[i, :, :, :n], attn_mask=mask,
+            y = F.scaled_dot_product_attention(q, self.k[i][:, :, :n], self.v[i][:, :, :n], attn_mask=mask,
                                                enable_gqa=gqa)
             return y.transpose(1, 2).reshape(B, 1, self.q_dim)
 
@@ -268,16 +291,20 @@ class FastDecoder:
         return self.w.lm_head(_rms(x[:, 0], self.w.norm, self.eps)).float()
 
     def _step_static(self, tok, pos):
-        """Static-shape step for CUDA graphs: tok (B,), pos (1,) device tensors; attends over all slots masked."""
+        """Static-shape step for CUDA graphs: tok (B,), pos (B,) per-row slots (device tensors); attends over all
+        slots, masked. Also the eager form of per-row decoding elsewhere."""
         B, g = tok.shape[0], self.nh // self.nkv
         x = self.w.embed(tok[:, None])
-        cos, sin = self.w.cos.index_select(0, pos)[:, None], self.w.sin.index_select(0, pos)[:, None]
-        mask = ((self.slots <= pos) & self.key_mask)[:, None, None, :]  # (B, 1, 1, L)
+        cos = self.w.cos.index_select(0, pos)[:, None, None]  # (B, 1, 1, hd)
+        sin = self.w.sin.index_select(0, pos)[:, None, None]
+        slots = torch.arange(self.max_len, device=pos.device) if not self.use_graph else self.slots
+        mask = ((slots[None, :] <= pos[:, None]) & self.key_mask)[:, None, None, :]  # (B, 1, 1, L)
         scale = self.hd ** -0.5
+        rows = self.rows if self.use_graph else torch.arange(B, device=pos.device)
 
-        def write(i, k, v):
-            self.k[i].index_copy_(2, pos, k)
-            self.v[i].index_copy_(2, pos, v)
+        def write(i, k, v):  # index_put_ with device indices, as gpt-fast's KVCache.update
+            self.k[i][rows, :, pos] = k[:, :, 0]  # (B, nkv, hd) into slot pos[b] of row b
+            self.v[i][rows, :, pos] = v[:, :, 0]
 
         def attend(i, q):
             qg = q.reshape(B, self.nkv, g, self.hd)  # head h reads kv head h // g, as Llama's repeat_kv
@@ -292,7 +319,6 @@ class FastDecoder:
     def _graph_step(self, tok):
         b = tok.shape[0]
         self.static_tok[:b].copy_(tok)
-        self.static_pos.fill_(self.pos)  # a host scalar written into device memory: no sync
         if self.graph is None:
             if self.device.type == "cuda":
                 self._capture()
@@ -305,7 +331,7 @@ class FastDecoder:
 
     def _capture(self):
         """Compile the static step (if asked) and capture it once as a CUDA graph; eager fallback on failure."""
-        saved_k, saved_v = self.k.clone(), self.v.clone()  # warm-up steps write a slot: restore it after
+        saved = [t.clone() for t in self.k + self.v]  # warm-up steps write a slot: restore it after
         try:
             fn = self._step_static
             if self.use_compile:
@@ -323,8 +349,8 @@ class FastDecoder:
         except Exception as e:  # noqa: BLE001 -- any capture failure falls back to eager
             warnings.warn(f"CUDA-graph decode unavailable ({type(e).__name__}: {e}); decoding eagerly", stacklevel=3)
             self.graph = False
-        self.k.copy_(saved_k)
-        self.v.copy_(saved_v)
+        for t, s in zip(self.k + self.v, saved):
+            t.copy_(s)
 
 
 # ---- per-model registry -------------------------------------------------------------------------------------------
