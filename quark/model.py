@@ -256,16 +256,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for i in range(0, h.shape[0], chunk_rows):
             hc, tc = h[i:i + chunk_rows].to(cd), t[i:i + chunk_rows]
-            valid = (tc != -100)
+            valid = tc != -100
             tsafe = torch.where(valid, tc, torch.zeros_like(tc))[:, None]  # (c, 1)
-            logits = (hc @ wc.T).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
-            total = total + ((lse - logits.gather(1, tsafe)).squeeze(1) * valid).sum()
-            g = logits.sub_(lse).exp_()  # softmax, in place of the logits
-            g.scatter_add_(1, tsafe, torch.full_like(lse, -1.0))
-            g = (g * valid[:, None]).to(cd)
+            logp = torch.log_softmax((hc @ wc.T).float(), dim=-1)  # (c, V), row-wise: cache-friendly on CPU
+            total = total - (logp.gather(1, tsafe).squeeze(1) * valid).sum()
+            g = logp.exp_()  # softmax, in place
+            g.scatter_add_(1, tsafe, torch.full(tsafe.shape, -1.0, dtype=g.dtype, device=g.device))
+            if h.is_cuda or torch.compiler.is_compiling() or not bool(valid.all()):  # no host sync on GPU
+                g.mul_(valid[:, None])
+            g = g.to(cd)
             gh[i:i + chunk_rows] = (g @ wc).to(h.dtype)
-            gw += (g.T @ hc).float()
+            if cd == torch.float32:
+                gw.addmm_(g.T, hc)
+            else:
+                gw += (g.T @ hc).float()
         ctx.save_for_backward(gh, gw)
         ctx.w_dtype = w.dtype
         return total
