@@ -100,7 +100,7 @@ def test_sft_rows_shift_ids_and_masks_and_trim_padding(tmp_path):
     assert ld.seq_len == 32 and len(ld) == 10
     for _ in range(4):
         rows = [ld.order(ld.consumed + j) for j in range(3)]
-        x, y, m = ld.next_batch()
+        x, _, m = ld.next_batch()
         xf, yf, mf = full.next_batch()
         assert xf.shape == (3, 32) and x.shape[1] <= 32 and x.shape[1] % 4 == 0  # buckets of seq_len/8
         W = x.shape[1]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.test_train import ROOT, write_pretrain_data
 
 ARGS = ["--set", "model=test", "--set", "max_steps=30", "--set", "batch_size=8", "--set", "log_every=1",
@@ -25,6 +27,7 @@ def losses(run):
     return {r["step"]: (r["loss"], r["tokens"], r["lr"], r["grad_norm"]) for r in recs if "loss" in r}
 
 
+@pytest.mark.slow  # three Python processes (about 5 s of torch import each) plus 60 training steps
 def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path, tiny_tokenizer):
     data = write_pretrain_data(tmp_path / "data", tiny_tokenizer, n_files=20)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
@@ -44,7 +47,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path, tiny_tok
     before = losses(cut)
     assert 9 <= max(before) < 30, "the run must be killed mid-way"
     assert json.loads((cut / "run.json").read_text())["finished"] is None
-    resumed = subprocess.run(cmd(data, cut, "--set", "save_every=4"), env=env, capture_output=True, text=True,
+    resumed = subprocess.run(cmd(data, cut, "--set", "save_every=4"), env=env, capture_output=True, text=True, check=False,
                              timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout

@@ -57,7 +57,7 @@ def test_sft_learns_to_end_replies_with_im_end(tmp_path, tiny_tokenizer, base):
     assert info["val_loss"] < 1.5 and info["base"] == str(base.resolve())
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["kind"] == "sft" and run["data_manifest"]["kind"] == "sft"
-    model, tok2 = load_model_and_tokenizer(tmp_path / "run")
+    model, _ = load_model_and_tokenizer(tmp_path / "run")
     outs = generate(model, prompts, max_new_tokens=20, temperature=0, eos_token_id=tok.im_end_id)
     texts = [tok.decode(o) for o in outs]
     assert all(o[-1] == tok.im_end_id for o in outs), texts  # every reply closes with <|im_end|>

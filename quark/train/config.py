@@ -174,4 +174,4 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = (), **fi
     return cfg
 
 
-__all__ = ["TrainConfig", "load_config", "from_dict", "resolve_config_path", "parse_override", "CONFIG_DIR"]
+__all__ = ["CONFIG_DIR", "TrainConfig", "from_dict", "load_config", "parse_override", "resolve_config_path"]

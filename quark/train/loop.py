@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..data.loader import PretrainLoader, SFTLoader
 from ..model import Quark
@@ -41,12 +41,15 @@ class LossModule(nn.Module):
     """`forward(idx, targets, loss_mask)` -> summed cross-entropy; the unit that DDP wraps and torch.compile
     compiles (DDP only syncs gradients for computations that go through its forward)."""
 
-    def __init__(self, model: Quark):
+    def __init__(self, model: Quark, chunk_rows: int | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.chunk_rows = model, chunk_rows
 
     def forward(self, idx, targets, loss_mask=None):
-        return self.model.loss(idx, targets, loss_mask, reduction="sum")
+        # CPU: chunks of 256 rows keep each chunk's (rows x vocab) softmax in cache (~1.5x faster cross-entropy
+        # than 2048-row chunks on the tiny preset); GPUs prefer big matmuls.
+        chunk = self.chunk_rows or (4096 if self.model.lm_head.weight.is_cuda else 256)
+        return self.model.loss(idx, targets, loss_mask, chunk_rows=chunk, reduction="sum")
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -340,7 +343,7 @@ class Trainer:
             write_run_json(self.run_dir, self.run_info(finished=False))
             print(f"{cfg.kind}: {self.mc.n_params() / 1e6:.2f}M params on {dist_.hardware(d)}; "
                   f"{cfg.batch_size} x {self.seq_len} tokens x {d.world_size} process(es) x {self.accum} accum per "
-                  f"step; {'%d steps' % self.total if self.total else 'steps planned from max_minutes'}; "
+                  f"step; {f'{self.total} steps' if self.total else 'steps planned from max_minutes'}; "
                   f"run folder {self.run_dir}", flush=True)
         total_for_lr = self.total or 10**9
         peak = dist_.bf16_peak_flops(self.dev)
