@@ -10,12 +10,16 @@ server at concurrency 1 (no batching possible), measured in the same run; the ra
 batching (target >= 8x at 32).
 
     python bench/serve_load.py [--model M] [--duration 20] [--concurrency 1 32] [--max-tokens 64]
+
+Needs aiohttp (the load generator; lighter than httpx, so it takes less CPU from the server it measures). The
+server runs faster with `uvicorn[standard]` (uvloop + httptools), which the output says whether it has.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -56,8 +60,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_client(client: httpx.AsyncClient, url: str, model: str, deadline: float, max_tokens: int, idx: int,
-                     out: list) -> None:
+async def one_client(session, url: str, model: str, deadline: float, max_tokens: int, idx: int, out: list) -> None:
+    """Streams requests back to back until the deadline. Parses only what is measured (the first content chunk,
+    the usage chunk), so the client, which shares the CPU with the server, stays cheap."""
+    import aiohttp
+
     i = idx
     while time.perf_counter() < deadline:
         body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
@@ -66,23 +73,22 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, deadline: 
         t0 = time.perf_counter()
         ttft, tokens, ok, done = None, 0, False, False
         try:
-            async with client.stream("POST", url, json=body) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                else:
-                    async for line in r.aiter_lines():
-                        # parse only what is measured (first content, usage), so the client stays cheap
-                        if ttft is None and '"content":"' in line.replace(" ", "") and '"content": ""' not in line:
+            async with session.post(url, json=body) as r:
+                if r.status == 200:
+                    async for raw in r.content:  # one SSE line at a time
+                        line = raw.decode().rstrip("\n")
+                        if ttft is None and '"delta": {"content": "' in line:
                             ttft = time.perf_counter() - t0
                         if line == "data: [DONE]":
                             done = True
+                        elif line.startswith('data: {"error"'):
                             break
-                        if line.startswith('data: {"error"'):
-                            break
-                        if '"usage": {' in line:
+                        elif '"usage": {' in line:
                             tokens = json.loads(line[6:])["usage"]["completion_tokens"]
                     ok = done and tokens > 0
-        except httpx.HTTPError:
+                else:
+                    await r.read()
+        except aiohttp.ClientError:
             ok = False
         out.append({"ok": ok, "ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens})
 
@@ -95,12 +101,14 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def run_level(base: str, model: str, concurrency: int, duration: float, max_tokens: int) -> dict:
+    import aiohttp
+
     out: list = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         start = time.perf_counter()
         deadline = start + duration
-        await asyncio.gather(*(one_client(client, base + "/v1/chat/completions", model, deadline, max_tokens, k, out)
+        await asyncio.gather(*(one_client(session, base + "/v1/chat/completions", model, deadline, max_tokens, k, out)
                                for k in range(concurrency)))
         wall = time.perf_counter() - start
     return {"concurrency": concurrency, "wall_s": wall, "out": out}
@@ -166,8 +174,10 @@ def main() -> int:
             server.terminate()
             server.wait(timeout=30)
 
+    fast = all(importlib.util.find_spec(m) for m in ("uvloop", "httptools"))
     print(f"model {folder.name} | {args.duration:.0f} s per level | max_tokens {args.max_tokens} | "
-          f"server torch threads {args.threads} | CPU cores {os.cpu_count()}")
+          f"server torch threads {args.threads} | CPU cores {os.cpu_count()} | "
+          f"uvicorn {'with' if fast else 'without'} uvloop+httptools")
     print(f"{'conc':>5} {'reqs':>6} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
           f"{'lat p50':>8} {'lat p95':>8} {'engine busy':>11}")
     for r in results:

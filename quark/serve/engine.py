@@ -17,8 +17,8 @@ Choices:
   tokens are those of `generate(..., seed=seed)` whatever else is in the batch. Unseeded groups use
   `nucleus_sample`: the same distribution as `sample_next` (same repetition penalty, temperature, top-p set and
   NaN guard) without its full-vocabulary `torch.sort` and `multinomial`, which on CPU cost ~250 ms and ~120 ms
-  per step at 32 x 65,538 logits (more than the model): the top-p threshold comes from numpy's SIMD sort of
-  the probabilities, and the token from one uniform draw per row against the kept probabilities' CDF.
+  per step at 32 x 65,538 logits (more than the model): it draws by inverse CDF and rejects draws outside the
+  top-p set (see its docstring).
 - A cancelled request (client gone) leaves the batch at the next step boundary; its slot is free at once.
 - Events go to each request's `sink(kind, value)`: ("token", id), then one ("done", "stop"|"length"|
   "cancelled") or ("error", message). Stop tokens (<|im_end|>, <|endoftext|>) end a reply and are not sent.
@@ -38,7 +38,6 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..model import KVCache
@@ -58,10 +57,11 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
                    generator: torch.Generator | None = None, tries: int = 4) -> torch.Tensor:
     """logits (B, V) (repetition penalty already applied) -> tokens (B,), distributed as `sample_next` draws.
 
-    The top-p set is {p >= tau}, tau read off numpy's sort of the probabilities (as `top_p_filter`, the most
-    likely tokens while the mass before them is < top_p). Tokens are drawn from the full distribution by
-    inverse CDF and a draw outside the set is rejected (accepted with probability >= top_p), which samples
-    exactly p / mass(set) over the set; a row with `tries` rejections draws from the masked distribution."""
+    `top_p_filter` keeps a token when the mass of the tokens ranked above it is < top_p. Here a token is drawn
+    from the full distribution by inverse CDF and kept under that same rule (the mass of strictly more likely
+    tokens, one pass over the row), else drawn again: rejection sampling, which draws exactly p / mass(kept) over
+    the kept set and accepts with probability >= top_p, so no row is sorted. A row still rejected after `tries`
+    draws is sampled from its explicitly masked distribution (one sort, of that row only)."""
     logits = logits.float()
     finite = torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1))  # NaN propagates through both
     all_finite = bool(finite.all())
@@ -71,28 +71,32 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
     probs = (safe / temperature).softmax(-1)  # (B, V)
     B, V = probs.shape
     cdf = probs.cumsum(-1)
-    u = torch.rand(B, tries, generator=generator, device=probs.device) * cdf[:, -1:]
-    draws = torch.searchsorted(cdf, u, right=True).clamp(max=V - 1)  # (B, tries)
-    if top_p >= 1.0:
-        tok = draws[:, 0]
-    else:
-        if probs.device.type == "cpu":
-            desc = torch.from_numpy(np.ascontiguousarray(np.sort(probs.numpy(), axis=-1)[:, ::-1]))
-        else:
-            desc = probs.sort(dim=-1, descending=True).values
-        # kept: j with (mass before j) < top_p, i.e. 1 + #{j: cumsum[j] < top_p}
-        n_keep = (torch.searchsorted(desc.cumsum(-1), torch.full((B, 1), top_p, device=desc.device)) + 1)
-        tau = desc.gather(-1, n_keep.clamp(max=V) - 1)  # (B, 1)
-        ok = probs.gather(-1, draws) >= tau  # (B, tries)
-        first = ok.float().argmax(-1)  # the first accepted draw
-        tok = draws.gather(-1, first[:, None]).squeeze(-1)
-        missed = ~ok.any(-1)
-        if bool(missed.any()):
-            rows = missed.nonzero().squeeze(-1)
-            kept = probs[rows] * (probs[rows] >= tau[rows])
-            c = kept.cumsum(-1)
-            u2 = torch.rand(len(rows), 1, generator=generator, device=probs.device) * c[:, -1:]
-            tok[rows] = torch.searchsorted(c, u2, right=True).squeeze(-1).clamp(max=V - 1)
+
+    def draw(rows):
+        c = cdf if rows is None else cdf[rows]
+        u = torch.rand(c.shape[0], 1, generator=generator, device=probs.device) * c[:, -1:]
+        return torch.searchsorted(c, u, right=True).squeeze(-1).clamp(max=V - 1)
+
+    tok = draw(None)
+    rows = torch.arange(B, device=probs.device)
+    if top_p < 1.0:
+        for attempt in range(tries + 1):
+            p = probs if attempt == 0 else probs[rows]  # (b, V)
+            pt = p.gather(-1, tok[rows][:, None])  # (b, 1)
+            rejected = (p * (p > pt)).sum(-1) >= top_p  # the mass ranked above the draw already reaches top_p
+            rows = rows[rejected]
+            if len(rows) == 0:
+                break
+            if attempt < tries:
+                tok[rows] = draw(rows)
+            else:  # unlucky rows: mask explicitly (the top-p set is the first n_keep of the sorted row)
+                p = probs[rows]
+                desc = p.sort(dim=-1, descending=True).values
+                n_keep = ((desc.cumsum(-1) - desc) < top_p).sum(-1, keepdim=True).clamp(min=1)
+                kept = p * (p >= desc.gather(-1, n_keep - 1))
+                c = kept.cumsum(-1)
+                u = torch.rand(len(rows), 1, generator=generator, device=probs.device) * c[:, -1:]
+                tok[rows] = torch.searchsorted(c, u, right=True).squeeze(-1).clamp(max=V - 1)
     return tok if all_finite else torch.where(finite, tok, safe.argmax(-1))
 
 
