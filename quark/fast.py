@@ -17,6 +17,10 @@ Choices:
   step is then: copy token in, replay, sample on the device; no host sync. Prefill is compiled separately
   (dynamic length). Batch size and cache length are bucketed to powers of two so a server compiles a few
   graphs, not one per request. If compiling or capturing fails, it falls back (warning once) to plain eager.
+- Continuous batching (a serving engine): `prefill(ids, row=r)` fills one row, `step(tok, pos)` decodes every row
+  at its own slot (`pos` (B,) on the device); the static step always takes per-row slots, so the same captured
+  graph serves both uses. `decoder_for` hands out one cached decoder per (batch, length) bucket and marks it
+  `busy` while a generation owns it; a concurrent caller gets a fresh eager one.
 - `QUARK_FAST=0` disables the fast path everywhere; `QUARK_COMPILE=0` keeps CUDA graphs but skips torch.compile.
 """
 
