@@ -154,13 +154,13 @@ def test_pretrain_cli_writes_the_run_folder_contract(tmp_path, tiny_tokenizer):
     data = write_pretrain_data(tmp_path / "data", tiny_tokenizer)
     out = tmp_path / "run"
     r = quark("pretrain", "--config", "pretrain-tiny", "--data", str(data), "--out", str(out), "--set", "model=test",
-              "--set", "max_steps=40", "--set", "batch_size=8", "--set", "tokens_per_step=2048", "--set",
-              "eval_every=20", "--set", "save_every=20", "--set", "log_every=5", "--set", "keep_last=1",
+              "--set", "max_steps=20", "--set", "batch_size=8", "--set", "tokens_per_step=2048", "--set",
+              "eval_every=10", "--set", "save_every=10", "--set", "log_every=5", "--set", "keep_last=1",
               "--set", "warmup_steps=5")
     assert r.returncode == 0, r.stderr
-    assert "step 20: val loss" in r.stdout and "samples:" in r.stdout and "tok/s" in r.stdout
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000040"]  # keep_last=1
-    step = out / "checkpoints" / "step_000040"
+    assert "step 10: val loss" in r.stdout and "samples:" in r.stdout and "tok/s" in r.stdout
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000020"]  # keep_last=1
+    step = out / "checkpoints" / "step_000020"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_state.json",
               "train_state.safetensors"):
         assert (step / f).exists(), f
@@ -170,16 +170,16 @@ def test_pretrain_cli_writes_the_run_folder_contract(tmp_path, tiny_tokenizer):
     train = [r for r in recs if "loss" in r]
     val = [r for r in recs if "val_loss" in r]
     assert set(train[0]) == {"step", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "elapsed_s"}
-    assert [r["step"] for r in train] == list(range(5, 41, 5))
-    assert train[-1]["tokens"] == 40 * 2048  # 8 rows x 128 x 2 micro-batches per step
-    assert [r["step"] for r in val] == [20, 40] and set(val[0]) == {"step", "val_loss", "val_bpb"}
+    assert [r["step"] for r in train] == list(range(5, 21, 5))
+    assert train[-1]["tokens"] == 20 * 2048  # 8 rows x 128 x 2 micro-batches per step
+    assert [r["step"] for r in val] == [10, 20] and set(val[0]) == {"step", "val_loss", "val_bpb"}
     assert train[-1]["loss"] < train[0]["loss"] - 0.3  # it learns
     man = json.loads((data / "manifest.json").read_text())["splits"]["val"]
     assert val[-1]["val_bpb"] == pytest.approx(val[-1]["val_loss"] * man["tokens"] / (man["bytes"] * math.log(2)))
     info = json.loads((out / "run.json").read_text())
     assert set(info) == {"kind", "train_config", "model_config", "data", "data_manifest", "base", "hardware",
                          "world_size", "started", "finished", "wall_time_s", "steps", "tokens"}
-    assert info["steps"] == 40 and info["tokens"] == 81920 and info["finished"] and info["base"] is None
+    assert info["steps"] == 20 and info["tokens"] == 40960 and info["finished"] and info["base"] is None
     from quark.weights import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(out)  # the run folder is a loadable model
@@ -188,7 +188,7 @@ def test_pretrain_cli_writes_the_run_folder_contract(tmp_path, tiny_tokenizer):
     from quark.train.loop import train
 
     again = train(TrainConfig(**dict(info["train_config"], tensorboard=False, plot=False)))
-    assert again["steps"] == 40 and [p.name for p in (out / "checkpoints").iterdir()] == ["step_000040"]
+    assert again["steps"] == 20 and [p.name for p in (out / "checkpoints").iterdir()] == ["step_000020"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(recs)
 
 
