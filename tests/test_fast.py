@@ -179,3 +179,23 @@ def test_per_row_positions_continuous_batching(model, static):
             assert (out[r] - refs[r][s.shape[1] - 3 + j]).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="row"):
         dec.prefill(torch.zeros(2, 4, dtype=torch.long), row=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_per_row_positions_match_forward(model):
+    m = copy.deepcopy(model).cuda()
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(1, 500, (1, n), generator=g).cuda() for n in (5, 11, 8)]
+    dec = decoder_for(m, 3, 40)  # captured (B=4 bucket, 256 slots)
+    last = [dec.prefill(s[:, :-3], row=r) for r, s in enumerate(seqs)]
+    with torch.no_grad():
+        refs = [m(s)[0] for s in seqs]
+    for r, s in enumerate(seqs):
+        assert (last[r][0] - refs[r][s.shape[1] - 4]).abs().max().item() <= 1e-3
+    for j in range(3):
+        tok = torch.stack([s[0, s.shape[1] - 3 + j] for s in seqs])
+        pos = torch.tensor([s.shape[1] - 3 + j for s in seqs], device="cuda")
+        out = dec.step(tok, pos)
+        for r, s in enumerate(seqs):
+            assert (out[r] - refs[r][s.shape[1] - 3 + j]).abs().max().item() <= 1e-3
+    assert dec.graph not in (None, False)
