@@ -167,6 +167,8 @@ BAD_BODIES = [
     (json.dumps({"messages": [{"role": "user", "content": 5}]}), 400),
     (json.dumps({"messages": [{"role": "user"}]}), 400),
     (json.dumps({"messages": HELLO, "model": 3}), 400),
+    (json.dumps({"messages": HELLO, "logprobs": True}), 400),
+    (json.dumps({"messages": HELLO, "tools": [{"type": "function"}]}), 400),
     (b"x" * (10 << 20), 413),
 ]
 

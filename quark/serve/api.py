@@ -93,7 +93,16 @@ def check_model(body: dict, served: str) -> None:
                        code="model_not_found")
 
 
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "tool_choice")
+
+
 def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_tokens_limit: int) -> Job:
+    for name in UNSUPPORTED:  # refused rather than silently ignored
+        if body.get(name) not in (None, False, {}, []):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise APIError(400, "'best_of' other than 1 is not supported by this server", param="best_of",
+                       code="unsupported_parameter")
     temperature = _number(body, "temperature", DEFAULTS["temperature"], 0.0, 2.0)
     top_p = _number(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0, lo_open=True)
     rep = _number(body, "repetition_penalty", DEFAULTS["repetition_penalty"], 0.0, 10.0, lo_open=True)
