@@ -258,3 +258,15 @@ def test_cli_perplexity_only(model_dir, tmp_path, run_cli):
     assert p["tokens"] == 3 * 128 and 0 < p["val_loss"] < 20 and p["bpb"] > 0 and "bits/byte" in r.stdout
     bad = run_cli("--model", str(model_dir), "--tasks", "", "--perplexity", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "data folder not found" in bad.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_scores_equal_cpu_scores(model):
+    import copy
+
+    rng = random.Random(5)
+    reqs = [([rng.randrange(514) for _ in range(30)], [rng.randrange(514) for _ in range(n)]) for n in (1, 4, 12)]
+    cpu = score_tokens(model, reqs, batch_size=4)
+    gpu = score_tokens(copy.deepcopy(model).cuda(), reqs, batch_size=4)
+    for (a, ga), (b, gb) in zip(cpu, gpu):
+        assert a == pytest.approx(b, abs=1e-3) and ga == gb

@@ -107,16 +107,17 @@ def _score_batch(model, batch, conts, dev) -> list[tuple[float, bool]]:
     slots = torch.arange(width, device=dev)
 
     # 1) each distinct context once: right-padded, pads hidden from every query by key_mask
-    idx = torch.zeros(B, Tc, dtype=torch.long, device=dev)
+    idx = torch.zeros(B, Tc, dtype=torch.long)  # built on the host, moved once
     for b, (c, _) in enumerate(batch):
-        idx[b, :len(c)] = torch.tensor(c, device=dev)
+        idx[b, :len(c)] = torch.tensor(c)
+    idx = idx.to(dev)
     cache = KVCache(model.config, B, width, device=dev, dtype=model.dtype)
     h = model.hidden(idx, cache, torch.arange(Tc, device=dev), key_mask=slots[None] < ctx_lens[:, None])
     last = h[torch.arange(B, device=dev), ctx_lens - 1]  # (B, d): predicts each continuation's first token
     first_lp = F.log_softmax(model.lm_head(last).float(), dim=-1)  # (B, V)
 
     rows = torch.tensor(row_group, device=dev)
-    first_tok = torch.tensor([x[0] for x in row_conts], device=dev)
+    first_tok = torch.tensor([x[0] for x in row_conts]).to(dev)
     lp = first_lp[rows, first_tok]  # (R,)
     greedy = first_lp[rows].argmax(-1) == first_tok
 
@@ -158,12 +159,13 @@ def _score_continuations(model, cache: KVCache, sel, ctx_lens, conts: list[tuple
     ccache.k = cache.k[:, :, :, :width].index_select(1, sel)
     ccache.v = cache.v[:, :, :, :width].index_select(1, sel)
     ccache.batch_size, ccache.max_len = R, width
-    inp = torch.zeros(R, Tn, dtype=torch.long, device=dev)
-    tgt = torch.zeros(R, Tn, dtype=torch.long, device=dev)
-    valid = torch.zeros(R, Tn, dtype=torch.bool, device=dev)
+    inp = torch.zeros(R, Tn, dtype=torch.long)  # built on the host, moved once
+    tgt = torch.zeros(R, Tn, dtype=torch.long)
+    valid = torch.zeros(R, Tn, dtype=torch.bool)
     for j, c in enumerate(conts):
-        x = torch.tensor(c, device=dev)
+        x = torch.tensor(c)
         inp[j, :len(x) - 1], tgt[j, :len(x) - 1], valid[j, :len(x) - 1] = x[:-1], x[1:], True
+    inp, tgt, valid = inp.to(dev), tgt.to(dev), valid.to(dev)
     pos = start[:, None] + torch.arange(Tn, device=dev)[None]  # (R, Tn)
     key_mask = torch.arange(width, device=dev)[None] < (start + valid.sum(1))[:, None]
     h = model.hidden(inp, ccache, pos, key_mask=key_mask)  # (R, Tn, d)
