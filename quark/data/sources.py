@@ -66,6 +66,7 @@ class Source:
     weight: float
     license: str
     options: dict = field(default_factory=dict)
+    _capped: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_chat(self) -> bool:
@@ -87,11 +88,14 @@ class Source:
             from .mathgen import math_documents
             from .offline import math_instructions
             ppd = int(self.options.get("problems_per_doc", 16))
-            if self.type == "math":
-                docs = math_documents(seed + 1_000 * epoch * (cap is None), start, ppd, pool=pool)
-            else:
-                docs = math_instructions(seed + 1_000 * epoch * (cap is None), start)
-            return docs if cap is None else itertools.islice(docs, max(0, cap - start))
+            if cap is None:  # endless: each epoch is new problems
+                if self.type == "math":
+                    return math_documents(seed + 1_000 * epoch, start, ppd, pool=pool)
+                return math_instructions(seed + 1_000 * epoch, start)
+            if seed not in self._capped:  # capped: generated once, repeated from memory (generation is slow)
+                gen = math_documents(seed, 0, ppd, pool=pool) if self.type == "math" else math_instructions(seed)
+                self._capped[seed] = list(itertools.islice(gen, cap))
+            return iter(self._capped[seed][start:])
         return itertools.islice(self._documents(seed), start, cap)
 
     def _documents(self, seed: int) -> Iterator:
