@@ -178,9 +178,12 @@ class SFTLoader(_Loader):
         if manifest["kind"] != "sft":
             raise ValueError(f"{folder}: a {manifest['kind']!r} data folder; SFT needs kind 'sft'")
         self.ids, self.masks = [], []
-        for f in _split_files(folder, manifest, split):
-            mask_path = f.with_name(f.name.replace(".ids.npy", ".mask.npy"))
-            if not f.name.endswith(".ids.npy") or not mask_path.exists():
+        files = _split_files(folder, manifest, split)
+        mask_names = manifest["splits"][split].get("mask_shards") or [f.name.replace(".ids.npy", ".mask.npy")
+                                                                       for f in files]
+        for f, mask_name in zip(files, mask_names, strict=True):
+            mask_path = f.with_name(mask_name)
+            if mask_path == f or not mask_path.exists():
                 raise FileNotFoundError(f"{mask_path}: the loss mask for {f.name} is missing")
             ids, mask = _open(f, 2, (np.int32, np.int64)), _open(mask_path, 2, (np.uint8, np.bool_))
             if ids.shape != mask.shape:

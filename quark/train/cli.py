@@ -12,7 +12,7 @@ def _run(args, kind: str) -> int:
     from .config import load_config
     from .loop import train
 
-    fixed = {"kind": kind, "data": args.data, "out": args.out}
+    fixed = {"kind": kind, "data": args.data, "out": args.out, "tokenizer": args.tokenizer}
     if kind == "sft":
         fixed["base"] = args.base
     cfg = load_config(args.config, args.set or [], **fixed)
@@ -37,6 +37,8 @@ def _common(p) -> None:
     p.add_argument("--config", help="TOML train config: a path or a packaged name (see quark/configs/)")
     p.add_argument("--data", help="data folder written by `quark prepare` (overrides the config's data)")
     p.add_argument("--out", help="run folder; resumed from its newest checkpoint when it has one")
+    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json the data was prepared with (default: the "
+                   "data folder's own, else for sft the base checkpoint's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lr=1e-3 --set max_minutes=5 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

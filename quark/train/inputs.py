@@ -46,7 +46,7 @@ def load_tokenizer(cfg: TrainConfig, manifest: dict) -> Tokenizer:
     cands = _tokenizer_candidates(cfg)
     if not cands:
         raise FileNotFoundError(f"{cfg.data}: no tokenizer found (looked for tokenizer.json and tokenizer/ there); "
-                                "set tokenizer = PATH in the config or --set tokenizer=PATH")
+                                "pass --tokenizer PATH (the one given to `quark prepare`)")
     tok = Tokenizer.load(cands[0])
     want = manifest.get("tokenizer_sha256")
     if want and tok.sha256() != want:

@@ -177,6 +177,8 @@ class Trainer:
         else:
             model = Quark(self.mc).init_weights(cfg.seed)
         self.model = model.to(self.dev).train()
+        if self.dev.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left outside autocast
         self.autocast = lambda: autocast_for(self.dev, cfg.precision)
         use_compile = cfg.compile == "true" or (cfg.compile == "auto" and self.dev.type == "cuda")
         step_model: nn.Module = LossModule(self.model)
