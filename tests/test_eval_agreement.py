@@ -27,7 +27,7 @@ def test_scores_and_loglikelihoods_agree_with_lm_eval():
     assert {("piqa", "acc_norm"), ("arc_easy", "acc"), ("hellaswag", "acc_norm"), ("winogrande", "acc"),
             ("lambada", "perplexity")} <= seen
     for r in rows:
-        assert r["n"] == 12 and r["dll"] < 1e-3, r  # every request's log-likelihood, not just the argmax
+        assert r["n"] == 12 and r["dll"] < 5e-3, r  # every request's log-likelihood (fp32 sums), not just the argmax
         if r["metric"] == "perplexity":
             assert r["ours"] == pytest.approx(r["lm_eval"], rel=1e-3)
         else:
