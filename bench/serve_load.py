@@ -136,6 +136,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per level (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
     args = ap.parse_args()
+    if importlib.util.find_spec("aiohttp") is None:
+        raise SystemExit("bench/serve_load.py needs aiohttp for its load generator: pip install aiohttp")
     sys.path.insert(0, str(ROOT))
 
     with tempfile.TemporaryDirectory() as tmp:
