@@ -7,7 +7,8 @@ Choices:
 - Requests are grouped by their (token) context. A batch first runs each distinct context once, right-padded,
   writing a KV cache (`key_mask` hides the padding); the cache rows are then repeated for every choice of that
   context and only the continuation tokens run, with per-row positions. A 4-choice HellaSwag item therefore
-  costs one context pass instead of four.
+  costs one context pass instead of four. Contexts are batched longest first; inside a batch the continuations
+  are re-bucketed by length, since padding them all to the longest one was half of the work.
 - Logits are formed only where a continuation token is predicted (the last context position and the
   continuation's own positions), never for the whole sequence: the (tokens x vocab) head dominates small models.
 - Metrics follow lm-eval: acc = argmax of summed log-likelihood, acc_norm = argmax of log-likelihood / len(choice)
