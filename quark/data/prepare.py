@@ -124,6 +124,9 @@ def prepare(mixture: Mixture, tokenizer: Tokenizer, out: str | Path, tokens: int
             raise ValueError(f"source(s) {', '.join(endless)} never end: give --tokens or max_documents in the mixture")
     if shard_tokens < 1024:
         raise ValueError(f"--shard-tokens must be at least 1024, got {shard_tokens}")
+    for src in mixture.sources:  # open remote datasets before any work, so a missing one fails at once
+        if src.type == "hf" and src.weight > 0:
+            next(iter(src.documents(seed)), None)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         (out / split).mkdir(exist_ok=True)

@@ -304,8 +304,16 @@ def hf_documents(dataset: str, config: str | None = None, split: str = "train", 
     kwargs = {"split": split, "streaming": True}
     if data_files is not None:
         kwargs["data_files"] = data_files
-    ds = datasets.load_dataset(dataset, config, **kwargs)
-    for i, row in enumerate(ds):
+    try:
+        ds = datasets.load_dataset(dataset, config, **kwargs)
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as e:  # offline, unknown dataset or config, bad folder: one clear line, not a traceback
+        raise RuntimeError(f"Hugging Face dataset {dataset!r} (config {config!r}, split {split!r}) cannot be read: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if first is None:
+        return
+    for i, row in enumerate(itertools.chain([first], rows)):
         try:
             yield row_document(row, text_field, chat, f"{dataset}[{split}] row {i}")
         except BadRecord as e:
