@@ -8,10 +8,11 @@ import pytest
 
 from quark.config import QuarkConfig
 from quark.generate import generate
-from quark.model import Quark
 from quark.serve.chat import ChatSession, run_chat, set_params
 from quark.serve.engine import SamplingParams
 from quark.weights import save_model
+
+from .test_serve_engine import contextual
 
 CFG = QuarkConfig.from_name("test")
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, top_p=0.9, rep_penalty=1.15)
@@ -19,7 +20,7 @@ GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, top_p=0.9, rep_penal
 
 @pytest.fixture(scope="module")
 def model():
-    return Quark(CFG).init_weights(3).eval()
+    return contextual(3)  # replies that depend on the conversation
 
 
 def reference_reply(model, tok, messages, params):

@@ -21,6 +21,8 @@ from quark.serve.engine import Engine  # noqa: E402
 from quark.serve.server import ServerThread, create_app  # noqa: E402
 from quark.weights import save_model  # noqa: E402
 
+from .test_serve_engine import contextual  # noqa: E402
+
 CFG = QuarkConfig.from_name("test")
 KEY = "sk-test-secret-123"
 HELLO = [{"role": "user", "content": "Hello! How are you?"}]
@@ -34,7 +36,7 @@ class SlowQuark(Quark):
 
 @pytest.fixture(scope="module")
 def model():
-    return Quark(CFG).init_weights(1).eval()
+    return contextual(1)  # replies that depend on the conversation
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +62,12 @@ def client(server):
 
 
 def greedy_reference(model, tok, messages, n):
-    ids = generate(model, [tok.render_prompt(messages)], n, temperature=0.0, rep_penalty=1.0,
-                   eos_token_id=tok.im_end_id)[0]
-    ids = [t for t in ids if t not in (tok.im_end_id, tok.eot_id)]  # (eot also stops the server)
-    cut = next((i for i, t in enumerate(ids) if t == tok.eot_id), len(ids))
-    return tok.decode(ids[:cut])
+    """(text, tokens, finish_reason) of the greedy reply; <|im_end|> and <|endoftext|> both end a reply."""
+    ids = generate(model, [tok.render_prompt(messages)], n, temperature=0.0, rep_penalty=1.0)[0]
+    cut = next((i for i, t in enumerate(ids) if t in (tok.im_end_id, tok.eot_id)), None)
+    if cut is None:
+        return tok.decode(ids), len(ids), "length"
+    return tok.decode(ids[:cut]), cut, "stop"
 
 
 def test_models_and_health(client, server):
@@ -77,12 +80,13 @@ def test_models_and_health(client, server):
 def test_chat_greedy_matches_generate(client, model, tiny_tokenizer):
     r = client.chat.completions.create(model="quark-test", messages=HELLO, max_tokens=20, temperature=0,
                                        extra_body={"repetition_penalty": 1.0})
-    ref = greedy_reference(model, tiny_tokenizer, HELLO, 20)
+    text, n, finish = greedy_reference(model, tiny_tokenizer, HELLO, 20)
     c = r.choices[0]
-    assert c.message.role == "assistant" and c.message.content == ref
-    assert c.finish_reason == "length"
+    assert c.message.role == "assistant" and c.message.content == text and c.finish_reason == finish
     assert r.usage.prompt_tokens == len(tiny_tokenizer.render_prompt(HELLO))
-    assert r.usage.completion_tokens == 20 and r.usage.total_tokens == r.usage.prompt_tokens + 20
+    assert r.usage.completion_tokens == n and r.usage.total_tokens == r.usage.prompt_tokens + n
+    other = [{"role": "user", "content": "Something else entirely"}]
+    assert greedy_reference(model, tiny_tokenizer, other, 20)[0] != text  # the reply depends on the prompt
 
 
 def test_chat_stream_equals_non_stream_with_seed(client):

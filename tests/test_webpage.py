@@ -16,9 +16,10 @@ if CHROMIUM is None:
 
 from quark.config import QuarkConfig  # noqa: E402
 from quark.generate import generate  # noqa: E402
-from quark.model import Quark  # noqa: E402
 from quark.serve.engine import Engine  # noqa: E402
 from quark.serve.server import ServerThread, create_app  # noqa: E402
+
+from .test_serve_engine import contextual  # noqa: E402
 
 CFG = QuarkConfig.from_name("test")
 
@@ -32,7 +33,7 @@ def greedy(model, tok, messages, n):
 
 
 def test_chat_page_streams_and_keeps_the_conversation(tiny_tokenizer, tmp_path):
-    model = Quark(CFG).init_weights(5).eval()
+    model = contextual(5)  # replies that depend on the conversation
     engine = Engine(model, [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id], max_batch=4)
     with ServerThread(create_app(engine, tiny_tokenizer, "page-model")) as server, \
             sync_api.sync_playwright() as pw:
