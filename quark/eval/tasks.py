@@ -81,7 +81,8 @@ def _hellaswag(d):
 def _arc(d):
     if "query" in d:  # OLMES test docs: query is already "Question: ...\nAnswer:"
         return d["query"], list(d["choices"]), int(d["gold"])
-    return f"Question: {d['question']}\nAnswer:", list(d["choices"]["text"]), d["choices"]["label"].index(d["answerKey"])
+    labels = d["choices"]["label"]
+    return f"Question: {d['question']}\nAnswer:", list(d["choices"]["text"]), labels.index(d["answerKey"])
 
 
 def _openbookqa(d):
