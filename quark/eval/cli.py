@@ -40,6 +40,13 @@ def cmd_eval(args) -> None:
         raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
     for t in tasks:  # unknown names, missing data and bad --limit/--fewshot fail before the model loads
         build_items(t, args.limit, args.fewshot, args.seed)
+    if args.perplexity:  # so does a missing or non-pretraining data folder
+        from ..data.loader import read_manifest
+
+        kind = read_manifest(args.perplexity)["kind"]
+        if kind != "pretrain":
+            raise ValueError(f"{args.perplexity}: perplexity needs a pre-training data folder (kind 'pretrain'), "
+                             f"found kind {kind!r}")
     model, tok, folder = _load(args.model, args.device)
     folder = folder.parent if folder.is_file() else folder
     out = {"model": str(folder), "date": datetime.now(UTC).isoformat(timespec="seconds"),
