@@ -165,7 +165,7 @@ def heldout_texts(sample_bytes: int = SAMPLE_BYTES) -> dict[str, list[str]]:
             try:
                 with open(mo, "rb") as fh:
                     cat = gettext.GNUTranslations(fh)._catalog
-            except Exception:  # a corrupt or non-gettext file: not our concern here
+            except Exception:  # noqa: BLE001, S112 - a corrupt or non-gettext file: not our concern here
                 continue
             msgs = [v for k, v in sorted(cat.items(), key=lambda kv: str(kv[0])) if k and isinstance(v, str)]
             yield "\n".join(msgs) + "\n"

@@ -79,7 +79,7 @@ def test_documents_end_with_endoftext_and_decode_to_the_source(tmp_path, tiny_to
 
 def test_deterministic_and_resumable(tmp_path, tiny_tokenizer, monkeypatch):
     mix = _mixture(tmp_path)
-    kw = dict(tokens=60_000, shard_tokens=4096, progress=False, dedup=False)
+    kw = {"tokens": 60_000, "shard_tokens": 4096, "progress": False, "dedup": False}
     prep.prepare(mix, tiny_tokenizer, tmp_path / "a", **kw)
     prep.prepare(mix, tiny_tokenizer, tmp_path / "b", **kw)
 

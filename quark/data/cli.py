@@ -30,7 +30,7 @@ def cmd_prepare(args) -> None:
     print(f"{m['kind']} data in {args.out} ({m['seconds']:.1f}s)")
     for s in m["sources"]:
         extra = ", ".join(f"{k.replace('_', ' ')} {s[k]}" for k in ("empty_skipped", "bad_skipped", "eval_removed",
-                                                                     "truncated") if s[k])
+                                                                     "truncated", "too_long_skipped") if s[k])
         print(f"  {s['name']:22s} weight {s['weight']:<6g} {s['tokens']:>12,} tokens {s['documents']:>9,} docs "
               f"epochs {s['epochs']}" + (f" ({extra})" if extra else ""))
     for split, d in m["splits"].items():

@@ -40,8 +40,7 @@ def normalize(text: str) -> str:
 def _strings(obj) -> Iterable[str]:
     if isinstance(obj, str):
         yield obj
-        for line in obj.splitlines():
-            yield line
+        yield from obj.splitlines()
     elif isinstance(obj, dict):
         for v in obj.values():
             yield from _strings(v)
@@ -105,7 +104,7 @@ def _pkg(name: str) -> Path | None:
     import importlib.util
 
     spec = importlib.util.find_spec(name)
-    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
 
 
 def text_hash(normalized: str) -> int:

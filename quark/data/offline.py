@@ -53,7 +53,7 @@ def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"Python package {name!r} is not installed (pip install --no-deps {name})")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # ---- code ----------------------------------------------------------------------------------------------------
@@ -107,8 +107,9 @@ def code_documents(which: str = "python_stdlib") -> Iterator[str]:
 
 # ---- Debian handbook ------------------------------------------------------------------------------------------
 class _HandbookParser(html.parser.HTMLParser):
-    SKIP_CLASSES = {"toc", "docnav", "banner", "list-of-figures", "list-of-tables", "list-of-examples"}
-    BLOCKS = {"p", "div", "li", "pre", "tr", "dt", "dd", "br", "table", "h1", "h2", "h3", "h4", "h5", "blockquote"}
+    SKIP_CLASSES = frozenset({"toc", "docnav", "banner", "list-of-figures", "list-of-tables", "list-of-examples"})
+    BLOCKS = frozenset({"p", "div", "li", "pre", "tr", "dt", "dd", "br", "table", "h1", "h2", "h3", "h4", "h5",
+                        "blockquote"})
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -205,7 +206,7 @@ def fortune_documents(lang: str = "en") -> Iterator[str]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink() and "." not in p.name)
     for f in files:
         raw = f.read_bytes().decode("utf-8", errors="replace")
-        for quote in re.split(r"^%\s*$", raw, flags=re.M):
+        for quote in re.split(r"^%\s*$", raw, flags=re.MULTILINE):
             quote = quote.strip("\n")
             if quote.strip():
                 yield quote + "\n"
@@ -217,7 +218,7 @@ def bible_documents() -> Iterator[str]:
         raise FileNotFoundError("the `bible` program (Debian bible-kjv, bible-kjv-text) is not installed")
     out = subprocess.run([exe, "-l0", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
     for chapter in re.split(r"\n(?=\S[^\n]* \d+\n)", out):
-        chapter = re.sub(r"^\s+(\d+) ", r"\1 ", chapter.strip("\n"), flags=re.M)
+        chapter = re.sub(r"^\s+(\d+) ", r"\1 ", chapter.strip("\n"), flags=re.MULTILINE)
         if chapter.strip():
             yield chapter + "\n"
 

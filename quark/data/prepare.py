@@ -89,7 +89,7 @@ class _State:
         return self.data["sources"].setdefault(name, {
             "done": False, "epoch": 0, "docs": 0, "train_tokens": 0, "val_tokens": 0, "documents": 0,
             "bytes": 0, "train_bytes": 0, "val_bytes": 0, "empty_skipped": 0, "bad_skipped": 0, "eval_removed": 0,
-            "epochs": 1, "truncated": 0, "val_docs": 0})
+            "epochs": 1, "truncated": 0, "too_long": 0, "val_docs": 0})
 
     def save(self) -> None:
         _atomic_write(self.path, json.dumps(self.data, indent=1).encode())
@@ -175,8 +175,8 @@ def _prepare_pretrain(mix, tok, out, tokens, seed, vf, skip_bad, shard_tokens, w
         for src in mix.sources:
             st = state.source(src.name)
             share = tokens * src.weight / W
-            val_target = int(round(share * vf))
-            train_target = int(round(share)) - val_target
+            val_target = round(share * vf)
+            train_target = round(share) - val_target
             bar.update(st["train_tokens"] + st["val_tokens"])
             if st["done"] or train_target <= 0:
                 st["done"] = True
@@ -299,10 +299,10 @@ def _prepare_sft(mix, tok, out, tokens, seed, vf, skip_bad, seq_len, shard_token
     pool = None
     for src in mix.sources:
         st = state.source(src.name)
-        for k in ("documents", "bytes", "empty_skipped", "bad_skipped", "eval_removed", "truncated",
+        for k in ("documents", "bytes", "empty_skipped", "bad_skipped", "eval_removed", "truncated", "too_long",
                   "train_tokens", "val_tokens", "train_bytes", "val_bytes"):
             st[k] = 0
-        target = None if tokens is None else int(round(tokens * src.weight / W))
+        target = None if tokens is None else round(tokens * src.weight / W)
         cap = src.options.get("max_documents")
         got, epoch = 0, 0
         bar = tqdm(desc=f"render {src.name}", unit="conv", disable=not progress)
@@ -331,8 +331,8 @@ def _prepare_sft(mix, tok, out, tokens, seed, vf, skip_bad, seq_len, shard_token
                 if len(ids) > row_len:
                     ids, mask = ids[:row_len], mask[:row_len]
                     st["truncated"] += 1
-                if not any(mask[1:]):
-                    st["bad_skipped" if skip_bad else "empty_skipped"] += 1
+                if not any(mask[1:]):  # cut before any assistant token: nothing left to train on
+                    st["too_long"] += 1
                     continue
                 convs[split].append((ids, mask))
                 nbytes = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in conv)
@@ -369,7 +369,7 @@ def _prepare_sft(mix, tok, out, tokens, seed, vf, skip_bad, seq_len, shard_token
             shards.append({"file": f"{stem}.ids.npy", "mask": f"{stem}.mask.npy",
                            "rows": int(min(rows_per_shard, len(ids) - start))})
         state.data["shards"][split] = shards
-        state.data[f"{split}_rows"] = int(len(ids))
+        state.data[f"{split}_rows"] = len(ids)
         state.data[f"{split}_real_tokens"] = int((ids != 0).sum()) if len(ids) else 0
         state.data[f"{split}_target_tokens"] = int(mask.sum())
         state.save()
@@ -407,7 +407,8 @@ def _write_manifest(mix: Mixture, tok: Tokenizer, out: Path, seed: int, seq_len:
                      "documents": st["documents"], "tokens": st["train_tokens"] + st["val_tokens"],
                      "bytes": st["bytes"], "train_tokens": st["train_tokens"], "val_tokens": st["val_tokens"],
                      "epochs": st["epochs"], "empty_skipped": st["empty_skipped"], "bad_skipped": st["bad_skipped"],
-                     "eval_removed": st["eval_removed"], "truncated": st["truncated"]})
+                     "eval_removed": st["eval_removed"], "truncated": st["truncated"],
+                     "too_long_skipped": st.get("too_long", 0)})
     splits = {}
     for split in ("train", "val"):
         shards = state.data["shards"][split]

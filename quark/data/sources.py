@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import glob as globlib
 import itertools
-import random
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +128,7 @@ class Source:
 def make_source(spec: dict, where: str = "mixture") -> Source:
     """Validate one mixture entry (no data is read) and build its `Source`."""
     if not isinstance(spec, dict):
-        raise ValueError(f"{where}: each source must be a table with name, type, weight")
+        raise ValueError(f"{where}: each source must be a table with name, type, weight")  # noqa: TRY004 - the CLI reports ValueError
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}: a source is missing its 'name'")
@@ -308,7 +308,7 @@ def hf_documents(dataset: str, config: str | None = None, split: str = "train", 
         ds = datasets.load_dataset(dataset, config, **kwargs)
         rows = iter(ds)
         first = next(rows, None)
-    except Exception as e:  # offline, unknown dataset or config, bad folder: one clear line, not a traceback
+    except Exception as e:  # noqa: BLE001 - offline, unknown dataset, bad folder: one clear line, not a traceback
         raise RuntimeError(f"Hugging Face dataset {dataset!r} (config {config!r}, split {split!r}) cannot be read: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if first is None:
