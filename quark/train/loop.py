@@ -132,8 +132,7 @@ class Trainer:
         self._make_loaders()
         self._make_model()
         self._plan_budget()
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
-                                         self.dev)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
         self.step, self.tokens, self.prior_elapsed, self.planned = 0, 0, 0.0, self.total is not None
         self.started = now_iso()
         if self.resume_from is not None:

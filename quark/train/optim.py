@@ -3,7 +3,8 @@
 Choices:
 - Two parameter groups: every parameter with 2+ dims (embeddings, projections; the tied lm_head is the embedding)
   decays, 1-D ones (RMSNorm gains) do not, as in nanoGPT/Llama recipes.
-- `fused=True` on CUDA (one kernel for the whole update); the default foreach path on CPU.
+- `fused=True` (one kernel for the whole update) on CUDA and on CPU, where it is ~6x faster than the foreach path
+  (4 ms vs 26 ms per step for the tiny preset on one core).
 - The schedule is a pure function of the step and the planned step count, so the scheduler's state is just
   those two numbers (saved in the checkpoint's JSON).
 """
@@ -24,10 +25,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    eps: float = 1e-8, device: torch.device | str = "cpu") -> torch.optim.AdamW:
-    fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
-                             fused=fused or None)
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
