@@ -41,7 +41,7 @@ def corpus_texts(corpus: list[str] | None, max_bytes: int | None, seed: int = 0,
         mixture = mixture_from_dict({"sources": [{"name": "files", "type": "files", "paths": corpus,
                                                   "license": "user-provided"}]}, "--corpus")
     stats = stats if stats is not None else {}
-    stats.update(documents=0, bytes=0, bad_skipped=0)
+    stats.update(documents=0, bytes=0, bad_skipped=0, bad_examples=[])
     total_w = mixture.total_weight
     endless = [s.name for s in mixture.sources if s.is_endless]
     if max_bytes is None and endless:
@@ -60,7 +60,9 @@ def corpus_texts(corpus: list[str] | None, max_bytes: int | None, seed: int = 0,
                 got = 0
                 for doc in src.documents(seed, epoch, 0, pool):
                     if isinstance(doc, BadRecord):
-                        stats["bad_skipped"] += 1
+                        stats["bad_skipped"] += epoch == 0
+                        if len(stats["bad_examples"]) < 3 and epoch == 0:
+                            stats["bad_examples"].append(str(doc))
                         continue
                     text = flatten_chat(doc) if isinstance(doc, list) else doc
                     if not text or not text.strip():
@@ -110,13 +112,18 @@ def cmd_train(args) -> None:
             print(f"read {stats['bytes'] / 1e6:.1f} MB in {time.time() - t0:.0f}s; computing merges...", file=sys.stderr)
 
     # our bar covers reading (most of the time); the trainer's own bars would interleave with it, so they are off
-    tok = train_tokenizer(counted(), vocab_size=args.vocab_size, show_progress=False)
+    try:
+        tok = train_tokenizer(counted(), vocab_size=args.vocab_size, show_progress=False)
+    except ValueError as e:
+        if stats.get("bad_examples"):
+            raise ValueError(f"{e}; unreadable: {'; '.join(stats['bad_examples'])}") from None
+        raise
     seconds = time.time() - t0
     out = tok.save(args.out)
     print(f"trained a {tok.base_vocab_size:,}-token byte-level BPE (+2 chat tokens = {tok.vocab_size:,} ids) on "
           f"{stats['bytes'] / 1e6:.1f} MB ({stats['documents']:,} documents) in {seconds:.0f}s -> {out}")
     if stats["bad_skipped"]:
-        print(f"  skipped {stats['bad_skipped']} unreadable records", file=sys.stderr)
+        print(f"  skipped {stats['bad_skipped']} unreadable records, e.g. {stats['bad_examples'][0]}", file=sys.stderr)
 
 
 # ---- stats -----------------------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def test_train_errors_name_the_problem(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe not utf-8 \xc3")
     rc = main(["tokenizer", "train", "--corpus", str(bad), "--vocab-size", "300", "--out", str(tmp_path / "t4"),
                "--quiet"])
-    assert rc == 2 and "empty" in capsys.readouterr().err  # the only file was unreadable text: nothing to train on
+    err = capsys.readouterr().err  # the only file was unreadable text: nothing to train on, and it is named
+    assert rc == 2 and "empty" in err and "bad.txt: not UTF-8" in err
     assert not any((tmp_path / t).exists() for t in ("t1", "t2", "t3", "t4"))
 
 
