@@ -133,7 +133,7 @@ class Trainer:
         self._make_model()
         self._plan_budget()
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-        self.step, self.tokens, self.prior_elapsed, self.planned = 0, 0, 0.0, self.total is not None
+        self.step, self.tokens, self.prior_elapsed, self.time_planned = 0, 0, 0.0, False
         self.started = now_iso()
         if self.resume_from is not None:
             self._resume()
@@ -155,7 +155,8 @@ class Trainer:
             self.seq_len = self.train_loader.seq_len
             if self.seq_len > mc.context_length:
                 raise ValueError(f"{cfg.data}: SFT rows hold {self.seq_len} tokens, more than the base model's "
-                                 f"context_length={mc.context_length}")
+                                 f"context_length={mc.context_length}; prepare them with "
+                                 f"`quark prepare --sft --seq-len {mc.context_length}`")
         self.val_loader = None
         if self.manifest["splits"].get("val", {}).get("shards"):
             if cfg.kind == "pretrain":
@@ -209,7 +210,7 @@ class Trainer:
         self.train_loader.load_state_dict(st["loader"])
         self.step, self.tokens, self.prior_elapsed = st["step"], st["tokens"], st["elapsed_s"]
         if st.get("planned_by_time"):
-            self.total, self.planned = st["total_steps"], True
+            self.total, self.time_planned = st["total_steps"], True
         self.started = st.get("started", self.started)
         if self.d.is_main:
             print(f"resuming from {self.resume_from} (step {self.step}, {self.tokens:,} tokens)", flush=True)
@@ -250,7 +251,7 @@ class Trainer:
         if self.d.is_main:
             prev = ckpt.latest_checkpoint(self.run_dir)
             state = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed(), "started": self.started,
-                     "total_steps": self.total, "planned_by_time": self.planned and bool(self.cfg.max_minutes),
+                     "total_steps": self.total, "planned_by_time": self.time_planned,
                      "loader": self.train_loader.state_dict(), "world_size": self.d.world_size,
                      "train_config": self.cfg.to_dict()}
             try:
@@ -282,7 +283,9 @@ class Trainer:
         dist_.all_reduce_sum(acc, self.d)
         loss = float(acc[0] / acc[1].clamp(min=1))
         val = self.manifest["splits"].get("val", {})
-        rec = {"step": self.step, "val_loss": loss, "val_bpb": bits_per_byte(loss, val.get("tokens"), val.get("bytes"))}
+        # SFT scores only assistant tokens, whose bytes the manifest does not count: no bits-per-byte there
+        bpb = bits_per_byte(loss, val.get("tokens"), val.get("bytes")) if self.cfg.kind == "pretrain" else None
+        rec = {"step": self.step, "val_loss": loss, "val_bpb": bpb}
         if self.d.is_main:
             bpb = f", {rec['val_bpb']:.4f} bits/byte" if rec["val_bpb"] is not None else ""
             print(f"step {self.step}: val loss {loss:.4f}{bpb}", flush=True)
@@ -319,9 +322,10 @@ class Trainer:
         self.monitor.text("samples", "\n\n".join(lines), self.step)
 
     def _maybe_plan_by_time(self, steps_here: int, t_first: float):
-        """After a few steps of this process, size a time-bounded run from its measured speed."""
+        """After a few steps of this process, size a time-bounded run from its measured speed (the smaller of that
+        and the other budgets), so the cosine reaches its floor when the time is up."""
         cfg = self.cfg
-        if self.planned or not cfg.max_minutes or steps_here < 6:
+        if self.time_planned or not cfg.max_minutes or steps_here < 6:
             return
         per_step = (time.time() - t_first) / (steps_here - 1)
         left = cfg.max_minutes * 60 - self.elapsed()
@@ -330,7 +334,7 @@ class Trainer:
         est = self.step + max(1, int(0.95 * (left - (n_evals + 1) * eval_cost) / per_step))
         est = dist_.broadcast_object(est, self.d)
         self.total = min(self.total, est) if self.total else est
-        self.planned = True
+        self.time_planned = True
         if self.d.is_main:
             print(f"planned {self.total} steps to fit max_minutes={cfg.max_minutes:g} "
                   f"({per_step:.3f}s per step)", flush=True)
