@@ -268,3 +268,17 @@ def test_time_bounded_run_plans_its_steps_and_stops(tmp_path, tiny_tokenizer):
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     if info["steps"] == state["total_steps"]:
         assert lrs[-1] == pytest.approx(3e-4)  # the cosine reached its floor at the planned end
+
+
+@pytest.mark.gpu
+def test_cuda_run_uses_bf16_compile_and_learns(tmp_path, tiny_tokenizer):
+    from quark.train.loop import train
+
+    data = write_pretrain_data(tmp_path / "data", tiny_tokenizer, n_files=20)
+    info = train(train_cfg(data, tmp_path / "run", device="cuda", max_steps=30, batch_size=16, eval_every=0,
+                           lr=3e-3, log_every=1))
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert info["steps"] == 30 and losses[-1] < losses[0] - 0.3
+    assert all(r["mfu"] is None or 0 < r["mfu"] < 1 for r in recs if "loss" in r)
+    assert "NVIDIA" in info["hardware"] or "x 1" in info["hardware"]
