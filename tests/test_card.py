@@ -68,7 +68,9 @@ def runs(tmp_path_factory, tiny_tokenizer):
           "tasks": {"piqa": {"acc": 0.6112, "acc_stderr": 0.0114, "acc_norm": 0.6021, "acc_norm_stderr": 0.0115,
                              "n": 1838, "chance": 0.5, "split": "validation"},
                     "arc_easy": {"acc": 0.2631, "acc_stderr": 0.0184, "acc_norm": 0.2543, "acc_norm_stderr": 0.0182,
-                                 "n": 570, "chance": 0.25, "split": "validation"}},
+                                 "n": 570, "chance": 0.25, "split": "validation"},
+                    "lambada": {"acc": 0.0312, "acc_stderr": 0.0077, "acc_norm": None, "acc_norm_stderr": None,
+                                "n": 500, "chance": None, "split": "test"}},
           "perplexity": {"val_loss": 3.8765, "bpb": 1.4321, "tokens": 4321}}
     (root / "sft" / "checkpoints" / "step_000030" / "eval_results.json").write_text(json.dumps(ev))
     return {"root": root, "run": run, "train": train, "val": val, "base_run": base_run, "base_ck": base_ck,
@@ -142,6 +144,9 @@ def test_an_older_checkpoint_reports_its_own_step(runs):
 
 def test_evaluation_table_and_chance_baselines(card, runs):
     for task, t in runs["eval"]["tasks"].items():
+        if t["chance"] is None:  # lambada: no acc_norm and no chance baseline, shown as dashes
+            assert f"| {task} | {t['split']} | {t['n']:,} | {100 * t['acc']:.1f} ± {100 * t['acc_stderr']:.1f} | — | — |" in card
+            continue
         assert (f"| {task} | {t['split']} | {t['n']:,} | {100 * t['acc']:.1f} ± {100 * t['acc_stderr']:.1f} | "
                 f"{100 * t['acc_norm']:.1f} ± {100 * t['acc_norm_stderr']:.1f} | {100 * t['chance']:.1f} |") in card
     assert "loss 3.8765 nats/token, 1.4321 bits per byte over 4,321 tokens" in card
@@ -178,7 +183,8 @@ def _sources_numbers(runs, facts):
     for d in runs["val"] + runs["base_val"]:
         allowed |= {f"{d['val_loss']:.4f}", f"{d['val_bpb']:.4f}"}
     for t in runs["eval"]["tasks"].values():
-        allowed |= {f"{100 * t[k]:.1f}" for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance")}
+        allowed |= {f"{100 * t[k]:.1f}" for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance")
+                    if t[k] is not None}
         allowed.add(f"{t['n']:,}")
     p = runs["eval"]["perplexity"]
     allowed |= {f"{p['val_loss']:.4f}", f"{p['bpb']:.4f}", f"{p['tokens']:,}"}
