@@ -259,9 +259,12 @@ def _training_section(title: str, r: dict) -> list[str]:
             out.append(f"| Throughput | {last['tok_per_s']:,.0f} tokens/s |")
         if last.get("mfu") is not None:
             out.append(f"| MFU | {100 * last['mfu']:.1f}% |")
-    if last_val:
-        out.append(f"| Validation loss / bits per byte | {last_val.get('val_loss'):.4f} / "
-                   f"{last_val.get('val_bpb'):.4f} (step {_n(last_val.get('step'))}) |")
+    if last_val.get("val_loss") is not None:
+        if last_val.get("val_bpb") is not None:
+            out.append(f"| Validation loss / bits per byte | {last_val['val_loss']:.4f} / "
+                       f"{last_val['val_bpb']:.4f} (step {_n(last_val.get('step'))}) |")
+        else:  # SFT: the loss is over assistant tokens only, so bytes per token are not defined
+            out.append(f"| Validation loss | {last_val['val_loss']:.4f} (step {_n(last_val.get('step'))}) |")
     scalars = {k: v for k, v in (r.get("train_config") or {}).items() if isinstance(v, (int, float, str, bool))}
     if scalars:
         out += ["", "Training configuration: " + ", ".join(f"`{k}={v}`" for k, v in scalars.items()) + "."]
