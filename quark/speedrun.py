@@ -57,7 +57,7 @@ RECIPES = {
     # The README's main command: 2 CPU cores, <= 20 minutes including set-up, real offline data only (DATA.md).
     "tiny": Recipe(name="Quark-Tiny-Instruct", model_preset="tiny", vocab_size=8192, tokenizer_bytes=24_000_000, mixture="offline",
                    data_tokens=3_000_000, sft_seq_len=256, pretrain_config="pretrain-tiny", sft_config="sft-tiny",
-                   pretrain_minutes=6.0, pretrain_tokens=None, sft_minutes=2.0, eval_limit=300),
+                   pretrain_minutes=7.0, pretrain_tokens=None, sft_minutes=3.0, eval_limit=300),
     # The card's model and recipe: 65,536-token BPE, the 45/45/4/4/2 mixture (Hugging Face datasets: needs
     # internet; `--mixture offline` otherwise), 5B tokens, SFT at context 2048. For GPUs, one or many (--nproc).
     "quark-72m": Recipe(name="Quark-72M-Instruct", model_preset="quark-72m", vocab_size=65536, tokenizer_bytes=100_000_000,
@@ -311,6 +311,18 @@ def sample_chats(model_dir: Path, seed: int = 0) -> list[dict]:
     return out
 
 
+def _demote_headings(md: str) -> str:
+    """The card's headings one level under the report's own (`#` lines inside code blocks are comments)."""
+    out, fenced = [], False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            line = "##" + line
+        out.append(line)
+    return "\n".join(out)
+
+
 def _show(cmd: list[str]) -> str:
     """A stage's command as a user would type it (`quark ...` rather than `/path/python -m quark ...`)."""
     text = shlex.join(cmd)
@@ -436,7 +448,7 @@ def write_report(run: Run) -> dict:
           f"quark serve --model {run.hf}   # OpenAI API + chat page on http://127.0.0.1:8000",
           *([f"llama-cli -m {run.gguf} -cnv --chat-template chatml"] if run.gguf.exists() else []), "```", "",
           f"## Model card (the exported [`README.md`]({card.relative_to(run.out)}))", "",
-          body.replace("\n# ", "\n### ").replace("\n## ", "\n### ")]
+          _demote_headings(body)]
     atomic_write_text(run.report, "\n".join(L) + "\n")
     atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\nvalidation loss {base_ppl['val_loss']:.4f} nats/token (pre-trained) vs unigram baseline "
@@ -481,7 +493,7 @@ def cmd_speedrun(args) -> None:
     if args.print_commands:
         for stage, cmds in stage_commands(run, args.nproc).items():
             for c in cmds:
-                print(f"# {stage}\n{shlex.join(c)}")
+                print(f"# {stage}\n{_show(c)}")
         return
     t0 = time.time()
     speedrun(args.out, recipe, nproc=args.nproc)

@@ -1,0 +1,93 @@
+"""`quark speedrun` end to end on a minute's budget: every stage runs for real on the offline data, the report's
+figures come from the stages' files, a second call skips every finished stage, and a removed output is rebuilt."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from quark.data import offline
+from quark.speedrun import STAGES
+
+SMALL = ["--tokenizer-bytes", "2e6", "--vocab-size", "1024", "--data-tokens", "1.5e5", "--max-minutes", "0.25",
+         "--sft-minutes", "0.25", "--eval-limit", "10"]
+
+
+def _speedrun(out, *extra):
+    return subprocess.run([sys.executable, "-m", "quark", "speedrun", "--out", str(out), *SMALL, *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    if not offline.HANDBOOK.exists():
+        pytest.skip(f"{offline.HANDBOOK} not installed (apt-get install debian-handbook)")
+    out = tmp_path_factory.mktemp("speedrun") / "tiny"
+    r = _speedrun(out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r.stdout
+
+
+def test_every_stage_runs_and_the_report_reads_their_files(run):
+    out, stdout = run
+    for i, stage in enumerate(STAGES, 1):
+        assert f"[speedrun {i}/{len(STAGES)}] {stage}" in stdout
+    s = json.loads((out / "summary.json").read_text())
+    # the model learned more than token frequencies
+    assert s["base_perplexity"]["val_loss"] < s["unigram"]["val_loss"] - 0.3
+    base_eval = json.loads(next((out / "pretrain" / "checkpoints").glob("step_*/eval_results.json")).read_text())
+    assert s["eval"]["base"] == base_eval["tasks"]
+    assert set(base_eval["tasks"]) == {"piqa", "arc_easy", "hellaswag"}
+    assert all(t["n"] == 10 for t in base_eval["tasks"].values())
+    # ChatML replies in both languages; most end with <|im_end|> even after seconds of SFT
+    assert {c["lang"] for c in s["chats"]} == {"en", "it"}
+    assert s["chats_ending_with_im_end"] >= len(s["chats"]) // 2
+    run_json = json.loads((out / "pretrain" / "run.json").read_text())
+    assert s["pretrain"]["tokens"] == run_json["tokens"] and run_json["finished"]
+    # exports: the HF folder with its generated card, and the GGUF file
+    hf = out / "export" / "Quark-Tiny-Instruct"
+    assert (hf / "model.safetensors").exists() and (hf / "config.json").exists()
+    assert (out / "export" / "Quark-Tiny-Instruct.gguf").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    for figure in (f"{s['unigram']['val_loss']:.4f}", f"{s['base_perplexity']['val_loss']:.4f}",
+                   f"{run_json['tokens']:,}", "| piqa | 10 |", "![pretrain loss](pretrain/loss.png)", "quark chat --model"):
+        assert figure in report, figure
+    assert (out / "pretrain" / "loss.png").exists()
+    card_body = (hf / "README.md").read_text().split("\n---\n", 1)[1]
+    assert card_body.splitlines()[3] in report  # the exported card is embedded, not re-typed
+    assert "quark chat --model" in stdout and "quark serve --model" in stdout
+
+
+def test_second_call_skips_finished_stages_and_rebuilds_a_removed_one(run):
+    import shutil
+
+    out, _ = run
+    r = _speedrun(out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done already, skipped") == len(STAGES) - 1  # all but the report
+    shutil.rmtree(out / "export")
+    r = _speedrun(out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done already, skipped") == len(STAGES) - 2
+    assert "[speedrun 7/8] export: quark export" in r.stdout
+    assert (out / "export" / "Quark-Tiny-Instruct" / "model.safetensors").exists()
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["export"]["skipped"] is False and stages["pretrain"]["skipped"] is True
+
+
+def test_commands_and_bad_flags(tmp_path, capsys):
+    from quark.cli import main
+
+    assert main(["speedrun", "--out", str(tmp_path / "r"), "--preset", "quark-72m", "--nproc", "8",
+                 "--max-tokens", "2e9", "--print-commands"]) == 0
+    text = capsys.readouterr().out
+    assert "torchrun --standalone --nproc_per_node=8 -m quark pretrain --config pretrain-quark-72m" in text
+    assert "max_tokens=2000000000" in text and "--tokens 2000000000" in text and "--vocab-size 65536" in text
+    assert "--mixture quark-72m" in text and "--seq-len 2048" in text
+    assert not (tmp_path / "r").exists()  # printing commands runs nothing
+
+    assert main(["speedrun", "--out", str(tmp_path / "r"), "--max-minutes", "0"]) == 2
+    assert "must be a positive number of minutes" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "r"), "--nproc", "0"]) == 2
+    assert "--nproc: must be >= 1" in capsys.readouterr().err
