@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         decoder_for(m, 1, P + 1).prefill(long_prompt)
 
     with torch.no_grad():
-        for name, m, fast in contenders:  # warm-up: allocations, weight fusing
+        for _name, m, fast in contenders:  # warm-up: allocations, weight fusing
             generate(m, prompt, max_new_tokens=8, temperature=0.0, fast=fast)
             if fast:
                 prefill(m)

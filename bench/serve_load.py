@@ -158,7 +158,7 @@ def main() -> int:
                 except (httpx.HTTPError, KeyError):
                     if server.poll() is not None or time.monotonic() > deadline:
                         print(server.stdout.read())
-                        raise SystemExit("the server did not start")
+                        raise SystemExit("the server did not start") from None
                     time.sleep(0.3)
             asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
             # levels alternate in short rounds, so a change in the machine's load hits each level alike

@@ -48,6 +48,7 @@ class Recipe:
     pretrain_minutes: float | None  # time bound of pre-training (None: the config's token budget)
     pretrain_tokens: int | None     # token bound of pre-training (None: the config's)
     sft_minutes: float | None
+    sft_tokens: int | None = None   # token bound of SFT (None: the config's epochs)
     eval_tasks: str = "piqa,arc_easy,hellaswag"
     eval_limit: int | None = None   # items per task (None: all)
     gguf: bool = True
@@ -178,6 +179,8 @@ def stage_commands(run: Run, nproc: int = 1) -> dict[str, list[list[str]]]:
     if r.pretrain_tokens is not None:
         bound += ["--set", f"max_tokens={r.pretrain_tokens}"]
     sft_bound = ["--set", f"max_minutes={r.sft_minutes:g}"] if r.sft_minutes is not None else []
+    if r.sft_tokens is not None:
+        sft_bound += ["--set", f"max_tokens={r.sft_tokens}"]
     tasks = ["--tasks", r.eval_tasks] + (["--limit", str(r.eval_limit)] if r.eval_limit else [])
     cmds = {
         "tokenizer": [q("tokenizer", "train", "--vocab-size", r.vocab_size, "--max-bytes", r.tokenizer_bytes,
@@ -466,17 +469,18 @@ def _recipe_from_args(args) -> Recipe:
     kw = {}
     if args.max_tokens is not None:
         kw["pretrain_tokens"] = int(args.max_tokens)
-        kw["data_tokens"] = min(r.data_tokens, int(args.max_tokens))
+        # no more data than it can train on, but enough for a validation split worth the name
+        kw["data_tokens"] = min(r.data_tokens, max(int(args.max_tokens), 2_000_000))
     if args.max_minutes is not None:
         kw["pretrain_minutes"] = args.max_minutes
-    for f in ("vocab_size", "tokenizer_bytes", "mixture", "data_tokens", "sft_minutes", "eval_limit", "eval_tasks",
-              "name"):
+    for f in ("vocab_size", "tokenizer_bytes", "mixture", "data_tokens", "sft_minutes", "sft_tokens", "eval_limit",
+              "eval_tasks", "name"):
         v = getattr(args, f, None)
         if v is not None:
             kw[f] = v
     if args.no_gguf:
         kw["gguf"] = False
-    for k in ("pretrain_tokens", "data_tokens", "vocab_size", "tokenizer_bytes", "eval_limit"):
+    for k in ("pretrain_tokens", "data_tokens", "vocab_size", "tokenizer_bytes", "eval_limit", "sft_tokens"):
         if k in kw and kw[k] is not None and kw[k] <= 0:
             raise ValueError(f"--{k.replace('_', '-')}: must be a positive number, got {kw[k]}")
     for k in ("pretrain_minutes", "sft_minutes"):
@@ -521,6 +525,7 @@ def add_commands(sub) -> None:
     p.add_argument("--tokenizer-bytes", type=_float_int, help="override the tokenizer corpus budget")
     p.add_argument("--data-tokens", type=_float_int, help="override the pre-training tokens to prepare")
     p.add_argument("--sft-minutes", type=float, help="override the SFT time bound")
+    p.add_argument("--sft-tokens", type=_float_int, help="bound SFT to N tokens")
     p.add_argument("--eval-limit", type=int, help="items per evaluation task")
     p.add_argument("--eval-tasks", help="comma-separated tasks (default piqa,arc_easy,hellaswag)")
     p.add_argument("--name", help="model name in the card and the export folder")

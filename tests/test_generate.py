@@ -15,7 +15,7 @@ def model():
 
 
 def test_greedy_matches_hf_generate(model):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from tests.test_model import llama_twin
 
     hf = llama_twin(model)

@@ -31,7 +31,7 @@ def pair():
     model = Quark(cfg).init_weights(seed=1).eval()
     # make the norms non-trivial so a wrong norm placement would show
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model, llama_twin(model)

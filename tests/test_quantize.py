@@ -9,8 +9,15 @@ import torch
 from quark import Quark
 from quark.config import PRESETS
 from quark.generate import generate
-from quark.quantize import (Int8Embedding, Int8Linear, int8_linear, is_quantized, model_nbytes, quantize_int8,
-                            quantize_tensor)
+from quark.quantize import (
+    Int8Embedding,
+    Int8Linear,
+    int8_linear,
+    is_quantized,
+    model_nbytes,
+    quantize_int8,
+    quantize_tensor,
+)
 
 
 def _markov_batches(vocab: int, n: int, B: int, T: int, seed: int):
@@ -102,10 +109,10 @@ def test_int8_greedy_tokens_mostly_equal_fp32_and_fast_equals_plain(trained):
 def test_quantize_cli_reports_size_and_speed(tmp_path, capsys):
     import json
 
+    import numpy as np
+
     from quark.cli import main
     from quark.weights import save_model
-
-    import numpy as np
 
     save_model(Quark(PRESETS["test"]).init_weights(seed=2), tmp_path / "m")
     data = tmp_path / "data"

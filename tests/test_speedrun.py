@@ -10,8 +10,9 @@ import pytest
 from quark.data import offline
 from quark.speedrun import STAGES
 
-SMALL = ["--tokenizer-bytes", "2e6", "--vocab-size", "1024", "--data-tokens", "1.5e5", "--max-minutes", "0.25",
-         "--sft-minutes", "0.25", "--eval-limit", "10"]
+# token bounds (not minutes) keep the run the same however loaded the machine is: 30 pre-training steps, 50 SFT
+SMALL = ["--tokenizer-bytes", "2e6", "--vocab-size", "1024", "--data-tokens", "3e5", "--max-tokens", "122880", "--sft-tokens", "102400",
+         "--eval-limit", "10"]
 
 
 def _speedrun(out, *extra):
@@ -44,7 +45,8 @@ def test_every_stage_runs_and_the_report_reads_their_files(run):
     assert {c["lang"] for c in s["chats"]} == {"en", "it"}
     assert s["chats_ending_with_im_end"] >= len(s["chats"]) // 2
     run_json = json.loads((out / "pretrain" / "run.json").read_text())
-    assert s["pretrain"]["tokens"] == run_json["tokens"] and run_json["finished"]
+    assert s["pretrain"]["tokens"] == run_json["tokens"] == 122880 and run_json["finished"]
+    assert s["sft"]["tokens"] == 102400
     # exports: the HF folder with its generated card, and the GGUF file
     hf = out / "export" / "Quark-Tiny-Instruct"
     assert (hf / "model.safetensors").exists() and (hf / "config.json").exists()
