@@ -99,7 +99,6 @@ def test_missing_eval_data_fails_before_any_stage(tmp_path, capsys, monkeypatch)
     import importlib.util
 
     from quark.cli import main
-
     from quark.eval import tasks
 
     tasks.load_docs.cache_clear()  # items other tests loaded stay cached in this process
