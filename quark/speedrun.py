@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .train.metrics import fmt_duration
+
 STAGES = ("tokenizer", "data", "sft-data", "pretrain", "sft", "eval", "export", "report")
 
 
@@ -151,9 +153,8 @@ class Run:
     def _valid_eval(self):
         files = self._eval_files()
         want = set(filter(None, self.recipe.eval_tasks.split(",")))
-        return len(files) == 2 and all(
-            set(json.loads(f.read_text()).get("tasks", {})) >= want and json.loads(f.read_text()).get("perplexity")
-            for f in files)
+        results = [json.loads(f.read_text()) for f in files]
+        return len(results) == 2 and all(set(r.get("tasks", {})) >= want and r.get("perplexity") for r in results)
 
     def _valid_export(self):
         return ((self.hf / "model.safetensors").exists() and (self.hf / "README.md").exists()
@@ -335,7 +336,7 @@ def _show(cmd: list[str]) -> str:
     """A stage's command as a user would type it (`quark ...` rather than `/path/python -m quark ...`)."""
     text = shlex.join(cmd)
     return text.replace(f"{shlex.quote(sys.executable)} -m torch.distributed.run", "torchrun").replace(
-        f"{shlex.quote(sys.executable)} -m quark", "quark").replace(" -m quark ", " -m quark ")
+        f"{shlex.quote(sys.executable)} -m quark", "quark")
 
 
 def _j(path: Path) -> dict | None:
@@ -343,17 +344,11 @@ def _j(path: Path) -> dict | None:
 
 
 def _fmt_s(s) -> str:
-    if s is None:
-        return "—"
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
+    return "—" if s is None else fmt_duration(s)
 
 
 def write_report(run: Run) -> dict:
-    from .hf.card import render_model_card
+    from .hf.card import pct, render_model_card
     from .weights import atomic_write_text, resolve_model_path
 
     stages = _j(run.stages_json) or {}
@@ -434,9 +429,8 @@ def write_report(run: Run) -> dict:
           "| Task | n | Base acc | Base acc_norm | SFT acc | SFT acc_norm | Chance |", "|---|---:|---:|---:|---:|---:|---:|"]
     for task, b in ev_base["tasks"].items():
         s = ev_sft["tasks"].get(task, {})
-        L.append(f"| {task} | {b['n']} | {_pct(b['acc'])} ± {_pct(b['acc_stderr'])} | {_pct(b.get('acc_norm'))} | "
-                 f"{_pct(s.get('acc'))} ± {_pct(s.get('acc_stderr'))} | {_pct(s.get('acc_norm'))} | "
-                 f"{_pct(b.get('chance'))} |")
+        L.append(f"| {task} | {b['n']} | {pct(b['acc'], b['acc_stderr'])} | {pct(b.get('acc_norm'))} | "
+                 f"{pct(s.get('acc'), s.get('acc_stderr'))} | {pct(s.get('acc_norm'))} | {pct(b.get('chance'))} |")
     sp = ev_sft.get("perplexity") or {}
     L += ["", "| Validation loss (nats/token) | bits/byte |", "|---|---:|",
           f"| unigram baseline | {uni['val_loss']:.4f} / {uni['bpb']:.4f} |",

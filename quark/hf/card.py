@@ -272,7 +272,7 @@ def _training_section(title: str, r: dict) -> list[str]:
     return out + [""]
 
 
-def _pct(x, se=None) -> str:
+def pct(x, se=None) -> str:
     """A fraction as a percentage with its standard error; tasks without a metric (lambada has no acc_norm,
     winogrande no fixed chance) show a dash."""
     if x is None:
@@ -294,8 +294,8 @@ def _eval_section(f: dict) -> tuple[list[str], list[str]]:
     near_chance = []
     for task, t in (ev.get("tasks") or {}).items():
         acc, se = t.get("acc"), t.get("acc_stderr")
-        out.append(f"| {task} | {t.get('split')} | {_n(t.get('n'))} | {_pct(acc, se)} | "
-                   f"{_pct(t.get('acc_norm'), t.get('acc_norm_stderr'))} | {_pct(t.get('chance'))} |")
+        out.append(f"| {task} | {t.get('split')} | {_n(t.get('n'))} | {pct(acc, se)} | "
+                   f"{pct(t.get('acc_norm'), t.get('acc_norm_stderr'))} | {pct(t.get('chance'))} |")
         if se is not None and t.get("chance") is not None and abs(acc - t["chance"]) <= 2 * se:
             near_chance.append(task)
     ppl = ev.get("perplexity")
