@@ -9,8 +9,12 @@ Measures, in one run and on the same machine state:
 Each figure is the best of `--repeats` runs (all runs are printed); the load average is printed because the
 CPU may be shared. Greedy tokens of ours and HF are compared (same weights: they should agree).
 
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python bench/generate.py              # quark-72m, fp32 + int8
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python bench/generate.py --preset tiny --new-tokens 64   # quick
+    PYTHONPATH=. python bench/generate.py                  # quark-72m, fp32 + int8, a machine of its own
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python bench/generate.py   # cores shared with other work
+The OpenMP wait policy matters about 2x at batch 1 on 2 cores: spinning threads pick up each small matmul at
+once on an idle machine (libgomp's default), sleeping ones (PASSIVE) are woken per op but do not crawl when
+other processes hold the cores. Both contenders run under the same policy; the header prints it.
+Quick check: `PYTHONPATH=. python bench/generate.py --preset tiny --new-tokens 64`.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def main(argv=None) -> int:
     print(f"# bench/generate.py  preset={args.preset} ({cfg.n_params() / 1e6:.1f}M params) fp32, batch 1, "
           f"{n} new tokens greedy, prompt {args.prompt_len}; prefill {P}")
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
-          f", load average before: {os.getloadavg()[0]:.2f}")
+          f", load average before: {os.getloadavg()[0]:.2f}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp spins, then sleeps)')}")
 
     # name -> {"decode"|"prefill": [(wall_s, cpu_s), ...]}; each round runs every contender once (interleaved),
     # so a burst of load from other processes hits all of them, and the best round of each is reported.
