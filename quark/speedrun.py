@@ -221,7 +221,7 @@ def _move_aside(path: Path) -> None:
         n += 1
     dest = path.with_name(f"{path.name}.stale-{n}")
     path.rename(dest)
-    print(f"speedrun: {path} was built from an older earlier stage; moved aside to {dest}", flush=True)
+    print(f"speedrun: {path} was built from an earlier stage's older output; moved aside to {dest}", flush=True)
 
 
 def _record(run: Run, stage: str, **info) -> None:
@@ -232,17 +232,17 @@ def _record(run: Run, stage: str, **info) -> None:
     atomic_write_text(run.stages_json, json.dumps(d, indent=2) + "\n")
 
 
-def speedrun(out: str | Path, recipe: Recipe, nproc: int = 1, only_check: bool = False) -> dict:
+def speedrun(out: str | Path, recipe: Recipe, nproc: int = 1) -> dict:
     """Run (or resume) every stage into `out`; returns the report's summary dict."""
     run = Run(Path(out), recipe)
-    run.out.mkdir(parents=True, exist_ok=True)
-    _record(run, "recipe", **dataclasses.asdict(recipe), nproc=nproc)
-    cmds = stage_commands(run, nproc)
     if not run.valid("eval"):  # fail in seconds, not after the training stages, when the eval data is missing
         from .eval.tasks import build_items, parse_tasks
 
         for task in parse_tasks(recipe.eval_tasks):
             build_items(task, 1)
+    run.out.mkdir(parents=True, exist_ok=True)
+    _record(run, "recipe", **dataclasses.asdict(recipe), nproc=nproc)
+    cmds = stage_commands(run, nproc)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "PYTHONUNBUFFERED": "1"}
     t_all, ran = time.time(), False
