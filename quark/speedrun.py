@@ -58,13 +58,14 @@ class Recipe:
 
 RECIPES = {
     # The README's main command: 2 CPU cores, <= 20 minutes including set-up, real offline data only (DATA.md).
-    "tiny": Recipe(name="Quark-Tiny-Instruct", model_preset="tiny", vocab_size=8192, tokenizer_bytes=24_000_000, mixture="offline",
-                   data_tokens=3_000_000, sft_seq_len=256, pretrain_config="pretrain-tiny", sft_config="sft-tiny",
+    "tiny": Recipe(name="Quark-Tiny-Instruct", model_preset="tiny", vocab_size=8192, tokenizer_bytes=24_000_000,
+                   mixture="offline", data_tokens=3_000_000, sft_seq_len=256, pretrain_config="pretrain-tiny",
+                   sft_config="sft-tiny",
                    pretrain_minutes=7.0, pretrain_tokens=None, sft_minutes=3.0, eval_limit=300),
     # The card's model and recipe: 65,536-token BPE, the 45/45/4/4/2 mixture (Hugging Face datasets: needs
     # internet; `--mixture offline` otherwise), 5B tokens, SFT at context 2048. For GPUs, one or many (--nproc).
-    "quark-72m": Recipe(name="Quark-72M-Instruct", model_preset="quark-72m", vocab_size=65536, tokenizer_bytes=100_000_000,
-                        mixture="quark-72m", data_tokens=5_000_000_000, sft_seq_len=2048,
+    "quark-72m": Recipe(name="Quark-72M-Instruct", model_preset="quark-72m", vocab_size=65536,
+                        tokenizer_bytes=100_000_000, mixture="quark-72m", data_tokens=5_000_000_000, sft_seq_len=2048,
                         pretrain_config="pretrain-quark-72m", sft_config="sft-quark-72m", pretrain_minutes=None,
                         pretrain_tokens=None, sft_minutes=None),
 }
@@ -152,7 +153,9 @@ class Run:
 
     def _valid_eval(self):
         files = self._eval_files()
-        want = set(filter(None, self.recipe.eval_tasks.split(",")))
+        from .eval.tasks import parse_tasks
+
+        want = set(parse_tasks(self.recipe.eval_tasks))
         results = [json.loads(f.read_text()) for f in files]
         return len(results) == 2 and all(set(r.get("tasks", {})) >= want and r.get("perplexity") for r in results)
 
@@ -166,10 +169,8 @@ class Run:
 
 # ---- the stages ------------------------------------------------------------------------------------------------
 def _quark(*args, nproc: int = 1) -> list[str]:
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "quark", *map(str, args)]
-    return [sys.executable, "-m", "quark", *map(str, args)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [sys.executable, *launcher, "-m", "quark", *map(str, args)]
 
 
 def stage_commands(run: Run, nproc: int = 1) -> dict[str, list[list[str]]]:
@@ -190,10 +191,10 @@ def stage_commands(run: Run, nproc: int = 1) -> dict[str, list[list[str]]]:
                    "--tokens", r.data_tokens)],
         "sft-data": [q("prepare", "--mixture", "sft", "--tokenizer", run.tokenizer, "--out", run.sft_data,
                        "--seq-len", r.sft_seq_len)],
-        "pretrain": [q("pretrain", "--config", r.pretrain_config, "--data", str(run.data), "--tokenizer",
-                       str(run.tokenizer), "--out", str(run.pretrain), *bound, nproc=nproc)],
-        "sft": [q("sft", "--config", r.sft_config, "--data", str(run.sft_data), "--from", str(run.pretrain),
-                  "--out", str(run.sft), *sft_bound, nproc=nproc)],
+        "pretrain": [q("pretrain", "--config", r.pretrain_config, "--data", run.data, "--tokenizer", run.tokenizer,
+                       "--out", run.pretrain, *bound, nproc=nproc)],
+        "sft": [q("sft", "--config", r.sft_config, "--data", run.sft_data, "--from", run.pretrain, "--out", run.sft,
+                  *sft_bound, nproc=nproc)],
         "eval": [q("eval", "--model", m, *tasks, "--perplexity", run.data) for m in (run.pretrain, run.sft)],
         "export": [q("export", "--checkpoint", run.sft, "--out", run.hf, "--name", r.name, "--force")],
     }
@@ -245,7 +246,7 @@ def speedrun(out: str | Path, recipe: Recipe, nproc: int = 1) -> dict:
     cmds = stage_commands(run, nproc)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "PYTHONUNBUFFERED": "1"}
-    t_all, ran = time.time(), False
+    ran = False
     for i, stage in enumerate(STAGES, 1):
         head = f"[speedrun {i}/{len(STAGES)}] {stage}"
         if not ran and run.valid(stage):
@@ -273,7 +274,6 @@ def speedrun(out: str | Path, recipe: Recipe, nproc: int = 1) -> dict:
                 raise RuntimeError(f"stage {stage!r} finished but its output {run.outputs(stage)} is not valid")
         _record(run, stage, seconds=round(time.time() - t0, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                        time.gmtime()), skipped=False)
-    summary["speedrun_seconds_this_call"] = round(time.time() - t_all, 1)
     return summary
 
 
@@ -283,13 +283,15 @@ def unigram_baseline(data_dir: Path) -> dict:
     smoothed). A language model that has learned anything beyond token frequencies must beat it."""
     import numpy as np
 
-    m = json.loads((data_dir / "manifest.json").read_text())
+    from .data.loader import _split_files, read_manifest
+
+    m = read_manifest(data_dir)
     vocab = m["vocab_size"]
 
     def counts(split):
         c = np.zeros(vocab, dtype=np.int64)
-        for f in m["splits"][split]["shards"]:
-            c += np.bincount(np.load(data_dir / split / f, mmap_mode="r"), minlength=vocab)[:vocab]
+        for f in _split_files(data_dir, m, split):
+            c += np.bincount(np.load(f, mmap_mode="r"), minlength=vocab)[:vocab]
         return c
 
     train, val = counts("train"), counts("val")
@@ -348,6 +350,7 @@ def _fmt_s(s) -> str:
 
 
 def write_report(run: Run) -> dict:
+    from .config import QuarkConfig
     from .hf.card import pct, render_model_card
     from .weights import atomic_write_text, resolve_model_path
 
@@ -360,13 +363,7 @@ def write_report(run: Run) -> dict:
     base_ppl = ev_base["perplexity"]
     chats = sample_chats(resolve_model_path(run.sft))
     mc = pre_info["model_config"]
-    n_params = None
-    try:
-        from .config import QuarkConfig
-
-        n_params = QuarkConfig(**mc).n_params()
-    except (TypeError, ValueError):
-        pass
+    n_params = QuarkConfig.from_dict(mc, source=str(run.pretrain / "run.json")).n_params()
 
     summary = {
         "recipe": dataclasses.asdict(run.recipe), "model_config": mc, "n_params": n_params,
@@ -400,8 +397,9 @@ def write_report(run: Run) -> dict:
         L.append(f"| {s} | {t} | {c} |")
     total = sum(v for v in summary["stage_seconds"].values() if v)
     L += [f"| **total** | **{_fmt_s(total)}** | |", "",
-          "## Model", "", f"Model preset `{run.recipe.model_preset}` (vocabulary from the tokenizer): " + ", ".join(f"{k} {v}" for k, v in mc.items())
-          + (f"; **{n_params:,} parameters**." if n_params else "."), "",
+          "## Model", "", f"Model preset `{run.recipe.model_preset}` (vocabulary from the tokenizer): "
+          + ", ".join(f"{k} {v}" for k, v in mc.items())
+          + f"; **{n_params:,} parameters**.", "",
           "## Data", "",
           f"Pre-training mixture `{data_m.get('mixture')}`: {data_m['splits']['train']['tokens']:,} train and "
           f"{data_m['splits']['val']['tokens']:,} val tokens; evaluation items removed by exact-text "
@@ -418,7 +416,8 @@ def write_report(run: Run) -> dict:
           f"| Steps | {summary['pretrain']['steps']:,} | {summary['sft']['steps']:,} |",
           f"| Tokens | {summary['pretrain']['tokens']:,} | {summary['sft']['tokens']:,} |",
           f"| Wall time | {_fmt_s(summary['pretrain']['wall_time_s'])} | {_fmt_s(summary['sft']['wall_time_s'])} |",
-          f"| Throughput | {summary['pretrain']['tok_per_s'] or 0:,.0f} tok/s | {summary['sft']['tok_per_s'] or 0:,.0f} tok/s |",
+          f"| Throughput | {summary['pretrain']['tok_per_s'] or 0:,.0f} tok/s | "
+          f"{summary['sft']['tok_per_s'] or 0:,.0f} tok/s |",
           f"| Hardware | {pre_info.get('hardware')} | {sft_info.get('hardware')} |", ""]
     for name in ("pretrain", "sft"):
         if (run.out / name / "loss.png").exists():
@@ -426,7 +425,8 @@ def write_report(run: Run) -> dict:
     L += ["", "## Evaluation", "",
           f"`quark eval`, zero-shot, {run.recipe.eval_limit or 'all'} items per task; accuracy in %, "
           "lm-evaluation-harness scoring.", "",
-          "| Task | n | Base acc | Base acc_norm | SFT acc | SFT acc_norm | Chance |", "|---|---:|---:|---:|---:|---:|---:|"]
+          "| Task | n | Base acc | Base acc_norm | SFT acc | SFT acc_norm | Chance |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
     for task, b in ev_base["tasks"].items():
         s = ev_sft["tasks"].get(task, {})
         L.append(f"| {task} | {b['n']} | {pct(b['acc'], b['acc_stderr'])} | {pct(b.get('acc_norm'))} | "

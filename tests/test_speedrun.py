@@ -11,7 +11,8 @@ from quark.data import offline
 from quark.speedrun import STAGES
 
 # token bounds (not minutes) keep the run the same however loaded the machine is: 30 pre-training steps, 50 SFT
-SMALL = ["--tokenizer-bytes", "2e6", "--vocab-size", "1024", "--data-tokens", "3e5", "--max-tokens", "122880", "--sft-tokens", "102400",
+SMALL = ["--tokenizer-bytes", "2e6", "--vocab-size", "1024", "--data-tokens", "3e5", "--max-tokens", "122880",
+         "--sft-tokens", "102400",
          "--eval-limit", "10"]
 
 
@@ -53,7 +54,8 @@ def test_every_stage_runs_and_the_report_reads_their_files(run):
     assert (out / "export" / "Quark-Tiny-Instruct.gguf").stat().st_size > 1000
     report = (out / "report.md").read_text()
     for figure in (f"{s['unigram']['val_loss']:.4f}", f"{s['base_perplexity']['val_loss']:.4f}",
-                   f"{run_json['tokens']:,}", "| piqa | 10 |", "![pretrain loss](pretrain/loss.png)", "quark chat --model"):
+                   f"{run_json['tokens']:,}", "| piqa | 10 |", "![pretrain loss](pretrain/loss.png)",
+                   "quark chat --model"):
         assert figure in report, figure
     assert (out / "pretrain" / "loss.png").exists()
     card_body = (hf / "README.md").read_text().split("\n---\n", 1)[1]
