@@ -71,7 +71,7 @@ async def one_client(session, url: str, model: str, deadline: float, max_tokens:
                 "max_tokens": max_tokens, "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
         i += 1
         t0 = time.perf_counter()
-        ttft, tokens, ok, done = None, 0, False, False
+        ttft, tokens, done, usage, error = None, 0, False, False, None
         try:
             async with session.post(url, json=body) as r:
                 if r.status == 200:
@@ -82,15 +82,19 @@ async def one_client(session, url: str, model: str, deadline: float, max_tokens:
                         if line == "data: [DONE]":
                             done = True
                         elif line.startswith('data: {"error"'):
+                            error = line[6:200]
                             break
                         elif '"usage": {' in line:
-                            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-                    ok = done and tokens > 0
+                            tokens, usage = json.loads(line[6:])["usage"]["completion_tokens"], True
+                    if error is None and not (done and usage):
+                        error = "the stream ended without its usage chunk and [DONE]"
                 else:
-                    await r.read()
-        except aiohttp.ClientError:
-            ok = False
-        out.append({"ok": ok, "ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens})
+                    error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
+        except aiohttp.ClientError as e:
+            error = f"{type(e).__name__}: {e}"
+        # a reply may legitimately be empty (the model's first token is <|im_end|>): counted, not an error
+        out.append({"ok": error is None, "error": error, "ttft": ttft, "latency": time.perf_counter() - t0,
+                    "tokens": tokens})
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -121,6 +125,8 @@ def merge(rounds: list[dict], busy_s: float) -> dict:
     tokens = sum(r["tokens"] for r in good)
     ttft = [r["ttft"] for r in good if r["ttft"] is not None]
     return {"concurrency": rounds[0]["concurrency"], "requests": len(good), "errors": len(out) - len(good),
+            "error_samples": sorted({r["error"] for r in out if not r["ok"]})[:3],
+            "empty": sum(r["tokens"] == 0 for r in good),
             "wall_s": wall, "req_per_s": len(good) / wall, "tok_per_s": tokens / wall, "engine_busy": busy_s / wall,
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
             "lat_p50": pct([r["latency"] for r in good], 0.5), "lat_p95": pct([r["latency"] for r in good], 0.95)}
@@ -194,9 +200,12 @@ def main() -> int:
         ratio = hi["tok_per_s"] / lo["tok_per_s"]
         print(f"aggregate tokens/s: ours (concurrency {hi['concurrency']}, batched) {hi['tok_per_s']:.1f} vs peer "
               f"(concurrency {lo['concurrency']}, same server) {lo['tok_per_s']:.1f}: {ratio:.1f}x (target >= 8x)")
+    empty = sum(r["empty"] for r in results)
+    if empty:
+        print(f"{empty} replies were empty (the model's first token was a stop token): counted as requests")
     errors = sum(r["errors"] for r in results)
     if errors:
-        print(f"ERRORS: {errors}")
+        print(f"ERRORS: {errors}: " + "; ".join(e for r in results for e in r["error_samples"]))
     return 1 if errors else 0
 
 

@@ -196,9 +196,9 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
     return model.to(dtype).eval()
 
 
-def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from one folder; fails before loading weights when the tokenizer is missing or its
-    vocabulary disagrees with the model's embedding rows."""
+def load_tokenizer_for(path: str | Path):
+    """The tokenizer of a model folder (or run / checkpoint), checked against the model's embedding rows
+    without loading the weights."""
     from .tokenizer import Tokenizer
 
     folder = resolve_model_path(path)
@@ -208,4 +208,11 @@ def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype 
     if tok.vocab_size != cfg.vocab_size:
         raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} ids but the model has {cfg.vocab_size} "
                          "embedding rows (vocab_size); they must come from the same run")
-    return load_model(folder, device=device, dtype=dtype), tok
+    return tok
+
+
+def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from one folder; fails before loading weights when the tokenizer is missing or its
+    vocabulary disagrees with the model's embedding rows."""
+    tok = load_tokenizer_for(path)
+    return load_model(path, device=device, dtype=dtype), tok

@@ -18,16 +18,23 @@ CARD = {"temperature": 0.2, "top_p": 0.9, "rep_penalty": 1.15, "max_new_tokens":
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but no CUDA device is available")
+    return device
+
+
 def load_for_inference(path: str, device: str = "auto", quantize: str | None = None):
     """(model, tokenizer) ready for generation: eval mode, on the device, optionally int8."""
     import torch
 
     from ..weights import load_model_and_tokenizer
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for, but no CUDA device is available")
+    device = _resolve_device(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype)
     model.eval()
@@ -73,9 +80,17 @@ def cmd_serve(args) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key or os.environ.get("QUARK_API_KEY") or None
-    model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
     name = args.model_name or Path(args.model).resolve().name
-    engine = Engine(model, [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
+    if args.engine == "process":
+        from ..weights import load_tokenizer_for
+        from .worker import ProcessEngine
+
+        tokenizer = load_tokenizer_for(args.model)
+        engine = ProcessEngine(args.model, _resolve_device(args.device), args.quantize,
+                               [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
+    else:
+        model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
+        engine = Engine(model, [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
     app = create_app(engine, tokenizer, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit)
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"quark serve: model '{name}' on http://{host_shown}:{args.port}/ (OpenAI API under /v1, chat page at /; "
@@ -107,5 +122,8 @@ def add_commands(sub) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=1024,
                    help="server-wide cap on a request's max_tokens (default 1024; the context caps it too)")
     p.add_argument("--model-name", help="the model id clients send (default: the model folder's name)")
+    p.add_argument("--engine", default="process", choices=["process", "thread"],
+                   help="where decoding runs: a worker process with its own GIL (default; uses a second core) or "
+                        "a thread of the server process")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

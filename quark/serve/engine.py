@@ -116,6 +116,19 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
 
+def check_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int, context_length: int) -> None:
+    """ValueError unless the request can run: valid params, a non-empty prompt of ids in range, and prompt +
+    max_new_tokens within the context."""
+    params.check()
+    if not prompt:
+        raise ValueError("the prompt is empty: it needs at least one token")
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if len(prompt) + params.max_new_tokens > context_length:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                         f"the context length {context_length}")
+
+
 class Request:
     """One sequence to generate. Thread-safe to `cancel()` from anywhere."""
 
@@ -190,14 +203,7 @@ class Engine:
     def submit(self, prompt: Sequence[int], params: SamplingParams,
                sink: Callable[[str, object], None] | None = None) -> Request:
         """Queue a prompt. ValueError if it cannot run (empty, bad ids, prompt + max_new_tokens > context)."""
-        params.check()
-        if not prompt:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(prompt) + params.max_new_tokens > self.context_length:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                             f"the context length {self.context_length}")
+        check_request(prompt, params, self.vocab_size, self.context_length)
         req = Request(prompt, params, sink)
         with self.lock:
             self.pending.append(req)

@@ -2,7 +2,8 @@
 the chat web page at /.
 
 Choices:
-- The engine thread owns the model; each HTTP request submits one engine request per choice. Engine events
+- The engine (`Engine` in a thread, or `ProcessEngine` in a worker process, which `quark serve` uses) owns the
+  model; each HTTP request submits one engine request per choice. Engine events
   are collected in a list and handed to the event loop once per engine step (one `call_soon_threadsafe` for
   the whole batch, not one per token), then sorted into each HTTP request's asyncio queue. Streams drain
   every event already queued before writing, so a slow client gets fewer, larger SSE chunks.
@@ -198,9 +199,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     c = _Choice(tokenizer, job.stops)
                     c.req = engine.submit(prompt, job.params_for(i), dispatcher.sink(events, len(choices)))
                     choices.append(c)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:  # RuntimeError: the engine process is gone
             for c in choices:
-                c.req.cancel()
+                engine.cancel(c.req)
+            if isinstance(e, RuntimeError):
+                raise APIError(503, str(e), type_="server_error", code="engine_unavailable") from None
             raise APIError(400, str(e)) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -232,8 +235,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         def cancel_all():
             for c in choices:
                 if c.req.finish_reason is None:
-                    c.req.cancel()
-            engine.wake.set()
+                    engine.cancel(c.req)
 
         if not job.stream:
             try:
