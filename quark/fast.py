@@ -279,16 +279,16 @@ class FastDecoder:
         x = self.w.embed(tok[:, None])  # (B, 1, d)
         cos, sin = self.w.cos[pos:n, None], self.w.sin[pos:n, None]
         mask = self.key_mask[:, None, None, :n] if self.padded else None
-        gqa = self.nh != self.nkv
+        g = self.nh // self.nkv
 
         def write(i, k, v):
             self.k[i][:, :, pos:n] = k
             self.v[i][:, :, pos:n] = v
 
-        def attend(i, q):
-            y = F.scaled_dot_product_attention(q, self.k[i][:, :, :n], self.v[i][:, :, :n], attn_mask=mask,
-                                               enable_gqa=gqa)
-            return y.transpose(1, 2).reshape(B, 1, self.q_dim)
+        def attend(i, q):  # the g query heads of a KV head attend as g queries of it (as in quark.model)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.nkv, g, self.hd), self.k[i][:, :, :n],
+                                               self.v[i][:, :, :n], attn_mask=mask)
+            return y.reshape(B, 1, self.q_dim)
 
         for i in range(len(self.w.layers)):
             x = self._attend_block(i, x, cos, sin, write, attend)

@@ -5,6 +5,8 @@ Choices:
   Llama-format export is a rename-free copy and HF `LlamaForCausalLM` is the test oracle.
 - RoPE in Llama's "rotate half" layout; RMSNorm computed in fp32 like Llama.
 - Attention is `F.scaled_dot_product_attention` with `enable_gqa=True`: K/V keep n_kv_heads, never repeated.
+  A single-token step instead folds the query heads that share a KV head into queries of that head (plain
+  SDPA, ~10-25% faster on CPU than the GQA path).
 - One KV-cache layout `(n_layers, B, n_kv, max_len, hd)`. `input_pos` says which cache slots the new tokens
   fill: shape (T,) shared by the batch, or (B, T) per row (continuous batching). The RoPE position of a
   token is its slot; a left-padded row therefore sees the same relative positions as an unpadded one.
@@ -95,6 +97,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, input_pos, k, v)
             k, v = k[:, :, :n_keys], v[:, :, :n_keys]  # (B, n_kv, L, hd)
+        if T == 1 and self.n_heads != self.n_kv_heads:
+            # decode: the g query heads that share a KV head become g queries of that head (no GQA expansion;
+            # the mask (B|1, 1, 1, L) is the same for all of them)
+            g = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, -1))
         is_causal = mask is None and cache is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
