@@ -84,19 +84,20 @@ def test_generate_text_uses_fast_path_by_default(model, monkeypatch):
     assert out.tolist() == generate_text(model, prompt, max_new_tokens=6, temperature=0.0, fast=False).tolist()
 
 
-def test_fused_weights_follow_in_place_updates_and_replacement():
+@pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3], [4, 5]]])  # one row; batched: (in, out) weights
+def test_fused_weights_follow_in_place_updates_and_replacement(prompts):
     m = Quark(PRESETS["test"]).init_weights(seed=9).eval()
-    before = generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0)
+    before = generate(m, prompts, max_new_tokens=10, temperature=0.0)
     with torch.no_grad():  # an optimizer step, in place
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    after = generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0)
-    assert after == generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0, fast=False)
+    after = generate(m, prompts, max_new_tokens=10, temperature=0.0)
+    assert after == generate(m, prompts, max_new_tokens=10, temperature=0.0, fast=False)
     assert after != before
     # replaced tensors (new storage) force a rebuild
     m.model.layers[0].self_attn.k_proj.weight = torch.nn.Parameter(torch.randn(32, 64) * 0.3)
-    assert generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0) == \
-        generate(m, [[1, 2, 3]], max_new_tokens=10, temperature=0.0, fast=False)
+    assert generate(m, prompts, max_new_tokens=10, temperature=0.0) == \
+        generate(m, prompts, max_new_tokens=10, temperature=0.0, fast=False)
 
 
 def test_nan_logits_in_fast_path_fall_back_to_greedy(model, monkeypatch):

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from quark.config import QuarkConfig
-from quark.generate import generate
+from quark.fast import FastDecoder
+from quark.generate import generate as _generate
 from quark.model import Quark
-from quark.serve.engine import Engine, SamplingParams
+from quark.serve.engine import Engine, PlainRows, SamplingParams
 from quark.serve.text import IncrementalDecoder, StopMatcher
 
 CFG = QuarkConfig.from_name("test")
@@ -33,6 +34,21 @@ def model():
     return contextual(0)
 
 
+def generate(*a, **kw):
+    """The reference: quark.generate on the plain path (Quark.forward + KVCache), one prompt at a time."""
+    return _generate(*a, fast=False, **kw)
+
+
+def make_engine(model, fast: bool, monkeypatch, **kw) -> Engine:
+    """An engine on the fast decoder (fused weights, per-row step), or on PlainRows (QUARK_FAST=0)."""
+    if not fast:
+        monkeypatch.setenv("QUARK_FAST", "0")
+    engine = Engine(model, **kw)
+    monkeypatch.delenv("QUARK_FAST", raising=False)
+    assert isinstance(engine.dec, FastDecoder if fast else PlainRows)
+    return engine
+
+
 def run_all(engine, reqs):
     while any(r.finish_reason is None for r in reqs):
         engine.step()
@@ -52,10 +68,12 @@ def prompts(n, seed=0):
     return [torch.randint(0, 512, (int(L),), generator=g).tolist() for L in torch.randint(2, 40, (n,), generator=g)]
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("rep", [1.0, 1.3])
-def test_batched_greedy_matches_one_at_a_time(model, rep):
+def test_batched_greedy_matches_one_at_a_time(model, rep, fast, monkeypatch):
     ps = prompts(7)
-    engine = Engine(model, stop_ids=[CFG.im_end_id], max_batch=3)  # fewer slots than requests: rows get reused
+    # fewer slots than requests: rows get reused
+    engine = make_engine(model, fast, monkeypatch, stop_ids=[CFG.im_end_id], max_batch=3)
     reqs = [engine.submit(p, SamplingParams(12 + i, 0.0, 1.0, rep)) for i, p in enumerate(ps)]
     outs = run_all(engine, reqs)
     for i, (p, out, r) in enumerate(zip(ps, outs, reqs)):
@@ -65,9 +83,10 @@ def test_batched_greedy_matches_one_at_a_time(model, rep):
     assert engine.stats["peak_batch"] == 3 and engine.load()["active"] == 0
 
 
-def test_requests_joining_mid_decode_match_reference(model):
+@pytest.mark.parametrize("fast", [True, False])
+def test_requests_joining_mid_decode_match_reference(model, fast, monkeypatch):
     ps = prompts(4, seed=1)
-    engine = Engine(model, stop_ids=[], max_batch=4)
+    engine = make_engine(model, fast, monkeypatch, stop_ids=[], max_batch=4)
     first = engine.submit(ps[0], SamplingParams(30, 0.0, 1.0, 1.0))
     for _ in range(5):
         engine.step()
@@ -77,9 +96,10 @@ def test_requests_joining_mid_decode_match_reference(model):
         assert out == generate(model, [p], n, temperature=0.0)[0]
 
 
-def test_seeded_sampling_is_independent_of_the_batch(model):
+@pytest.mark.parametrize("fast", [True, False])
+def test_seeded_sampling_is_independent_of_the_batch(model, fast, monkeypatch):
     ps = prompts(3, seed=2)
-    engine = Engine(model, stop_ids=[], max_batch=8)
+    engine = make_engine(model, fast, monkeypatch, stop_ids=[], max_batch=8)
     seeded = engine.submit(ps[0], SamplingParams(15, 0.9, 0.95, 1.1, seed=123))
     others = [engine.submit(p, SamplingParams(15, 1.0, 1.0, 1.0)) for p in ps[1:]]  # different params, same batch
     greedy = engine.submit(ps[1], SamplingParams(15, 0.0, 1.0, 1.0))
@@ -216,9 +236,10 @@ def test_history_used_by_the_penalty_matches_the_seen_tokens(model):
     assert engine.stats["requests"] == 6
 
 
-def test_a_row_moved_into_a_freed_slot_keeps_its_cache(model):
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_row_moved_into_a_freed_slot_keeps_its_cache(model, fast, monkeypatch):
     short, long_ = prompts(2, seed=11)
-    engine = Engine(model, stop_ids=[], max_batch=2)
+    engine = make_engine(model, fast, monkeypatch, stop_ids=[], max_batch=2)
     a = engine.submit(short, SamplingParams(2, 0.0, 1.0, 1.3))
     b = engine.submit(long_, SamplingParams(40, 0.0, 1.0, 1.3))  # moves from row 1 to row 0 when `a` ends
     outs = run_all(engine, [a, b])
