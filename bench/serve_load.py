@@ -4,8 +4,10 @@ Starts `quark serve` as a subprocess on a free loopback port (a random-weight `t
 trained on the Python standard library, unless --model is given), then for each concurrency level (default 1, then
 32) runs that many clients, each sending streaming /v1/chat/completions requests back to back for --duration
 seconds (levels alternate in --rounds short rounds, so changes in the machine's load hit both alike). Reports
-requests/s, completion tokens/s (from the `usage` of each stream), p50/p95 time-to-first-token and request latency,
-the share of wall time the engine thread spent in steps, and errors (which must be 0). The peer figure is the same
+requests/s, completion tokens/s (from the `usage` of each stream; a stream still running at the deadline counts the
+share of its chunks that came before it, so the drain after the deadline, with fewer than N streams left, is not
+part of the level's figure), p50/p95 time-to-first-token and request latency, the share of wall time the engine
+spent in steps, the mean decode batch, and errors (which must be 0). The peer figure is the same
 server at concurrency 1 (no batching possible), measured in the same run; the ratio is the gain from continuous
 batching (target >= 8x at 32).
 
@@ -72,13 +74,18 @@ async def one_client(session, url: str, model: str, deadline: float, max_tokens:
         i += 1
         t0 = time.perf_counter()
         ttft, tokens, done, usage, error = None, 0, False, False, None
+        chunks, chunks_in = 0, 0  # content chunks, and those that arrived before the deadline
         try:
             async with session.post(url, json=body) as r:
                 if r.status == 200:
                     async for raw in r.content:  # one SSE line at a time
                         line = raw.decode().rstrip("\n")
-                        if ttft is None and '"delta": {"content": "' in line:
-                            ttft = time.perf_counter() - t0
+                        if '"delta": {"content": "' in line:
+                            now = time.perf_counter()
+                            if ttft is None:
+                                ttft = now - t0
+                            chunks += 1
+                            chunks_in += now <= deadline
                         if line == "data: [DONE]":
                             done = True
                         elif line.startswith('data: {"error"'):
@@ -93,8 +100,10 @@ async def one_client(session, url: str, model: str, deadline: float, max_tokens:
         except aiohttp.ClientError as e:
             error = f"{type(e).__name__}: {e}"
         # a reply may legitimately be empty (the model's first token is <|im_end|>): counted, not an error
-        out.append({"ok": error is None, "error": error, "ttft": ttft, "latency": time.perf_counter() - t0,
-                    "tokens": tokens})
+        end = time.perf_counter()
+        in_window = tokens * chunks_in / chunks if chunks else tokens * (end <= deadline)
+        out.append({"ok": error is None, "error": error, "ttft": ttft, "latency": end - t0, "tokens": tokens,
+                    "tokens_in_window": in_window, "done_in_window": end <= deadline})
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -114,20 +123,23 @@ async def run_level(base: str, model: str, concurrency: int, duration: float, ma
         deadline = start + duration
         await asyncio.gather(*(one_client(session, base + "/v1/chat/completions", model, deadline, max_tokens, k, out)
                                for k in range(concurrency)))
-        wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "wall_s": wall, "out": out}
+    # the figures cover the timed window only: after the deadline no new request starts and the last ones drain
+    # with fewer than `concurrency` streams, which would otherwise count against the level
+    return {"concurrency": concurrency, "wall_s": duration, "elapsed_s": time.perf_counter() - start, "out": out}
 
 
-def merge(rounds: list[dict], busy_s: float) -> dict:
+def merge(rounds: list[dict], engine: dict) -> dict:
     out = [r for rd in rounds for r in rd["out"]]
     wall = sum(rd["wall_s"] for rd in rounds)
     good = [r for r in out if r["ok"]]
-    tokens = sum(r["tokens"] for r in good)
+    tokens = sum(r["tokens_in_window"] for r in good)
     ttft = [r["ttft"] for r in good if r["ttft"] is not None]
     return {"concurrency": rounds[0]["concurrency"], "requests": len(good), "errors": len(out) - len(good),
             "error_samples": sorted({r["error"] for r in out if not r["ok"]})[:3],
             "empty": sum(r["tokens"] == 0 for r in good),
-            "wall_s": wall, "req_per_s": len(good) / wall, "tok_per_s": tokens / wall, "engine_busy": busy_s / wall,
+            "wall_s": wall, "req_per_s": sum(r["done_in_window"] for r in good) / wall, "tok_per_s": tokens / wall,
+            "engine_busy": engine["busy_s"] / sum(rd["elapsed_s"] for rd in rounds),
+            "mean_batch": engine["row_steps"] / max(1, engine["steps"]),
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
             "lat_p50": pct([r["latency"] for r in good], 0.5), "lat_p95": pct([r["latency"] for r in good], 0.95)}
 
@@ -169,14 +181,17 @@ def main() -> int:
             asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
             # levels alternate in short rounds, so a change in the machine's load hits each level alike
             rounds: dict[int, list[dict]] = {c: [] for c in args.concurrency}
-            busy: dict[int, float] = {c: 0.0 for c in args.concurrency}
+            keys = ("busy_s", "steps", "row_steps")  # engine counters, summed per level
+            engine: dict[int, dict] = {c: dict.fromkeys(keys, 0) for c in args.concurrency}
             for _ in range(args.rounds):
                 for c in args.concurrency:
-                    before = httpx.get(base + "/health").json()["busy_s"]
+                    before = httpx.get(base + "/health").json()
                     rounds[c].append(asyncio.run(run_level(base, model, c, args.duration / args.rounds,
                                                            args.max_tokens)))
-                    busy[c] += httpx.get(base + "/health").json()["busy_s"] - before
-            results = [merge(rounds[c], busy[c]) for c in args.concurrency]
+                    after = httpx.get(base + "/health").json()
+                    for k in keys:
+                        engine[c][k] += after[k] - before[k]
+            results = [merge(rounds[c], engine[c]) for c in args.concurrency]
             health = httpx.get(base + "/health").json()
         finally:
             server.terminate()
@@ -187,11 +202,11 @@ def main() -> int:
           f"server torch threads {args.threads} | CPU cores {os.cpu_count()} | "
           f"uvicorn {'with' if fast else 'without'} uvloop+httptools")
     print(f"{'conc':>5} {'reqs':>6} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
-          f"{'lat p50':>8} {'lat p95':>8} {'engine busy':>11}")
+          f"{'lat p50':>8} {'lat p95':>8} {'engine busy':>11} {'batch':>6}")
     for r in results:
         print(f"{r['concurrency']:>5} {r['requests']:>6} {r['errors']:>6} {r['req_per_s']:>7.2f} "
               f"{r['tok_per_s']:>8.1f} {r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p95'] * 1e3:>7.0f}ms "
-              f"{r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s {r['engine_busy']:>10.0%}")
+              f"{r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s {r['engine_busy']:>10.0%} {r['mean_batch']:>6.1f}")
     print(f"engine: peak batch {health['peak_batch']}, {health['steps']} decode steps, {health['tokens']} tokens, "
           f"{health['errors']} engine errors")
     lo = min(results, key=lambda r: r["concurrency"])

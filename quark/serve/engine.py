@@ -231,7 +231,8 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.running = False
         self.after_step: list[Callable[[], None]] = []
-        self.stats = {"steps": 0, "tokens": 0, "requests": 0, "peak_batch": 0, "errors": 0, "busy_s": 0.0}
+        self.stats = {"steps": 0, "tokens": 0, "requests": 0, "peak_batch": 0, "row_steps": 0, "errors": 0,
+                      "busy_s": 0.0}
 
     # ---- the public, thread-safe side ------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams,
@@ -384,6 +385,7 @@ class Engine:
             row.length += 1
         self.lengths[:n] += 1
         self.stats["steps"] += 1
+        self.stats["row_steps"] += n
         self._sample_and_emit(logits, first=0)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], first: int) -> torch.Tensor:
