@@ -133,7 +133,7 @@ def bench_train(a, dev, cfg: QuarkConfig, results: dict):
             from quark.train.loop import LossModule, train_step
             from quark.train.optim import build_optimizer
 
-            opt = build_optimizer(model, lr=1e-4, device=dev)
+            opt = build_optimizer(model, lr=1e-4)
             step_model = LossModule(model)
             how = "quark.train.loop.train_step"
         except ImportError:  # the training package is absent: the same step from Quark.loss directly
