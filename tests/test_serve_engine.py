@@ -247,3 +247,20 @@ def test_a_row_moved_into_a_freed_slot_keeps_its_cache(model, fast, monkeypatch)
     assert outs[1] == ref and len(set(ref)) > 10  # a varied continuation: it really reads the cache
     other = generate(model, [[(long_[0] + 1) % 512] + long_[1:]], 40, temperature=0.0, rep_penalty=1.3)[0]
     assert other != ref  # the model is context-sensitive, so a stale cache would show
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_decodes_through_the_captured_graph(model):
+    """On CUDA the engine's rows run through the fast decoder's CUDA-graph step (#9) and give the plain path's
+    greedy tokens, with rows joining, leaving and moving."""
+    import copy
+
+    m = copy.deepcopy(model).cuda()
+    engine = Engine(m, stop_ids=[], max_batch=3)
+    assert isinstance(engine.dec, FastDecoder) and engine.dec.use_graph
+    ps = prompts(6, seed=5)
+    reqs = [engine.submit(p, SamplingParams(8 + 2 * i, 0.0, 1.0, 1.3)) for i, p in enumerate(ps)]
+    outs = run_all(engine, reqs)
+    for i, (p, out) in enumerate(zip(ps, outs)):
+        assert out == generate(m, [p], 8 + 2 * i, temperature=0.0, rep_penalty=1.3)[0], f"request {i}"
+    assert engine.dec.graph not in (None, False)
