@@ -264,3 +264,20 @@ def test_engine_on_cuda_decodes_through_the_captured_graph(model):
     for i, (p, out) in enumerate(zip(ps, outs)):
         assert out == generate(m, [p], 8 + 2 * i, temperature=0.0, rep_penalty=1.3)[0], f"request {i}"
     assert engine.dec.graph not in (None, False)
+
+
+def test_arrivals_during_decode_are_admitted_in_groups(model):
+    engine = Engine(model, stop_ids=[], max_batch=8, admit_batch=3, admit_wait_steps=2)
+    first = engine.submit([1, 2, 3], SamplingParams(40, 0.0, 1.0, 1.0))
+    engine.step()
+    assert engine.load()["active"] == 1  # an idle engine admits at once
+    lone = engine.submit([4, 5], SamplingParams(5, 0.0, 1.0, 1.0))
+    engine.step(), engine.step()
+    assert engine.load()["active"] == 1 and engine.load()["pending"] == 1  # waits for company...
+    engine.step()
+    assert engine.load()["active"] == 2  # ...for at most admit_wait_steps decode steps
+    group = [engine.submit([6 + i], SamplingParams(5, 0.0, 1.0, 1.0)) for i in range(3)]
+    engine.step()
+    assert engine.load()["active"] == 5  # admit_batch arrivals join together, at once
+    outs = run_all(engine, [first, lone, *group])
+    assert outs[1] == generate(model, [[4, 5]], 5, temperature=0.0)[0]

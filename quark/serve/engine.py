@@ -14,7 +14,11 @@ Choices:
 - New requests join between decode steps: they are prefilled together (right-padded, straight into their
   cache rows; the padding slots get overwritten before they are ever visible), sample their first token
   from the prefill, and join the very next batched decode step. Prefill is bounded by `prefill_tokens`
-  per step so a burst of long prompts cannot stall running streams for long.
+  per step so a burst of long prompts cannot stall running streams for long. While other rows are decoding,
+  a lone arrival waits up to `admit_wait_steps` decode steps for company (until `admit_batch` requests, or
+  all free slots, are waiting), as TGI's `max_waiting_tokens` does: a prefill pass has a fixed cost (on CPU
+  about what a short prompt's compute costs), so admitting arrivals in groups keeps more of the engine's time
+  for decoding; an idle engine admits at once.
 - Rows are grouped by (temperature, top_p, rep_penalty) and sampled together with the engine's generator. A
   request with a `seed` gets its own generator and is sampled alone by `quark.sampling.sample_next`, so its
   tokens are those of `generate(..., seed=seed)` whatever else is in the batch. Unseeded groups use
@@ -202,7 +206,7 @@ class Engine:
     """Continuous batching over one model. Use `start()` for a background thread, or call `step()` yourself."""
 
     def __init__(self, model, stop_ids: Sequence[int], max_batch: int = 32, prefill_tokens: int = 4096,
-                 seed: int | None = None):
+                 seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model.eval()
@@ -211,6 +215,8 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.stop_ids = {int(i) for i in stop_ids}
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.admit_batch, self.admit_wait_steps = admit_batch, admit_wait_steps
+        self._waited = 0  # decode steps the oldest waiting request has waited
         self.device = model.device  # the norms' device, also after int8 weight quantization
         if supports_fast(model):
             self.dec = decoder_for(model, max_batch, cfg.context_length)  # CUDA: a captured graph decoder
@@ -337,6 +343,14 @@ class Engine:
     def _admit(self) -> bool:
         new: list[Request] = []
         with self.lock:
+            if not self.pending:
+                self._waited = 0
+                return False
+            if self.rows and len(self.pending) < min(self.admit_batch, self.max_batch - len(self.rows)):
+                self._waited += 1
+                if self._waited <= self.admit_wait_steps:
+                    return False  # decode on; a few more arrivals will share one prefill pass
+            self._waited = 0
             budget = self.prefill_tokens
             while self.pending and len(self.rows) + len(new) < self.max_batch:
                 req = self.pending[0]
