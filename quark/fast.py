@@ -20,8 +20,9 @@ Choices:
 - Continuous batching (quark.serve.engine): `prefill_rows(ids, lengths, start)` fills rows start.. (right-padded
   prompts), `step(tok, pos)` decodes rows 0..b-1 each at its own slot (`pos` (b,) on the device), `move_row`
   keeps the rows compact. The static step always takes per-row slots, so the same captured graph serves both
-  uses; eagerly (CPU) the per-row step runs only the b live rows and attends over the filled slots only. `decoder_for` hands out one cached decoder per (batch, length) bucket and marks it
-  `busy` while a generation owns it; a concurrent caller gets a fresh eager one.
+  uses; eagerly (CPU) the per-row step runs only the b live rows and attends over the filled slots only.
+  `decoder_for` hands out one cached decoder per (batch, length) bucket and marks it `busy` while a generation
+  owns it; a concurrent caller gets a fresh eager one. On CPU a batched decoder gets (in, out) weights.
 - `QUARK_FAST=0` disables the fast path everywhere; `QUARK_COMPILE=0` keeps CUDA graphs but skips torch.compile.
 """
 
@@ -220,7 +221,8 @@ class FastDecoder:
         before any query of that row can see it (a query sees slots <= its own)."""
         m, T = idx.shape
         if not 0 <= start <= self.B - m or T >= self.max_len:
-            raise ValueError(f"prefill of {m}x{T} into rows {start}.. does not fit a decoder of {self.B}x{self.max_len}")
+            raise ValueError(f"prefill of {m}x{T} into rows {start}.. does not fit a decoder of "
+                             f"{self.B}x{self.max_len}")
         self.key_mask[start:start + m].fill_(True)
         return self._run_prefill(idx, None, start, None if lengths is None else lengths - 1)
 
@@ -406,7 +408,8 @@ def supports_fast(model) -> bool:
     """The fast path handles the Quark architecture (float or int8 weights). A model whose `forward` or `hidden`
     was overridden (a subclass or a patch) keeps the plain path, so the override is honoured."""
     return (fast_enabled() and isinstance(model, Quark) and type(model).forward is _PLAIN_FORWARD
-            and type(model).hidden is _PLAIN_HIDDEN and isinstance(model.model.embed_tokens, (nn.Embedding, Int8Embedding)))
+            and type(model).hidden is _PLAIN_HIDDEN
+            and isinstance(model.model.embed_tokens, (nn.Embedding, Int8Embedding)))
 
 
 def decoder_for(model, batch_size: int, max_len: int) -> FastDecoder:
