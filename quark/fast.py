@@ -186,18 +186,13 @@ class FastDecoder:
 
     # ---- prefill ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None, row: int | None = None) -> torch.Tensor:
+    def prefill(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (b, T) with b <= batch_size (rows beyond b are idle); key_mask (b, >=T) marks real tokens.
-        Fills slots 0..T-1 and returns the last position's logits (b, V) in fp32.
-        With `row`, idx is one prompt (1, T) written into that row only (continuous batching: the other rows
-        keep their state; decode them with `step(tok, pos)` and per-row positions)."""
+        Fills slots 0..T-1 and returns the last position's logits (b, V) in fp32 (continuous batching, rows
+        at their own positions: `prefill_rows`)."""
         b, T = idx.shape
         if b > self.B or T >= self.max_len:
             raise ValueError(f"prefill of {b}x{T} does not fit a decoder of {self.B}x{self.max_len}")
-        if row is not None:
-            if b != 1 or key_mask is not None:
-                raise ValueError(f"prefill into row {row}: need one unpadded prompt")
-            return self.prefill_rows(idx, None, row)
         if b < self.B:
             idx = torch.cat([idx, idx.new_zeros(self.B - b, T)])
         self.key_mask.fill_(True)

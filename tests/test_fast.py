@@ -167,7 +167,7 @@ def test_per_row_positions_continuous_batching(model, static):
     g = torch.Generator().manual_seed(4)
     seqs = [torch.randint(1, 500, (1, n), generator=g) for n in (5, 11, 8)]
     dec = FastDecoder(model, FusedWeights(model), 3, 32, use_graph=static)
-    last = [dec.prefill(s[:, :-3], row=r) for r, s in enumerate(seqs)]
+    last = [dec.prefill_rows(s[:, :-3], None, r) for r, s in enumerate(seqs)]
     with torch.no_grad():
         refs = [model(s)[0] for s in seqs]
     for r, s in enumerate(seqs):
@@ -179,7 +179,30 @@ def test_per_row_positions_continuous_batching(model, static):
         for r, s in enumerate(seqs):
             assert (out[r] - refs[r][s.shape[1] - 3 + j]).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="row"):
-        dec.prefill(torch.zeros(2, 4, dtype=torch.long), row=0)
+        dec.prefill_rows(torch.zeros(2, 4, dtype=torch.long), None, 2)  # rows 2..3 of a 3-row decoder
+
+
+def test_prefill_rows_right_padded_prompts_then_per_row_steps(model):
+    """Several prompts of different lengths prefilled at once (right-padded, into rows 1..3 of 4), then decoded
+    at their own slots: each matches its sequence run alone, whatever the padding wrote beyond its length."""
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(1, 500, (n,), generator=g) for n in (9, 4, 13)]
+    idx = torch.zeros(3, 10, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        idx[r, :len(s) - 3] = s[:len(s) - 3]
+    lengths = torch.tensor([len(s) - 3 for s in seqs])
+    dec = FastDecoder(model, FusedWeights(model, transposed=True), 4, 32)
+    last = dec.prefill_rows(idx, lengths, 1)
+    with torch.no_grad():
+        refs = [model(s[None])[0] for s in seqs]
+    for r, s in enumerate(seqs):
+        assert (last[r] - refs[r][len(s) - 4]).abs().max().item() <= 1e-4
+    for j in range(3):
+        tok = torch.stack([torch.tensor(0)] + [s[len(s) - 3 + j] for s in seqs])  # row 0 is idle
+        pos = torch.tensor([0] + [len(s) - 3 + j for s in seqs])
+        out = dec.step(tok, pos)
+        for r, s in enumerate(seqs):
+            assert (out[r + 1] - refs[r][len(s) - 3 + j]).abs().max().item() <= 1e-4
 
 
 @pytest.mark.gpu
@@ -188,7 +211,7 @@ def test_cuda_graph_per_row_positions_match_forward(model):
     g = torch.Generator().manual_seed(4)
     seqs = [torch.randint(1, 500, (1, n), generator=g).cuda() for n in (5, 11, 8)]
     dec = decoder_for(m, 3, 40)  # captured (B=4 bucket, 256 slots)
-    last = [dec.prefill(s[:, :-3], row=r) for r, s in enumerate(seqs)]
+    last = [dec.prefill_rows(s[:, :-3], None, r) for r, s in enumerate(seqs)]
     with torch.no_grad():
         refs = [m(s)[0] for s in seqs]
     for r, s in enumerate(seqs):
