@@ -411,16 +411,15 @@ def decoder_for(model, batch_size: int, max_len: int) -> FastDecoder:
     """A FastDecoder for `model` with room for `batch_size` rows and `max_len` slots (reused on CUDA).
     On CPU a batched decoder gets (in, out) weights (see FusedLinear; built once per model, on first use); a
     single row keeps the Linear layout, which is as fast there and faster under a passive OpenMP wait policy."""
+    transposed = model.device.type != "cuda" and batch_size > 1
     entry = _REGISTRY.get(model)
-    if entry is None or not entry["weights"].fresh():
-        entry = {"weights": FusedWeights(model), "decoders": {}}
-        _REGISTRY[model] = entry
-    weights = entry["weights"]
+    if entry is None:
+        entry = _REGISTRY[model] = {"weights": {}, "decoders": {}}  # weights by layout (transposed or not)
+    weights = entry["weights"].get(transposed)
+    if weights is None or not weights.fresh():
+        weights = entry["weights"][transposed] = FusedWeights(model, transposed)
+        entry["decoders"] = {}  # captured decoders hold the replaced weights
     if model.device.type != "cuda":
-        if batch_size > 1:
-            if entry.get("weights_t") is None or not entry["weights_t"].fresh():
-                entry["weights_t"] = FusedWeights(model, transposed=True)
-            weights = entry["weights_t"]
         return FastDecoder(model, weights, batch_size, max_len)
     B = _pow2(batch_size, 1)
     L = min(_pow2(max_len + 1, 256), model.config.context_length)
