@@ -4,4 +4,20 @@ from .config import PRESETS, QuarkConfig
 from .model import KVCache, Quark
 
 __version__ = "0.1.0"
-__all__ = ["PRESETS", "KVCache", "Quark", "QuarkConfig", "__version__"]
+__all__ = ["LLM", "PRESETS", "KVCache", "Quark", "QuarkConfig", "__version__", "load"]
+
+
+def load(path, device: str = "auto", quantize: str | None = None):
+    """A model ready to generate, chat and stream: `quark.load("runs/tiny/export/Quark-Tiny-Instruct")`. Any folder
+    `quark` loads (run, checkpoint, HF export, Llama folder). See `quark.llm.LLM`."""
+    from .llm import LLM
+
+    return LLM.load(path, device=device, quantize=quantize)
+
+
+def __getattr__(name: str):
+    if name == "LLM":  # imported on first use: the engine is not needed to train
+        from .llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'quark' has no attribute {name!r}")

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import torch
 
+# The model card's "Recommended starting configuration": the one home of these numbers. `quark.load`, `quark chat`,
+# `quark serve`, the exported generation_config.json and the speedrun's sample chats all read them from here.
+RECOMMENDED = {"temperature": 0.2, "top_p": 0.9, "rep_penalty": 1.15, "max_new_tokens": 200}
+
 
 def check_sampling_args(temperature: float, top_p: float, rep_penalty: float, max_new_tokens: int | None = None):
     if not isinstance(temperature, (int, float)) or temperature < 0:

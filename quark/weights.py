@@ -216,3 +216,27 @@ def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype 
     vocabulary disagrees with the model's embedding rows."""
     tok = load_tokenizer_for(path)
     return load_model(path, device=device, dtype=dtype), tok
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; a CUDA device asked for without one is an error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but no CUDA device is available")
+    return device
+
+
+def load_for_inference(path: str | Path, device: str = "auto", quantize: str | None = None):
+    """(model, tokenizer) ready for generation: eval mode, on the device (bf16 on CUDA, fp32 on the CPU),
+    optionally with int8 weight-only linears."""
+    device = resolve_device(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype)
+    if quantize is not None:
+        if quantize != "int8":
+            raise ValueError(f"quantize={quantize!r}: allowed: int8")
+        from .quantize import quantize_int8
+
+        model = quantize_int8(model).eval()
+    return model.eval(), tokenizer

@@ -8,6 +8,7 @@ import pytest
 
 from quark.config import QuarkConfig
 from quark.generate import generate
+from quark.llm import LLM
 from quark.serve.chat import ChatSession, run_chat, set_params
 from quark.serve.engine import SamplingParams
 from quark.weights import save_model
@@ -33,7 +34,7 @@ def reference_reply(model, tok, messages, params):
 
 def chat(model, tok, lines, params=GREEDY, system=None):
     out = io.StringIO()
-    run_chat(model, tok, params, system=system, stdin=io.StringIO("".join(x + "\n" for x in lines)), stdout=out)
+    run_chat(LLM(model, tok), params, system=system, stdin=io.StringIO("".join(x + "\n" for x in lines)), stdout=out)
     return out.getvalue()
 
 
@@ -116,7 +117,7 @@ def test_quark_chat_command(tmp_path, model, tiny_tokenizer, monkeypatch, capsys
 
 def test_chat_command_errors(tmp_path, model, tiny_tokenizer, capsys):
     from quark.cli import main
-    from quark.serve.cli import load_for_inference
+    from quark.weights import load_for_inference
 
     folder = tmp_path / "m"
     save_model(model, folder)

@@ -6,7 +6,8 @@ Choices:
 - Before each reply the oldest user/assistant turns are dropped until prompt + max_new_tokens fits the
   context; the user is told how many were dropped. The system prompt is always kept. If the newest message
   alone leaves less room than max_new_tokens, the reply is shortened to fit (and that is said too).
-- The engine runs in this thread (`Engine.iter_tokens` drives `step()`), one row, no background thread.
+- Replies come from `quark.llm.LLM.stream_ids`: the same engine, driven in this thread, that `quark.load(...)`
+  uses, so `llm.chat(messages, seed=S)` gives the tokens `quark chat --seed S` prints.
 - Text is decoded incrementally, so a multi-byte character split across tokens is printed once, whole.
 - Ctrl-C during a reply stops it (the partial reply stays in the conversation); at the prompt it quits.
 """
@@ -17,7 +18,7 @@ import sys
 from dataclasses import replace
 from typing import TextIO
 
-from .engine import Engine, SamplingParams
+from .engine import SamplingParams
 from .text import IncrementalDecoder
 
 HELP = """commands:
@@ -90,11 +91,12 @@ class ChatSession:
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
-def run_chat(model, tokenizer, params: SamplingParams, system: str | None = None, stdin: TextIO | None = None,
-             stdout: TextIO | None = None, name: str = "model") -> None:
+def run_chat(llm, params: SamplingParams, system: str | None = None, stdin: TextIO | None = None,
+             stdout: TextIO | None = None) -> None:
+    """The chat loop over `llm` (a `quark.llm.LLM`) until /quit or end of input."""
     params.check()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    engine = Engine(model, [tokenizer.im_end_id, tokenizer.eot_id], max_batch=1)
+    model, tokenizer, name = llm.model, llm.tokenizer, llm.name
     session = ChatSession(tokenizer, model.config.context_length, system)
     interactive = stdin.isatty()
 
@@ -153,8 +155,8 @@ def run_chat(model, tokenizer, params: SamplingParams, system: str | None = None
             say(f"[the reply is limited to {max_new} tokens to fit the context]")
         decoder, reply = IncrementalDecoder(tokenizer), []
         say("quark> ", end="")
-        req = engine.submit(ids, replace(params, max_new_tokens=max_new))
-        tokens = engine.iter_tokens(req)
+        tokens = llm.stream_ids(ids, replace(params, max_new_tokens=max_new))
+        req = tokens.request
         try:
             for tok in tokens:
                 piece = decoder.push(tok)

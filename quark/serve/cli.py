@@ -14,39 +14,10 @@ import argparse
 import os
 from pathlib import Path
 
-CARD = {"temperature": 0.2, "top_p": 0.9, "rep_penalty": 1.15, "max_new_tokens": 200}
+from ..sampling import RECOMMENDED as CARD
+from ..weights import load_for_inference, resolve_device
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for, but no CUDA device is available")
-    return device
-
-
-def load_for_inference(path: str, device: str = "auto", quantize: str | None = None):
-    """(model, tokenizer) ready for generation: eval mode, on the device, optionally int8."""
-    import torch
-
-    from ..weights import load_model_and_tokenizer
-
-    device = _resolve_device(device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype)
-    model.eval()
-    if quantize == "int8":
-        try:
-            from ..quantize import quantize_int8
-        except ImportError as e:
-            raise RuntimeError("--quantize int8 needs quark.quantize.quantize_int8, which this install does not "
-                               f"have ({e})") from None
-        model = quantize_int8(model)
-        model.eval()
-    return model, tokenizer
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -64,11 +35,11 @@ def _sampling_params(args):
 
 
 def cmd_chat(args) -> None:
+    from ..llm import LLM
     from .chat import run_chat
 
     params = _sampling_params(args)
-    model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
-    run_chat(model, tokenizer, params, system=args.system, name=Path(args.model).name)
+    run_chat(LLM.load(args.model, args.device, args.quantize), params, system=args.system)
 
 
 def cmd_serve(args) -> None:
@@ -86,7 +57,7 @@ def cmd_serve(args) -> None:
         from .worker import ProcessEngine
 
         tokenizer = load_tokenizer_for(args.model)
-        engine = ProcessEngine(args.model, _resolve_device(args.device), args.quantize,
+        engine = ProcessEngine(args.model, resolve_device(args.device), args.quantize,
                                [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
     else:
         model, tokenizer = load_for_inference(args.model, args.device, args.quantize)

@@ -32,7 +32,7 @@ def _worker(conn, model_path: str, device: str, quantize: str | None, stop_ids: 
             max_batch: int, seed: int | None) -> None:
     import torch
 
-    from .cli import load_for_inference
+    from ..weights import load_for_inference
     from .engine import Engine
 
     try:
