@@ -110,8 +110,9 @@ class Tokenizer:
             raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
         return cls(tk)
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the standard HF files: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+    def save(self, folder: str | Path, model_max_length: int = 2048) -> Path:
+        """Write the standard HF files: tokenizer.json, tokenizer_config.json, special_tokens_map.json.
+        `model_max_length` is the context of the model saved beside it (what transformers truncates to)."""
         from .weights import atomic_write_text
 
         folder = Path(folder)
@@ -129,7 +130,7 @@ class Tokenizer:
             "pad_token": EOT,
             "unk_token": None,
             "clean_up_tokenization_spaces": False,
-            "model_max_length": 2048,
+            "model_max_length": model_max_length,
             "chat_template": CHAT_TEMPLATE,
         }
         atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")

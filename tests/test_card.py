@@ -94,8 +94,12 @@ def test_front_matter_parses_and_says_what_the_hub_needs(card, runs):
     assert fm["license"] == "mit" and fm["language"] == ["en", "it"]
     assert fm["library_name"] == "transformers" and fm["pipeline_tag"] == "text-generation"
     assert "quark" in fm["tags"] and "conversational" in fm["tags"]
-    assert fm["base_model"] == runs["run"]["base"]
+    assert "base_model" not in fm and str(runs["root"]) not in card  # no local path: the Hub wants an id
     assert fm["datasets"] == ["HuggingFaceTB/smollm-corpus"]  # the only source with a Hub id
+    named = render_model_card(runs["root"] / "sft", name="Quark-Test-Instruct", base_model="ThingAI/Quark-72M")
+    assert _front(named)["base_model"] == "ThingAI/Quark-72M" and "| Finetuned from | `ThingAI/Quark-72M` |" in named
+    with pytest.raises(ValueError, match="Hub model id such as org/name"):
+        render_model_card(runs["root"] / "sft", base_model=str(runs["root"] / "base"))
 
 
 def test_parameters_and_architecture_come_from_weights_and_config(card, runs):

@@ -84,8 +84,8 @@ def test_folder_has_the_cards_files(exported, checkpoint):
     assert {"config.json", "configuration_quark.py", "modeling_quark.py", "model.py", "model.safetensors",
             "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "LICENSE"} <= names
     cfg = json.loads((exported / "config.json").read_text())
-    assert cfg["auto_map"] == {"AutoConfig": "configuration_quark.QuarkConfig",
-                               "AutoModelForCausalLM": "modeling_quark.QuarkForCausalLM"}
+    assert cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_quark.QuarkForCausalLM"}
+    assert cfg["model_type"] == "llama"  # AutoConfig/AutoTokenizer need no custom code
     assert cfg["quark"] == model.config.to_dict()
     gen = json.loads((exported / "generation_config.json").read_text())
     assert RECOMMENDED == {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.15, "max_new_tokens": 200}
@@ -301,7 +301,7 @@ def test_bad_inputs_name_file_and_field(exported, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "hidden_size": 96}))
     with pytest.raises(ValueError, match=r"hidden_size=96 disagrees with quark.d_model=64"):
-        transformers.AutoConfig.from_pretrained(bad, trust_remote_code=True)
+        transformers.AutoModelForCausalLM.from_pretrained(bad, trust_remote_code=True)
     (bad / "config.json").write_text(json.dumps({**cfg, "quark": {**cfg["quark"], "d_ff": 96},
                                                  "intermediate_size": 96}))
     with pytest.raises(ValueError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight has shape"):

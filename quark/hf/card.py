@@ -130,8 +130,13 @@ def _find_eval(folder: Path, run: Path | None, explicit) -> tuple[dict | None, s
 def card_facts(checkpoint: str | Path, run: str | Path | None = None, eval_results: str | Path | None = None,
                name: str | None = None, repo_id: str | None = None, base_model: str | None = None,
                author: str | None = None, model=None) -> dict:
-    """Every figure the card shows, each read from its source. `checkpoint` is a model folder or run folder."""
+    """Every figure the card shows, each read from its source. `checkpoint` is a model folder or run folder.
+    `base_model` is a Hub model id (the Hub rejects a local path there); without one the card names none."""
     from ..tokenizer import Tokenizer
+
+    if base_model is not None and not _is_hf_id(base_model):
+        raise ValueError(f"--base-model {base_model!r}: give a Hugging Face Hub model id such as org/name "
+                         "(a local path cannot go in a model card)")
 
     folder = resolve_model_path(checkpoint)
     folder = folder.parent if folder.is_file() else folder
@@ -164,7 +169,7 @@ def card_facts(checkpoint: str | Path, run: str | Path | None = None, eval_resul
         "n_params_config": cfg.n_params(), "kv_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
         "tokenizer": {"vocab_size": tok.vocab_size, "base_vocab_size": tok.base_vocab_size, "eot_id": tok.eot_id,
                       "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id, "sha256": tok.sha256()},
-        "run": rf, "base": base, "base_model": base_model or (rf or {}).get("base"),
+        "run": rf, "base": base, "base_model": base_model,
         "eval": ev, "eval_path": ev_path,
         "remote_code": {"files": sorted(remote_code_files()), "imports": remote_code_imports()},
     }
@@ -330,7 +335,7 @@ def _quickstart(f: dict, fmt: str) -> list[str]:
         "and `modeling_quark.py` (which import " + ", ".join(f"`{x}`" for x in siblings) + " beside them).",
         "", "```bash", "pip install transformers torch", "```", "", "```python", "import torch",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)  # no custom-code prompt',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
         'tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})',
         'im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")', ids, "",
         "model = AutoModelForCausalLM.from_pretrained(", f'    "{repo}",', "    trust_remote_code=True,",
@@ -431,8 +436,8 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
         (f"- **Short effective context.** The architecture accepts {c['context_length']:,} tokens, but "
         "instruction-following degrades over long inputs sooner than in larger models."), "",
         "## Files in this Repository", "", "| File | Purpose |", "|---|---|"]
-    files = [("config.json", "Model configuration" + (" (Quark's config under `quark`) and `auto_map` registration "
-                                                       "for `trust_remote_code`" if fmt == "hf" else
+    files = [("config.json", "Model configuration" + (" (a Llama config, Quark's own under `quark`) and `auto_map` "
+                                                       "to `QuarkForCausalLM` for `trust_remote_code`" if fmt == "hf" else
                                                        " for `LlamaForCausalLM`"))]
     if fmt == "hf":
         files += [("configuration_quark.py", "`QuarkConfig` (extends `PretrainedConfig`)"),

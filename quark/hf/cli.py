@@ -32,7 +32,8 @@ def add_commands(sub) -> None:
     p.add_argument("--eval-results", help="quark eval JSON for the card (default: <model folder>/eval_results.json)")
     p.add_argument("--name", help="model name shown in the card / GGUF metadata (default: the output's name)")
     p.add_argument("--repo-id", help="Hub repository id used in the card's Quickstart (default: the name)")
-    p.add_argument("--base-model", help="base_model for an SFT model's card (default: run.json's base path)")
+    p.add_argument("--base-model", help="the Hub model id (org/name) of the base model, for an SFT model's card "
+                   "(base_model in its front matter); left out when not given")
     p.add_argument("--gguf-dtype", choices=("f32", "f16"), default="f32",
                    help="GGUF weight type for the matrices (norms stay f32); default f32")
     p.set_defaults(func=cmd_export)

@@ -6,6 +6,10 @@ and imports nothing but transformers and that sibling.
 Choices:
 - The source of truth is Quark's config, nested under the key "quark" in `config.json`; the `quark` package
   reads that key back, so one `config.json` serves both loaders.
+- The exported `config.json` says `model_type: "llama"` (the architecture is exactly Llama's) and maps only
+  `AutoModelForCausalLM` to remote code: `AutoConfig` / `AutoTokenizer` then load it with no custom code and no
+  "run the custom code? [y/N]" question, plain `AutoModelForCausalLM` gives `LlamaForCausalLM`, and
+  `trust_remote_code=True` gives `QuarkForCausalLM`, built through `core_config()` from that `LlamaConfig`.
 - The standard transformers names (`hidden_size`, `num_hidden_layers`, `num_key_value_heads`, ...) are mirrored
   at the top level for tools that read them (lm-evaluation-harness, vLLM, pipelines). A mirrored value that
   disagrees with the "quark" entry is an error naming both fields, never a silent choice.
@@ -29,6 +33,20 @@ MIRRORED = {
     "tie_word_embeddings": "tie_embeddings",
     "initializer_range": "init_std",
 }
+
+
+def core_config(config) -> CoreConfig:
+    """Quark's own config from a transformers config that carries the "quark" entry (the `LlamaConfig` that
+    `config.json` loads as, or a `QuarkConfig`); a mirrored field that disagrees is an error naming both."""
+    quark = getattr(config, "quark", None)
+    if not isinstance(quark, dict):
+        raise ValueError("config.json: no 'quark' entry (this folder was not exported by Quark)")
+    core = CoreConfig.from_dict(dict(quark), source="config.json 'quark'")
+    for hf_name, field in {**MIRRORED, "head_dim": "head_dim"}.items():
+        value = getattr(config, hf_name, None)
+        if value is not None and value != getattr(core, field):
+            raise ValueError(f"config.json: {hf_name}={value!r} disagrees with quark.{field}={getattr(core, field)!r}")
+    return core
 
 
 class QuarkConfig(PretrainedConfig):
@@ -58,4 +76,4 @@ class QuarkConfig(PretrainedConfig):
 
     def core_config(self) -> CoreConfig:
         """Quark's own config (the dataclass `model.py` is built from)."""
-        return CoreConfig.from_dict(dict(self.quark), source="config.json 'quark'")
+        return core_config(self)

@@ -2,8 +2,9 @@
 Llama folder, each with tokenizer files, generation defaults, a generated model card and the licence.
 
 Choices:
-- HF format: `config.json` nests Quark's config under "quark" (read by `quark.weights` too) and registers
-  `configuration_quark.QuarkConfig` / `modeling_quark.QuarkForCausalLM` in `auto_map`. The modeling file wraps
+- HF format: `config.json` is a Llama config with Quark's config nested under "quark" (read by `quark.weights`
+  too) and `modeling_quark.QuarkForCausalLM` in `auto_map` (no `AutoConfig` entry: loading the config or the
+  tokenizer needs no custom code, so nothing asks "run the custom code? [y/N]"). The modeling file wraps
   verbatim copies of `quark/model.py`, `generate.py`, `sampling.py`, `config.py` placed beside it: one
   implementation of the transformer, readable in one sitting, importing only torch and transformers.
 - Llama format: Quark uses Llama's parameter names and RoPE layout, so the weights are copied unchanged and
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..sampling import RECOMMENDED as SAMPLING_RECOMMENDED
 from ..tokenizer import CHAT_TEMPLATE
 from ..weights import (
     atomic_write_text,
@@ -36,10 +38,11 @@ from ..weights import (
 PACKAGE = Path(__file__).resolve().parent.parent
 TEMPLATES = {"configuration_quark": PACKAGE / "hf" / "configuration_quark.py",
              "modeling_quark": PACKAGE / "hf" / "modeling_quark.py"}
-AUTO_MAP = {"AutoConfig": "configuration_quark.QuarkConfig",
-            "AutoModelForCausalLM": "modeling_quark.QuarkForCausalLM"}
+# Only the model is remote code: config.json is a LlamaConfig (see configuration_quark.py), so AutoConfig and
+# AutoTokenizer load the folder without asking to run custom code.
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_quark.QuarkForCausalLM"}
 # The card's "Recommended starting configuration" for generate_text(), in transformers' names.
-RECOMMENDED = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.15, "max_new_tokens": 200}
+RECOMMENDED = {("repetition_penalty" if k == "rep_penalty" else k): v for k, v in SAMPLING_RECOMMENDED.items()}
 FORMATS = ("hf", "llama", "gguf")
 
 
@@ -91,34 +94,9 @@ def _transformers_version() -> str | None:
 
 
 def hf_config_dict(cfg) -> dict:
-    """config.json for the remote-code folder: Quark's config under "quark" plus the standard mirrors."""
-    d = {
-        "architectures": ["QuarkForCausalLM"],
-        "auto_map": dict(AUTO_MAP),
-        "model_type": "quark",
-        "quark": cfg.to_dict(),
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.d_ff,
-        "max_position_embeddings": cfg.context_length,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "hidden_act": "silu",
-        "bos_token_id": None,
-        "eos_token_id": cfg.im_end_id,
-        "pad_token_id": 0,
-        "dtype": "float32",
-        "use_cache": True,
-    }
-    if (v := _transformers_version()) is not None:
-        d["transformers_version"] = v
-    return d
+    """config.json for the remote-code folder: a Llama config (what the architecture is, so every tool reads it
+    without custom code) plus Quark's own config under "quark" and the `auto_map` to `QuarkForCausalLM`."""
+    return {**llama_config_dict(cfg), "auto_map": dict(AUTO_MAP), "quark": cfg.to_dict()}
 
 
 def llama_config_dict(cfg) -> dict:
@@ -210,7 +188,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", overwrite: 
         if fmt == "hf":
             for dst, src in remote_code_files().items():
                 shutil.copyfile(src, tmp / dst)
-        tok.save(tmp)
+        tok.save(tmp, model_max_length=cfg.context_length)
         _check_tokenizer_config(tmp, cfg)
         atomic_write_text(tmp / "README.md", render_model_card(facts, fmt=fmt))
         atomic_write_text(tmp / "LICENSE", MIT_LICENSE.format(year=facts["year"]))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_quark import QuarkConfig
+from .configuration_quark import QuarkConfig, core_config
 from .generate import generate_text as _generate_text
 from .model import KVCache, Quark
 
@@ -52,7 +52,7 @@ class QuarkForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: QuarkConfig):
         super().__init__(config)
-        core = Quark(config.core_config())
+        core = Quark(core_config(config))  # config: the LlamaConfig config.json loads as, or a QuarkConfig
         self.model = core.model
         self.lm_head = core.lm_head
         self.__dict__["_core"] = core  # shares the modules above; not registered, so names stay the checkpoint's
