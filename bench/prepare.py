@@ -26,7 +26,7 @@ def corpus(mb: float) -> list[str]:
     from quark.data import offline
 
     texts = list(offline.handbook_documents("en")) + list(offline.handbook_documents("it")) \
-        if offline.HANDBOOK.exists() else []
+        if not offline.unavailable("handbook") else []
     n = sum(len(t.encode()) for t in texts)
     for p in offline.stdlib_files():
         if n >= mb * 1e6:

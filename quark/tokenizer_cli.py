@@ -28,18 +28,9 @@ def corpus_texts(corpus: list[str] | None, max_bytes: int | None, seed: int = 0,
     """Texts of the training corpus, `max_bytes` in all (split by the mixture's weights)."""
     import os
 
-    from .data.mixture import load_mixture, mixture_from_dict, resolve_mixture_path
     from .data.sources import BadRecord, flatten_chat
 
-    corpus = corpus or ["tokenizer"]
-    if len(corpus) == 1 and _is_mixture(corpus[0]):
-        mixture = load_mixture(resolve_mixture_path(corpus[0]))
-    else:
-        for p in corpus:
-            if not any(ch in p for ch in "*?[") and not Path(p).exists():
-                raise FileNotFoundError(f"{p}: corpus file or folder not found")
-        mixture = mixture_from_dict({"sources": [{"name": "files", "type": "files", "paths": corpus,
-                                                  "license": "user-provided"}]}, "--corpus")
+    mixture = corpus_mixture(corpus)
     stats = stats if stats is not None else {}
     stats.update(documents=0, bytes=0, bad_skipped=0, bad_examples=[])
     total_w = mixture.total_weight
@@ -84,6 +75,20 @@ def corpus_texts(corpus: list[str] | None, max_bytes: int | None, seed: int = 0,
             pool.terminate()
 
 
+def corpus_mixture(corpus: list[str] | None):
+    """`--corpus` as a mixture: a mixture file or packaged name (default `tokenizer`), or files/folders/globs."""
+    from .data.mixture import load_mixture, mixture_from_dict, resolve_mixture_path
+
+    corpus = corpus or ["tokenizer"]
+    if len(corpus) == 1 and _is_mixture(corpus[0]):
+        return load_mixture(resolve_mixture_path(corpus[0]))
+    for p in corpus:
+        if not any(ch in p for ch in "*?[") and not Path(p).exists():
+            raise FileNotFoundError(f"{p}: corpus file or folder not found")
+    return mixture_from_dict({"sources": [{"name": "files", "type": "files", "paths": corpus,
+                                           "license": "user-provided"}]}, "--corpus")
+
+
 def _is_mixture(s: str) -> bool:
     from .data.mixture import PACKAGED
 
@@ -99,6 +104,8 @@ def cmd_train(args) -> None:
         raise ValueError(f"--max-bytes must be positive, got {args.max_bytes}")
     from tqdm import tqdm
 
+    for line in corpus_mixture(args.corpus).dropped_lines():  # fails here, before any work, if a language is gone
+        print(f"quark tokenizer: {line}", file=sys.stderr)
     stats: dict = {}
     t0 = time.time()
     bar = tqdm(total=args.max_bytes, unit="B", unit_scale=True, desc="read corpus", disable=args.quiet)
@@ -120,10 +127,25 @@ def cmd_train(args) -> None:
         raise
     seconds = time.time() - t0
     out = tok.save(args.out)
+    _write_corpus_record(Path(args.out), corpus_mixture(args.corpus), stats)
     print(f"trained a {tok.base_vocab_size:,}-token byte-level BPE (+2 chat tokens = {tok.vocab_size:,} ids) on "
           f"{stats['bytes'] / 1e6:.1f} MB ({stats['documents']:,} documents) in {seconds:.0f}s -> {out}")
     if stats["bad_skipped"]:
         print(f"  skipped {stats['bad_skipped']} unreadable records, e.g. {stats['bad_examples'][0]}", file=sys.stderr)
+
+
+def _write_corpus_record(folder: Path, mixture, stats: dict) -> None:
+    """corpus.json beside the tokenizer: the mixture actually read (sources, weights, what was not installed)."""
+    import json
+
+    from .weights import atomic_write_text
+
+    if folder.suffix == ".json":  # --out tokenizer.json: no folder to put it in
+        return
+    record = {"mixture": mixture.name, "bytes": stats["bytes"], "documents": stats["documents"],
+              "sources": [{"name": s.name, "weight": s.weight, "license": s.license} for s in mixture.sources],
+              "unavailable": [{k: d[k] for k in ("name", "weight", "reason")} for d in mixture.dropped]}
+    atomic_write_text(folder / "corpus.json", json.dumps(record, indent=2) + "\n")
 
 
 # ---- stats -----------------------------------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ from quark.data import offline
 from quark.data.mixture import mixture_from_dict
 
 
-def _skip_without(path):
-    if not Path(path).exists():
-        pytest.skip(f"{path} not installed")
+def _skip_without(kind, lang="en"):
+    why = offline.unavailable(kind, lang)
+    if why:
+        pytest.skip(f"{kind} ({lang}) {why}")
 
 
 def test_handbook_parallel_italian_and_english():
-    _skip_without(offline.HANDBOOK)
+    _skip_without("handbook")
     en, it = list(offline.handbook_sections("en")), list(offline.handbook_sections("it"))
     assert len(en) > 300 and len(it) > 300
     it_text = " ".join(b for _, b in it)
@@ -30,13 +31,13 @@ def test_handbook_parallel_italian_and_english():
 
 
 def test_fortunes_bible_chatterbot():
-    _skip_without(offline.FORTUNES / "it")
+    _skip_without("fortunes", "it")
     it = list(offline.fortune_documents("it"))
     assert len(it) > 5000 and not any(q.strip() == "%" for q in it)
     convs = list(offline.chatterbot_conversations("it"))
     assert len(convs) > 500
     assert all(c[0]["role"] == "user" and c[1]["role"] == "assistant" for c in convs)
-    if offline.shutil.which("bible"):
+    if offline.bible_program():
         chapters = list(offline.bible_documents())
         assert len(chapters) == 1189 and chapters[0].startswith("Genesis 1\n1 In the beginning God created")
 

@@ -23,7 +23,17 @@ def cmd_prepare(args) -> None:
             mixture = mixture_from_dict(raw, args.mixture)
     else:
         raise ValueError("give --mixture (a TOML file or a packaged name) or --sft FILE.jsonl ...")
+    import sys
+
+    for line in mixture.dropped_lines():
+        print(f"quark prepare: {line}", file=sys.stderr)
     tok = Tokenizer.load(args.tokenizer)
+    if args.seq_len is None:
+        context = _model_context(args.tokenizer)
+        args.seq_len = context or 2048
+        if mixture.kind == "sft":
+            why = f"the context of the model in {args.tokenizer}" if context else "the default"
+            print(f"quark prepare: rows of --seq-len {args.seq_len} tokens ({why})", file=sys.stderr)
     m = prepare(mixture, tok, args.out, tokens=args.tokens, seed=args.seed, val_fraction=args.val_fraction,
                 skip_bad=args.skip_bad, shard_tokens=args.shard_tokens, seq_len=args.seq_len,
                 workers=args.workers, progress=not args.quiet, dedup=not args.no_dedup)
@@ -39,6 +49,17 @@ def cmd_prepare(args) -> None:
     print(f"  eval items removed by exact-text dedup: {m['eval_dedup_removed']}")
 
 
+def _model_context(folder: str) -> int | None:
+    """The context length of the model in `folder` when the tokenizer given is a model folder (an export, a run or
+    a checkpoint), so SFT rows fit the model they will train."""
+    from ..weights import config_from_folder, resolve_model_path
+
+    try:
+        return config_from_folder(resolve_model_path(folder)).context_length
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a data mixture into .npy shards (pre-training or SFT)")
     p.add_argument("--mixture", help="mixture TOML file, or a packaged one: offline, quark-72m, sft, tokenizer")
@@ -50,7 +71,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, help="share of documents for val (default 0.01; SFT 0.02)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
-    p.add_argument("--seq-len", type=int, default=2048, help="SFT row length (rows hold seq_len + 1 ids)")
+    p.add_argument("--seq-len", type=int, help="SFT row length (rows hold seq_len + 1 ids); default: the model's "
+                   "context when --tokenizer is a model folder, else 2048")
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default 16M)")
     p.add_argument("--workers", type=int, help="processes for math generation (default: all cores)")
     p.add_argument("--license", default="user-provided", help="licence recorded for --sft files")

@@ -10,6 +10,11 @@ A mixture is a TOML file:
 Weights are relative (they need not sum to 1). Everything is validated before any data is read: an unknown
 type, a missing file, a negative weight or a duplicate name fails at once, naming the source. Packaged mixtures
 (`quark/mixtures/*.toml`) can be named without a path: `offline`, `quark-72m`, `sft`, `tokenizer`.
+
+An optional built-in corpus that this machine lacks (a Debian package not installed) is dropped, not fatal: the
+mixture keeps the other sources, whose relative weights then share its weight in proportion, and
+`Mixture.dropped` says what went and why (commands print it, manifests record it). Only when nothing is left for a
+language the mixture asks for (all its English, Italian, code or math sources) does loading fail.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .sources import Source, make_source
@@ -33,13 +38,21 @@ class Mixture:
     sources: list[Source]
     tokens: int | None
     raw: dict
+    dropped: list[dict] = field(default_factory=list)  # {"name", "weight", "reason"} of unavailable sources
 
     @property
     def total_weight(self) -> float:
         return sum(s.weight for s in self.sources)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
+        used = {"raw": self.raw, "dropped": sorted(d["name"] for d in self.dropped)} if self.dropped else self.raw
+        return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()
+
+    def dropped_lines(self) -> list[str]:
+        """One line per unavailable source, for the user: what is missing and where its weight went."""
+        rest = len(self.sources)
+        return [f"{d['name']}: {d['reason']}; its weight {d['weight']:g} goes to the other {rest} sources of "
+                f"{self.name!r} in proportion" for d in self.dropped]
 
 
 def packaged_mixtures() -> list[str]:
@@ -79,6 +92,7 @@ def mixture_from_dict(raw: dict, where: str = "mixture") -> Mixture:
         raise ValueError(f"{where}: duplicate source name(s): {', '.join(sorted(dup))}")
     if sum(s.weight for s in sources) <= 0:
         raise ValueError(f"{where}: the weights sum to 0; give at least one source a positive weight")
+    sources, dropped = _drop_unavailable(sources, where)
     tokens = raw.get("tokens")
     if tokens is not None and (not isinstance(tokens, int) or tokens <= 0):
         raise ValueError(f"{where}: tokens must be a positive integer, got {tokens!r}")
@@ -86,4 +100,23 @@ def mixture_from_dict(raw: dict, where: str = "mixture") -> Mixture:
         chat_only = [s.name for s in sources if s.options.get("chat")]
         if chat_only:
             raise ValueError(f"{where}: chat = true is for SFT mixtures (source(s) {', '.join(chat_only)})")
-    return Mixture(name=Path(where).stem, kind=kind, sources=sources, tokens=tokens, raw=raw)
+    return Mixture(name=Path(where).stem, kind=kind, sources=sources, tokens=tokens, raw=raw, dropped=dropped)
+
+
+def _drop_unavailable(sources: list[Source], where: str) -> tuple[list[Source], list[dict]]:
+    """The sources this machine can read, and a record of the others; fails when a language loses every source."""
+    dropped = [{"name": s.name, "weight": s.weight, "reason": why, "language": s.language}
+               for s in sources if (why := s.unavailable())]
+    if not dropped:
+        return sources, []
+    gone = {d["name"] for d in dropped}
+    kept = [s for s in sources if s.name not in gone]
+    wanted = {s.language for s in sources if s.weight > 0 and s.language}
+    left = {s.language for s in kept if s.weight > 0}
+    for lang in sorted(wanted - left):
+        why = "; ".join(f"{d['name']}: {d['reason']}" for d in dropped if d["language"] == lang)
+        raise FileNotFoundError(f"{where}: nothing left for {_LANGS.get(lang, lang)} ({why})")
+    return kept, dropped
+
+
+_LANGS = {"en": "English", "it": "Italian", "code": "code", "math": "math"}

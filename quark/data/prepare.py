@@ -433,7 +433,8 @@ def _write_manifest(mix: Mixture, tok: Tokenizer, out: Path, seed: int, seq_len:
                              "bytes": sum(state.source(s.name)[f"{split}_bytes"] for s in mix.sources)}
     manifest = {
         "kind": mix.kind, "mixture": mix.name, "tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size,
-        "seed": seed, "dtype": "uint16" if mix.kind == "pretrain" else "int32", "sources": srcs, "splits": splits,
+        "seed": seed, "dtype": "uint16" if mix.kind == "pretrain" else "int32", "sources": srcs,
+        "unavailable": [{k: d[k] for k in ("name", "weight", "reason")} for d in mix.dropped], "splits": splits,
         "eval_dedup_removed": sum(s["eval_removed"] for s in srcs), "val_fraction": state.data["fingerprint"]["val_fraction"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 2),
     }

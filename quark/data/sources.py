@@ -80,6 +80,26 @@ class Source:
     def is_endless(self) -> bool:
         return self.is_generated and not self.options.get("max_documents")
 
+    @property
+    def language(self) -> str | None:
+        """What the source teaches, for the 'nothing left for X' check: code, math, or its natural language."""
+        if self.type in ("python_stdlib", "site_packages"):
+            return "code"
+        if self.is_generated:
+            return "math"
+        if self.type in BUILTIN:
+            return self.options.get("lang", "en")
+        return self.options.get("lang")
+
+    def unavailable(self) -> str | None:
+        """Why this source cannot be read on this machine ('not installed (...)'), or None. Only the optional
+        built-in corpora can be missing; a user's own files are checked (and fail) when the mixture is loaded."""
+        if self.type not in BUILTIN:
+            return None
+        kind = "math" if self.is_generated else self.options.get("kind", "docstring") \
+            if self.type == "instructions" else self.type
+        return offline.unavailable(kind, self.options.get("lang", "en"))
+
     def documents(self, seed: int = 0, epoch: int = 0, start: int = 0, pool=None) -> Iterator:
         """Documents in a fixed order from the `start`-th on. A malformed record is yielded as a `BadRecord` (the
         caller skips or stops). `pool` parallelises math generation."""
