@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .sampling import RECOMMENDED
 from .train.metrics import fmt_duration
 
 STAGES = ("tokenizer", "data", "sft-data", "pretrain", "sft", "eval", "export", "report")
@@ -181,8 +182,8 @@ def stage_commands(run: Run, nproc: int = 1) -> dict[str, list[list[str]]]:
     if r.pretrain_tokens is not None:
         bound += ["--set", f"max_tokens={r.pretrain_tokens}"]
     sft_bound = ["--set", f"max_minutes={r.sft_minutes:g}"] if r.sft_minutes is not None else []
-    if r.sft_tokens is not None:
-        sft_bound += ["--set", f"max_tokens={r.sft_tokens}"]
+    if r.sft_tokens is not None:  # a token bound replaces the config's one epoch (a small SFT set is repeated)
+        sft_bound += ["--set", f"max_tokens={r.sft_tokens}", "--set", "epochs=0"]
     tasks = ["--tasks", r.eval_tasks] + (["--limit", str(r.eval_limit)] if r.eval_limit else [])
     cmds = {
         "tokenizer": [q("tokenizer", "train", "--vocab-size", r.vocab_size, "--max-bytes", r.tokenizer_bytes,
@@ -236,6 +237,10 @@ def _record(run: Run, stage: str, **info) -> None:
 def speedrun(out: str | Path, recipe: Recipe, nproc: int = 1) -> dict:
     """Run (or resume) every stage into `out`; returns the report's summary dict."""
     run = Run(Path(out), recipe)
+    from .data.mixture import load_mixture
+
+    for mixture in ("tokenizer", recipe.mixture, "sft"):  # a language left with no source fails here, before work
+        load_mixture(mixture)
     if not run.valid("eval"):  # fail in seconds, not after the training stages, when the eval data is missing
         from .eval.tasks import build_items, parse_tasks
 
@@ -302,24 +307,31 @@ def unigram_baseline(data_dir: Path) -> dict:
 
 
 def sample_chats(model_dir: Path, seed: int = 0) -> list[dict]:
-    """Each prompt of SAMPLE_CHATS answered with the card's recommended sampling settings."""
-    import torch
+    """Each prompt of SAMPLE_CHATS answered through `quark.load` with the card's recommended sampling."""
+    from .llm import LLM
 
-    from .generate import generate
-    from .weights import load_model_and_tokenizer
-
-    torch.manual_seed(seed)
-    model, tok = load_model_and_tokenizer(model_dir)
+    llm = LLM.load(model_dir, device="cpu")
     out = []
     for lang, prompt in SAMPLE_CHATS:
-        ids = tok.render_prompt([{"role": "user", "content": prompt}])
-        budget = min(200, model.config.context_length - len(ids))
-        new = generate(model, [ids], max_new_tokens=budget, temperature=0.2, top_p=0.9, rep_penalty=1.15,
-                       eos_token_id=tok.im_end_id, seed=seed)[0]
-        ended = bool(new) and new[-1] == tok.im_end_id
-        out.append({"lang": lang, "user": prompt, "assistant": tok.decode(new[:-1] if ended else new),
-                    "ends_with_im_end": ended, "new_tokens": len(new)})
+        ids = llm.chat_ids([{"role": "user", "content": prompt}])
+        budget = min(llm.defaults.max_new_tokens, llm.config.context_length - len(ids))
+        stream = llm.stream_ids(ids, llm.params(max_new_tokens=budget, seed=seed))
+        new = list(stream)
+        ended = stream.request.finish_reason == "stop"
+        out.append({"lang": lang, "user": prompt, "assistant": llm.tokenizer.decode(new),
+                    "ends_with_im_end": ended, "new_tokens": len(new) + ended})
     return out
+
+
+def _unavailable_lines(run: Run, data_m: dict, sft_m: dict) -> list[str]:
+    """The optional corpora this machine lacked, per stage; their weight went to the others in proportion."""
+    tok_m = _j(run.tokenizer / "corpus.json") or {}
+    out = []
+    for what, m in (("tokenizer corpus", tok_m), ("pre-training mixture", data_m), ("SFT mixture", sft_m)):
+        if m.get("unavailable"):
+            out.append(f"- Not on this machine, left out of the {what} (its weight shared by the others): "
+                       + "; ".join(f"{d['name']} (weight {d['weight']:g}, {d['reason']})" for d in m["unavailable"]))
+    return ["", *out] if out else []
 
 
 def _demote_headings(md: str) -> str:
@@ -373,6 +385,9 @@ def write_report(run: Run) -> dict:
         "unigram": uni, "base_perplexity": base_ppl, "sft_perplexity": ev_sft.get("perplexity"),
         "eval": {"base": ev_base["tasks"], "sft": ev_sft["tasks"]},
         "chats": chats, "chats_ending_with_im_end": sum(c["ends_with_im_end"] for c in chats),
+        "unavailable": {k: [d["name"] for d in (m or {}).get("unavailable", [])]
+                        for k, m in (("tokenizer", _j(run.tokenizer / "corpus.json")), ("data", data_m),
+                                     ("sft_data", sft_m))},
     }
     for k in ("pretrain", "sft"):
         d = summary[k]
@@ -409,6 +424,7 @@ def write_report(run: Run) -> dict:
     for s in data_m["sources"]:
         L.append(f"| {s['name']} | {s['weight']:g} | {s['tokens']:,} | {100 * s['tokens'] / tot:.1f}% | "
                  f"{s.get('license', '')} |")
+    L += _unavailable_lines(run, data_m, sft_m)
     L += ["", f"SFT conversations (`{sft_m.get('mixture')}`): {sft_m['splits']['train']['rows']:,} rows of "
           f"{sft_m.get('seq_len')} tokens, {sft_m['splits']['train']['target_tokens']:,} trained (assistant) tokens; "
           "sources " + ", ".join(f"{s['name']} ({s['tokens']:,} tokens)" for s in sft_m["sources"]) + ".", "",
@@ -437,7 +453,8 @@ def write_report(run: Run) -> dict:
           f"| pre-trained | {base_ppl['val_loss']:.4f} / {base_ppl['bpb']:.4f} |",
           f"| after SFT | {sp.get('val_loss', float('nan')):.4f} / {sp.get('bpb') or float('nan'):.4f} |", "",
           "## Sample chats", "",
-          "ChatML, the card's recommended sampling (temperature 0.2, top_p 0.9, repetition penalty 1.15).", ""]
+          "ChatML, the card's recommended sampling (" + ", ".join(f"{k} {v}" for k, v in RECOMMENDED.items()) + ").",
+          ""]
     for c in chats:
         L += [f"**[{c['lang']}] user:** {c['user']}", "",
               f"**assistant** ({c['new_tokens']} tokens, {'ends with' if c['ends_with_im_end'] else 'no'} "

@@ -140,7 +140,7 @@ def test_cli_gguf(checkpoint, tmp_path):
 def test_llama_cpp_generates_our_greedy_tokens(gguf_file, checkpoint, tiny_tokenizer):
     """llama.cpp (llama-cpp-python, compiled from source: see README) loads the file, tokenizes like us, and
     with an f32 KV cache gives our logits and greedy tokens."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (compiles llama.cpp, ~11 min)")
     model, _ = checkpoint
     llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=model.config.context_length, n_batch=64, n_threads=1,
                           logits_all=True, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,

@@ -106,6 +106,19 @@ def train(cfg: TrainConfig) -> dict:
         dist_.teardown()
 
 
+def budget_plan(limits: dict[str, tuple[int, str]], max_minutes: float = 0) -> str:
+    """The plan line's budget part: which of the budgets set binds, and why the others do not."""
+    if not limits:
+        return f"steps planned from max_minutes={max_minutes:g} after the first steps"
+    binding = min(limits, key=lambda k: limits[k][0])
+    steps, means = limits[binding]
+    text = f"{max(1, steps)} steps" + (f" = {means}" if means else "") + f" ({binding} binds"
+    others = [f"{k} ({v[0]} steps) not reached" for k, v in limits.items() if k != binding]
+    if max_minutes:
+        others.append(f"max_minutes={max_minutes:g} may stop it sooner")
+    return text + ("; " + ", ".join(others) if others else "") + ")"
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, d: dist_.Dist):
         if not cfg.out:
@@ -196,14 +209,17 @@ class Trainer:
         tokens_micro = rows_micro * self.seq_len
         self.accum = max(1, round(cfg.tokens_per_step / tokens_micro)) if cfg.tokens_per_step else 1
         rows_step = rows_micro * self.accum
-        limits = []
+        limits = {}  # budget -> (steps, what it means)
         if cfg.max_steps:
-            limits.append(cfg.max_steps)
+            limits[f"max_steps={cfg.max_steps}"] = (cfg.max_steps, "")
         if cfg.max_tokens:
-            limits.append(math.ceil(cfg.max_tokens / (tokens_micro * self.accum)))
+            limits[f"max_tokens={cfg.max_tokens}"] = (math.ceil(cfg.max_tokens / (tokens_micro * self.accum)),
+                                                      f"{cfg.max_tokens:,} tokens")
         if cfg.epochs:
-            limits.append(math.ceil(cfg.epochs * len(self.train_loader) / rows_step))
-        self.total = max(1, min(limits)) if limits else None
+            limits[f"epochs={cfg.epochs:g}"] = (math.ceil(cfg.epochs * len(self.train_loader) / rows_step),
+                                                f"{cfg.epochs:g} epoch(s) of {len(self.train_loader):,} rows")
+        self.total = max(1, min(v[0] for v in limits.values())) if limits else None
+        self.plan = budget_plan(limits, cfg.max_minutes)
 
     def _resume(self):
         st = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer)
@@ -348,8 +364,7 @@ class Trainer:
             write_run_json(self.run_dir, self.run_info(finished=False))
             print(f"{cfg.kind}: {self.mc.n_params() / 1e6:.2f}M params on {dist_.hardware(d)}; "
                   f"{cfg.batch_size} x {self.seq_len} tokens x {d.world_size} process(es) x {self.accum} accum per "
-                  f"step; {f'{self.total} steps' if self.total else 'steps planned from max_minutes'}; "
-                  f"run folder {self.run_dir}", flush=True)
+                  f"step; {self.plan}; run folder {self.run_dir}", flush=True)
         total_for_lr = self.total or 10**9
         peak = dist_.bf16_peak_flops(self.dev)
         fpt = self.mc.flops_per_token(self.seq_len)
