@@ -171,8 +171,8 @@ def config_from_folder(folder: str | Path) -> QuarkConfig:
         hint = f" (found pickle files {pickles}, which Quark refuses to load)" if pickles else ""
         raise FileNotFoundError(f"{cfg_path}: missing config.json{hint}")
     try:
-        d = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if "quark" in d:
         return QuarkConfig.from_dict(d["quark"], source=str(cfg_path))
