@@ -52,10 +52,10 @@ def os_error_message(e: OSError) -> str:
 def _as_os_error(e: BaseException) -> OSError | None:
     if isinstance(e, OSError):
         return e
-    if type(e).__name__ == "SafetensorError":  # a write that bypassed quark.weights.save_safetensors
+    if "os error" in str(e):  # a Rust writer (safetensors, tokenizers) that bypassed quark.weights' wrappers
         from .weights import write_error
 
-        return write_error(e, "(a safetensors file being written)")
+        return write_error(e, f"(a file being written by {type(e).__module__.split('.')[0]})")
     return None
 
 

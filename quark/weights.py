@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from .config import QuarkConfig
 from .model import Quark
+from .textio import read_utf8
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HASH_KEY = "quark_sha256"
@@ -39,11 +40,12 @@ NO_VERIFY_ENV = "QUARK_NO_VERIFY"
 
 
 def write_error(e: BaseException, path: str | Path) -> OSError | None:
-    """`e` (an OSError or a SafetensorError from a failed write) as an OSError naming `path`; None when `e` is
-    neither (a programming error, re-raised as is)."""
+    """`e` (an OSError, or an error of a Rust writer such as safetensors' SafetensorError or tokenizers' Exception,
+    which carry the OS error only as "(os error N)" in their text) as an OSError naming `path`; None when `e` is
+    not an I/O failure (re-raised as is)."""
     if isinstance(e, OSError):
         return OSError(e.errno, e.strerror or str(e), str(path)) if e.errno else None
-    m = re.search(r"os error (\d+)", str(e)) if isinstance(e, SafetensorError) else None
+    m = re.search(r"os error (\d+)", str(e))
     return OSError(int(m[1]), os.strerror(int(m[1])), str(path)) if m else None
 
 
@@ -171,8 +173,8 @@ def config_from_folder(folder: str | Path) -> QuarkConfig:
         hint = f" (found pickle files {pickles}, which Quark refuses to load)" if pickles else ""
         raise FileNotFoundError(f"{cfg_path}: missing config.json{hint}")
     try:
-        d = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        d = json.loads(read_utf8(cfg_path))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if "quark" in d:
         return QuarkConfig.from_dict(d["quark"], source=str(cfg_path))

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..textio import read_utf8
+
 MANIFEST = "manifest.json"
 
 
@@ -44,8 +46,8 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing manifest.json; is {folder} a data folder written by `quark prepare`?")
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        m = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     for key in ("kind", "splits"):
         if key not in m:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import weights
+from ..textio import read_utf8
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -54,8 +55,8 @@ def verify_checkpoint(ckpt: str | Path) -> None:
     """Raise ValueError (or FileNotFoundError) naming the file when a checkpoint is incomplete or corrupt."""
     ckpt = Path(ckpt)
     try:
-        json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        json.loads(read_utf8(ckpt / STATE_JSON))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from None
     weights.config_from_folder(ckpt)
     for name in ("model.safetensors", STATE_TENSORS):
@@ -168,8 +169,8 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
     JSON training state."""
     ckpt = Path(ckpt)
     try:
-        state = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        state = json.loads(read_utf8(ckpt / STATE_JSON))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from None
     weights.config_from_folder(ckpt)
     device = next(model.parameters()).device
