@@ -74,7 +74,7 @@ def _open(path: Path, ndim: int, dtypes: tuple) -> np.ndarray:
     except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as e:  # numpy parses the header as
         # Python literals: a damaged one raises any of these
         why = "truncated?" if "greater than file size" in str(e) else "damaged header?"
-        raise ValueError(f"{path}: not a readable .npy shard ({why} {type(e).__name__}: {str(e)[:120]})") from None
+        raise ValueError(f"{path}: not a readable .npy shard ({why} {type(e).__name__}: {str(e)[:80]})") from None
     if arr.ndim != ndim or arr.dtype not in dtypes:
         raise ValueError(f"{path}: expected a {ndim}-D array of {'/'.join(str(np.dtype(d)) for d in dtypes)}, "
                          f"found shape {arr.shape} dtype {arr.dtype}")
