@@ -32,11 +32,11 @@ COMMAND_MODULES = [
     "quark.quantize",       # quantize
 ]
 OS_ERROR_HINTS = {  # errno -> what the user can do about it
-    errno.ENOSPC: "the disk is full: free some space or write to another disk, then rerun",
-    errno.EDQUOT: "the disk quota is exceeded: free some space or write elsewhere, then rerun",
-    errno.EROFS: "the file system is read-only: choose a writable output folder, then rerun",
-    errno.EACCES: "permission denied: choose a folder you may write to (or fix its permissions), then rerun",
-    errno.EPERM: "operation not permitted: choose a folder you may write to (or fix its permissions), then rerun",
+    errno.ENOSPC: "free some space or write to another disk, then rerun",
+    errno.EDQUOT: "free some space or write elsewhere, then rerun",
+    errno.EROFS: "choose an output folder on a writable file system, then rerun",
+    errno.EACCES: "choose a folder you may write to, or fix its permissions, then rerun",
+    errno.EPERM: "choose a folder you may write to, or fix its permissions, then rerun",
 }
 
 

@@ -283,8 +283,8 @@ class Trainer:
 
                 prev = ckpt.latest_good_checkpoint(self.run_dir)
                 keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-                err = (f"saving the checkpoint of step {self.step} failed: {os_error_message(e)}; {keep}; then "
-                       "rerun the same command to resume.")
+                err = (f"saving the checkpoint of step {self.step} failed: {os_error_message(e)}; {keep}; rerun the "
+                       "same command to resume.")
         err = dist_.broadcast_object(err, self.d)
         if err:
             raise RuntimeError(err)
