@@ -210,8 +210,8 @@ def file_documents(paths: list[str], text_field: str | None = None, chat: bool =
                 raw = f.read_bytes()
             except OSError as e:
                 raise FileNotFoundError(f"{f}: cannot read ({e.strerror})") from None
-            try:
-                yield raw.decode("utf-8")
+            try:  # newlines translated as read_text does (universal newlines)
+                yield raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
             except UnicodeDecodeError as e:
                 yield BadRecord(f"{f}:{utf8_line(raw, e.start)}", utf8_problem(e, raw))
 
