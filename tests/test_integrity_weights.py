@@ -195,3 +195,22 @@ def test_hash_uses_little_endian_bytes_as_numpy_sees_them():
 
     want = hashlib.sha256(b"w|float32|[2, 3]\n" + np.arange(6, dtype="<f4").tobytes()).hexdigest()
     assert tensors_sha256({"w": t}) == want
+
+
+def test_commands_refuse_a_corrupt_model_in_one_line(model_dir, tiny_tokenizer, capsys, tmp_path):
+    """The probe's `quark serve` answered from flipped weights; now eval, chat and serve stop before any output."""
+    pytest.importorskip("uvicorn")
+    from quark.cli import main
+    from tests.test_train import write_pretrain_data
+
+    folder, _ = model_dir
+    tiny_tokenizer.save(folder)
+    data = write_pretrain_data(tmp_path / "data", tiny_tokenizer, n_files=6)
+    f = folder / "model.safetensors"
+    flip_mantissa_bytes(f, "model.embed_tokens.weight")
+    for argv in (["eval", "--model", str(folder), "--tasks", "", "--perplexity", str(data)],
+                 ["chat", "--model", str(folder)],
+                 ["serve", "--model", str(folder), "--engine", "thread", "--port", "0"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"quark {argv[0]}: error: {f}: content hash mismatch") and err.count("\n") == 1, err
