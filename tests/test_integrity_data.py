@@ -202,3 +202,23 @@ def test_invalid_utf8_in_text_files_and_configs_names_file_and_line(tmp_path, ti
         load_mixture(toml)
     with pytest.raises(ValueError, match=rf"^{toml}:2: not valid UTF-8"):
         load_config(toml)
+
+
+def test_sft_shards_are_checked_too(tmp_path, tiny_tokenizer):
+    from quark.data.loader import SFTLoader
+    from tests.test_train import write_sft_data
+
+    convs = [[{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
+             for i in range(12)]
+    data = write_sft_data(tmp_path / "sft", tiny_tokenizer, convs, seq_len=32)
+    assert len(SFTLoader(data, "train", 2, vocab_size=tiny_tokenizer.vocab_size)) == 8
+    f = data / "train" / "sft_00000.ids.npy"
+    ids = np.load(f)
+    ids[3, 5] = 9999
+    np.save(f, ids)
+    with pytest.raises(ValueError, match=rf"^{f}: token id 9999 >= the model's vocab_size 514;"):
+        SFTLoader(data, "train", 2, vocab_size=tiny_tokenizer.vocab_size)
+    np.save(f, ids[:, :20])
+    np.save(data / "train" / "sft_00000.mask.npy", np.load(data / "train" / "sft_00000.mask.npy")[:, :20])
+    with pytest.raises(ValueError, match=rf"^{f}: rows of 20 ids, but \S+manifest.json says seq_len=32 \(rows of 33\)"):
+        SFTLoader(data, "train", 2)
