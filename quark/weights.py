@@ -39,6 +39,11 @@ HASH_KEY = "quark_sha256"
 NO_VERIFY_ENV = "QUARK_NO_VERIFY"
 
 
+class IntegrityError(ValueError):
+    """A file that fails an integrity check: unreadable, truncated, a hash mismatch, NaN/Inf values. Resume skips
+    a checkpoint raising it; any other ValueError (a mismatch with the run's settings) stops the run instead."""
+
+
 def write_error(e: BaseException, path: str | Path) -> OSError | None:
     """`e` (an OSError, or an error of a Rust writer such as safetensors' SafetensorError or tokenizers' Exception,
     which carry the OS error only as "(os error N)" in their text) as an OSError naming `path`; None when `e` is
@@ -103,8 +108,8 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
 def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
     bad = first_nonfinite(tensors)
     if bad is not None:
-        raise ValueError(f"{source}: tensor {bad[0]} holds {bad[1]:,} non-finite value(s) (NaN/Inf); these weights "
-                         "are broken: use an earlier checkpoint")
+        raise IntegrityError(f"{source}: tensor {bad[0]} holds {bad[1]:,} non-finite value(s) (NaN/Inf); these "
+                             "weights are broken: use an earlier checkpoint")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
@@ -155,12 +160,12 @@ def read_safetensors(path: str | Path, device="cpu", verify: bool | None = None)
             for k in f.keys():
                 out[k] = f.get_tensor(k)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise IntegrityError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     if verify is None:
         verify = not os.environ.get(NO_VERIFY_ENV)
     if want and verify and (got := tensors_sha256(out)) != want:
-        raise ValueError(f"{path}: content hash mismatch (sha256 {got[:12]}..., the file records {want[:12]}...): "
-                         "the file is corrupt; restore it or use an earlier checkpoint")
+        raise IntegrityError(f"{path}: content hash mismatch (sha256 {got[:12]}..., the file records "
+                             f"{want[:12]}...): the file is corrupt; restore it or use an earlier checkpoint")
     check_finite(out, path)
     return out if str(device) == "cpu" else {k: v.to(device) for k, v in out.items()}
 
@@ -175,7 +180,9 @@ def config_from_folder(folder: str | Path) -> QuarkConfig:
     try:
         d = json.loads(read_utf8(cfg_path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        raise IntegrityError(f"{cfg_path}: not valid JSON ({e})") from None
+    except ValueError as e:  # not UTF-8
+        raise IntegrityError(str(e)) from None
     if "quark" in d:
         return QuarkConfig.from_dict(d["quark"], source=str(cfg_path))
     if d.get("model_type") == "llama" or "LlamaForCausalLM" in d.get("architectures", []):

@@ -139,3 +139,17 @@ def test_nonfinite_weights_are_never_saved(tmp_path, data, monkeypatch):
         loop.train(train_cfg(data, run, save_every=2, max_steps=10))
     assert steps(run) == ["step_000002"]
     ckpt.verify_checkpoint(run / "checkpoints" / "step_000002")
+
+
+def test_a_settings_mismatch_on_resume_stops_without_touching_checkpoints(tmp_path, data, monkeypatch):
+    """Only integrity failures are skipped: an optimizer that no longer matches the saved one is an error."""
+    from quark.train import loop
+
+    run = tmp_path / "run"
+    loop.train(train_cfg(data, run, max_steps=2))
+    before = steps(run)
+    monkeypatch.setattr(loop, "build_optimizer", lambda model, lr, *a, **k: torch.optim.AdamW(model.parameters(), lr))
+    with pytest.raises(ValueError, match=r"step_000002: optimizer parameter groups do not match the model"):
+        loop.train(train_cfg(data, run, max_steps=4))
+    assert steps(run) == before == ["step_000002"]
+    ckpt.verify_checkpoint(run / "checkpoints" / "step_000002")

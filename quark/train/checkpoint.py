@@ -51,13 +51,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def verify_checkpoint(ckpt: str | Path) -> None:
-    """Raise ValueError (or FileNotFoundError) naming the file when a checkpoint is incomplete or corrupt."""
-    ckpt = Path(ckpt)
+def read_state_json(ckpt: Path) -> dict:
     try:
-        json.loads(read_utf8(ckpt / STATE_JSON))
+        return json.loads(read_utf8(ckpt / STATE_JSON))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from None
+        raise weights.IntegrityError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from None
+    except ValueError as e:  # not UTF-8
+        raise weights.IntegrityError(str(e)) from None
+
+
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Raise IntegrityError (or FileNotFoundError) naming the file when a checkpoint is incomplete or corrupt."""
+    ckpt = Path(ckpt)
+    read_state_json(ckpt)
     weights.config_from_folder(ckpt)
     for name in ("model.safetensors", STATE_TENSORS):
         weights.read_safetensors(ckpt / name)
@@ -168,10 +174,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
     """Load weights (and optimizer moments, RNG) from a checkpoint folder into model/optimizer; return the
     JSON training state."""
     ckpt = Path(ckpt)
-    try:
-        state = json.loads(read_utf8(ckpt / STATE_JSON))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from None
+    state = read_state_json(ckpt)
     weights.config_from_folder(ckpt)
     device = next(model.parameters()).device
     sd = weights.read_safetensors(ckpt / "model.safetensors", device=device)

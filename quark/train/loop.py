@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.loader import PretrainLoader, SFTLoader
 from ..model import Quark
-from ..weights import first_nonfinite, load_model
+from ..weights import IntegrityError, first_nonfinite, load_model
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .config import TrainConfig
@@ -128,7 +128,7 @@ class Trainer:
 
             try:
                 saved = config_from_folder(self.resume_from)
-            except ValueError:  # a corrupt checkpoint: _resume warns and falls back to an older one
+            except IntegrityError:  # a corrupt checkpoint: _resume warns and falls back to an older one
                 saved = mc
             if saved != mc:
                 raise ValueError(f"{self.resume_from}: the run folder holds a different model ({saved}); use a new "
@@ -215,7 +215,7 @@ class Trainer:
             try:
                 st = ckpt.load_checkpoint(cand, self.model, self.optimizer)
                 break
-            except (ValueError, FileNotFoundError) as e:
+            except (IntegrityError, FileNotFoundError) as e:  # other errors (settings that differ) stop the run
                 if self.d.is_main:
                     print(f"warning: skipping checkpoint {cand}: {e}; moved it to {ckpt.set_aside(cand)}",
                           file=sys.stderr, flush=True)
