@@ -10,7 +10,7 @@ Choices:
 - Integrity: every safetensors file Quark writes records `quark_sha256` in its `__metadata__` (transformers and
   other readers ignore unknown keys): SHA-256 over the tensors in name order, each as `name|dtype|shape\n` then its
   raw bytes, so flipped, lost or reordered bytes anywhere in the file change it. Loading recomputes it from the
-  tensors just read (about 0.2 s for quark-72m's 287 MB, see dev/LOG.md); `QUARK_NO_VERIFY=1` skips that.
+  tensors just read (0.2-0.5 s for quark-72m's 287 MB on 2 CPU cores, dev/LOG.md); `QUARK_NO_VERIFY=1` skips that.
   Files without the key (HF or Llama folders from elsewhere) load unverified. Every file, ours or not, is
   refused at load when a tensor holds NaN or Inf, and `save_safetensors` refuses to write one.
 - A failed write (OSError, or safetensors' SafetensorError, which carries the OS error only in its text) is
