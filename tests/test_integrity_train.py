@@ -68,8 +68,8 @@ def test_resume_skips_a_bad_newest_checkpoint_and_repeats_the_good_run(tmp_path,
     ckpt.verify_checkpoint(run / "checkpoints" / "step_000006")
 
 
-def test_keep_last_never_drops_the_save_for_a_newer_leftover(tmp_path, data, capsys):
-    """keep_last=1 and a corrupt step 4 (set aside) must not delete the new step 4."""
+def test_a_set_aside_checkpoint_is_kept_and_not_counted_by_keep_last(tmp_path, data, capsys):
+    """keep_last=1 after a corrupt step 4 was set aside: the new step 4 and then 5 are kept, the corrupt one too."""
     from quark.train.loop import train
 
     run = tmp_path / "run"
