@@ -6,11 +6,16 @@ Choices:
   functions, so `quark --help` stays fast and a missing optional extra only breaks the command that needs it.
 - Errors the user can fix (ValueError, FileNotFoundError, ...) print one line `quark <cmd>: error: ...` and
   exit 2, never a traceback; `QUARK_DEBUG=1` shows the traceback.
+- This is the one place where I/O failures of every command become that line: an OSError from the system (read-only
+  folder, full disk, missing permission, ...) prints `<path>: <what>; <what to do>`, and so does safetensors'
+  SafetensorError, which wraps the OS error in its text. Writers keep earlier outputs intact by writing to a
+  temporary file and renaming it (`quark.weights.atomic_write_bytes`), and name the file they were writing.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -26,6 +31,32 @@ COMMAND_MODULES = [
     "quark.speedrun",       # speedrun
     "quark.quantize",       # quantize
 ]
+OS_ERROR_HINTS = {  # errno -> what the user can do about it
+    errno.ENOSPC: "free some space or write to another disk, then rerun",
+    errno.EDQUOT: "free some space or write elsewhere, then rerun",
+    errno.EROFS: "choose an output folder on a writable file system, then rerun",
+    errno.EACCES: "choose a folder you may write to, or fix its permissions, then rerun",
+    errno.EPERM: "choose a folder you may write to, or fix its permissions, then rerun",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """`<path>: <what>; <what to do>` for an OSError raised by the system; our own OSErrors carry their message."""
+    if e.errno is None:
+        return str(e)
+    where = e.filename if e.filename is not None else "(a file being written)"
+    hint = OS_ERROR_HINTS.get(e.errno)
+    return f"{where}: {e.strerror or os.strerror(e.errno)}" + (f"; {hint}" if hint else "")
+
+
+def _as_os_error(e: BaseException) -> OSError | None:
+    if isinstance(e, OSError):
+        return e
+    if "os error" in str(e):  # a Rust writer (safetensors, tokenizers) that bypassed quark.weights' wrappers
+        from .weights import write_error
+
+        return write_error(e, f"(a file being written by {type(e).__module__.split('.')[0]})")
+    return None
 
 
 def cmd_info(args) -> None:
@@ -78,10 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"quark {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:
         if os.environ.get("QUARK_DEBUG"):
             raise
         print(f"quark {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - only I/O failures are reported here; anything else is re-raised
+        err = _as_os_error(e)
+        if err is None or os.environ.get("QUARK_DEBUG"):
+            raise
+        print(f"quark {args.command}: error: {os_error_message(err)}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

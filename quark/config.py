@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .textio import read_utf8
+
 N_CHAT_TOKENS = 2  # <|im_start|>, <|im_end|>
 
 
@@ -106,7 +108,7 @@ class QuarkConfig:
     def from_file(cls, path: str | Path) -> QuarkConfig:
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(read_utf8(path))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: config file not found") from None
         except json.JSONDecodeError as e:

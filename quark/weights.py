@@ -7,12 +7,22 @@ Choices:
 - Writes go to a temp file in the same folder and are renamed into place, so a crash never leaves a
   half-written file behind.
 - Pickle files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused: loading them can run arbitrary code.
+- Integrity: every safetensors file Quark writes records `quark_sha256` in its `__metadata__` (transformers and
+  other readers ignore unknown keys): SHA-256 over the tensors in name order, each as `name|dtype|shape\n` then its
+  raw bytes, so flipped, lost or reordered bytes anywhere in the file change it. Loading recomputes it from the
+  tensors just read (0.2-0.5 s for quark-72m's 287 MB on 2 CPU cores, dev/LOG.md); `QUARK_NO_VERIFY=1` skips that.
+  Files without the key (HF or Llama folders from elsewhere) load unverified. Every file, ours or not, is
+  refused at load when a tensor holds NaN or Inf, and `save_safetensors` refuses to write one.
+- A failed write (OSError, or safetensors' SafetensorError, which carries the OS error only in its text) is
+  re-raised as an OSError naming the file being written, so `quark.cli` can print one line with the path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,21 +32,43 @@ from safetensors.torch import save_file
 
 from .config import QuarkConfig
 from .model import Quark
+from .textio import read_utf8
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HASH_KEY = "quark_sha256"
+NO_VERIFY_ENV = "QUARK_NO_VERIFY"
+
+
+class IntegrityError(ValueError):
+    """A file that fails an integrity check: unreadable, truncated, a hash mismatch, NaN/Inf values. Resume skips
+    a checkpoint raising it; any other ValueError (a mismatch with the run's settings) stops the run instead."""
+
+
+def write_error(e: BaseException, path: str | Path) -> OSError | None:
+    """`e` (an OSError, or an error of a Rust writer such as safetensors' SafetensorError or tokenizers' Exception,
+    which carry the OS error only as "(os error N)" in their text) as an OSError naming `path`; None when `e` is
+    not an I/O failure (re-raised as is)."""
+    if isinstance(e, OSError):
+        return OSError(e.errno, e.strerror or str(e), str(path)) if e.errno else None
+    m = re.search(r"os error (\d+)", str(e))
+    return OSError(int(m[1]), os.strerror(int(m[1])), str(path)) if m else None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if (err := write_error(e, path)) is not None:
+            raise err from None
         raise
 
 
@@ -51,15 +83,52 @@ def state_dict_for_save(model: Quark) -> dict[str, torch.Tensor]:
     return sd
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors in name order, each as `name|dtype|shape\n` followed by its raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(name, count of NaN/Inf values) of the first floating tensor (in name order) holding any, else None."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(t)  # one pass, no temporary; NaN propagates to both (40x faster than isfinite().all())
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            return name, int((~torch.isfinite(t)).sum())
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise IntegrityError(f"{source}: tensor {bad[0]} holds {bad[1]:,} non-finite value(s) (NaN/Inf); these "
+                             "weights are broken: use an earlier checkpoint")
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """Write tensors atomically with their SHA-256 in the metadata; refuses NaN/Inf values."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    check_finite(tensors, path)
+    metadata = dict(metadata or {}, **{HASH_KEY: tensors_sha256(tensors)})
+    tmp = None
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if (err := write_error(e, path)) is not None:
+            raise err from None
         raise
 
 
@@ -75,7 +144,9 @@ def save_model(model: Quark, folder: str | Path, dtype: torch.dtype | None = Non
     return folder
 
 
-def read_safetensors(path: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path, device="cpu", verify: bool | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, never unpickling. The recorded SHA-256 is checked unless `verify` is
+    False (default: on unless $QUARK_NO_VERIFY is set); NaN/Inf values are always refused."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: refusing to load a pickle file ({path.suffix}); unpickling can run arbitrary "
@@ -84,12 +155,19 @@ def read_safetensors(path: str | Path, device="cpu") -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: weights file not found")
     try:
         out = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            want = (f.metadata() or {}).get(HASH_KEY)
             for k in f.keys():
                 out[k] = f.get_tensor(k)
-        return out
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise IntegrityError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if verify is None:
+        verify = not os.environ.get(NO_VERIFY_ENV)
+    if want and verify and (got := tensors_sha256(out)) != want:
+        raise IntegrityError(f"{path}: content hash mismatch (sha256 {got[:12]}..., the file records "
+                             f"{want[:12]}...): the file is corrupt; restore it or use an earlier checkpoint")
+    check_finite(out, path)
+    return out if str(device) == "cpu" else {k: v.to(device) for k, v in out.items()}
 
 
 def config_from_folder(folder: str | Path) -> QuarkConfig:
@@ -100,9 +178,11 @@ def config_from_folder(folder: str | Path) -> QuarkConfig:
         hint = f" (found pickle files {pickles}, which Quark refuses to load)" if pickles else ""
         raise FileNotFoundError(f"{cfg_path}: missing config.json{hint}")
     try:
-        d = json.loads(cfg_path.read_text())
+        d = json.loads(read_utf8(cfg_path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        raise IntegrityError(f"{cfg_path}: not valid JSON ({e})") from None
+    except ValueError as e:  # not UTF-8
+        raise IntegrityError(str(e)) from None
     if "quark" in d:
         return QuarkConfig.from_dict(d["quark"], source=str(cfg_path))
     if d.get("model_type") == "llama" or "LlamaForCausalLM" in d.get("architectures", []):

@@ -65,7 +65,7 @@ def test_train_errors_name_the_problem(tmp_path, capsys):
     rc = main(["tokenizer", "train", "--corpus", str(bad), "--vocab-size", "300", "--out", str(tmp_path / "t4"),
                "--quiet"])
     err = capsys.readouterr().err  # the only file was unreadable text: nothing to train on, and it is named
-    assert rc == 2 and "empty" in err and "bad.txt: not UTF-8" in err
+    assert rc == 2 and "empty" in err and "bad.txt:1: not valid UTF-8 (byte 0xff at column 1" in err
     assert not any((tmp_path / t).exists() for t in ("t1", "t2", "t3", "t4"))
 
 

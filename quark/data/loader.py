@@ -13,6 +13,12 @@ Choices:
   consumed. Resume restores that count, so it is exact; under DDP rank r of W takes rows `r*b .. r*b+b-1` of every
   global micro-batch of `W*b` rows, so any world size sees the same global batch as one process would.
 - Validation reads the first windows/rows of the val split in file order, the same set at every evaluation.
+- Shards are validated when a loader opens them, before any step: the `.npy` header must parse, the dtype and the
+  length (tokens, or rows of `seq_len + 1`) must match the manifest, and with `vocab_size` given the largest token
+  id must be below it. `quark prepare` records each shard's largest id (`max_ids`), so the check reads no data;
+  for older manifests it is computed once per shard when the loader opens it (a memory-mapped max, ~10 ms per
+  16M tokens). Batches re-check their ids, so a shard edited after preparation fails naming the shard, not with
+  an IndexError deep inside torch.
 - SFT batches are trimmed to the longest row in the batch (rounded up to a bucket of seq_len/8) so padding
   costs no compute, while the number of distinct shapes stays small for `torch.compile`.
 """
@@ -20,10 +26,13 @@ Choices:
 from __future__ import annotations
 
 import json
+import tokenize
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..textio import read_utf8
 
 MANIFEST = "manifest.json"
 
@@ -37,7 +46,7 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing manifest.json; is {folder} a data folder written by `quark prepare`?")
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     for key in ("kind", "splits"):
@@ -62,12 +71,55 @@ def _split_files(folder: Path, manifest: dict, split: str) -> list[Path]:
 def _open(path: Path, ndim: int, dtypes: tuple) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable .npy shard ({e})") from None
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as e:  # numpy parses the header as
+        # Python literals: a damaged one raises any of these
+        why = "truncated?" if "greater than file size" in str(e) else "damaged header?"
+        raise ValueError(f"{path}: not a readable .npy shard ({why} {type(e).__name__}: {str(e)[:80]})") from None
     if arr.ndim != ndim or arr.dtype not in dtypes:
         raise ValueError(f"{path}: expected a {ndim}-D array of {'/'.join(str(np.dtype(d)) for d in dtypes)}, "
                          f"found shape {arr.shape} dtype {arr.dtype}")
     return arr
+
+
+def _max_id(arr: np.ndarray, chunk: int = 1 << 24) -> int:
+    return max((int(arr[i:i + chunk].max()) for i in range(0, len(arr), chunk)), default=-1)
+
+
+def check_shards(folder: Path, manifest: dict, split: str, arrays: list[np.ndarray], vocab_size: int | None) -> None:
+    """Dtype, length and largest id of a split's shards against the manifest (see the module docstring)."""
+    info, where = manifest["splits"][split], folder / MANIFEST
+    names = info["shards"]
+    want_dtype = manifest.get("dtype")
+    sizes = info.get("shard_tokens") if manifest["kind"] == "pretrain" else info.get("shard_rows")
+    unit = "tokens" if manifest["kind"] == "pretrain" else "rows"
+    for k, (name, arr) in enumerate(zip(names, arrays)):
+        path = folder / split / name
+        if want_dtype and arr.dtype != np.dtype(want_dtype):
+            raise ValueError(f"{path}: dtype {arr.dtype}, but {where} says {want_dtype}")
+        if sizes is not None and len(arr) != sizes[k]:
+            raise ValueError(f"{path}: {len(arr):,} {unit}, but {where} lists {sizes[k]:,} (truncated or replaced?)")
+        if manifest["kind"] == "sft" and manifest.get("seq_len") and arr.shape[1] != manifest["seq_len"] + 1:
+            raise ValueError(f"{path}: rows of {arr.shape[1]} ids, but {where} says seq_len={manifest['seq_len']} "
+                             f"(rows of {manifest['seq_len'] + 1})")
+    total = info.get("tokens") if manifest["kind"] == "pretrain" else info.get("rows")
+    if sizes is None and total is not None and sum(len(a) for a in arrays) != total:
+        raise ValueError(f"{folder / split}: shards hold {sum(len(a) for a in arrays):,} {unit}, but {where} "
+                         f"lists {total:,} (a shard truncated or replaced?)")
+    if vocab_size is None:
+        return
+    recorded = info.get("max_ids") or [None] * len(names)
+    for name, arr, top in zip(names, arrays, recorded):
+        top = _max_id(arr.reshape(-1)) if top is None else top
+        if top >= vocab_size:
+            raise ValueError(f"{folder / split / name}: token id {top} >= the model's vocab_size {vocab_size}; the "
+                             "data was tokenized with another tokenizer, or the shard is damaged")
+
+
+def _check_batch(ids: np.ndarray, vocab_size: int | None, shard_of) -> None:
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        r = int(np.argwhere(ids >= vocab_size)[0][0])
+        raise ValueError(f"{shard_of(r)}: token id {int(ids.max())} >= the model's vocab_size {vocab_size} (the shard "
+                         "changed after `quark prepare` recorded its largest id?)")
 
 
 class _EpochOrder:
@@ -129,13 +181,15 @@ class PretrainLoader(_Loader):
     kind = "pretrain"
 
     def __init__(self, folder: str | Path, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, manifest: dict | None = None):
+                 rank: int = 0, world_size: int = 1, manifest: dict | None = None, vocab_size: int | None = None):
         folder = Path(folder)
         manifest = manifest or read_manifest(folder)
         if manifest["kind"] != "pretrain":
             raise ValueError(f"{folder}: a {manifest['kind']!r} data folder; pre-training needs kind 'pretrain'")
-        self.seq_len = seq_len
-        self.shards = [_open(f, 1, (np.uint16, np.int32, np.uint32)) for f in _split_files(folder, manifest, split)]
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+        self.files = _split_files(folder, manifest, split)
+        self.shards = [_open(f, 1, (np.uint16, np.int32, np.uint32)) for f in self.files]
+        check_shards(folder, manifest, split, self.shards, vocab_size)
         counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
         if counts.sum() == 0:
             raise ValueError(f"{folder / split}: fewer than seq_len + 1 = {seq_len + 1} tokens in every shard")
@@ -152,6 +206,8 @@ class PretrainLoader(_Loader):
 
     def _batch(self, windows: list[int]):
         buf = np.stack([self.window(w) for w in windows]).astype(np.int64)
+        _check_batch(buf, self.vocab_size,
+                     lambda r: self.files[int(np.searchsorted(self.starts, windows[r], side="right")) - 1])
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous(), None
 
@@ -172,7 +228,7 @@ class SFTLoader(_Loader):
     kind = "sft"
 
     def __init__(self, folder: str | Path, split: str, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, manifest: dict | None = None, trim: bool = True):
+                 world_size: int = 1, manifest: dict | None = None, trim: bool = True, vocab_size: int | None = None):
         folder = Path(folder)
         manifest = manifest or read_manifest(folder)
         if manifest["kind"] != "sft":
@@ -190,6 +246,8 @@ class SFTLoader(_Loader):
                 raise ValueError(f"{mask_path}: shape {mask.shape} differs from {f.name} {ids.shape}")
             self.ids.append(ids)
             self.masks.append(mask)
+        check_shards(folder, manifest, split, self.ids, vocab_size)
+        self.files, self.vocab_size = files, vocab_size
         widths = {a.shape[1] for a in self.ids}
         if len(widths) != 1:
             raise ValueError(f"{folder / split}: SFT shards disagree on row width {sorted(widths)}")
@@ -210,7 +268,10 @@ class SFTLoader(_Loader):
 
     def _batch(self, rows: list[int]):
         pairs = [self.row(r) for r in rows]
-        ids = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.int64))
+        ids = np.stack([p[0] for p in pairs]).astype(np.int64)
+        _check_batch(ids, self.vocab_size,
+                     lambda i: self.files[int(np.searchsorted(self.starts, rows[i], side="right")) - 1])
+        ids = torch.from_numpy(ids)
         mask = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.bool_))
         width = ids.shape[1]
         if self.trim:
@@ -231,9 +292,9 @@ class SFTLoader(_Loader):
 
 
 def make_loader(folder: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                world_size: int = 1, manifest: dict | None = None):
+                world_size: int = 1, manifest: dict | None = None, vocab_size: int | None = None):
     """A PretrainLoader or SFTLoader, by the manifest's kind."""
     manifest = manifest or read_manifest(folder)
     if manifest["kind"] == "sft":
-        return SFTLoader(folder, split, batch_size, seed, rank, world_size, manifest)
-    return PretrainLoader(folder, split, seq_len, batch_size, seed, rank, world_size, manifest)
+        return SFTLoader(folder, split, batch_size, seed, rank, world_size, manifest, vocab_size=vocab_size)
+    return PretrainLoader(folder, split, seq_len, batch_size, seed, rank, world_size, manifest, vocab_size)

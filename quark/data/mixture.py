@@ -25,6 +25,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..textio import read_utf8
 from .sources import Source, make_source
 
 PACKAGED = Path(__file__).resolve().parent.parent / "mixtures"
@@ -72,7 +73,7 @@ def resolve_mixture_path(name_or_path: str | Path) -> Path:
 def load_mixture(name_or_path: str | Path) -> Mixture:
     path = resolve_mixture_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(read_utf8(path))
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
     return mixture_from_dict(raw, str(path))

@@ -212,9 +212,10 @@ def _pretrain_source(src, st, tok, out, seed, vf, skip_bad, shard_tokens, train_
             if sizes[split] == 0:
                 continue
             name = f"shard_{len(state.data['shards'][split]):05d}.npy"
-            save_npy(out / split / name, np.concatenate(bufs[split]).astype(np.uint16))
+            arr = np.concatenate(bufs[split]).astype(np.uint16)
+            save_npy(out / split / name, arr)
             state.data["shards"][split].append({"file": name, "source": src.name, "tokens": sizes[split],
-                                                "bytes": byts[split]})
+                                                "bytes": byts[split], "max_id": int(arr.max())})
             st[f"{split}_tokens"] += sizes[split]
             st[f"{split}_bytes"] += byts[split]
             bufs[split], sizes[split], byts[split] = [], 0, 0
@@ -375,8 +376,9 @@ def _prepare_sft(mix, tok, out, tokens, seed, vf, skip_bad, seq_len, shard_token
             if f"{stem}.ids.npy" not in done or not fi.exists() or not fm.exists():
                 save_npy(fi, ids[start:start + rows_per_shard])
                 save_npy(fm, mask[start:start + rows_per_shard])
-            shards.append({"file": f"{stem}.ids.npy", "mask": f"{stem}.mask.npy",
-                           "rows": int(min(rows_per_shard, len(ids) - start))})
+            part = ids[start:start + rows_per_shard]
+            shards.append({"file": f"{stem}.ids.npy", "mask": f"{stem}.mask.npy", "rows": len(part),
+                           "max_id": int(part.max()) if part.size else -1})
         state.data["shards"][split] = shards
         state.data[f"{split}_rows"] = len(ids)
         state.data[f"{split}_real_tokens"] = int((ids != 0).sum()) if len(ids) else 0
@@ -424,13 +426,17 @@ def _write_manifest(mix: Mixture, tok: Tokenizer, out: Path, seed: int, seq_len:
         if mix.kind == "pretrain":
             splits[split] = {"shards": [s["file"] for s in shards], "tokens": sum(s["tokens"] for s in shards),
                              "bytes": sum(s["bytes"] for s in shards),
-                             "shard_sources": [s["source"] for s in shards]}
+                             "shard_sources": [s["source"] for s in shards],
+                             "shard_tokens": [s["tokens"] for s in shards]}
         else:
             splits[split] = {"shards": [s["file"] for s in shards], "mask_shards": [s["mask"] for s in shards],
                              "rows": state.data.get(f"{split}_rows", 0),
                              "tokens": state.data.get(f"{split}_real_tokens", 0),
                              "target_tokens": state.data.get(f"{split}_target_tokens", 0),
-                             "bytes": sum(state.source(s.name)[f"{split}_bytes"] for s in mix.sources)}
+                             "bytes": sum(state.source(s.name)[f"{split}_bytes"] for s in mix.sources),
+                             "shard_rows": [s["rows"] for s in shards]}
+        if all("max_id" in s for s in shards):  # checked against the model's vocabulary before training
+            splits[split]["max_ids"] = [s["max_id"] for s in shards]
     manifest = {
         "kind": mix.kind, "mixture": mix.name, "tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size,
         "seed": seed, "dtype": "uint16" if mix.kind == "pretrain" else "int32", "sources": srcs,

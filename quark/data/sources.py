@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..textio import utf8_line, utf8_problem
 from . import offline
 
 TEXT_EXTS = {".txt", ".md", ".rst", ".tex", ".html", ".htm", ".csv", ".tsv", ".json", ".yaml", ".yml", ".toml"}
@@ -226,21 +227,26 @@ def file_documents(paths: list[str], text_field: str | None = None, chat: bool =
             yield from parquet_documents(f, text_field or (None if chat else "text"), chat)
         else:
             try:
-                text = f.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                yield BadRecord(str(f), f"not UTF-8 text ({e.reason} at byte {e.start})")
-                continue
+                raw = f.read_bytes()
             except OSError as e:
                 raise FileNotFoundError(f"{f}: cannot read ({e.strerror})") from None
-            yield text
+            try:  # newlines translated as read_text does (universal newlines)
+                yield raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+            except UnicodeDecodeError as e:
+                yield BadRecord(f"{f}:{utf8_line(raw, e.start)}", utf8_problem(e, raw))
 
 
 def jsonl_documents(f: Path, text_field: str | None, chat: bool) -> Iterator:
-    with open(f, encoding="utf-8", errors="strict") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(f, "rb") as fh:  # decoded line by line, so a bad byte names its line and the others still load
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{f}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRecord(where, utf8_problem(e, raw, 0))
+                continue
             if not line.strip():
                 continue
-            where = f"{f}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -8,6 +8,7 @@ Choices:
   (non-overlapping windows of context_length + 1 tokens), so the number is the one `quark pretrain` reports;
   bits-per-byte converts with the split's token and byte counts from the manifest.
 - The result file follows the eval-results contract and is written atomically; a Markdown table goes beside it.
+  A NaN/Inf log-likelihood or validation loss is an error (exit 2), never a result.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, fewsh
                 bar.set_description(t)
             t0 = time.perf_counter()
             scores = score_tokens(model, token_reqs[t], batch_size, bar.update if bar is not None else None)
+            bad = [ll for ll, _ in scores if not math.isfinite(ll)]
+            if bad:
+                raise ValueError(f"task {t}: the log-likelihood is {bad[0]} (NaN/Inf) for {len(bad)} of {len(scores)} "
+                                 "requests: the model's weights overflow; nothing was written")
             results[t] = aggregate(t, items, scores)
             results[t]["seconds"] = round(time.perf_counter() - t0, 3)
     finally:
@@ -95,18 +100,18 @@ def perplexity(model, data_dir: str | Path, batch_size: int = 8, max_windows: in
     if manifest["kind"] != "pretrain":
         raise ValueError(f"{data_dir}: perplexity needs a pre-training data folder (kind 'pretrain'), "
                          f"found kind {manifest['kind']!r}")
-    loader = PretrainLoader(data_dir, split, model.config.context_length, batch_size, manifest=manifest)
+    loader = PretrainLoader(data_dir, split, model.config.context_length, batch_size, manifest=manifest,
+                            vocab_size=model.config.vocab_size)  # ids >= vocab_size fail naming the shard
     n_windows = len(loader) if max_windows is None else min(len(loader), max_windows)
     total, n_tok = 0.0, 0
-    vocab = model.config.vocab_size
     for x, y, _ in loader.val_batches(math.ceil(n_windows / batch_size)):
-        if int(max(x.max(), y.max())) >= vocab:
-            raise ValueError(f"{data_dir}: token id {int(max(x.max(), y.max()))} >= the model's vocab_size {vocab}; "
-                             "the data was tokenized with another tokenizer")
         x, y = x.to(model.device), y.to(model.device)
         total += float(model.loss(x, y, reduction="sum"))
         n_tok += y.numel()
     loss = total / max(n_tok, 1)
+    if not math.isfinite(loss):
+        raise ValueError(f"{data_dir}: the validation loss over the {split} split is {loss} (NaN/Inf): the model's "
+                         "weights overflow on this data; nothing was written. Evaluate an earlier checkpoint")
     info = manifest["splits"].get(split, {})
     return {"val_loss": loss, "bpb": bits_per_byte(loss, info.get("tokens"), info.get("bytes")), "tokens": n_tok}
 

@@ -11,6 +11,8 @@ Choices:
   only `config.json` differs; `transformers.LlamaForCausalLM` (and Llama-serving engines) load it without
   remote code.
 - Weights are float32 safetensors (the card's "Tensor type F32"); the tied `lm_head` is not stored.
+- `model.safetensors` records its SHA-256 in the safetensors metadata (`quark.weights`), which transformers
+  ignores and Quark verifies when it loads the folder.
 - The folder is assembled in a temporary sibling and renamed into place, so a failed export never leaves a
   half-written folder; an existing non-empty folder is replaced only with `overwrite=True`.
 """
@@ -33,6 +35,7 @@ from ..weights import (
     resolve_model_path,
     save_safetensors,
     state_dict_for_save,
+    write_error,
 )
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -149,7 +152,10 @@ def _staging_dir(out: Path, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder exists and is not empty (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise write_error(e, out.parent) or e from None
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -193,8 +199,10 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", overwrite: 
         atomic_write_text(tmp / "README.md", render_model_card(facts, fmt=fmt))
         atomic_write_text(tmp / "LICENSE", MIT_LICENSE.format(year=facts["year"]))
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (err := write_error(e, out)) is not None:  # a full disk or read-only folder: named in one line
+            raise err from None
         raise
     return out
 

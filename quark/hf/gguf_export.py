@@ -13,11 +13,13 @@ Choices:
   pre-tokens whole) is warned about. No BOS is added (Quark never trains with one); eos is `<|im_end|>`, pad
   is `<|endoftext|>`.
 - The ChatML template goes into `tokenizer.chat_template`. Weights are f32 (default) or f16 for matrices.
-- Written to a temporary file and renamed into place.
+- Written to a temporary file and renamed into place, with `<name>.gguf.sha256` beside it (the file's SHA-256
+  in `sha256sum` format: `sha256sum -c model.gguf.sha256` checks it; `verify_gguf` does the same).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, SPLIT_REGEX
-from ..weights import load_model_and_tokenizer, resolve_model_path, state_dict_for_save
+from ..weights import atomic_write_text, load_model_and_tokenizer, resolve_model_path, state_dict_for_save, write_error
 
 GGUF_PRE = "llama-bpe"
 
@@ -135,9 +137,37 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", ove
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        digest = file_sha256(tmp)
         os.replace(tmp, out)
-    except BaseException:
+        atomic_write_text(sha256_path(out), f"{digest}  {out.name}\n")
+    except BaseException as e:
         w.close()
         tmp.unlink(missing_ok=True)
+        if (err := write_error(e, out)) is not None:  # a full disk or read-only folder: named in one line
+            raise err from None
         raise
     return out
+
+
+def sha256_path(gguf_file: Path) -> Path:
+    return gguf_file.with_name(gguf_file.name + ".sha256")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_gguf(path: str | Path) -> None:
+    """Raise ValueError naming the file when a GGUF does not match the SHA-256 recorded beside it."""
+    path = Path(path)
+    side = sha256_path(path)
+    if not side.exists():
+        raise FileNotFoundError(f"{side}: no recorded SHA-256 beside {path.name}")
+    want = side.read_text().split()[0]
+    if (got := file_sha256(path)) != want:
+        raise ValueError(f"{path}: content hash mismatch (sha256 {got[:12]}..., {side.name} records {want[:12]}...): "
+                         "the file is corrupt; export it again")

@@ -10,6 +10,10 @@ Choices:
 - The step folder is written under a temporary name and renamed into place only when complete, so a crash or a
   full disk during a save leaves the previous checkpoints untouched (and at most a `.tmp-*` folder, removed by
   the next run).
+- Both safetensors files record their SHA-256 (`quark.weights`) and are verified when read. Resuming tries the
+  newest checkpoint first and falls back to older ones: a checkpoint that fails verification (corrupt, truncated,
+  NaN/Inf weights) is renamed to `corrupt-step_NNNNNN` with a warning, so it is neither loaded nor counted by
+  `keep_last` again. "Last good checkpoint" means `latest_good_checkpoint`, which verifies.
 - Optimizer tensors are keyed by parameter name (`exp_avg.model.norm.weight`), so a checkpoint is readable with
   any safetensors tool and a mismatch names the parameter.
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import weights
+from ..textio import read_utf8
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -44,6 +49,43 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def read_state_json(ckpt: Path) -> dict:
+    try:
+        return json.loads(read_utf8(ckpt / STATE_JSON))
+    except json.JSONDecodeError as e:
+        raise weights.IntegrityError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from None
+    except ValueError as e:  # not UTF-8
+        raise weights.IntegrityError(str(e)) from None
+
+
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Raise IntegrityError (or FileNotFoundError) naming the file when a checkpoint is incomplete or corrupt."""
+    ckpt = Path(ckpt)
+    read_state_json(ckpt)
+    weights.config_from_folder(ckpt)
+    for name in ("model.safetensors", STATE_TENSORS):
+        weights.read_safetensors(ckpt / name)
+
+
+def latest_good_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that passes `verify_checkpoint`, or None."""
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(p)
+        except (ValueError, FileNotFoundError):
+            continue
+        return p
+    return None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a checkpoint that failed verification to `corrupt-<name>` (kept for inspection, never loaded)."""
+    dst = ckpt.with_name(f"corrupt-{ckpt.name}")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(ckpt, dst)
+    return dst
 
 
 def clean_partial(run_dir: str | Path) -> None:
@@ -123,7 +165,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:  # a newer leftover (from a run resumed at an older step) never pushes out this save
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -131,10 +174,8 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
     """Load weights (and optimizer moments, RNG) from a checkpoint folder into model/optimizer; return the
     JSON training state."""
     ckpt = Path(ckpt)
-    try:
-        state = json.loads((ckpt / STATE_JSON).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from None
+    state = read_state_json(ckpt)
+    weights.config_from_folder(ckpt)
     device = next(model.parameters()).device
     sd = weights.read_safetensors(ckpt / "model.safetensors", device=device)
     with torch.no_grad():

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..textio import read_utf8
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -162,7 +164,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = (), **fi
     if path is not None:
         p = resolve_config_path(path)
         try:
-            d = tomllib.loads(p.read_text())
+            d = tomllib.loads(read_utf8(p))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{p}: not valid TOML ({e})") from None
         cfg = from_dict(d, source=str(p))

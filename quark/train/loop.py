@@ -9,7 +9,8 @@ Choices:
 - Nothing random happens in a step (no dropout; data order is a function of the seed and the step), so a run
   resumed from a checkpoint repeats an uninterrupted run's losses exactly on the same hardware.
 - A non-finite loss or gradient norm stops the run before the optimizer step: the bad update is never applied
-  and never saved, and the newest checkpoint stays the last good one.
+  and never saved; weights holding NaN/Inf are never written as a checkpoint either. Resume falls back past
+  checkpoints that fail verification (`checkpoint.set_aside`), and "the last good checkpoint" is one that verifies.
 - `train_step` is public so benchmarks (bench/gpu.py, bench/train_cpu.py) time the very same step.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..data.loader import PretrainLoader, SFTLoader
 from ..model import Quark
-from ..weights import load_model
+from ..weights import IntegrityError, first_nonfinite, load_model
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .config import TrainConfig
@@ -137,7 +139,10 @@ class Trainer:
         if self.resume_from is not None:
             from ..weights import config_from_folder
 
-            saved = config_from_folder(self.resume_from)
+            try:
+                saved = config_from_folder(self.resume_from)
+            except IntegrityError:  # a corrupt checkpoint: _resume warns and falls back to an older one
+                saved = mc
             if saved != mc:
                 raise ValueError(f"{self.resume_from}: the run folder holds a different model ({saved}); use a new "
                                  f"--out folder or the same model config")
@@ -161,10 +166,10 @@ class Trainer:
                 raise ValueError(f"train config: seq_len={self.seq_len} exceeds the model's context_length="
                                  f"{mc.context_length}")
             self.train_loader = PretrainLoader(cfg.data, "train", self.seq_len, cfg.batch_size, cfg.seed, d.rank,
-                                               d.world_size, self.manifest)
+                                               d.world_size, self.manifest, vocab_size=mc.vocab_size)
         else:
             self.train_loader = SFTLoader(cfg.data, "train", cfg.batch_size, cfg.seed, d.rank, d.world_size,
-                                          self.manifest)
+                                          self.manifest, vocab_size=mc.vocab_size)
             self.seq_len = self.train_loader.seq_len
             if self.seq_len > mc.context_length:
                 raise ValueError(f"{cfg.data}: SFT rows hold {self.seq_len} tokens, more than the base model's "
@@ -174,10 +179,10 @@ class Trainer:
         if self.manifest["splits"].get("val", {}).get("shards"):
             if cfg.kind == "pretrain":
                 self.val_loader = PretrainLoader(cfg.data, "val", self.seq_len, cfg.batch_size, cfg.seed, d.rank,
-                                                 d.world_size, self.manifest)
+                                                 d.world_size, self.manifest, vocab_size=mc.vocab_size)
             else:
                 self.val_loader = SFTLoader(cfg.data, "val", cfg.batch_size, cfg.seed, d.rank, d.world_size,
-                                            self.manifest)
+                                            self.manifest, vocab_size=mc.vocab_size)
 
     def _make_model(self):
         cfg = self.cfg
@@ -222,7 +227,18 @@ class Trainer:
         self.plan = budget_plan(limits, cfg.max_minutes)
 
     def _resume(self):
-        st = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer)
+        for cand in reversed(ckpt.list_checkpoints(self.run_dir)):  # newest first; skip those that fail verification
+            try:
+                st = ckpt.load_checkpoint(cand, self.model, self.optimizer)
+                break
+            except (IntegrityError, FileNotFoundError) as e:  # other errors (settings that differ) stop the run
+                if self.d.is_main:
+                    print(f"warning: skipping checkpoint {cand}: {e}; moved it to {ckpt.set_aside(cand)}",
+                          file=sys.stderr, flush=True)
+        else:
+            raise ValueError(f"{self.run_dir / 'checkpoints'}: no checkpoint passes verification (see the warnings "
+                             "above); use a new --out folder to start afresh")
+        self.resume_from = cand
         self.train_loader.load_state_dict(st["loader"])
         self.step, self.tokens, self.prior_elapsed = st["step"], st["tokens"], st["elapsed_s"]
         if st.get("planned_by_time"):
@@ -264,8 +280,11 @@ class Trainer:
     def save(self):
         """Rank 0 writes the checkpoint; every rank learns whether it worked (so all stop together)."""
         err = None
-        if self.d.is_main:
-            prev = ckpt.latest_checkpoint(self.run_dir)
+        bad = first_nonfinite(self.model.state_dict()) if self.d.is_main else None
+        if bad is not None:
+            err = (f"step {self.step}: tensor {bad[0]} holds non-finite values (NaN/Inf): training diverged; not "
+                   f"saving it; {self._last_good()}. Try a lower lr (--set lr=...) or more warmup_steps.")
+        elif self.d.is_main:
             state = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed(), "started": self.started,
                      "total_steps": self.total, "planned_by_time": self.time_planned,
                      "loader": self.train_loader.state_dict(), "world_size": self.d.world_size,
@@ -276,9 +295,12 @@ class Trainer:
                                      self.cfg.keep_last)
                 write_run_json(self.run_dir, self.run_info(finished=False))
             except OSError as e:
+                from ..cli import os_error_message
+
+                prev = ckpt.latest_good_checkpoint(self.run_dir)
                 keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-                err = (f"saving the checkpoint of step {self.step} in {self.run_dir / 'checkpoints'} failed ({e}); "
-                       f"{keep}. Free some space and rerun the same command to resume.")
+                err = (f"saving the checkpoint of step {self.step} failed: {os_error_message(e)}; {keep}; rerun the "
+                       "same command to resume.")
         err = dist_.broadcast_object(err, self.d)
         if err:
             raise RuntimeError(err)
@@ -419,11 +441,14 @@ class Trainer:
                 self.save()
         return self._finish()
 
+    def _last_good(self) -> str:
+        last = ckpt.latest_good_checkpoint(self.run_dir)
+        return f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
+
     def _diverged(self, what: str, value: float):
-        last = ckpt.latest_checkpoint(self.run_dir)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise RuntimeError(f"{what} is {value} at step {self.step + 1}: training diverged, stopping without "
-                           f"applying the update; {where}. Try a lower lr (--set lr=...) or more warmup_steps.")
+                           f"applying the update; {self._last_good()}. Try a lower lr (--set lr=...) or more "
+                           "warmup_steps.")
 
     def _finish(self) -> dict:
         d = self.d
