@@ -59,12 +59,12 @@ def run_and_resume(tmp_path, tok, **overrides):
     return info, recs, a, b
 
 
-def check(info, recs, a, b, base_lr):
+def check(info, recs, a, b, base_lr, atol=0.0):
     assert info["steps"] == 4 and info["tokens"] == 4 * 2 * 64 * 2  # 2 micro-batches accumulated per step
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     assert recs[0]["lr"] == pytest.approx(base_lr)  # warmup of one step: the config's peak lr at step 1
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
 def test_quark_72m_settings_eager_bf16_fused_adamw(tmp_path, tiny_tokenizer):
@@ -103,4 +103,6 @@ def test_quark_72m_settings_traced_compile_bf16(tmp_path, tiny_tokenizer, traced
 def test_quark_72m_settings_inductor_compile_bf16(tmp_path, tiny_tokenizer):
     cfg = load_config("pretrain-quark-72m")
     info, recs, a, b = run_and_resume(tmp_path, tiny_tokenizer, compile="true")
-    check(info, recs, a, b, cfg.lr)
+    # inductor's C++ reductions split across OpenMP threads, so the resumed run's sums may round differently (same
+    # losses to 4 decimals, embeddings not bitwise equal, seen); a broken resume is off by whole updates (lr 3e-3)
+    check(info, recs, a, b, cfg.lr, atol=3e-4)
