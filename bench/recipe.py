@@ -99,8 +99,8 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|")
     for o in ("adamw", "muon"):
         lr = float(best[o].split("=")[1])
-        r = run(args.data, args.tokenizer, root / f"{o}-time", o, lr, [f"max_minutes={args.minutes}"], args.eval_every * 4,
-                args.threads)
+        r = run(args.data, args.tokenizer, root / f"{o}-time", o, lr, [f"max_minutes={args.minutes}"],
+                args.eval_every * 4, args.threads)
         print(f"| {best[o]} | {r['final'][1]:.4f} | {r['final'][2]:.4f} | {r['final'][0]:,.0f} |", flush=True)
     print(f"run folders: {root}")
     return 0

@@ -63,7 +63,8 @@ def test_gsm8k_scores_equal_lm_evals_filters_and_exact_match(answer):
 def test_gsm8k_items_and_prompts_as_lm_eval_writes_them():
     items = gen.build_gen_items("gsm8k")
     assert len(items) == 1319  # the full GSM8K test split
-    assert items[0].prompt.startswith("Question: Janet\u2019s ducks lay 16 eggs") and items[0].prompt.endswith("\nAnswer:")
+    assert items[0].prompt.startswith("Question: Janet\u2019s ducks lay 16 eggs")
+    assert items[0].prompt.endswith("\nAnswer:")
     assert items[0].target.endswith("#### 18")
     shot = gen.build_gen_items("gsm8k", 3, fewshot=2, seed=1)
     assert shot[0].prompt.count("Question:") == 3 and shot[0].prompt.endswith(items[0].prompt)

@@ -91,7 +91,8 @@ def add_commands(sub) -> None:
                                     "arith (generative) and validation perplexity, offline")
     p.add_argument("--model", required=True, help="model folder, checkpoint, export, or run folder (newest step)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated tasks (default {','.join(DEFAULT_TASKS)}; known: {', '.join([*TASKS, *GEN_TASKS])}); "
+                   help=f"comma-separated tasks (default {','.join(DEFAULT_TASKS)}; known: "
+                        f"{', '.join([*TASKS, *GEN_TASKS])}); "
                         "'' with --perplexity for perplexity only")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--fewshot", type=int, default=0, help="solved examples before each item (default 0)")

@@ -11,9 +11,9 @@ What is enforced, per program:
 - no network: when `unshare --net` works on this machine (Linux, root or unprivileged user namespaces) the child
   runs in a new network namespace with no interfaces but loopback down, so no connection can leave it; in addition,
   always, a prelude replaces `socket.socket` (by a subclass whose constructor raises), `socket.create_connection`
-  and `socket.socketpair`, which stops ordinary library code (urllib, http.client, requests) from connecting. The prelude alone is
-  a speed bump, not a wall (a program can reach `_socket`); `sandbox_info()["network"]` says which applied, and the
-  eval result records it.
+  and `socket.socketpair`, which stops ordinary library code (urllib, http.client, requests) from connecting. The
+  prelude alone is a speed bump, not a wall (a program can reach `_socket`); `sandbox_info()["network"]` says which
+  applied, and the eval result records it.
 Result per program: "passed", "failed: <last line of stderr>", or "timed out".
 """
 
