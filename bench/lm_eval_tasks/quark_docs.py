@@ -44,3 +44,10 @@ def lambada_from_requests(dataset):
 def boolq_docs(dataset):
     # google/boolq has a bool `answer`; super_glue's boolq (what lm-eval reads) has `label` 0/1
     return dataset.map(lambda r: {"label": int(r["answer"])})
+
+
+def gsm8k_from_requests(dataset):
+    # one line per item already (generation requests); the doc holds the original question and answer
+    ds = dataset.filter(lambda r: r["doc_id"] < 1_000_000)
+    return ds.map(lambda r: {"question": r["doc"]["question"], "answer": r["doc"]["answer"]},
+                  remove_columns=ds.column_names)

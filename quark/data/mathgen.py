@@ -75,6 +75,46 @@ def math_modules() -> dict:
     return _MODULES
 
 
+DIFFICULTIES = ("easy", "medium", "hard")
+
+
+def leveled_modules(difficulty: str) -> dict:
+    """{name: generator} like `math_modules`, restricted to one third of the training entropy range, as upstream's
+    train-easy / train-medium / train-hard splits (`mathematics_dataset.generate._make_entropy_fn(level, 3)`)."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty {difficulty!r}; allowed: {', '.join(DIFFICULTIES)}")
+    math_modules()  # applies the compatibility patches
+    from mathematics_dataset.generate import _make_entropy_fn
+    from mathematics_dataset.modules import modules
+
+    level = DIFFICULTIES.index(difficulty)
+    return {f"{group}__{name}": fn for group, d in sorted(modules.train(_make_entropy_fn(level, 3)).items())
+            for name, fn in sorted(d.items())}
+
+
+def generate_problems(module: str, difficulty: str, seed: int, n: int) -> list[tuple[str, str]]:
+    """`n` distinct (question, answer) pairs of one module at one difficulty, a pure function of the arguments
+    (run it with PYTHONHASHSEED=0, as `math_pool` workers are, for run-to-run identical text)."""
+    mods = leveled_modules(difficulty)
+    if module not in mods:
+        raise ValueError(f"unknown math module {module!r}")
+    _seed_all(seed * 1_000_003 + DIFFICULTIES.index(difficulty) * 1009 + sorted(mods).index(module))
+    out: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(50 * n):
+            if len(out) >= n:
+                break
+            try:
+                p = mods[module]()
+            except Exception:  # noqa: BLE001, S112 - corner cases of current sympy: resample
+                continue
+            q, a = str(p.question).strip(), str(p.answer).strip()
+            if q and a and len(q) <= 160 and len(a) <= 30:
+                out.setdefault(q, a)
+    return list(out.items())
+
+
 def _make_deterministic(comp) -> None:
     if getattr(comp, "_quark_patched", False):
         return

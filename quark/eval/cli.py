@@ -1,10 +1,14 @@
-"""`quark eval`: benchmark accuracy (PIQA, ARC, HellaSwag, ...) and validation perplexity of a model folder.
+"""`quark eval`: benchmark accuracy (PIQA, ARC, HellaSwag, ...; generative gsm8k, humaneval, arith) and validation
+perplexity of a model folder.
 
 Choices:
 - The model folder's tokenizer is loaded and checked before any weights or items, so a folder without one fails
   at once; unknown task names and missing data fail before the model loads.
 - Results go to `<model folder>/eval_results.json` (the eval-results contract; `quark export` reads it for the
   model card) unless `--output` says otherwise, plus a Markdown table beside it (`.md`), both written atomically.
+- Generative tasks use the chat template when the checkpoint's run (run.json / train_state.json) was SFT, plain
+  prompts otherwise (`--chat` overrides); arith drops questions found in the training data folders that run
+  recorded (`--arith-dedup` overrides).
 - `--device auto` runs on CUDA in bf16 when present, else on the CPU in fp32.
 """
 
@@ -32,6 +36,7 @@ def _load(model_path: str, device: str):
 
 def cmd_eval(args) -> None:
     from ..weights import atomic_write_text
+    from .generative import GEN_TASKS, build_gen_items
     from .harness import evaluate, markdown_table, perplexity
     from .tasks import build_items, parse_tasks
 
@@ -39,7 +44,15 @@ def cmd_eval(args) -> None:
     if not tasks and not args.perplexity:
         raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
     for t in tasks:  # unknown names, missing data and bad --limit/--fewshot fail before the model loads
-        build_items(t, args.limit, args.fewshot, args.seed)
+        if t in GEN_TASKS:
+            if t != "arith":  # arith's items are generated (seconds) once, with the training data known
+                build_gen_items(t, args.limit, args.fewshot, args.seed)
+        else:
+            build_items(t, args.limit, args.fewshot, args.seed)
+    for d in args.arith_dedup or []:
+        from ..data.loader import read_manifest
+
+        read_manifest(d)
     if args.perplexity:  # so does a missing or non-pretraining data folder
         from ..data.loader import read_manifest
 
@@ -49,11 +62,15 @@ def cmd_eval(args) -> None:
                              f"found kind {kind!r}")
     model, tok, folder = _load(args.model, args.device)
     folder = folder.parent if folder.is_file() else folder
+    from .arith import run_record, training_data_dirs
+
+    chat = run_record(folder).get("kind") == "sft" if args.chat == "auto" else args.chat == "yes"
+    dedup = args.arith_dedup if args.arith_dedup is not None else training_data_dirs(folder)
     out = {"model": str(folder), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            "limit": args.limit, "fewshot": args.fewshot, "seed": args.seed, "tasks": {}}
     if tasks:
         out["tasks"] = evaluate(model, tok, tasks, args.limit, args.fewshot, args.seed, args.batch_size,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, chat=chat, arith_dedup=dedup)
     if args.perplexity:
         out["perplexity"] = perplexity(model, args.perplexity, batch_size=max(1, args.batch_size // 4),
                                        max_windows=args.perplexity_windows)
@@ -67,13 +84,15 @@ def cmd_eval(args) -> None:
 
 
 def add_commands(sub) -> None:
+    from .generative import GEN_TASKS
     from .tasks import DEFAULT_TASKS, TASKS
 
-    p = sub.add_parser("eval", help="score a model on PIQA/ARC/HellaSwag/... (lm-eval style) and validation "
-                                    "perplexity, offline")
+    p = sub.add_parser("eval", help="score a model on PIQA/ARC/HellaSwag/... (lm-eval style), gsm8k/humaneval/"
+                                    "arith (generative) and validation perplexity, offline")
     p.add_argument("--model", required=True, help="model folder, checkpoint, export, or run folder (newest step)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated tasks (default {','.join(DEFAULT_TASKS)}; known: {', '.join(TASKS)}); "
+                   help=f"comma-separated tasks (default {','.join(DEFAULT_TASKS)}; known: "
+                        f"{', '.join([*TASKS, *GEN_TASKS])}); "
                         "'' with --perplexity for perplexity only")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--fewshot", type=int, default=0, help="solved examples before each item (default 0)")
@@ -83,6 +102,11 @@ def add_commands(sub) -> None:
                    help="also report validation loss and bits-per-byte on a `quark prepare` pre-training folder")
     p.add_argument("--perplexity-windows", type=int,
                    help="evaluate only the first N context windows of the val split (default: all)")
+    p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
+                   help="generative tasks through the chat template (auto: when the checkpoint's run was SFT)")
+    p.add_argument("--arith-dedup", action="append", metavar="DATA_DIR",
+                   help="drop arith questions found in this training data folder (repeatable; default: the data "
+                        "folders the checkpoint's run and its SFT base recorded)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, bf16), cpu, cuda, cuda:N")
     p.add_argument("--output", help="result JSON path (default <model folder>/eval_results.json; a .md table beside)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

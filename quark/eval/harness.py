@@ -40,8 +40,27 @@ def request_tokens(tokenizer, items, cache: dict | None = None) -> list[tuple[li
 
 
 def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, fewshot: int = 0, seed: int = 1234,
-             batch_size: int = 32, progress: bool = True, data_root: str | None = None) -> dict[str, dict]:
-    """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "chance", "split", ...}} for a model."""
+             batch_size: int = 32, progress: bool = True, data_root: str | None = None, chat: bool = False,
+             arith_dedup: list | None = None) -> dict[str, dict]:
+    """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "chance", "split", ...}} for a model.
+    Generative tasks (gsm8k, humaneval, arith) go to `quark.eval.generative` (chat prompts when `chat`)."""
+    from .generative import GEN_TASKS, run_generative
+
+    gen = [t for t in tasks if t in GEN_TASKS]
+    results = evaluate_choices(model, tokenizer, [t for t in tasks if t not in GEN_TASKS], limit, fewshot, seed,
+                               batch_size, progress, data_root)
+    if gen:
+        results.update(run_generative(model, tokenizer, gen, limit, fewshot, seed, max(1, batch_size // 2), progress,
+                                      chat, arith_dedup))
+    return {t: results[t] for t in tasks}
+
+
+def evaluate_choices(model, tokenizer, tasks: list[str], limit: int | None = None, fewshot: int = 0,
+                     seed: int = 1234, batch_size: int = 32, progress: bool = True,
+                     data_root: str | None = None) -> dict[str, dict]:
+    """The log-likelihood (multiple-choice, LAMBADA) tasks of `evaluate`."""
+    if not tasks:
+        return {}
     built = {t: build_items(t, limit, fewshot, seed, data_root) for t in tasks}
     token_cache: dict[str, list[int]] = {}
     token_reqs = {t: request_tokens(tokenizer, items, token_cache) for t, items in built.items()}
@@ -131,4 +150,6 @@ def markdown_table(results: dict) -> str:
     if p:
         bpb = "—" if p["bpb"] is None else f"{p['bpb']:.4f}"
         lines += ["", f"Validation loss {p['val_loss']:.4f} nats/token, {bpb} bits/byte over {p['tokens']:,} tokens."]
-    return "\n".join(lines) + "\n"
+    from .generative import groups_table, metrics_note
+
+    return "\n".join(lines) + "\n" + metrics_note(results) + groups_table(results)

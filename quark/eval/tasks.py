@@ -141,11 +141,15 @@ def task_spec(name: str) -> TaskSpec:
 
 def parse_tasks(text: str) -> list[str]:
     """'piqa,arc_easy' -> validated task names, in order, without duplicates."""
+    from .generative import GEN_TASKS
+
     names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    known = ", ".join([*TASKS, *GEN_TASKS])
     if not names:
-        raise ValueError(f"--tasks is empty; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"--tasks is empty; known tasks: {known}")
     for n in names:
-        task_spec(n)
+        if n not in TASKS and n not in GEN_TASKS:
+            raise ValueError(f"unknown task {n!r}; known tasks: {known}")
     return names
 
 

@@ -43,8 +43,10 @@ class TrainConfig:
     max_tokens: int = 0
     max_minutes: float = 0.0
     epochs: float = 0.0             # SFT: passes over the train rows
+    optimizer: str = "adamw"        # adamw | muon (Muon on hidden matrices, AdamW on the rest; quark/train/optim.py)
     lr: float = 3e-3
     min_lr: float = 3e-4            # the cosine floor
+    muon_lr: float = 0.0            # optimizer=muon: Muon's peak lr (AdamW-matched scale); 0 = lr
     warmup_steps: int = 100
     weight_decay: float = 0.1       # matrices only (embeddings, projections); norms never decay
     beta1: float = 0.9
@@ -70,6 +72,8 @@ class TrainConfig:
         need(self.kind in ("pretrain", "sft"), "kind", "allowed: 'pretrain', 'sft'")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", "allowed: 'auto', 'bf16', 'fp32'")
         need(self.compile in ("auto", "true", "false"), "compile", "allowed: 'auto', 'true', 'false'")
+        need(self.optimizer in ("adamw", "muon"), "optimizer", "allowed: 'adamw', 'muon'")
+        need(self.muon_lr >= 0, "muon_lr", "must be >= 0 (0: the same as lr)")
         for key in ("batch_size", "log_every", "keep_last"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         for key in ("seq_len", "tokens_per_step", "max_steps", "max_tokens", "max_minutes", "epochs", "warmup_steps",

@@ -150,7 +150,8 @@ class Trainer:
         self._make_loaders()
         self._make_model()
         self._plan_budget()
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
+                                         cfg.optimizer, cfg.muon_lr)
         self.step, self.tokens, self.prior_elapsed, self.time_planned = 0, 0, 0.0, False
         self.started = now_iso()
         if self.resume_from is not None:

@@ -1,10 +1,18 @@
-"""AdamW with weight decay on matrices only, and the learning-rate schedule (linear warmup, cosine to a floor).
+"""Optimizers (AdamW, or Muon for hidden matrices + AdamW for the rest) and the learning-rate schedule.
 
 Choices:
-- Two parameter groups: every parameter with 2+ dims (embeddings, projections; the tied lm_head is the embedding)
-  decays, 1-D ones (RMSNorm gains) do not, as in nanoGPT/Llama recipes.
+- AdamW: two parameter groups: every parameter with 2+ dims (embeddings, projections; the tied lm_head is the
+  embedding) decays, 1-D ones (RMSNorm gains) do not, as in nanoGPT/Llama recipes.
 - `fused=True` (one kernel for the whole update) on CUDA and on CPU, where it is ~6x faster than the foreach path
   (4 ms vs 26 ms per step for the tiny preset on one core).
+- Muon (`optimizer = "muon"`): `torch.optim.Muon` (torch >= 2.9) for the hidden 2-D weights (attention and MLP
+  projections), fused AdamW for the embeddings, the lm_head and the norms, as modded-nanogpt and nanochat split
+  them. Muon uses Moonshot's `adjust_lr_fn="match_rms_adamw"` (update RMS matched to AdamW's), so its learning rate
+  and weight decay live on AdamW's scale; `muon_lr` sets its peak (0: the same as `lr`) and the schedule scales
+  both groups together (`lr_scale` in each param group). Under DDP every rank holds the full, all-reduced
+  gradient, so each orthogonalises the same matrices and the replicas stay identical.
+- Both optimizers are wrapped as one `MuonAdamW` with a single `param_groups` list and a merged `state_dict`, so
+  the checkpoint code saves and restores it like any torch optimizer.
 - The schedule is a pure function of the step and the planned step count, so the scheduler's state is just
   those two numbers (saved in the checkpoint's JSON).
 """
@@ -15,6 +23,8 @@ import math
 
 import torch
 
+OPTIMIZERS = ("adamw", "muon")
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
@@ -24,8 +34,80 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """Muon's parameters: 2-D weights inside the blocks (not the embeddings, the lm_head or any norm)."""
+    return p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
+
+
+class MuonAdamW:
+    """Muon on the hidden matrices and AdamW on everything else, behind one optimizer interface."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float, muon_lr: float,
+                 momentum: float = 0.95):
+        hidden, decay, no_decay = [], [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if is_hidden_matrix(name, p):
+                hidden.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        if not hidden:
+            raise ValueError("optimizer=muon: the model has no hidden 2-D weights")
+        scale = (muon_lr or lr) / lr
+        self.muon = torch.optim.Muon([{"params": hidden, "lr_scale": scale}], lr=lr * scale,
+                                     weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                                        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}],
+                                       lr=lr, betas=tuple(betas), eps=eps, fused=True)
+        self._opts = (self.muon, self.adamw)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self._opts for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {**self.muon.state, **self.adamw.state}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for o in self._opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self._opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """One torch-format state dict: parameter indices run over Muon's groups, then AdamW's."""
+        state, groups, offset = {}, [], 0
+        for o in self._opts:
+            sd = o.state_dict()
+            state.update({offset + i: s for i, s in sd["state"].items()})
+            for g in sd["param_groups"]:
+                groups.append(dict(g, params=[offset + i for i in g["params"]]))
+            offset += sum(len(g["params"]) for g in o.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        groups, offset = list(sd["param_groups"]), 0
+        for o in self._opts:
+            mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
+            n = sum(len(g["params"]) for g in o.param_groups)
+            ids = {i for g in mine for i in g["params"]}
+            o.load_state_dict({"state": {i - offset: s for i, s in sd["state"].items() if i in ids},
+                               "param_groups": [dict(g, params=[i - offset for i in g["params"]]) for g in mine]})
+            offset += n
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
+                    eps: float = 1e-8, kind: str = "adamw", muon_lr: float = 0.0):
+    """AdamW over all parameters (`kind="adamw"`), or `MuonAdamW` (`kind="muon"`)."""
+    if kind == "muon":
+        return MuonAdamW(model, lr, weight_decay, betas, eps, muon_lr)
+    if kind != "adamw":
+        raise ValueError(f"optimizer {kind!r}; allowed: {', '.join(OPTIMIZERS)}")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
@@ -40,6 +122,7 @@ def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: i
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float) -> None:
+    """Set the schedule's learning rate; a group with `lr_scale` (Muon's) gets lr times its scale."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
