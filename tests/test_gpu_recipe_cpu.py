@@ -13,6 +13,7 @@ without one)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -99,6 +100,9 @@ def test_quark_72m_settings_traced_compile_bf16(tmp_path, tiny_tokenizer, traced
 
 
 @pytest.mark.slow  # inductor generates and builds C++ kernels for forward and backward: ~1-4 minutes on 2 cores
+@pytest.mark.skipif(os.environ.get("QUARK_COMPILE_TESTS") != "1",
+                    reason="set QUARK_COMPILE_TESTS=1 to build inductor's C++ kernels (1-4 min on 2 cores, 7-11 under "
+                           "load: too long for the default suite; the traced-compile tests above run the same path)")
 @pytest.mark.skipif(not has_cxx(), reason="torch.compile on the CPU needs a C++ compiler (gcc/clang); none found")
 def test_quark_72m_settings_inductor_compile_bf16(tmp_path, tiny_tokenizer):
     cfg = load_config("pretrain-quark-72m")
