@@ -13,6 +13,11 @@ batching (target >= 8x at 32).
 
     python bench/serve_load.py [--model M] [--duration 20] [--concurrency 1 32] [--max-tokens 64]
 
+Fault mode: `--kill-worker-at S` runs the highest concurrency level once for --duration seconds and SIGKILLs the
+server's engine worker S seconds in (found in /proc, so Linux only). It reports the requests that failed and how
+long service was interrupted: from the kill to the first token of a request served by the restarted worker (and
+to /health saying "ok" again). Clients honour Retry-After on 429/503, as the OpenAI SDK does.
+
 Needs aiohttp (the load generator; lighter than httpx, so it takes less CPU from the server it measures). The
 server runs faster with `uvicorn[standard]` (uvloop + httptools), which the output says whether it has.
 """
@@ -24,6 +29,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -73,7 +79,7 @@ async def one_client(session, url: str, model: str, deadline: float, max_tokens:
                 "max_tokens": max_tokens, "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
         i += 1
         t0 = time.perf_counter()
-        ttft, tokens, done, usage, error = None, 0, False, False, None
+        ttft, tokens, done, usage, error, retry_after = None, 0, False, False, None, 0.0
         chunks, chunks_in = 0, 0  # content chunks, and those that arrived before the deadline
         try:
             async with session.post(url, json=body) as r:
@@ -97,13 +103,17 @@ async def one_client(session, url: str, model: str, deadline: float, max_tokens:
                         error = "the stream ended without its usage chunk and [DONE]"
                 else:
                     error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
+                    retry_after = float(r.headers.get("Retry-After", 0)) if r.status in (429, 503) else 0.0
         except aiohttp.ClientError as e:
             error = f"{type(e).__name__}: {e}"
         # a reply may legitimately be empty (the model's first token is <|im_end|>): counted, not an error
         end = time.perf_counter()
         in_window = tokens * chunks_in / chunks if chunks else tokens * (end <= deadline)
         out.append({"ok": error is None, "error": error, "ttft": ttft, "latency": end - t0, "tokens": tokens,
-                    "tokens_in_window": in_window, "done_in_window": end <= deadline})
+                    "tokens_in_window": in_window, "done_in_window": end <= deadline, "start": t0,
+                    "first_token_at": None if ttft is None else t0 + ttft})
+        if retry_after:
+            await asyncio.sleep(retry_after)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -126,6 +136,77 @@ async def run_level(base: str, model: str, concurrency: int, duration: float, ma
     # the figures cover the timed window only: after the deadline no new request starts and the last ones drain
     # with fewer than `concurrency` streams, which would otherwise count against the level
     return {"concurrency": concurrency, "wall_s": duration, "elapsed_s": time.perf_counter() - start, "out": out}
+
+
+def worker_pid(server_pid: int) -> int:
+    """The engine worker of `quark serve` (its multiprocessing spawn child), from /proc."""
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().split(")")[-1].split()[1]) == server_pid \
+                    and b"spawn_main" in (d / "cmdline").read_bytes():
+                return int(d.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    raise SystemExit(f"no engine worker process under the server (pid {server_pid})")
+
+
+async def run_with_kill(base: str, model: str, server_pid: int, args) -> dict:
+    """One level at the highest concurrency; SIGKILL the worker at --kill-worker-at seconds; time the recovery."""
+    import aiohttp
+
+    concurrency = max(args.concurrency)
+    out: list = []
+    marks: dict = {}
+
+    async def killer(session, start: float):
+        await asyncio.sleep(args.kill_worker_at)
+        pid = worker_pid(server_pid)
+        os.kill(pid, signal.SIGKILL)
+        marks.update(kill=time.perf_counter(), pid=pid)
+        while time.perf_counter() - marks["kill"] < 120:
+            async with session.get(base + "/health") as r:
+                h = await r.json()
+                if h["status"] == "ok" and h["restarts"] >= 1:
+                    marks.update(health_ok=time.perf_counter(), health=h)
+                    return
+                if h["status"] not in marks.setdefault("seen", []):
+                    marks["seen"].append(h["status"])
+            await asyncio.sleep(0.05)
+
+    connector = aiohttp.TCPConnector(limit=concurrency + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        start = time.perf_counter()
+        deadline = start + args.duration
+        await asyncio.gather(killer(session, start), *(
+            one_client(session, base + "/v1/chat/completions", model, deadline, args.max_tokens, k, out)
+            for k in range(concurrency)))
+    kill = marks["kill"]
+    firsts = [r["first_token_at"] for r in out if r["first_token_at"] is not None and r["first_token_at"] > kill]
+    failed = [r for r in out if not r["ok"]]
+    return {"concurrency": concurrency, "requests": len(out), "failed": len(failed),
+            "in_flight_failed": sum(r["start"] < kill for r in failed),
+            "error_samples": sorted({r["error"][:160] for r in failed})[:3], "pid": marks["pid"],
+            "seen": marks.get("seen"), "health": marks.get("health"),
+            "to_first_token": (min(firsts) - kill) if firsts else None,
+            "to_health_ok": marks["health_ok"] - kill if "health_ok" in marks else None,
+            "ok_after": sum(r["ok"] and r["start"] > kill for r in out)}
+
+
+def report_kill(res: dict, args) -> int:
+    h = res["health"] or {}
+    print(f"fault mode: {res['concurrency']} clients for {args.duration:.0f} s, engine worker (pid {res['pid']}) "
+          f"SIGKILLed at {args.kill_worker_at:.0f} s; /health said {' then '.join(res['seen'] or [])} until back")
+    print(f"requests: {res['requests']}, failed {res['failed']} ({res['in_flight_failed']} of them in flight at the "
+          f"kill), {res['ok_after']} served after it")
+    for e in res["error_samples"]:
+        print(f"  failure: {e}")
+    if res["to_first_token"] is None or res["to_health_ok"] is None:
+        print("NOT RECOVERED within the run")
+        return 1
+    print(f"service interrupted {res['to_first_token']:.1f} s (kill -> first token from the restarted worker); "
+          f"/health back to 'ok' after {res['to_health_ok']:.1f} s; server says: last exit "
+          f"{h.get('last_exit')!r}, restarts {h.get('restarts')}")
+    return 0
 
 
 def merge(rounds: list[dict], engine: dict) -> dict:
@@ -153,7 +234,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per level (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
+    ap.add_argument("--kill-worker-at", type=float, metavar="S",
+                    help="fault mode: SIGKILL the engine worker S seconds into one run at the highest concurrency")
     args = ap.parse_args()
+    if args.kill_worker_at is not None and not 0 < args.kill_worker_at < args.duration:
+        raise SystemExit(f"--kill-worker-at must be in (0, --duration={args.duration}), got {args.kill_worker_at}")
     if importlib.util.find_spec("aiohttp") is None:
         raise SystemExit("bench/serve_load.py needs aiohttp for its load generator: pip install aiohttp")
     sys.path.insert(0, str(ROOT))
@@ -179,6 +264,8 @@ def main() -> int:
                         raise SystemExit("the server did not start") from None
                     time.sleep(0.3)
             asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
+            if args.kill_worker_at is not None:
+                return report_kill(asyncio.run(run_with_kill(base, model, server.pid, args)), args)
             # levels alternate in short rounds, so a change in the machine's load hits each level alike
             rounds: dict[int, list[dict]] = {c: [] for c in args.concurrency}
             keys = ("busy_s", "steps", "row_steps")  # engine counters, summed per level

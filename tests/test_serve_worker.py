@@ -1,11 +1,14 @@
 """The engine in a worker process (`quark.serve.worker.ProcessEngine`): the same tokens as the in-thread engine,
-cancellation, errors in the parent, a dead worker, and `quark serve` (whose default it is) end to end."""
+cancellation, errors in the parent, a dead worker (restarted under load; given up on past its budget), and
+`quark serve` (whose default it is) end to end, including its non-zero exit once the worker cannot be kept up."""
 
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,18 +91,104 @@ def test_cancel_frees_the_slot(engine):
     assert engine.load()["active"] == 0
 
 
-def test_a_dead_worker_fails_requests_and_later_submits(folder):
-    e = ProcessEngine(folder, "cpu", stop_ids=[], max_batch=2).start()
+def reaped(pid: int) -> bool:
+    """True once `pid` is gone for good: not running, and not a zombie waiting for its parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "X"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The engine workers (multiprocessing spawn children) of process `parent`, from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().split(")")[-1].split()[1]) == parent \
+                    and b"spawn_main" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def test_a_dead_worker_past_its_restart_budget_fails_requests_and_later_submits(folder, caplog):
+    e = ProcessEngine(folder, "cpu", stop_ids=[], max_batch=2, max_restarts=0).start()
+    gave_up = threading.Event()
+    e.on_failed.append(gave_up.set)
     q = queue.SimpleQueue()
     e.submit([5, 6], SamplingParams(CFG.context_length - 2, 0.7, 1.0, 1.0), lambda k, v: q.put((k, v)))
     assert q.get(timeout=60)[0] == "token"
-    e.proc.kill()
+    pid = e.proc.pid
+    os.kill(pid, signal.SIGKILL)
     while (event := q.get(timeout=30))[0] == "token":
         pass
-    assert event[0] == "error" and "exited" in event[1]
-    with pytest.raises(RuntimeError, match="not running"):
+    assert event == ("error", "the engine process was killed by signal 9 (SIGKILL)")
+    assert gave_up.wait(10) and e.state == "failed" and reaped(pid)
+    assert "giving up after 0 restart(s)" in caplog.text
+    with pytest.raises(RuntimeError, match="the engine is failed: the engine process was killed by signal 9"):
         e.submit([5], SamplingParams(2), lambda *a: None)
+    load = e.load()
+    assert load["active"] == load["pending"] == 0 and load["tokens"] >= 1  # counters kept, no stale rows
     e.stop()
+
+
+def test_kill_the_worker_under_load(folder, caplog):
+    """Issue 19, item 1: SIGKILL the worker while four clients run requests back to back. The requests in flight
+    fail at once with the real cause, /health says "restarting" (503, no stale rows), the worker is reaped and
+    restarted, requests that arrive meanwhile wait for it, and service resumes."""
+    from quark.serve.server import ServerThread, create_app
+
+    engine = ProcessEngine(folder, "cpu", stop_ids=[CFG.im_end_id], max_batch=4, max_restarts=2, backoff_s=0.1)
+    app = create_app(engine, _tokenizer(folder), "m", restart_wait=60)
+    results, stop = [], threading.Event()
+
+    def client(k: int):
+        body = {"messages": [{"role": "user", "content": f"hi {k}"}], "max_tokens": 100, "stream": k % 2 == 0}
+        while not stop.is_set():
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            failed = r.status_code != 200 or '"error"' in r.text[:2000] or (body["stream"] and "[DONE]" not in r.text)
+            results.append((time.monotonic(), failed, r.text[-300:]))
+
+    with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=10) as probe:
+        url = s.url
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        while len(results) < 8:  # under load
+            time.sleep(0.02)
+        tokens_before, pid = probe.get("/health").json()["tokens"], engine.proc.pid
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while (h := probe.get("/health")).status_code == 200:
+            assert time.monotonic() - killed < 5, "/health never left 'ok'"
+        seen = h.json()
+        assert h.status_code == 503 and seen["status"] == "restarting" and h.headers["retry-after"] == "1"
+        assert seen["active"] == seen["pending"] == 0 and seen["tokens"] >= tokens_before
+        assert seen["last_exit"] == "was killed by signal 9 (SIGKILL)"
+        while (h := probe.get("/health")).status_code != 200:
+            assert time.monotonic() - killed < 60, "the worker was not restarted"
+            time.sleep(0.05)
+        back = time.monotonic()
+        while not any(t > back and not failed for t, failed, _ in results):
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        final = probe.get("/health").json()
+    failures = [text for _, failed, text in results if failed]
+    assert 1 <= len(failures) <= 4, failures  # only the requests in flight at the kill; later ones waited
+    assert all("killed by signal 9 (SIGKILL)" in text for text in failures), failures
+    assert reaped(pid) and engine.proc.pid != pid
+    assert final["status"] == "ok" and final["restarts"] == 1 and final["queued"] == 0
+    assert f"(pid {pid}) was killed by signal 9 (SIGKILL); restarting it in 0.1 s (attempt 1 of 2)" in caplog.text
+    print(f"kill under load: {len(failures)} requests failed, /health back to ok {back - killed:.1f} s after the kill")
+
+
+def _tokenizer(folder):
+    from quark.weights import load_tokenizer_for
+
+    return load_tokenizer_for(folder)
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
@@ -114,7 +203,7 @@ def test_quark_serve_runs_the_worker_engine(folder):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "quark", "serve", "--model", str(folder), "--port", str(port), "--device", "cpu",
-           "--log-level", "warning", "--max-batch", "4"]
+           "--log-level", "warning", "--max-batch", "4", "--max-restarts", "0"]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -135,8 +224,13 @@ def test_quark_serve_runs_the_worker_engine(folder):
         assert "".join(parts) == full.choices[0].message.content
         assert full.usage.completion_tokens >= 1
         health = httpx.get(base + "/health").json()
-        assert health["requests"] == 2 and health["tokens"] >= 2
+        assert health["requests"] == 2 and health["tokens"] >= 2 and health["status"] == "ok"
+        [pid] = worker_pids(server.pid)
+        os.kill(pid, signal.SIGKILL)  # with --max-restarts 0 the server must stop, non-zero, saying why
+        out = server.communicate(timeout=60)[0]
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert server.returncode is not None
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+    assert server.returncode == 2, out
+    assert "quark serve: error: the engine process was killed by signal 9 (SIGKILL)" in out
