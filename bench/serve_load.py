@@ -123,19 +123,32 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+async def probe_health(session, base: str, deadline: float, out: list) -> None:
+    """/health's latency every 0.2 s while the level runs (one kept-alive connection, as a load balancer's)."""
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        async with session.get(base + "/health") as r:
+            await r.read()
+        out.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.2)
+
+
 async def run_level(base: str, model: str, concurrency: int, duration: float, max_tokens: int) -> dict:
     import aiohttp
 
     out: list = []
+    health: list = []
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         start = time.perf_counter()
         deadline = start + duration
-        await asyncio.gather(*(one_client(session, base + "/v1/chat/completions", model, deadline, max_tokens, k, out)
-                               for k in range(concurrency)))
+        await asyncio.gather(probe_health(session, base, deadline, health), *(
+            one_client(session, base + "/v1/chat/completions", model, deadline, max_tokens, k, out)
+            for k in range(concurrency)))
     # the figures cover the timed window only: after the deadline no new request starts and the last ones drain
     # with fewer than `concurrency` streams, which would otherwise count against the level
-    return {"concurrency": concurrency, "wall_s": duration, "elapsed_s": time.perf_counter() - start, "out": out}
+    return {"concurrency": concurrency, "wall_s": duration, "elapsed_s": time.perf_counter() - start, "out": out,
+            "health": health}
 
 
 def worker_pid(server_pid: int) -> int:
@@ -158,26 +171,28 @@ async def run_with_kill(base: str, model: str, server_pid: int, args) -> dict:
     out: list = []
     marks: dict = {}
 
-    async def killer(session, start: float):
+    async def killer(session):
         await asyncio.sleep(args.kill_worker_at)
         pid = worker_pid(server_pid)
         os.kill(pid, signal.SIGKILL)
         marks.update(kill=time.perf_counter(), pid=pid)
         while time.perf_counter() - marks["kill"] < 120:
+            t0 = time.perf_counter()
             async with session.get(base + "/health") as r:
                 h = await r.json()
-                if h["status"] == "ok" and h["restarts"] >= 1:
-                    marks.update(health_ok=time.perf_counter(), health=h)
-                    return
-                if h["status"] not in marks.setdefault("seen", []):
-                    marks["seen"].append(h["status"])
+            marks.setdefault("latency", []).append(time.perf_counter() - t0)
+            if h["status"] == "ok" and h["restarts"] >= 1:
+                marks.update(health_ok=time.perf_counter(), health=h)
+                return
+            if h["status"] not in marks.setdefault("seen", []):
+                marks["seen"].append(h["status"])
             await asyncio.sleep(0.05)
 
     connector = aiohttp.TCPConnector(limit=concurrency + 8)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         start = time.perf_counter()
         deadline = start + args.duration
-        await asyncio.gather(killer(session, start), *(
+        await asyncio.gather(killer(session), *(
             one_client(session, base + "/v1/chat/completions", model, deadline, args.max_tokens, k, out)
             for k in range(concurrency)))
     kill = marks["kill"]
@@ -186,7 +201,7 @@ async def run_with_kill(base: str, model: str, server_pid: int, args) -> dict:
     return {"concurrency": concurrency, "requests": len(out), "failed": len(failed),
             "in_flight_failed": sum(r["start"] < kill for r in failed),
             "error_samples": sorted({r["error"][:160] for r in failed})[:3], "pid": marks["pid"],
-            "seen": marks.get("seen"), "health": marks.get("health"),
+            "seen": marks.get("seen"), "health": marks.get("health"), "health_max": max(marks.get("latency", [0])),
             "to_first_token": (min(firsts) - kill) if firsts else None,
             "to_health_ok": marks["health_ok"] - kill if "health_ok" in marks else None,
             "ok_after": sum(r["ok"] and r["start"] > kill for r in out)}
@@ -205,7 +220,8 @@ def report_kill(res: dict, args) -> int:
         return 1
     print(f"service interrupted {res['to_first_token']:.1f} s (kill -> first token from the restarted worker); "
           f"/health back to 'ok' after {res['to_health_ok']:.1f} s; server says: last exit "
-          f"{h.get('last_exit')!r}, restarts {h.get('restarts')}")
+          f"{h.get('last_exit')!r}, restarts {h.get('restarts')}; /health answered within "
+          f"{res['health_max'] * 1e3:.0f} ms throughout")
     return 0
 
 
@@ -222,7 +238,8 @@ def merge(rounds: list[dict], engine: dict) -> dict:
             "engine_busy": engine["busy_s"] / sum(rd["elapsed_s"] for rd in rounds),
             "mean_batch": engine["row_steps"] / max(1, engine["steps"]),
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
-            "lat_p50": pct([r["latency"] for r in good], 0.5), "lat_p95": pct([r["latency"] for r in good], 0.95)}
+            "lat_p50": pct([r["latency"] for r in good], 0.5), "lat_p95": pct([r["latency"] for r in good], 0.95),
+            "health": [h for rd in rounds for h in rd["health"]]}
 
 
 def main() -> int:
@@ -296,6 +313,9 @@ def main() -> int:
               f"{r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s {r['engine_busy']:>10.0%} {r['mean_batch']:>6.1f}")
     print(f"engine: peak batch {health['peak_batch']}, {health['steps']} decode steps, {health['tokens']} tokens, "
           f"{health['errors']} engine errors")
+    for r in results:
+        print(f"/health at concurrency {r['concurrency']}: p50 {pct(r['health'], 0.5) * 1e3:.1f} ms, "
+              f"max {max(r['health'], default=float('nan')) * 1e3:.1f} ms over {len(r['health'])} probes")
     lo = min(results, key=lambda r: r["concurrency"])
     hi = max(results, key=lambda r: r["concurrency"])
     if hi is not lo and lo["tok_per_s"] > 0:

@@ -202,6 +202,9 @@ def test_lone_surrogates_and_deep_nesting_are_400_on_a_kept_alive_connection(ser
         err = error(c.post("/v1/chat/completions", content=deep), 400, "invalid_json")
         assert "nested too deeply" in err["message"]
         error(c.post("/v1/completions", content="{\"prompt\": \"é\"}".encode("latin-1")), 400, "invalid_json")
+        for bad in (b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}",  # over Python's int digit limit
+                    b'{"prompt": "a", "temperature": NaN}'):  # Python's json takes NaN; JSON does not
+            error(c.post("/v1/completions", content=bad), 400, "invalid_json")
         ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
         assert ok.status_code == 200 and ok.headers.get("connection") != "close"
     assert httpx.get(server.url + "/health").json()["errors"] == 0

@@ -49,19 +49,23 @@ SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: m
 def parse_json(raw: bytes) -> dict:
     try:
         text = raw.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259), not json.loads' guessed UTF-16/32
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_not_json)
     except UnicodeDecodeError as e:
         raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})",
                        code="invalid_json") from None
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of more than 4300 digits
+        raise APIError(400, f"the request body is not valid JSON ({str(e)[:120]})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     if SURROGATE_ESCAPE.search(text):  # only then can a string hold one (raw UTF-8 cannot encode a surrogate)
         _check_unicode(body)
     return body
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def _check_unicode(body: dict) -> None:
