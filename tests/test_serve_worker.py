@@ -130,7 +130,34 @@ def test_a_dead_worker_past_its_restart_budget_fails_requests_and_later_submits(
         e.submit([5], SamplingParams(2), lambda *a: None)
     load = e.load()
     assert load["active"] == load["pending"] == 0 and load["tokens"] >= 1  # counters kept, no stale rows
-    e.stop()
+    from quark.serve.server import ServerThread, create_app
+
+    with ServerThread(create_app(e, _tokenizer(folder), "m")) as s:
+        h = httpx.get(s.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "failed" and h.json()["restarts"] == 0
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert r.headers["retry-after"] == "10"
+
+
+def test_requests_wait_briefly_for_a_restart_then_get_503(folder):
+    from quark.serve.server import ServerThread, create_app
+
+    e = ProcessEngine(folder, "cpu", stop_ids=[], max_batch=2, max_restarts=1, backoff_s=30)
+    with ServerThread(create_app(e, _tokenizer(folder), "m", restart_wait=0.5)) as s:
+        os.kill(e.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while e.state != "restarting":  # the backoff (30 s) keeps it there for this test
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert 0.5 <= time.monotonic() - t0 < 5 and r.status_code == 503
+        assert r.headers["retry-after"] == "1" and "the engine is restarting" in r.json()["error"]["message"]
+        h = httpx.get(s.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "restarting" and h.headers["retry-after"] == "1"
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 10  # stopping the server cuts the backoff short
 
 
 def test_kill_the_worker_under_load(folder, caplog):
