@@ -113,8 +113,8 @@ def cmd_serve(args) -> None:
         engine.on_failed.append(lambda: setattr(server, "should_exit", True))
     server.run()
     if engine.state == "failed":
-        raise RuntimeError(f"the engine process {engine.last_exit}, and did so {args.max_restarts + 1} time(s) in a "
-                           "row (--max-restarts); stopped serving")
+        raise RuntimeError(f"the engine process {engine.last_exit}; it failed {args.max_restarts + 1} time(s) in a "
+                           f"row (--max-restarts {args.max_restarts}), so the server stopped")
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:

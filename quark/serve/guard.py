@@ -93,7 +93,10 @@ class BrowserGuard:
                                  "host_not_allowed")
         if origin is None:
             return await self.app(scope, receive, send)
-        same = host is not None and urlsplit(origin).netloc.lower() == host.lower()
+        try:
+            same = host is not None and urlsplit(origin).netloc.lower() == host.lower()
+        except ValueError:  # not even a URL ("http://[x")
+            same = False
         allowed = same or self.cors_ok(origin)
         if method == "OPTIONS" and "access-control-request-method" in headers:  # a CORS preflight
             if not allowed:

@@ -313,6 +313,11 @@ class ProcessEngine:
                 cause = str(e).removeprefix("the engine process ")
                 self.last_exit = cause
                 continue
+            if self._stopping.is_set():  # stop() came while this one loaded
+                proc.kill()
+                proc.join(5)
+                conn.close()
+                break
             with self._lock:
                 self.conn.close()
                 self.proc, self.conn, self.state = proc, conn, "ok"
