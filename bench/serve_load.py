@@ -14,7 +14,7 @@ batching (target >= 8x at 32).
     python bench/serve_load.py [--model M] [--duration 20] [--concurrency 1 32] [--max-tokens 64]
 
 Fault mode: `--kill-worker-at S` runs the highest concurrency level once for --duration seconds and SIGKILLs the
-server's engine worker S seconds in (found in /proc, so Linux only). It reports the requests that failed and how
+server's engine worker (its pid from /health) S seconds in. It reports the requests that failed and how
 long service was interrupted: from the kill to the first token of a request served by the restarted worker (and
 to /health saying "ok" again). Clients honour Retry-After on 429/503, as the OpenAI SDK does.
 
@@ -151,19 +151,7 @@ async def run_level(base: str, model: str, concurrency: int, duration: float, ma
             "health": health}
 
 
-def worker_pid(server_pid: int) -> int:
-    """The engine worker of `quark serve` (its multiprocessing spawn child), from /proc."""
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().split(")")[-1].split()[1]) == server_pid \
-                    and b"spawn_main" in (d / "cmdline").read_bytes():
-                return int(d.name)
-        except (OSError, IndexError, ValueError):
-            continue
-    raise SystemExit(f"no engine worker process under the server (pid {server_pid})")
-
-
-async def run_with_kill(base: str, model: str, server_pid: int, args) -> dict:
+async def run_with_kill(base: str, model: str, args) -> dict:
     """One level at the highest concurrency; SIGKILL the worker at --kill-worker-at seconds; time the recovery."""
     import aiohttp
 
@@ -173,7 +161,8 @@ async def run_with_kill(base: str, model: str, server_pid: int, args) -> dict:
 
     async def killer(session):
         await asyncio.sleep(args.kill_worker_at)
-        pid = worker_pid(server_pid)
+        async with session.get(base + "/health") as r:
+            pid = (await r.json())["worker_pid"]
         os.kill(pid, signal.SIGKILL)
         marks.update(kill=time.perf_counter(), pid=pid)
         while time.perf_counter() - marks["kill"] < 120:
@@ -282,7 +271,7 @@ def main() -> int:
                     time.sleep(0.3)
             asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
             if args.kill_worker_at is not None:
-                return report_kill(asyncio.run(run_with_kill(base, model, server.pid, args)), args)
+                return report_kill(asyncio.run(run_with_kill(base, model, args)), args)
             # levels alternate in short rounds, so a change in the machine's load hits each level alike
             rounds: dict[int, list[dict]] = {c: [] for c in args.concurrency}
             keys = ("busy_s", "steps", "row_steps")  # engine counters, summed per level

@@ -99,19 +99,6 @@ def reaped(pid: int) -> bool:
         return True
 
 
-def worker_pids(parent: int) -> list[int]:
-    """The engine workers (multiprocessing spawn children) of process `parent`, from /proc."""
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().split(")")[-1].split()[1]) == parent \
-                    and b"spawn_main" in (d / "cmdline").read_bytes():
-                out.append(int(d.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
-
-
 def test_a_dead_worker_past_its_restart_budget_fails_requests_and_later_submits(folder, caplog):
     e = ProcessEngine(folder, "cpu", stop_ids=[], max_batch=2, max_restarts=0).start()
     gave_up = threading.Event()
@@ -185,6 +172,8 @@ def test_kill_the_worker_under_load(folder, caplog):
         while len(results) < 8:  # under load
             time.sleep(0.02)
         tokens_before, pid = probe.get("/health").json()["tokens"], engine.proc.pid
+        assert probe.get("/health").json()["worker_pid"] == pid
+        standby = engine._standby[0].pid  # started with the supervisor: torch imported, no model yet
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         while (h := probe.get("/health")).status_code == 200:
@@ -203,10 +192,12 @@ def test_kill_the_worker_under_load(folder, caplog):
         for t in threads:
             t.join(60)
         final = probe.get("/health").json()
+        following = engine._standby  # the next standby, launched once this one took over
     failures = [text for _, failed, text in results if failed]
     assert 1 <= len(failures) <= 4, failures  # only the requests in flight at the kill; later ones waited
     assert all("killed by signal 9 (SIGKILL)" in text for text in failures), failures
-    assert reaped(pid) and engine.proc.pid != pid
+    assert reaped(pid) and engine.proc.pid == standby and final["worker_pid"] == standby
+    assert following is not None and following[0].pid not in (pid, standby) and reaped(following[0].pid)
     assert final["status"] == "ok" and final["restarts"] == 1 and final["queued"] == 0
     assert f"(pid {pid}) was killed by signal 9 (SIGKILL); restarting it in 0.1 s (attempt 1 of 2)" in caplog.text
     print(f"kill under load: {len(failures)} requests failed, /health back to ok {back - killed:.1f} s after the kill")
@@ -252,8 +243,7 @@ def test_quark_serve_runs_the_worker_engine(folder):
         assert full.usage.completion_tokens >= 1
         health = httpx.get(base + "/health").json()
         assert health["requests"] == 2 and health["tokens"] >= 2 and health["status"] == "ok"
-        [pid] = worker_pids(server.pid)
-        os.kill(pid, signal.SIGKILL)  # with --max-restarts 0 the server must stop, non-zero, saying why
+        os.kill(health["worker_pid"], signal.SIGKILL)  # with --max-restarts 0 the server must stop, non-zero, saying why
         out = server.communicate(timeout=60)[0]
     finally:
         if server.poll() is None:

@@ -20,6 +20,9 @@ Choices:
   RuntimeError; after `max_restarts` consecutive failures (a worker that ran `stable_s` resets the count) it is
   "failed" and the `on_failed` hooks run (`quark serve` then exits non-zero, so a supervisor or orchestrator can
   act). Counters in `load()` add up over every worker; `active`/`pending` are the live worker's only.
+- A restart takes a standby: a second worker process started in advance that has imported torch (seconds of a
+  start) and waits for the word to load the model, so recovery costs only the model load. It holds no weights
+  (and no CUDA context) while it waits; it is replaced after each restart.
 - If the parent dies, the worker sees the pipe close and exits.
 """
 
@@ -42,10 +45,17 @@ CUMULATIVE = ("steps", "tokens", "requests", "row_steps", "errors", "busy_s")
 def _worker(conn, model_path: str, device: str, quantize: str | None, stop_ids: Sequence[int] | None,
             max_batch: int, seed: int | None) -> None:
     import torch
+    import torch._dynamo  # noqa: F401 - imported lazily by the first module built under a device context (~4 s)
 
+    from ..weights import load_model_and_tokenizer  # noqa: F401 - imported by load_for_inference
     from .cli import load_for_inference
     from .engine import Engine
 
+    try:  # imports done (seconds, most of a start): a standby waits here until it is needed
+        if conn.recv() != ("load",):
+            return
+    except (EOFError, OSError, KeyboardInterrupt):
+        return
     try:
         model, tokenizer = load_for_inference(model_path, device, quantize)
         stops = list(stop_ids) if stop_ids is not None else [tokenizer.im_end_id, tokenizer.eot_id]
@@ -138,7 +148,9 @@ class ProcessEngine:
         self.model_path, self.start_timeout = str(model_path), start_timeout
         self._args = (str(model_path), device, quantize, stop_ids, max_batch, seed)
         self.max_batch, self.max_restarts, self.backoff_s, self.stable_s = max_batch, max_restarts, backoff_s, stable_s
-        self.proc, self.conn, info = self._spawn()  # the first start is not retried: a bad model is an error now
+        self._standby = None  # (process, connection) of a worker that has imported torch and waits
+        self.proc, self.conn = self._launch()
+        info = self._activate(self.proc, self.conn)  # the first start is not retried: a bad model is an error now
         self.context_length, self.vocab_size = info["context_length"], info["vocab_size"]
         self.after_step: list[Callable[[], None]] = []
         self.on_failed: list[Callable[[], None]] = []
@@ -159,14 +171,22 @@ class ProcessEngine:
         return {"active": 0, "pending": 0, "max_batch": self.max_batch, "steps": 0, "tokens": 0, "requests": 0,
                 "peak_batch": 0, "row_steps": 0, "errors": 0, "busy_s": 0.0}
 
-    def _spawn(self):
-        """Start a worker and wait for its model: (process, connection, info); RuntimeError if it cannot load."""
+    def _launch(self):
+        """Start a worker process, which imports what it needs and waits for ("load",): (process, connection)."""
         ctx = mp.get_context("spawn")  # never fork a process that holds threads (uvicorn, torch)
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, name="quark-engine", args=(child, *self._args), daemon=True)
         proc.start()
         child.close()
+        return proc, conn
+
+    def _activate(self, proc, conn) -> dict:
+        """Tell a launched worker to load the model and wait until it has: its info; RuntimeError if it cannot."""
         path = self.model_path
+        try:
+            conn.send(("load",))
+        except (BrokenPipeError, OSError):
+            pass  # it is gone: recv below says how
         if not conn.poll(self.start_timeout):
             proc.kill()
             proc.join(5)
@@ -182,7 +202,21 @@ class ProcessEngine:
             proc.join(5)
             conn.close()
             raise RuntimeError(f"the engine process could not load {path}: {info}")
-        return proc, conn, info
+        return info
+
+    def _prepare_standby(self) -> None:
+        if self.max_restarts > 0 and self._standby is None and not self._stopping.is_set():
+            self._standby = self._launch()
+
+    def _drop_standby(self) -> None:
+        if self._standby is not None:
+            proc, conn = self._standby
+            self._standby = None
+            conn.close()  # it sees the pipe close and exits
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
 
     def _send(self, msg) -> None:
         with self._lock:
@@ -215,7 +249,7 @@ class ProcessEngine:
         live = dict(self._load)
         for k in CUMULATIVE:
             live[k] = live.get(k, 0) + self._totals[k]
-        return {**live, "restarts": self.restarts, "last_exit": self.last_exit}
+        return {**live, "restarts": self.restarts, "last_exit": self.last_exit, "worker_pid": self.proc.pid}
 
     def start(self) -> ProcessEngine:
         if self._reader is None:
@@ -236,9 +270,11 @@ class ProcessEngine:
         if self._reader is not None:
             self._reader.join(15)
             self._reader = None
+        self._drop_standby()
 
     def _supervise(self) -> None:
         """The reader thread: deliver events until the worker dies, then reap it and restart it (or give up)."""
+        self._prepare_standby()
         while True:
             self._read(self.conn)
             if self._stopping.is_set():
@@ -307,8 +343,12 @@ class ProcessEngine:
                         self.proc.pid, cause, delay, self._failures, self.max_restarts)
             if self._stopping.wait(delay):
                 break
+            proc, conn = self._standby if self._standby and self._standby[0].is_alive() else self._launch()
+            if self._standby is not None and self._standby[0] is not proc:
+                self._drop_standby()  # it died while it waited
+            self._standby = None
             try:
-                proc, conn, _ = self._spawn()
+                self._activate(proc, conn)
             except RuntimeError as e:
                 cause = str(e).removeprefix("the engine process ")
                 self.last_exit = cause
@@ -324,5 +364,6 @@ class ProcessEngine:
                 self.restarts += 1
                 self._started_at = time.monotonic()
             log.warning("quark serve: the engine process is back (pid %s)", proc.pid)
+            self._prepare_standby()
             return True
         return False
