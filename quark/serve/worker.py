@@ -8,8 +8,8 @@ Choices:
   vLLM splits its server the same way.
 - The worker loads the model itself (`load_for_inference`, same path, device and quantization), builds an
   ordinary `Engine` and runs its `step()` loop. The parent never holds the weights.
-- One duplex pipe. Parent -> worker: ("submit", id, prompt, params), ("cancel", id), ("stop",). Worker ->
-  parent: ("ready", info) once, then one (events, load) message per engine step that produced events or changed
+- One duplex pipe. Parent -> worker: ("load",) once, then ("submit", id, prompt, params), ("cancel", id),
+  ("stop",). Worker -> parent: ("ready", info) (or ("failed", message)) once, then one (events, load) message per engine step that produced events or changed
   the load, where events are (id, kind, value) as `Engine` gives them to a sink. A reader thread in the parent
   hands each event to its request's sink, then runs `after_step` callbacks, as the in-thread engine does.
 - Requests are checked in the parent (`check_request`, the same function `Engine.submit` uses), so a bad one
@@ -20,8 +20,9 @@ Choices:
   RuntimeError; after `max_restarts` consecutive failures (a worker that ran `stable_s` resets the count) it is
   "failed" and the `on_failed` hooks run (`quark serve` then exits non-zero, so a supervisor or orchestrator can
   act). Counters in `load()` add up over every worker; `active`/`pending` are the live worker's only.
-- A restart takes a standby: a second worker process started in advance that has imported torch (seconds of a
-  start) and waits for the word to load the model, so recovery costs only the model load. It holds no weights
+- A restart takes a standby: a second worker process started in advance that has imported torch and
+  torch._dynamo (which the first module built imports lazily: ~4 of the ~8 s of a start on 2 busy cores) and
+  waits for ("load",), so recovery costs only the model load (measured in dev/LOG.md: 2.3 s, was 7.7-11 s). It holds no weights
   (and no CUDA context) while it waits; it is replaced after each restart.
 - If the parent dies, the worker sees the pipe close and exits.
 """
