@@ -18,6 +18,11 @@ server's engine worker (its pid from /health) S seconds in. It reports the reque
 long service was interrupted: from the kill to the first token of a request served by the restarted worker (and
 to /health saying "ok" again). Clients honour Retry-After on 429/503, as the OpenAI SDK does.
 
+Overload mode: `--saturate` runs twice as many clients as the server admits (--max-batch + --max-queue, here
+32 + 32) plus one client that keeps sending issue 19's `{"prompt": ["a"] * 10000, "n": 16, "max_tokens": 1}`,
+and reports what was served, what was refused (429 / 400, expected), any other error (must be none), and
+/health's latency meanwhile.
+
 Needs aiohttp (the load generator; lighter than httpx, so it takes less CPU from the server it measures). The
 server runs faster with `uvicorn[standard]` (uvloop + httptools), which the output says whether it has.
 """
@@ -40,6 +45,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+SATURATE_QUEUE = 32  # --max-queue of the server in --saturate mode
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
              "How do I sort a list in Python?", "Give me three tips for sleeping well.", "What is 17 * 23?"]
 
@@ -205,6 +211,45 @@ async def run_with_kill(base: str, model: str, args) -> dict:
             "ok_after": sum(r["ok"] and r["start"] > kill for r in out)}
 
 
+async def run_saturated(base: str, model: str, args) -> int:
+    """More clients than the server admits, plus the 160,000-sequence request; /health probed meanwhile."""
+    import aiohttp
+
+    concurrency = 2 * (max(args.concurrency) + SATURATE_QUEUE)
+    out: list = []
+    big: list = []
+
+    async def flood(session, deadline):
+        body = {"prompt": ["a"] * 10000, "n": 16, "max_tokens": 1}
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            async with session.post(base + "/v1/completions", json=body) as r:
+                big.append((r.status, (await r.json())["error"].get("code"), time.perf_counter() - t0))
+            await asyncio.sleep(0.5)
+
+    probe = await asyncio.create_subprocess_exec(sys.executable, __file__, "--probe", base, str(args.duration - 0.5),
+                                                 stdout=subprocess.PIPE)
+    connector = aiohttp.TCPConnector(limit=concurrency + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        deadline = time.perf_counter() + args.duration
+        await asyncio.gather(flood(session, deadline), *(
+            one_client(session, base + "/v1/chat/completions", model, deadline, args.max_tokens, k, out)
+            for k in range(concurrency)))
+    health = json.loads((await probe.communicate())[0] or b"[]")
+    refused = [r for r in out if not r["ok"] and r["error"].startswith("HTTP 429")]
+    other = [r for r in out if not r["ok"] and not r["error"].startswith("HTTP 429")]
+    print(f"saturated: {concurrency} clients for {args.duration:.0f} s against room for {max(args.concurrency)} + "
+          f"{SATURATE_QUEUE}: {sum(r['ok'] for r in out)} served, {len(refused)} refused with 429, {len(other)} other "
+          f"errors; the 10000 x 16 request: {len(big)} sent, answered {sorted({(s, c) for s, c, _ in big})} in at "
+          f"most {max((t for *_, t in big), default=0) * 1e3:.0f} ms")
+    print(f"/health meanwhile (a probe process, every 0.1 s): p50 {pct(health, 0.5) * 1e3:.1f} ms, p99 "
+          f"{pct(health, 0.99) * 1e3:.1f} ms, max {max(health, default=float('nan')) * 1e3:.1f} ms over "
+          f"{len(health)} probes")
+    for e in sorted({r["error"][:160] for r in other})[:3]:
+        print(f"  error: {e}")
+    return 1 if other else 0
+
+
 def report_kill(res: dict, args) -> int:
     h = res["health"] or {}
     print(f"fault mode: {res['concurrency']} clients for {args.duration:.0f} s, engine worker (pid {res['pid']}) "
@@ -254,6 +299,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
     ap.add_argument("--kill-worker-at", type=float, metavar="S",
                     help="fault mode: SIGKILL the engine worker S seconds into one run at the highest concurrency")
+    ap.add_argument("--saturate", action="store_true",
+                    help="overload mode: twice the clients the server admits, plus issue 19's 160,000-sequence request")
     args = ap.parse_args()
     if args.kill_worker_at is not None and not 0 < args.kill_worker_at < args.duration:
         raise SystemExit(f"--kill-worker-at must be in (0, --duration={args.duration}), got {args.kill_worker_at}")
@@ -269,6 +316,7 @@ def main() -> int:
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         cmd = [sys.executable, "-m", "quark", "serve", "--model", str(folder), "--port", str(port),
                "--max-batch", str(max(args.concurrency)), "--log-level", "warning", "--device", "cpu"]
+        cmd += ["--max-queue", str(SATURATE_QUEUE)] if args.saturate else []
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 120
@@ -284,6 +332,8 @@ def main() -> int:
             asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
             if args.kill_worker_at is not None:
                 return report_kill(asyncio.run(run_with_kill(base, model, args)), args)
+            if args.saturate:
+                return asyncio.run(run_saturated(base, model, args))
             # levels alternate in short rounds, so a change in the machine's load hits each level alike
             rounds: dict[int, list[dict]] = {c: [] for c in args.concurrency}
             keys = ("busy_s", "steps", "row_steps")  # engine counters, summed per level

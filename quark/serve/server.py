@@ -235,7 +235,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def chat_completions(request: Request):
         body = await read_body(request)
         check_model(body, model_name)
-        count_sequences(body, max_request_seqs, chat=True)
+        room_for(count_sequences(body, max_request_seqs, chat=True))
         messages = parse_messages(body)
         job = parse_common(body, [tokenizer.render_prompt(messages)], context, max_tokens_limit)
         return await run(job, request, chat=True)
@@ -244,7 +244,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def completions(request: Request):
         body = await read_body(request)
         check_model(body, model_name)
-        count_sequences(body, max_request_seqs, chat=False)
+        room_for(count_sequences(body, max_request_seqs, chat=False))
         job = parse_common(body, parse_completion_prompts(body, tokenizer), context, max_tokens_limit)
         return await run(job, request, chat=False)
 
@@ -257,12 +257,20 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise APIError(503, f"the engine is {engine.state}; try again shortly", type_="server_error",
                            code="engine_unavailable", retry_after=1 if engine.state == "restarting" else 10)
 
+    def busy(seqs: int) -> APIError:
+        return APIError(429, f"the server is busy: {dispatcher.outstanding} sequences are running or queued and "
+                        f"this request needs {seqs} more (room for {capacity}: --max-batch + --max-queue); "
+                        "retry after the Retry-After seconds", type_="requests", code="queue_full", retry_after=1)
+
+    def room_for(seqs: int) -> None:
+        """A full server refuses before tokenizing anything (the binding check is `admit`, just before submit)."""
+        if dispatcher.outstanding + seqs > capacity:
+            raise busy(seqs)
+
     def admit(job: Job) -> int:
         seqs = len(job.prompts) * job.n
         if not dispatcher.reserve(seqs, capacity):
-            raise APIError(429, f"the server is busy: {dispatcher.outstanding} sequences are running or queued and "
-                           f"this request needs {seqs} more (room for {capacity}: --max-batch + --max-queue); "
-                           "retry after the Retry-After seconds", type_="requests", code="queue_full", retry_after=1)
+            raise busy(seqs)
         return seqs
 
     async def run(job: Job, request: Request, chat: bool):
