@@ -59,7 +59,7 @@ def test_the_ten_thousand_prompt_request_is_refused_before_any_work(server):
     assert "10000 prompt(s) x n=16 = 160000 sequences" in err["message"] and "--max-request-seqs" in err["message"]
     assert took < 2.0, f"refusing it took {took:.2f} s"
     after = httpx.get(server.url + "/health").json()
-    assert after["requests"] == before["requests"] and after["queued"] == 0  # the engine never saw it
+    assert after["requests"] == before["requests"] and after["in_flight"] == 0  # the engine never saw it
     # the cap counts prompts x n: 64 is allowed (default), 65 is not, whatever the prompts' form
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [[5, 6]] * 13, "n": 5, "max_tokens": 1})
     assert "65 sequences" in error(r, 400, "too_many_sequences")["message"]
@@ -88,7 +88,7 @@ def test_more_clients_than_the_queue_holds_get_429_and_health_stays_fast(busy):
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
-    while httpx.get(busy.url + "/health").json()["queued"] < 4:
+    while httpx.get(busy.url + "/health").json()["in_flight"] < 4:
         assert time.monotonic() < deadline, "the first four requests were not admitted"
         time.sleep(0.01)
     latencies = []
@@ -97,7 +97,7 @@ def test_more_clients_than_the_queue_holds_get_429_and_health_stays_fast(busy):
             t0 = time.perf_counter()
             h = probe.get("/health")
             latencies.append(time.perf_counter() - t0)
-            assert h.status_code == 200 and h.json()["queued"] <= h.json()["capacity"] == 4
+            assert h.status_code == 200 and h.json()["in_flight"] <= h.json()["capacity"] == 4
     for t in threads:
         t.join(60)
     refused = [r for r in results if r.status_code == 429]
@@ -107,7 +107,7 @@ def test_more_clients_than_the_queue_holds_get_429_and_health_stays_fast(busy):
         assert r.headers["retry-after"] == "1" and "--max-queue" in err["message"]
     print(f"/health while saturated: median {sorted(latencies)[10] * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms")
     assert sorted(latencies)[17] < 0.1, latencies  # 18 of 20: the test shares 2 busy cores with other work
-    assert httpx.get(busy.url + "/health").json()["queued"] == 0  # every admitted sequence was released
+    assert httpx.get(busy.url + "/health").json()["in_flight"] == 0  # every admitted sequence was released
     # n counts: one request for 5 sequences is over this server's per-request cap (4)
     error(httpx.post(busy.url + "/v1/chat/completions", json={**body, "n": 5}), 400, "too_many_sequences")
 

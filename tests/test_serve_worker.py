@@ -198,7 +198,7 @@ def test_kill_the_worker_under_load(folder, caplog):
     assert all("killed by signal 9 (SIGKILL)" in text for text in failures), failures
     assert reaped(pid) and engine.proc.pid == standby and final["worker_pid"] == standby
     assert following is not None and following[0].pid not in (pid, standby) and reaped(following[0].pid)
-    assert final["status"] == "ok" and final["restarts"] == 1 and final["queued"] == 0
+    assert final["status"] == "ok" and final["restarts"] == 1 and final["in_flight"] == 0
     assert f"(pid {pid}) was killed by signal 9 (SIGKILL); restarting it in 0.1 s (attempt 1 of 2)" in caplog.text
     print(f"kill under load: {len(failures)} requests failed, /health back to ok {back - killed:.1f} s after the kill")
 

@@ -213,7 +213,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def health():
         state = engine.state
         body = {"status": state, "model": model_name, "context_length": context, **engine.load(),
-                "queued": dispatcher.outstanding, "capacity": capacity}
+                "in_flight": dispatcher.outstanding, "capacity": capacity}
         if state == "ok":
             return body
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"} if state == "restarting" else None)
