@@ -255,13 +255,14 @@ def test_quark_serve_command(tmp_path, model, tiny_tokenizer, monkeypatch, capsy
             seen["no_key"] = httpx.get(s.url + "/v1/models").status_code
 
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
-    assert main(["serve", "--model", str(folder), "--api-key", KEY, "--max-batch", "4"]) == 0
+    # --max-restarts 0: no standby worker importing torch beside this test (tests/test_serve_worker.py tests it)
+    assert main(["serve", "--model", str(folder), "--api-key", KEY, "--max-batch", "4", "--max-restarts", "0"]) == 0
     out = capsys.readouterr()
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000  # loopback unless asked
     assert 1 <= seen["tokens"] <= 5 and "Quark chat" in seen["page"] and seen["no_key"] == 401
     assert "API key required" in out.out and "warning" not in out.out
     assert KEY not in out.out + out.err  # never logged
-    main(["serve", "--model", str(folder), "--host", "0.0.0.0", "--port", "8001"])
+    main(["serve", "--model", str(folder), "--host", "0.0.0.0", "--port", "8001", "--max-restarts", "0"])
     assert seen["host"] == "0.0.0.0" and "reachable from other machines without an API key" in capsys.readouterr().out
 
 

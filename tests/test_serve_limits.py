@@ -117,6 +117,8 @@ def test_queue_limits_are_checked_at_start(tiny_tokenizer):
         make_app(contextual(1), tiny_tokenizer, max_batch=2, max_queue=1, max_request_seqs=4)
     with pytest.raises(ValueError, match="max_queue must be an integer >= 0"):
         make_app(contextual(1), tiny_tokenizer, max_queue=-1)
+    with pytest.raises(ValueError, match="--allowed-origins: 'example.com' is not an origin"):
+        make_app(contextual(1), tiny_tokenizer, allowed_origins=("example.com",))
 
 
 # ---- 3. browser safety ---------------------------------------------------------------------------------------

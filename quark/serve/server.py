@@ -54,7 +54,7 @@ from .api import (
     parse_messages,
 )
 from .engine import Engine
-from .guard import BrowserGuard
+from .guard import BrowserGuard, check_origin
 from .text import IncrementalDecoder, StopMatcher
 
 STATIC = Path(__file__).parent / "static"
@@ -146,6 +146,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     if max_request_seqs > capacity:
         raise ValueError(f"max_request_seqs ({max_request_seqs}) must be at most max_batch + max_queue ({capacity}), "
                          "or such a request could never be admitted")
+    allowed_origins = tuple(check_origin(o) for o in allowed_origins)  # a bad one is an error now, not at startup
     context = engine.context_length
     max_request_tokens = max_request_tokens or engine.max_batch * context
     created = int(time.time())

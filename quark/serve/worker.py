@@ -32,7 +32,9 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -91,8 +93,10 @@ def _worker(conn, model_path: str, device: str, quantize: str | None, stop_ids: 
                 elif msg[0] == "cancel":
                     if msg[1] in live:
                         live[msg[1]].cancel()
-                elif msg[0] == "stop":
-                    return
+                elif msg[0] == "stop":  # skip interpreter teardown (seconds with torch loaded): nothing to flush
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(0)
                 busy = True
             worked = engine.step()
             if events or (worked or not idle_sent):
@@ -213,11 +217,9 @@ class ProcessEngine:
         if self._standby is not None:
             proc, conn = self._standby
             self._standby = None
-            conn.close()  # it sees the pipe close and exits
+            conn.close()
+            proc.kill()  # it holds nothing yet, and may be busy importing for seconds
             proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
 
     def _send(self, msg) -> None:
         with self._lock:
