@@ -13,6 +13,16 @@ batching (target >= 8x at 32).
 
     python bench/serve_load.py [--model M] [--duration 20] [--concurrency 1 32] [--max-tokens 64]
 
+Fault mode: `--kill-worker-at S` runs the highest concurrency level once for --duration seconds and SIGKILLs the
+server's engine worker (its pid from /health) S seconds in. It reports the requests that failed and how
+long service was interrupted: from the kill to the first token of a request served by the restarted worker (and
+to /health saying "ok" again). Clients honour Retry-After on 429/503, as the OpenAI SDK does.
+
+Overload mode: `--saturate` runs twice as many clients as the server admits (--max-batch + --max-queue, here
+32 + 32) plus one client that keeps sending issue 19's `{"prompt": ["a"] * 10000, "n": 16, "max_tokens": 1}`,
+and reports what was served, what was refused (429 / 400, expected), any other error (must be none), and
+/health's latency meanwhile.
+
 Needs aiohttp (the load generator; lighter than httpx, so it takes less CPU from the server it measures). The
 server runs faster with `uvicorn[standard]` (uvloop + httptools), which the output says whether it has.
 """
@@ -24,6 +34,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +45,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+SATURATE_QUEUE = 32  # --max-queue of the server in --saturate mode
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
              "How do I sort a list in Python?", "Give me three tips for sleeping well.", "What is 17 * 23?"]
 
@@ -73,7 +85,7 @@ async def one_client(session, url: str, model: str, deadline: float, max_tokens:
                 "max_tokens": max_tokens, "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
         i += 1
         t0 = time.perf_counter()
-        ttft, tokens, done, usage, error = None, 0, False, False, None
+        ttft, tokens, done, usage, error, retry_after = None, 0, False, False, None, 0.0
         chunks, chunks_in = 0, 0  # content chunks, and those that arrived before the deadline
         try:
             async with session.post(url, json=body) as r:
@@ -97,13 +109,17 @@ async def one_client(session, url: str, model: str, deadline: float, max_tokens:
                         error = "the stream ended without its usage chunk and [DONE]"
                 else:
                     error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
+                    retry_after = float(r.headers.get("Retry-After", 0)) if r.status in (429, 503) else 0.0
         except aiohttp.ClientError as e:
             error = f"{type(e).__name__}: {e}"
         # a reply may legitimately be empty (the model's first token is <|im_end|>): counted, not an error
         end = time.perf_counter()
         in_window = tokens * chunks_in / chunks if chunks else tokens * (end <= deadline)
         out.append({"ok": error is None, "error": error, "ttft": ttft, "latency": end - t0, "tokens": tokens,
-                    "tokens_in_window": in_window, "done_in_window": end <= deadline})
+                    "tokens_in_window": in_window, "done_in_window": end <= deadline, "start": t0,
+                    "first_token_at": None if ttft is None else t0 + ttft})
+        if retry_after:
+            await asyncio.sleep(retry_after)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -113,19 +129,143 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def probe_health(base: str, seconds: float) -> None:
+    """`--probe`: GET /health every 0.1 s for `seconds` on one kept-alive connection (as a load balancer's probe),
+    print the latencies as JSON. A process of its own, so the load generator's busy event loop is not measured."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    out, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        out.append(time.perf_counter() - t0)
+        time.sleep(0.1)
+    print(json.dumps(out))
+
+
 async def run_level(base: str, model: str, concurrency: int, duration: float, max_tokens: int) -> dict:
     import aiohttp
 
     out: list = []
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    probe = await asyncio.create_subprocess_exec(sys.executable, __file__, "--probe", base, str(duration - 0.5),
+                                                 stdout=subprocess.PIPE)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         start = time.perf_counter()
         deadline = start + duration
         await asyncio.gather(*(one_client(session, base + "/v1/chat/completions", model, deadline, max_tokens, k, out)
                                for k in range(concurrency)))
+    health = json.loads((await probe.communicate())[0] or b"[]")
     # the figures cover the timed window only: after the deadline no new request starts and the last ones drain
     # with fewer than `concurrency` streams, which would otherwise count against the level
-    return {"concurrency": concurrency, "wall_s": duration, "elapsed_s": time.perf_counter() - start, "out": out}
+    return {"concurrency": concurrency, "wall_s": duration, "elapsed_s": time.perf_counter() - start, "out": out,
+            "health": health}
+
+
+async def run_with_kill(base: str, model: str, args) -> dict:
+    """One level at the highest concurrency; SIGKILL the worker at --kill-worker-at seconds; time the recovery."""
+    import aiohttp
+
+    concurrency = max(args.concurrency)
+    out: list = []
+    marks: dict = {}
+
+    async def killer(session):
+        await asyncio.sleep(args.kill_worker_at)
+        async with session.get(base + "/health") as r:
+            pid = (await r.json())["worker_pid"]
+        os.kill(pid, signal.SIGKILL)
+        marks.update(kill=time.perf_counter(), pid=pid)
+        while time.perf_counter() - marks["kill"] < 120:
+            t0 = time.perf_counter()
+            async with session.get(base + "/health") as r:
+                h = await r.json()
+            marks.setdefault("latency", []).append(time.perf_counter() - t0)
+            if h["status"] == "ok" and h["restarts"] >= 1:
+                marks.update(health_ok=time.perf_counter(), health=h)
+                return
+            if h["status"] not in marks.setdefault("seen", []):
+                marks["seen"].append(h["status"])
+            await asyncio.sleep(0.05)
+
+    connector = aiohttp.TCPConnector(limit=concurrency + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        start = time.perf_counter()
+        deadline = start + args.duration
+        await asyncio.gather(killer(session), *(
+            one_client(session, base + "/v1/chat/completions", model, deadline, args.max_tokens, k, out)
+            for k in range(concurrency)))
+    kill = marks["kill"]
+    firsts = [r["first_token_at"] for r in out if r["first_token_at"] is not None and r["first_token_at"] > kill]
+    failed = [r for r in out if not r["ok"]]
+    return {"concurrency": concurrency, "requests": len(out), "failed": len(failed),
+            "in_flight_failed": sum(r["start"] < kill for r in failed),
+            "error_samples": sorted({r["error"][:160] for r in failed})[:3], "pid": marks["pid"],
+            "seen": marks.get("seen"), "health": marks.get("health"), "health_max": max(marks.get("latency", [0])),
+            "to_first_token": (min(firsts) - kill) if firsts else None,
+            "to_health_ok": marks["health_ok"] - kill if "health_ok" in marks else None,
+            "ok_after": sum(r["ok"] and r["start"] > kill for r in out)}
+
+
+async def run_saturated(base: str, model: str, args) -> int:
+    """More clients than the server admits, plus the 160,000-sequence request; /health probed meanwhile."""
+    import aiohttp
+
+    concurrency = 2 * (max(args.concurrency) + SATURATE_QUEUE)
+    out: list = []
+    big: list = []
+
+    async def flood(session, deadline):
+        body = {"prompt": ["a"] * 10000, "n": 16, "max_tokens": 1}
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            async with session.post(base + "/v1/completions", json=body) as r:
+                big.append((r.status, (await r.json())["error"].get("code"), time.perf_counter() - t0))
+            await asyncio.sleep(0.5)
+
+    probe = await asyncio.create_subprocess_exec(sys.executable, __file__, "--probe", base, str(args.duration - 0.5),
+                                                 stdout=subprocess.PIPE)
+    connector = aiohttp.TCPConnector(limit=concurrency + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        deadline = time.perf_counter() + args.duration
+        await asyncio.gather(flood(session, deadline), *(
+            one_client(session, base + "/v1/chat/completions", model, deadline, args.max_tokens, k, out)
+            for k in range(concurrency)))
+    health = json.loads((await probe.communicate())[0] or b"[]")
+    refused = [r for r in out if not r["ok"] and r["error"].startswith("HTTP 429")]
+    other = [r for r in out if not r["ok"] and not r["error"].startswith("HTTP 429")]
+    print(f"saturated: {concurrency} clients for {args.duration:.0f} s against room for {max(args.concurrency)} + "
+          f"{SATURATE_QUEUE}: {sum(r['ok'] for r in out)} served, {len(refused)} refused with 429, {len(other)} other "
+          f"errors; the 10000 x 16 request: {len(big)} sent, answered {sorted({(s, c) for s, c, _ in big})} in at "
+          f"most {max((t for *_, t in big), default=0) * 1e3:.0f} ms")
+    print(f"/health meanwhile (a probe process, every 0.1 s): p50 {pct(health, 0.5) * 1e3:.1f} ms, p99 "
+          f"{pct(health, 0.99) * 1e3:.1f} ms, max {max(health, default=float('nan')) * 1e3:.1f} ms over "
+          f"{len(health)} probes")
+    for e in sorted({r["error"][:160] for r in other})[:3]:
+        print(f"  error: {e}")
+    return 1 if other else 0
+
+
+def report_kill(res: dict, args) -> int:
+    h = res["health"] or {}
+    print(f"fault mode: {res['concurrency']} clients for {args.duration:.0f} s, engine worker (pid {res['pid']}) "
+          f"SIGKILLed at {args.kill_worker_at:.0f} s; /health said {' then '.join(res['seen'] or [])} until back")
+    print(f"requests: {res['requests']}, failed {res['failed']} ({res['in_flight_failed']} of them in flight at the "
+          f"kill), {res['ok_after']} served after it")
+    for e in res["error_samples"]:
+        print(f"  failure: {e}")
+    if res["to_first_token"] is None or res["to_health_ok"] is None:
+        print("NOT RECOVERED within the run")
+        return 1
+    print(f"service interrupted {res['to_first_token']:.1f} s (kill -> first token from the restarted worker); "
+          f"/health back to 'ok' after {res['to_health_ok']:.1f} s; server says: last exit "
+          f"{h.get('last_exit')!r}, restarts {h.get('restarts')}; /health answered within "
+          f"{res['health_max'] * 1e3:.0f} ms throughout")
+    return 0
 
 
 def merge(rounds: list[dict], engine: dict) -> dict:
@@ -141,10 +281,14 @@ def merge(rounds: list[dict], engine: dict) -> dict:
             "engine_busy": engine["busy_s"] / sum(rd["elapsed_s"] for rd in rounds),
             "mean_batch": engine["row_steps"] / max(1, engine["steps"]),
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
-            "lat_p50": pct([r["latency"] for r in good], 0.5), "lat_p95": pct([r["latency"] for r in good], 0.95)}
+            "lat_p50": pct([r["latency"] for r in good], 0.5), "lat_p95": pct([r["latency"] for r in good], 0.95),
+            "health": [h for rd in rounds for h in rd["health"]]}
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--probe"]:
+        probe_health(sys.argv[2], float(sys.argv[3]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model folder (default: a random-weight model of --preset, built in a temp dir)")
     ap.add_argument("--preset", default="tiny", help="preset for the default model (default tiny)")
@@ -153,7 +297,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per level (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
+    ap.add_argument("--kill-worker-at", type=float, metavar="S",
+                    help="fault mode: SIGKILL the engine worker S seconds into one run at the highest concurrency")
+    ap.add_argument("--saturate", action="store_true",
+                    help="overload mode: twice the clients the server admits, plus issue 19's 160,000-sequence request")
     args = ap.parse_args()
+    if args.kill_worker_at is not None and not 0 < args.kill_worker_at < args.duration:
+        raise SystemExit(f"--kill-worker-at must be in (0, --duration={args.duration}), got {args.kill_worker_at}")
     if importlib.util.find_spec("aiohttp") is None:
         raise SystemExit("bench/serve_load.py needs aiohttp for its load generator: pip install aiohttp")
     sys.path.insert(0, str(ROOT))
@@ -166,6 +316,7 @@ def main() -> int:
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         cmd = [sys.executable, "-m", "quark", "serve", "--model", str(folder), "--port", str(port),
                "--max-batch", str(max(args.concurrency)), "--log-level", "warning", "--device", "cpu"]
+        cmd += ["--max-queue", str(SATURATE_QUEUE)] if args.saturate else []
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 120
@@ -179,6 +330,10 @@ def main() -> int:
                         raise SystemExit("the server did not start") from None
                     time.sleep(0.3)
             asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
+            if args.kill_worker_at is not None:
+                return report_kill(asyncio.run(run_with_kill(base, model, args)), args)
+            if args.saturate:
+                return asyncio.run(run_saturated(base, model, args))
             # levels alternate in short rounds, so a change in the machine's load hits each level alike
             rounds: dict[int, list[dict]] = {c: [] for c in args.concurrency}
             keys = ("busy_s", "steps", "row_steps")  # engine counters, summed per level
@@ -209,6 +364,10 @@ def main() -> int:
               f"{r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s {r['engine_busy']:>10.0%} {r['mean_batch']:>6.1f}")
     print(f"engine: peak batch {health['peak_batch']}, {health['steps']} decode steps, {health['tokens']} tokens, "
           f"{health['errors']} engine errors")
+    for r in results:
+        print(f"/health at concurrency {r['concurrency']} (a probe process, every 0.1 s): p50 "
+              f"{pct(r['health'], 0.5) * 1e3:.1f} ms, p99 {pct(r['health'], 0.99) * 1e3:.1f} ms, max "
+              f"{max(r['health'], default=float('nan')) * 1e3:.1f} ms over {len(r['health'])} probes")
     lo = min(results, key=lambda r: r["concurrency"])
     hi = max(results, key=lambda r: r["concurrency"])
     if hi is not lo and lo["tok_per_s"] > 0:

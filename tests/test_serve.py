@@ -235,7 +235,7 @@ def test_disconnect_frees_the_slot(slow_server):
 
 
 def test_quark_serve_command(tmp_path, model, tiny_tokenizer, monkeypatch, capsys):
-    """`quark serve` end to end in-process: uvicorn.run is swapped for a ServerThread on a free port."""
+    """`quark serve` end to end in-process: uvicorn.Server.run is swapped for a ServerThread on a free port."""
     import uvicorn
 
     from quark.cli import main
@@ -245,23 +245,24 @@ def test_quark_serve_command(tmp_path, model, tiny_tokenizer, monkeypatch, capsy
     tiny_tokenizer.save(folder)
     seen = {}
 
-    def fake_run(app, host, port, log_level):
-        seen.update(host=host, port=port)
-        with ServerThread(app, log_level=log_level) as s:
+    def fake_run(self, sockets=None):
+        seen.update(host=self.config.host, port=self.config.port)
+        with ServerThread(self.config.app, log_level=self.config.log_level) as s:
             c = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
             r = c.chat.completions.create(model="my-model", messages=HELLO, max_tokens=5)
             seen["tokens"] = r.usage.completion_tokens
             seen["page"] = httpx.get(s.url + "/").text
             seen["no_key"] = httpx.get(s.url + "/v1/models").status_code
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
-    assert main(["serve", "--model", str(folder), "--api-key", KEY, "--max-batch", "4"]) == 0
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    # --max-restarts 0: no standby worker importing torch beside this test (tests/test_serve_worker.py tests it)
+    assert main(["serve", "--model", str(folder), "--api-key", KEY, "--max-batch", "4", "--max-restarts", "0"]) == 0
     out = capsys.readouterr()
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000  # loopback unless asked
     assert 1 <= seen["tokens"] <= 5 and "Quark chat" in seen["page"] and seen["no_key"] == 401
     assert "API key required" in out.out and "warning" not in out.out
     assert KEY not in out.out + out.err  # never logged
-    main(["serve", "--model", str(folder), "--host", "0.0.0.0", "--port", "8001"])
+    main(["serve", "--model", str(folder), "--host", "0.0.0.0", "--port", "8001", "--max-restarts", "0"])
     assert seen["host"] == "0.0.0.0" and "reachable from other machines without an API key" in capsys.readouterr().out
 
 

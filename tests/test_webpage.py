@@ -79,3 +79,33 @@ def test_chat_page_streams_and_keeps_the_conversation(tiny_tokenizer, tmp_path):
             assert page.locator(".msg").count() == 0
         finally:
             browser.close()
+
+
+def test_another_page_cannot_drive_the_server(tiny_tokenizer):
+    """Issue 19, item 3, in a real browser: a page of another origin (http://localhost:PORT is not
+    http://127.0.0.1:PORT) posts to the API, as a simple text/plain request (no preflight) and as JSON (preflight).
+    Both are refused and nothing runs; the same page reaches its own origin's API as before."""
+    engine = Engine(contextual(5), [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id], max_batch=2)
+    with ServerThread(create_app(engine, tiny_tokenizer, "page-model")) as server, \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url.replace("127.0.0.1", "localhost") + "/")
+            target = server.url + "/v1/chat/completions"
+            body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            simple = page.evaluate("""async ([url, body]) => {
+                const r = await fetch(url, {method: "POST", body, headers: {"Content-Type": "text/plain"},
+                                            mode: "no-cors"});
+                return r.type; }""", [target, body])
+            assert simple == "opaque"  # sent, but the server refused it (below) and the page cannot read it
+            preflighted = page.evaluate("""async ([url, body]) => {
+                try { await fetch(url, {method: "POST", body, headers: {"Content-Type": "application/json"}});
+                      return "sent"; } catch (e) { return "blocked"; } }""", [target, body])
+            assert preflighted == "blocked"
+            assert engine.load()["requests"] == 0  # neither ran
+            own = page.evaluate("""async (body) => (await fetch("/v1/chat/completions", {method: "POST", body,
+                headers: {"Content-Type": "application/json"}})).status""", body)
+            assert own == 200 and engine.load()["requests"] == 1
+        finally:
+            browser.close()

@@ -8,12 +8,18 @@ Choices:
 - `max_tokens` (or `max_completion_tokens`) is capped by the room left in the context and by the server-wide
   limit; a prompt that leaves no room at all is a 400 `context_length_exceeded`.
 - The OpenAI `developer` role is the `system` role; any other role outside system/user/assistant is a 400.
+- Malformed bodies are 400s too: JSON nested deeper than the parser's recursion limit, and strings holding a
+  lone UTF-16 surrogate (`"x\\ud800y"` is valid JSON but not Unicode, and the tokenizer cannot take it); the
+  error names the field.
+- Work is bounded before it starts: `count_sequences` counts prompts x n from the body alone (no tokenizing),
+  so an oversized request is refused before any work; `check_budget` then bounds (prompt + max_tokens) x n.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from .engine import SamplingParams
@@ -25,22 +31,62 @@ MAX_STOPS = 4
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.retry_after = retry_after  # seconds, sent as the Retry-After header (429, 503)
+
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe a lone surrogate
+
+
 def parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        text = raw.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259), not json.loads' guessed UTF-16/32
+        body = json.loads(text, parse_constant=_not_json)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of more than 4300 digits
+        raise APIError(400, f"the request body is not valid JSON ({str(e)[:120]})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    if SURROGATE_ESCAPE.search(text):  # only then can a string hold one (raw UTF-8 cannot encode a surrogate)
+        _check_unicode(body)
     return body
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _check_unicode(body: dict) -> None:
+    """400 naming a string (key or value) that holds a lone surrogate. Iterative: no depth limit."""
+    stack: list[tuple[str, object]] = [("", body)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((f"{path}.{k}" if path else str(k), k))
+                stack.append((f"{path}.{k}" if path else str(k), x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                name = path.encode("utf-8", "backslashreplace").decode()
+                raise APIError(400, f"'{name}' is not valid Unicode: it holds a lone surrogate "
+                               f"(\\u{ord(v[e.start]):04x}) at character {e.start}", param=name,
+                               code="invalid_unicode") from None
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -91,6 +137,32 @@ def check_model(body: dict, served: str) -> None:
     if model is not None and model != served:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{served}'", param="model",
                        code="model_not_found")
+
+
+def count_sequences(body: dict, max_seqs: int, chat: bool) -> int:
+    """prompts x n of a request, from the body alone (nothing tokenized yet); 400 over `max_seqs`."""
+    n = _integer(body, "n", 1, MAX_N) or 1
+    p = None if chat else body.get("prompt")
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        prompts = len(p)  # several prompts (a list of token ids is one prompt)
+    else:
+        prompts = 1  # a string, one token id list, a chat, or a malformed prompt that parsing refuses
+    if prompts * n > max_seqs:
+        raise APIError(400, f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} sequences; the limit "
+                       f"per request is {max_seqs} (server option --max-request-seqs)", param="n" if prompts == 1
+                       else "prompt", code="too_many_sequences")
+    return prompts * n
+
+
+def check_budget(job: Job, max_tokens: int) -> int:
+    """(prompt + max_tokens) x n summed over the prompts; 400 over the server's per-request `max_tokens`."""
+    total = sum(len(p) + job.params.max_new_tokens for p in job.prompts) * job.n
+    if total > max_tokens:
+        raise APIError(400, f"this request could use {total} tokens ((prompt + max_tokens) x n, summed over "
+                       f"{len(job.prompts)} prompt(s)); the limit per request is {max_tokens} (server option "
+                       "--max-request-tokens). Lower max_tokens or n, or send fewer prompts.", param="max_tokens",
+                       code="request_too_large")
+    return total
 
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "tool_choice")

@@ -6,6 +6,9 @@ Choices:
 - `--device auto` picks CUDA when present (weights in bf16 there), else the CPU in fp32.
 - `--quantize int8` calls `quark.quantize.quantize_int8(model)`, imported only when asked for.
 - The API key may come from --api-key or QUARK_API_KEY; it is never printed.
+- The engine worker is supervised (`quark.serve.worker.ProcessEngine`): once it has failed --max-restarts times
+  in a row, the server stops and the command exits non-zero, for a supervisor or orchestrator to act on.
+- Browser safety: --allowed-hosts / --allowed-origins widen `quark.serve.guard.BrowserGuard`'s allow-lists.
 """
 
 from __future__ import annotations
@@ -52,17 +55,22 @@ def cmd_serve(args) -> None:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key or os.environ.get("QUARK_API_KEY") or None
     name = args.model_name or Path(args.model).resolve().name
+    hosts, origins = _split(args.allowed_hosts), _split(args.allowed_origins)
     if args.engine == "process":
         from ..weights import load_tokenizer_for
         from .worker import ProcessEngine
 
         tokenizer = load_tokenizer_for(args.model)
         engine = ProcessEngine(args.model, resolve_device(args.device), args.quantize,
-                               [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
+                               [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch,
+                               max_restarts=args.max_restarts)
     else:
         model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
         engine = Engine(model, [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
-    app = create_app(engine, tokenizer, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit)
+    app = create_app(engine, tokenizer, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
+                     max_request_seqs=args.max_request_seqs, max_queue=args.max_queue,
+                     max_request_tokens=args.max_request_tokens or None, bound_host=args.host,
+                     allowed_hosts=hosts, allowed_origins=origins)
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"quark serve: model '{name}' on http://{host_shown}:{args.port}/ (OpenAI API under /v1, chat page at /; "
           f"batch up to {args.max_batch}, max_tokens limit {args.max_tokens_limit}; "
@@ -70,7 +78,19 @@ def cmd_serve(args) -> None:
     if args.host not in LOOPBACK:
         print(f"quark serve: warning: listening on {args.host}, reachable from other machines"
               + ("" if api_key else " without an API key (set --api-key)"), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    if hasattr(engine, "on_failed"):
+        engine.on_failed.append(lambda: setattr(server, "should_exit", True))
+    server.run()
+    if engine.state == "failed":
+        raise RuntimeError(f"the engine process {engine.last_exit}; it failed {args.max_restarts + 1} time(s) in a "
+                           f"row (--max-restarts {args.max_restarts}), so the server stopped")
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    """Repeated and/or comma-separated flag values -> one tuple."""
+    return tuple(v.strip() for arg in values or () for v in arg.split(",") if v.strip())
 
 
 def add_commands(sub) -> None:
@@ -92,6 +112,19 @@ def add_commands(sub) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-tokens-limit", type=int, default=1024,
                    help="server-wide cap on a request's max_tokens (default 1024; the context caps it too)")
+    p.add_argument("--max-request-seqs", type=int, default=64,
+                   help="most sequences (prompts x n) one request may ask for (default 64)")
+    p.add_argument("--max-request-tokens", type=int, default=0,
+                   help="most tokens ((prompt + max_tokens) x n) one request may use (default: max-batch x context)")
+    p.add_argument("--max-queue", type=int, default=128,
+                   help="sequences that may wait for a batch slot; beyond it requests get 429 (default 128)")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="engine worker restarts in a row before the server exits non-zero (default 5)")
+    p.add_argument("--allowed-hosts", action="append", metavar="NAMES",
+                   help="Host names to answer besides the bound address and localhost (comma-separated; '*' = any)")
+    p.add_argument("--allowed-origins", action="append", metavar="ORIGINS",
+                   help="web origins (scheme://host[:port], comma-separated; '*' = any) allowed to call the API "
+                        "from a browser (CORS); others get 403 on POST")
     p.add_argument("--model-name", help="the model id clients send (default: the model folder's name)")
     p.add_argument("--engine", default="process", choices=["process", "thread"],
                    help="where decoding runs: a worker process with its own GIL (default; uses a second core) or "

@@ -13,11 +13,22 @@ Choices:
 - Bodies are capped (`max_body_bytes`, default 1 MiB) before parsing: a bigger body is a 413, read no further.
 - With `api_key`, every /v1 route needs `Authorization: Bearer <key>` (compared in constant time); /health
   and the page itself stay open (the page asks for the key). The key is never logged or echoed.
+- Admission control, before any engine work: a request may ask for at most `max_request_seqs` sequences
+  (prompts x n, counted before tokenizing) and `max_request_tokens` tokens ((prompt + max_tokens) x n), else
+  400. Sequences submitted and not yet finished are counted here (released by their final engine event, so a
+  client that vanishes cannot leak them); a request that would take them over `max_batch + max_queue` gets 429
+  with `Retry-After`. /health only reads counters, so it answers at once however busy the engine is.
+- Engine state: while a supervised worker restarts (`ProcessEngine.state == "restarting"`), a request waits up
+  to `restart_wait` seconds for it, then gets 503 with `Retry-After`; /health says "ok" (200), "restarting" or
+  "failed" (503), so a load balancer or orchestrator can act.
+- Browser safety (Host allow-list, Origin check, CORS) is `quark.serve.guard.BrowserGuard`, in front of it all.
+- HEAD is answered wherever GET is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import threading
@@ -31,8 +42,19 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import APIError, Job, check_model, parse_common, parse_completion_prompts, parse_json, parse_messages
+from .api import (
+    APIError,
+    Job,
+    check_budget,
+    check_model,
+    count_sequences,
+    parse_common,
+    parse_completion_prompts,
+    parse_json,
+    parse_messages,
+)
 from .engine import Engine
+from .guard import BrowserGuard, check_origin
 from .text import IncrementalDecoder, StopMatcher
 
 STATIC = Path(__file__).parent / "static"
@@ -46,12 +68,26 @@ class _Dispatcher:
         self.lock = threading.Lock()
         self.events: list = []
         self.scheduled = False
+        self.outstanding = 0  # sequences submitted whose final event has not come yet
         engine.after_step.append(self.flush)
+
+    def reserve(self, n: int, capacity: int) -> bool:
+        with self.lock:
+            if self.outstanding + n > capacity:
+                return False
+            self.outstanding += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.lock:
+            self.outstanding -= n
 
     def sink(self, queue: asyncio.Queue, k: int):
         def put(kind, value):
             with self.lock:
                 self.events.append((queue, (k, kind, value)))
+                if kind != "token":  # every sequence ends with exactly one done or error event
+                    self.outstanding -= 1
         return put
 
     def flush(self) -> None:  # engine thread
@@ -95,11 +131,24 @@ class _Choice:
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_tokens_limit: int = 1024,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The app. The engine thread is started and stopped with the app's lifespan."""
-    if not isinstance(max_tokens_limit, int) or max_tokens_limit < 1:
-        raise ValueError(f"max_tokens_limit must be an integer >= 1, got {max_tokens_limit!r}")
+               max_body_bytes: int = 1 << 20, max_request_seqs: int = 64, max_queue: int = 128,
+               max_request_tokens: int | None = None, restart_wait: float = 10.0, bound_host: str = "127.0.0.1",
+               allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The app. The engine is started and stopped with the app's lifespan. `max_request_tokens` defaults to
+    the engine's whole cache (max_batch x context length)."""
+    for name, v in (("max_tokens_limit", max_tokens_limit), ("max_request_seqs", max_request_seqs),
+                    ("max_request_tokens", max_request_tokens or 1)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not isinstance(max_queue, int) or max_queue < 0:
+        raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+    capacity = engine.max_batch + max_queue  # sequences decoding or waiting for a row
+    if max_request_seqs > capacity:
+        raise ValueError(f"max_request_seqs ({max_request_seqs}) must be at most max_batch + max_queue ({capacity}), "
+                         "or such a request could never be admitted")
+    allowed_origins = tuple(check_origin(o) for o in allowed_origins)  # a bad one is an error now, not at startup
     context = engine.context_length
+    max_request_tokens = max_request_tokens or engine.max_batch * context
     created = int(time.time())
 
     dispatcher = _Dispatcher(engine)
@@ -108,14 +157,20 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def lifespan(app):
         dispatcher.loop = asyncio.get_running_loop()
         engine.start()
+        # the ~190,000 objects of startup (torch, FastAPI) leave every full collection: a gen-2 pass over them stalled
+        # the event loop, /health included, for 753 ms under overload (186 ms after this; dev/LOG.md)
+        gc.collect()
+        gc.freeze()
         yield
         engine.stop()
 
     app = FastAPI(title="Quark", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BrowserGuard, bound_host=bound_host, allowed_hosts=allowed_hosts,
+                       allowed_origins=allowed_origins)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
@@ -153,23 +208,30 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"id": model_name, "object": "model", "created": created, "owned_by": "quark",
                 "context_length": context, "max_tokens_limit": max_tokens_limit}
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name, "context_length": context, **engine.load()}
+    get = ["GET", "HEAD"]
 
-    @app.get("/v1/models")
+    @app.api_route("/health", methods=get)
+    async def health():
+        state = engine.state
+        body = {"status": state, "model": model_name, "context_length": context, **engine.load(),
+                "in_flight": dispatcher.outstanding, "capacity": capacity}
+        if state == "ok":
+            return body
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"} if state == "restarting" else None)
+
+    @app.api_route("/v1/models", methods=get)
     async def models(request: Request):
         authorize(request)
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.api_route("/v1/models/{name:path}", methods=get)
     async def model(name: str, request: Request):
         authorize(request)
         if name != model_name:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
         return model_card()
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=get, include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html")
 
@@ -179,6 +241,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def chat_completions(request: Request):
         body = await read_body(request)
         check_model(body, model_name)
+        room_for(count_sequences(body, max_request_seqs, chat=True))
         messages = parse_messages(body)
         job = parse_common(body, [tokenizer.render_prompt(messages)], context, max_tokens_limit)
         return await run(job, request, chat=True)
@@ -187,10 +250,39 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def completions(request: Request):
         body = await read_body(request)
         check_model(body, model_name)
+        room_for(count_sequences(body, max_request_seqs, chat=False))
         job = parse_common(body, parse_completion_prompts(body, tokenizer), context, max_tokens_limit)
         return await run(job, request, chat=False)
 
+    async def engine_ready() -> None:
+        """Wait (briefly) while the engine restarts; 503 with Retry-After if it is not back in time."""
+        deadline = time.monotonic() + restart_wait
+        while engine.state == "restarting" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if engine.state != "ok":
+            raise APIError(503, f"the engine is {engine.state}; try again shortly", type_="server_error",
+                           code="engine_unavailable", retry_after=1 if engine.state == "restarting" else 10)
+
+    def busy(seqs: int) -> APIError:
+        return APIError(429, f"the server is busy: {dispatcher.outstanding} sequences are running or queued and "
+                        f"this request needs {seqs} more (room for {capacity}: --max-batch + --max-queue); "
+                        "retry after the Retry-After seconds", type_="requests", code="queue_full", retry_after=1)
+
+    def room_for(seqs: int) -> None:
+        """A full server refuses before tokenizing anything (the binding check is `admit`, just before submit)."""
+        if dispatcher.outstanding + seqs > capacity:
+            raise busy(seqs)
+
+    def admit(job: Job) -> int:
+        seqs = len(job.prompts) * job.n
+        if not dispatcher.reserve(seqs, capacity):
+            raise busy(seqs)
+        return seqs
+
     async def run(job: Job, request: Request, chat: bool):
+        check_budget(job, max_request_tokens)
+        await engine_ready()
+        seqs = admit(job)
         events: asyncio.Queue = asyncio.Queue()
         choices = []
         try:
@@ -199,11 +291,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     c = _Choice(tokenizer, job.stops)
                     c.req = engine.submit(prompt, job.params_for(i), dispatcher.sink(events, len(choices)))
                     choices.append(c)
-        except (ValueError, RuntimeError) as e:  # RuntimeError: the engine process is gone
+        except (ValueError, RuntimeError) as e:  # RuntimeError: the engine process is gone or restarting
+            dispatcher.release(seqs - len(choices))  # the submitted ones release themselves as they finish
             for c in choices:
                 engine.cancel(c.req)
             if isinstance(e, RuntimeError):
-                raise APIError(503, str(e), type_="server_error", code="engine_unavailable") from None
+                raise APIError(503, str(e), type_="server_error", code="engine_unavailable", retry_after=1) from None
             raise APIError(400, str(e)) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -317,7 +410,9 @@ class ServerThread:
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-        self.thread = threading.Thread(target=self.server.run, name="quark-uvicorn", daemon=True)
+        # serve() rather than run(): the same server, and a test may stand in for `uvicorn.Server.run` (quark serve)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), name="quark-uvicorn",
+                                       daemon=True)
 
     def __enter__(self) -> ServerThread:
         self.thread.start()

@@ -8,33 +8,56 @@ Choices:
   vLLM splits its server the same way.
 - The worker loads the model itself (`load_for_inference`, same path, device and quantization), builds an
   ordinary `Engine` and runs its `step()` loop. The parent never holds the weights.
-- One duplex pipe. Parent -> worker: ("submit", id, prompt, params), ("cancel", id), ("stop",). Worker ->
-  parent: ("ready", info) once, then one (events, load) message per engine step that produced events or changed
+- One duplex pipe. Parent -> worker: ("load",) once, then ("submit", id, prompt, params), ("cancel", id),
+  ("stop",). Worker -> parent: ("ready", info) (or ("failed", message)) once, then one (events, load) message per engine step that produced events or changed
   the load, where events are (id, kind, value) as `Engine` gives them to a sink. A reader thread in the parent
   hands each event to its request's sink, then runs `after_step` callbacks, as the in-thread engine does.
 - Requests are checked in the parent (`check_request`, the same function `Engine.submit` uses), so a bad one
   is a ValueError at once, never a round trip.
-- If the worker dies, every request in flight gets an ("error", ...) event and later submits raise
-  RuntimeError. If the parent dies, the worker sees the pipe close and exits.
+- Supervised: when the worker dies, the reader thread reaps it (no zombie), names the real cause (exit code or
+  signal), fails every request in flight with an ("error", ...) event and starts a new worker after a backoff
+  (`backoff_s`, doubling per consecutive failure). While it does, `state` is "restarting" and submits raise
+  RuntimeError; after `max_restarts` consecutive failures (a worker that ran `stable_s` resets the count) it is
+  "failed" and the `on_failed` hooks run (`quark serve` then exits non-zero, so a supervisor or orchestrator can
+  act). Counters in `load()` add up over every worker; `active`/`pending` are the live worker's only.
+- A restart takes a standby: a second worker process started in advance that has imported torch and
+  torch._dynamo (which the first module built imports lazily: ~4 of the ~8 s of a start on 2 busy cores) and
+  waits for ("load",), so recovery costs only the model load (measured in dev/LOG.md: 2.3 s, was 7.7-11 s). It holds no weights
+  (and no CUDA context) while it waits; it is replaced after each restart.
+- If the parent dies, the worker sees the pipe close and exits.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
+import os
+import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from .engine import SamplingParams, check_request
+
+log = logging.getLogger("quark.serve")
+CUMULATIVE = ("steps", "tokens", "requests", "row_steps", "errors", "busy_s")
 
 
 def _worker(conn, model_path: str, device: str, quantize: str | None, stop_ids: Sequence[int] | None,
             max_batch: int, seed: int | None) -> None:
     import torch
+    import torch._dynamo  # noqa: F401 - imported lazily by the first module built under a device context (~4 s)
 
     from ..weights import load_for_inference
     from .engine import Engine
 
+    try:  # imports done (seconds, most of a start): a standby waits here until it is needed
+        if conn.recv() != ("load",):
+            return
+    except (EOFError, OSError, KeyboardInterrupt):
+        return
     try:
         model, tokenizer = load_for_inference(model_path, device, quantize)
         stops = list(stop_ids) if stop_ids is not None else [tokenizer.im_end_id, tokenizer.eot_id]
@@ -69,8 +92,10 @@ def _worker(conn, model_path: str, device: str, quantize: str | None, stop_ids: 
                 elif msg[0] == "cancel":
                     if msg[1] in live:
                         live[msg[1]].cancel()
-                elif msg[0] == "stop":
-                    return
+                elif msg[0] == "stop":  # skip interpreter teardown (seconds with torch loaded): nothing to flush
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(0)
                 busy = True
             worked = engine.step()
             if events or (worked or not idle_sent):
@@ -79,6 +104,19 @@ def _worker(conn, model_path: str, device: str, quantize: str | None, stop_ids: 
                 idle_sent = not worked
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the parent went away
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """multiprocessing's exit code -> words: "exited with code 3", "was killed by signal 9 (SIGKILL)"."""
+    if exitcode is None:
+        return "stopped answering (still running; killed)"
+    if exitcode < 0:
+        try:
+            name = f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {-exitcode}{name}"
+    return f"exited with code {exitcode}"
 
 
 class RemoteRequest:
@@ -100,90 +138,168 @@ class RemoteRequest:
 
 
 class ProcessEngine:
-    """An `Engine` running in a child process (see the module docstring). Starts the worker and waits until the
-    model is loaded; `start()` begins delivering events, `stop()` ends the worker."""
+    """An `Engine` running in a supervised child process (see the module docstring). Starts the worker and waits
+    until the model is loaded; `start()` begins delivering events (and supervising), `stop()` ends the worker."""
 
     def __init__(self, model_path: str, device: str = "cpu", quantize: str | None = None,
                  stop_ids: Sequence[int] | None = None, max_batch: int = 32, seed: int | None = None,
-                 start_timeout: float = 600.0):
+                 start_timeout: float = 600.0, max_restarts: int = 5, backoff_s: float = 0.5,
+                 stable_s: float = 60.0):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        ctx = mp.get_context("spawn")  # never fork a process that holds threads (uvicorn, torch)
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, name="quark-engine",
-                                args=(child, str(model_path), device, quantize, stop_ids, max_batch, seed),
-                                daemon=True)
-        self.proc.start()
-        child.close()
-        if not self.conn.poll(start_timeout):
-            self.proc.kill()
-            raise RuntimeError(f"the engine process did not load {model_path} within {start_timeout:.0f} s")
-        try:
-            kind, info = self.conn.recv()
-        except EOFError:
-            raise RuntimeError(f"the engine process exited while loading {model_path} "
-                               f"(exit code {self.proc.join(5) or self.proc.exitcode})") from None
-        if kind != "ready":
-            self.proc.join(5)
-            raise RuntimeError(f"the engine process could not load {model_path}: {info}")
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an integer >= 0, got {max_restarts!r}")
+        self.model_path, self.start_timeout = str(model_path), start_timeout
+        self._args = (str(model_path), device, quantize, stop_ids, max_batch, seed)
+        self.max_batch, self.max_restarts, self.backoff_s, self.stable_s = max_batch, max_restarts, backoff_s, stable_s
+        self._standby = None  # (process, connection) of a worker that has imported torch and waits
+        self.proc, self.conn = self._launch()
+        info = self._activate(self.proc, self.conn)  # the first start is not retried: a bad model is an error now
         self.context_length, self.vocab_size = info["context_length"], info["vocab_size"]
-        self.max_batch = max_batch
         self.after_step: list[Callable[[], None]] = []
+        self.on_failed: list[Callable[[], None]] = []
         self._requests: dict[int, RemoteRequest] = {}
-        self._load = {"active": 0, "pending": 0, "max_batch": max_batch, "steps": 0, "tokens": 0, "requests": 0,
-                      "peak_batch": 0, "errors": 0, "busy_s": 0.0}
-        self._send_lock = threading.Lock()
+        self._load = self._idle_load()
+        self._totals = dict.fromkeys(CUMULATIVE, 0)
+        self._totals["busy_s"] = 0.0
+        self._lock = threading.Lock()  # state, conn and _requests change together
         self._reader: threading.Thread | None = None
-        self.dead: str | None = None
+        self._stopping = threading.Event()
+        self._started_at = time.monotonic()
+        self._failures = 0  # consecutive failed workers
+        self.state = "ok"  # "ok" | "restarting" | "failed"
+        self.restarts = 0
+        self.last_exit: str | None = None
+
+    def _idle_load(self) -> dict:
+        return {"active": 0, "pending": 0, "max_batch": self.max_batch, "steps": 0, "tokens": 0, "requests": 0,
+                "peak_batch": 0, "row_steps": 0, "errors": 0, "busy_s": 0.0}
+
+    def _launch(self):
+        """Start a worker process, which imports what it needs and waits for ("load",): (process, connection)."""
+        ctx = mp.get_context("spawn")  # never fork a process that holds threads (uvicorn, torch)
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, name="quark-engine", args=(child, *self._args), daemon=True)
+        proc.start()
+        child.close()
+        return proc, conn
+
+    def _activate(self, proc, conn) -> dict:
+        """Tell a launched worker to load the model and wait until it has: its info; RuntimeError if it cannot."""
+        path = self.model_path
+        try:
+            conn.send(("load",))
+        except (BrokenPipeError, OSError):
+            pass  # it is gone: recv below says how
+        if not conn.poll(self.start_timeout):
+            proc.kill()
+            proc.join(5)
+            conn.close()
+            raise RuntimeError(f"the engine process did not load {path} within {self.start_timeout:.0f} s")
+        try:
+            kind, info = conn.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            conn.close()
+            raise RuntimeError(f"the engine process {describe_exit(proc.exitcode)} while loading {path}") from None
+        if kind != "ready":
+            proc.join(5)
+            conn.close()
+            raise RuntimeError(f"the engine process could not load {path}: {info}")
+        return info
+
+    def _prepare_standby(self) -> None:
+        if self.max_restarts > 0 and self._standby is None and not self._stopping.is_set():
+            self._standby = self._launch()
+
+    def _drop_standby(self) -> None:
+        if self._standby is not None:
+            proc, conn = self._standby
+            self._standby = None
+            conn.close()
+            proc.kill()  # it holds nothing yet, and may be busy importing for seconds
+            proc.join(5)
 
     def _send(self, msg) -> None:
-        with self._send_lock:
-            if self.dead is None:
+        with self._lock:
+            if self.state == "ok":
                 try:
                     self.conn.send(msg)
                 except (BrokenPipeError, OSError):
-                    self.dead = "the engine process is gone"
+                    pass  # the worker is gone: the reader sees the pipe close and fails what is in flight
 
     def submit(self, prompt: Sequence[int], params: SamplingParams,
                sink: Callable[[str, object], None]) -> RemoteRequest:
-        """Queue a prompt; ValueError if it cannot run, RuntimeError if the engine process has died."""
+        """Queue a prompt; ValueError if it cannot run, RuntimeError while the engine is restarting or failed."""
         check_request(prompt, params, self.vocab_size, self.context_length)
-        if self.dead is not None:
-            raise RuntimeError(f"the engine is not running: {self.dead}")
         req = RemoteRequest(self, prompt, params, sink)
-        self._requests[req.id] = req
-        self._send(("submit", req.id, req.prompt, params))
+        with self._lock:
+            if self.state != "ok":
+                raise RuntimeError(f"the engine is {self.state}: the engine process {self.last_exit}")
+            self._requests[req.id] = req
+            try:
+                self.conn.send(("submit", req.id, req.prompt, params))
+            except (BrokenPipeError, OSError):
+                pass  # as in _send: failed by the reader with the real cause
         return req
 
     def cancel(self, req: RemoteRequest) -> None:
         req.cancel()
 
     def load(self) -> dict:
-        return dict(self._load)
+        """The live worker's active/pending rows; counters summed over every worker this engine has run."""
+        live = dict(self._load)
+        for k in CUMULATIVE:
+            live[k] = live.get(k, 0) + self._totals[k]
+        return {**live, "restarts": self.restarts, "last_exit": self.last_exit, "worker_pid": self.proc.pid}
 
     def start(self) -> ProcessEngine:
         if self._reader is None:
-            self._reader = threading.Thread(target=self._read, name="quark-engine-reader", daemon=True)
+            self._reader = threading.Thread(target=self._supervise, name="quark-engine-reader", daemon=True)
             self._reader.start()
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._send(("stop",))
         self.proc.join(10)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
-        self.dead = self.dead or "stopped"
+        if self.state == "ok":
+            self.state = "stopped"
+        self.conn.close()
         if self._reader is not None:
-            self._reader.join(5)
+            self._reader.join(15)
             self._reader = None
+        self._drop_standby()
 
-    def _read(self) -> None:
+    def _supervise(self) -> None:
+        """The reader thread: deliver events until the worker dies, then reap it and restart it (or give up)."""
+        self._prepare_standby()
+        while True:
+            self._read(self.conn)
+            if self._stopping.is_set():
+                break
+            self.proc.join(5)  # reap it: no zombie, and the real exit code
+            if self.proc.is_alive():  # the pipe closed but the process hangs on
+                self.proc.kill()
+                self.proc.join(5)
+            cause = describe_exit(self.proc.exitcode)
+            if time.monotonic() - self._started_at >= self.stable_s:
+                self._failures = 0
+            self._fail_in_flight(cause)
+            if not self._restart(cause):
+                break
+        with self._lock:
+            self._fail_in_flight_locked(self.last_exit or "stopped")
+
+    def _read(self, conn) -> None:
         while True:
             try:
-                events, load = self.conn.recv()
+                events, load = conn.recv()
             except (EOFError, OSError):
-                break
+                return
             self._load = load
             for rid, kind, value in events:
                 req = self._requests.get(rid)
@@ -191,15 +307,65 @@ class ProcessEngine:
                     continue
                 if kind != "token":
                     req.finish_reason = value if kind == "done" else "error"
-                    del self._requests[rid]
+                    self._requests.pop(rid, None)
                 req.sink(kind, value)
             for hook in self.after_step:
                 hook()
-        if self.dead is None:
-            self.dead = f"the engine process exited (exit code {self.proc.exitcode})"
-        for req in list(self._requests.values()):
+
+    def _fail_in_flight(self, cause: str) -> None:
+        with self._lock:
+            self.state, self.last_exit = "restarting", cause
+            for k in CUMULATIVE:
+                self._totals[k] += self._load.get(k, 0)
+            self._load = {**self._idle_load(), "peak_batch": self._load.get("peak_batch", 0)}
+            self._fail_in_flight_locked(cause)
+
+    def _fail_in_flight_locked(self, cause: str) -> None:
+        failed, self._requests = list(self._requests.values()), {}
+        for req in failed:
             req.finish_reason = "error"
-            req.sink("error", self.dead)
-        self._requests.clear()
-        for hook in self.after_step:
-            hook()
+            req.sink("error", f"the engine process {cause}")
+        if failed:
+            for hook in self.after_step:
+                hook()
+
+    def _restart(self, cause: str) -> bool:
+        """Start a new worker after a backoff; False (state "failed", `on_failed` run) once the budget is spent."""
+        while not self._stopping.is_set():
+            if self._failures >= self.max_restarts:
+                self.state = "failed"
+                log.error("quark serve: the engine process %s; giving up after %d restart(s) in a row",
+                          cause, self._failures)
+                for hook in self.on_failed:
+                    hook()
+                return False
+            delay = self.backoff_s * 2 ** self._failures
+            self._failures += 1
+            log.warning("quark serve: the engine process (pid %s) %s; restarting it in %.1f s (attempt %d of %d)",
+                        self.proc.pid, cause, delay, self._failures, self.max_restarts)
+            if self._stopping.wait(delay):
+                break
+            proc, conn = self._standby if self._standby and self._standby[0].is_alive() else self._launch()
+            if self._standby is not None and self._standby[0] is not proc:
+                self._drop_standby()  # it died while it waited
+            self._standby = None
+            try:
+                self._activate(proc, conn)
+            except RuntimeError as e:
+                cause = str(e).removeprefix("the engine process ")
+                self.last_exit = cause
+                continue
+            if self._stopping.is_set():  # stop() came while this one loaded
+                proc.kill()
+                proc.join(5)
+                conn.close()
+                break
+            with self._lock:
+                self.conn.close()
+                self.proc, self.conn, self.state = proc, conn, "ok"
+                self.restarts += 1
+                self._started_at = time.monotonic()
+            log.warning("quark serve: the engine process is back (pid %s)", proc.pid)
+            self._prepare_standby()
+            return True
+        return False
