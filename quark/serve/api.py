@@ -22,9 +22,11 @@ import math
 import re
 from dataclasses import dataclass
 
+from ..sampling import RECOMMENDED
 from .engine import SamplingParams
 
-DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.15}
+DEFAULTS = {"temperature": RECOMMENDED["temperature"], "top_p": RECOMMENDED["top_p"],
+            "repetition_penalty": RECOMMENDED["rep_penalty"]}
 MAX_N = 16
 MAX_STOPS = 4
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..fast import decoder_for, supports_fast
 from ..model import KVCache
-from ..sampling import check_sampling_args, sample_next
+from ..sampling import RECOMMENDED, check_sampling_args, sample_next
 
 
 def rep_penalty_ids(logits: torch.Tensor, ids: torch.Tensor, rep_penalty: float) -> torch.Tensor:
@@ -114,10 +114,11 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 200
-    temperature: float = 0.2
-    top_p: float = 0.9
-    rep_penalty: float = 1.15
+    """One request's sampling; the defaults are the card's recommended settings (`quark.sampling.RECOMMENDED`)."""
+    max_new_tokens: int = RECOMMENDED["max_new_tokens"]
+    temperature: float = RECOMMENDED["temperature"]
+    top_p: float = RECOMMENDED["top_p"]
+    rep_penalty: float = RECOMMENDED["rep_penalty"]
     seed: int | None = None
 
     def check(self) -> None:
