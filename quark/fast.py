@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Quark
-from .quantize import Int8Embedding, Int8Linear, int8_linear
+from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_kernel, int8_linear
 
 
 def fast_enabled() -> bool:
@@ -50,6 +50,8 @@ def _sources(mods: list[nn.Module]) -> list[torch.Tensor]:
         out.append(m.weight)
         if isinstance(m, Int8Linear):
             out.append(m.scale)
+        elif isinstance(m, Int4Linear):
+            out.append(m.scales_and_zeros)
     return out
 
 
@@ -60,16 +62,25 @@ class FusedLinear:
 
     def __init__(self, mods: list[nn.Module], transposed: bool = False):
         self.mods = mods
-        kinds = {isinstance(m, Int8Linear) for m in mods}
-        if len(kinds) != 1 or not all(isinstance(m, (nn.Linear, Int8Linear)) for m in mods):
-            raise TypeError("FusedLinear needs modules that are all nn.Linear or all Int8Linear")
-        self.int8 = kinds == {True}
-        self.transposed = transposed and not self.int8
+        kinds = {type(m) for m in mods}
+        if len(kinds) != 1 or not all(isinstance(m, (nn.Linear, Int8Linear, Int4Linear)) for m in mods):
+            raise TypeError("FusedLinear needs modules that are all nn.Linear, all Int8Linear or all Int4Linear")
+        self.int8, self.int4 = isinstance(mods[0], Int8Linear), isinstance(mods[0], Int4Linear)
+        self.transposed = transposed and not (self.int8 or self.int4)
         self.split = [m.weight.shape[0] for m in mods]
         self._build()
 
     def _build(self):
         mods = self.mods
+        if self.int4:  # plain nibbles concatenated, then packed once for the kernel (its packing mixes rows)
+            if len(mods) == 1:
+                self.weight, self.sz, self.packed = mods[0].qweight, mods[0].scales_and_zeros, mods[0].packed
+            else:
+                self.weight = torch.cat([m.qweight for m in mods])
+                self.sz = torch.cat([m.scales_and_zeros for m in mods], dim=1)
+                self.packed = int4_pack_for_kernel(self.weight)
+            self.signature = self._signature()
+            return
         if len(mods) == 1:
             self.weight = mods[0].weight.detach()
             self.scale = mods[0].scale if self.int8 else None
@@ -89,7 +100,7 @@ class FusedLinear:
         sig = self._signature()
         if sig == self.signature:
             return True
-        if [s[0::2] for s in sig] != [s[0::2] for s in self.signature]:
+        if [s[0::2] for s in sig] != [s[0::2] for s in self.signature] or self.int4:
             return False
         with torch.no_grad():
             if self.transposed:
@@ -104,6 +115,8 @@ class FusedLinear:
         return True
 
     def __call__(self, x):
+        if self.int4:
+            return int4_linear(x, self.weight, self.sz, self.packed)
         if self.int8:
             return int8_linear(x, self.weight, self.scale, self.scale_bf16)
         return x @ self.weight if self.transposed else F.linear(x, self.weight)

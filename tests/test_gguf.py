@@ -118,6 +118,50 @@ def test_permutation_maps_half_split_rope_to_llama_cpp_rope():
     torch.testing.assert_close(back, ours, rtol=1e-5, atol=1e-5)  # quark's tables are fp32
 
 
+def _q8_0_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's q8_0 from its definition: blocks of 32 along a row, d = max|x| / 127 (stored f16), q = round(x / d)."""
+    b = x.reshape(-1, 32).astype(np.float32)
+    d = np.abs(b).max(axis=1, keepdims=True) / 127
+    q = np.round(np.divide(b, d, out=np.zeros_like(b), where=d > 0))
+    return d.astype(np.float16).ravel(), q.astype(np.int8)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_quantized_export_types_and_blocks(checkpoint, tmp_path, quant):
+    model, folder = checkpoint
+    r = gguf.GGUFReader(str(export_gguf(folder, tmp_path / f"{quant}.gguf", quant=quant)))
+    T = gguf.GGMLQuantizationType
+    kinds = {t.name: t.tensor_type for t in r.tensors}
+    mat = T.Q8_0 if quant == "q8_0" else T.Q4_0
+    assert kinds["blk.0.ffn_down.weight"] == mat and kinds["blk.1.attn_q.weight"] == mat
+    assert kinds["token_embd.weight"] == T.Q8_0  # q4_0 too: it is also the (tied) output matrix
+    assert kinds["output_norm.weight"] == T.F32
+    assert _field(r, "general.file_type") == (7 if quant == "q8_0" else 2)  # LlamaFileType MOSTLY_Q8_0 / Q4_0
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")
+    w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    deq = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(w.shape)
+    if quant == "q8_0":  # the bytes: per block an f16 scale then 32 int8, as ggml defines them
+        raw = np.array(t.data).reshape(-1, 34)
+        d, q = _q8_0_reference(w)
+        np.testing.assert_array_equal(raw[:, :2].copy().view(np.float16).ravel(), d)
+        np.testing.assert_array_equal(raw[:, 2:].view(np.int8), q)
+    step = np.abs(w.reshape(-1, 32)).max(1, keepdims=True) / (127 if quant == "q8_0" else 8)
+    # q8_0: half a step, plus 127 times the f16 rounding of the scale; q4_0's [-8, 7] may clip the far end: 1 step
+    bound = step * (0.5 + 127 * 2.0**-11 if quant == "q8_0" else 1 + 8 * 2.0**-11)
+    assert (np.abs(deq - w).reshape(-1, 32) <= bound).all()
+
+
+def test_quantized_export_keeps_short_rows_f16_and_amx_safe_bf16():
+    from quark.hf.gguf_export import tensor_type
+
+    T = gguf.GGMLQuantizationType
+    assert tensor_type("blk.0.ffn_down.weight", (256, 688), "f32", "q8_0") == T.F16  # 688 % 32: llama.cpp's rule
+    assert tensor_type("blk.0.ffn_down.weight", (512, 1344), "f32", "q8_0") == T.Q8_0
+    assert tensor_type("blk.0.ffn_down.weight", (512, 1344), "f32", "q8_0", amx_safe=True) == T.BF16
+    assert tensor_type("blk.0.ffn_up.weight", (1344, 512), "f32", "q4_0", amx_safe=True) == T.Q4_0
+    assert tensor_type("blk.0.attn_norm.weight", (512,), "f16", "q4_0") == T.F32
+
+
 def test_bad_output_names_the_problem(checkpoint, gguf_file):
     _, folder = checkpoint
     with pytest.raises(ValueError, match=r"ending in \.gguf"):
@@ -126,6 +170,8 @@ def test_bad_output_names_the_problem(checkpoint, gguf_file):
         export_gguf(folder, gguf_file)
     with pytest.raises(ValueError, match="allowed values are f32, f16"):
         export_gguf(folder, gguf_file.with_name("x.gguf"), dtype="q4")
+    with pytest.raises(ValueError, match="allowed values are q8_0, q4_0"):
+        export_gguf(folder, gguf_file.with_name("x.gguf"), quant="q5_k")
 
 
 def test_cli_gguf(checkpoint, tmp_path):
@@ -134,6 +180,10 @@ def test_cli_gguf(checkpoint, tmp_path):
     assert main(["export", "--format", "gguf", "--checkpoint", str(checkpoint[1]), "--out",
                  str(tmp_path / "m.gguf")]) == 0
     assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.architecture"].contents() == "llama"
+    assert main(["export", "--format", "gguf", "--quant", "q4_0", "--checkpoint", str(checkpoint[1]), "--out",
+                 str(tmp_path / "q.gguf")]) == 0
+    assert _field(gguf.GGUFReader(str(tmp_path / "q.gguf")), "general.file_type") == 2
+    assert main(["export", "--quant", "q4_0", "--checkpoint", str(checkpoint[1]), "--out", str(tmp_path / "h")]) == 2
 
 
 @pytest.mark.slow
