@@ -23,6 +23,7 @@ Choices:
   uses; eagerly (CPU) the per-row step runs only the b live rows and attends over the filled slots only.
   `decoder_for` hands out one cached decoder per (batch, length) bucket and marks it `busy` while a generation
   owns it; a concurrent caller gets a fresh eager one. On CPU a batched decoder gets (in, out) weights.
+- CPU decode steps run under quark.cpu_settings' thread tuner (QUARK_THREADS=N pins the count instead).
 - `QUARK_FAST=0` disables the fast path everywhere; `QUARK_COMPILE=0` keeps CUDA graphs but skips torch.compile.
 """
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_settings import step_runner
 from .model import Quark
 from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_kernel, int8_linear
 
@@ -188,6 +190,8 @@ class FastDecoder:
         self.use_graph, self.use_compile = use_graph, use_compile
         self.graph = None
         self.busy = False  # set by generate while a generation owns this decoder
+        # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
+        self.runner = step_runner() if self.device.type == "cpu" else None
         self._prefill_fn = self._prefill
         if use_graph:
             self.slots = torch.arange(max_len, device=self.device)
@@ -283,7 +287,8 @@ class FastDecoder:
             if self.use_graph:
                 self.static_pos[:b].copy_(pos)
                 return self._graph_step(tok)[:b]
-            return self._step_static(tok, pos, n_keys=int(pos.max()) + 1)  # rows 0..b-1, filled slots only
+            n_keys = int(pos.max()) + 1
+            return self._run(lambda: self._step_static(tok, pos, n_keys=n_keys))  # rows 0..b-1, filled slots only
         if self.pos >= self.max_len:
             raise ValueError(f"decoder cache is full ({self.max_len} slots)")
         if self.use_graph:
@@ -292,9 +297,12 @@ class FastDecoder:
         else:
             if b < self.B:
                 tok = torch.cat([tok, tok.new_zeros(self.B - b)])
-            out = self._step_eager(tok, self.pos)
+            out = self._run(lambda: self._step_eager(tok, self.pos))
         self.pos += 1
         return out[:b]
+
+    def _run(self, step):
+        return step() if self.runner is None else self.runner.run(step)
 
     def _attend_block(self, i, x, cos, sin, write, attend):
         B = x.shape[0]
