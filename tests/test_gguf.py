@@ -218,6 +218,32 @@ def test_llama_cpp_generates_our_greedy_tokens(gguf_file, checkpoint, tiny_token
         llm.close()
 
 
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """The test preset trained for a few seconds on stdlib sources (not textwrap.py, the held-out text)."""
+    import sysconfig
+    from pathlib import Path
+
+    files = [p for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40] if p.name != "textwrap.py"]
+    ids = torch.tensor([t for p in files for t in tiny_tokenizer.encode(p.read_text(errors="replace"))])
+    torch.manual_seed(0)
+    model = Quark(PRESETS["test"]).init_weights(seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, ids.numel() - 65, (16,), generator=g)
+        x = torch.stack([ids[s:s + 65] for s in starts.tolist()])
+        loss = model.loss(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    folder = tmp_path_factory.mktemp("trained") / "m"
+    save_model(model, folder)
+    tiny_tokenizer.save(folder)
+    return model, folder
+
+
 def _dequantized_copy(model, path):
     """Our model with every weight replaced by what the GGUF file holds, dequantized (q/k rows un-permuted)."""
     import copy
@@ -245,18 +271,24 @@ def _ppl(logits: torch.Tensor, ids: list[int]) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
-def test_llama_cpp_runs_our_quantized_exports(checkpoint, tiny_tokenizer, tmp_path, quant):
-    """llama.cpp loads `--quant q8_0|q4_0` exports; on real text (stdlib source) its top-1 agrees with our fp32
-    logits on >= 95% of positions, and its perplexity is that of our model running the file's dequantized weights
-    (the quantization cost we measure ourselves) within 2%. The model is the random test preset with init_std=0.3
-    (peaked logits like a trained model's): CI has no trained checkpoint; dev/LOG.md has the trained tiny model."""
+@pytest.mark.parametrize("quant,amx_safe", [("q8_0", False), ("q4_0", False), ("q8_0", True)])
+def test_llama_cpp_runs_our_quantized_exports(trained_checkpoint, tiny_tokenizer, tmp_path, quant, amx_safe):
+    """llama.cpp loads `--quant q8_0|q4_0` exports and, on held-out real text (a stdlib module), computes what the
+    file holds: its top-1 agrees with our model running the file's dequantized weights on >= 95% of positions and
+    its perplexity equals that model's (the quantization cost we measure ourselves) within 2%. q8_0 also agrees
+    with our fp32 logits on >= 95%; q4_0 of a d_model=64 model does not (2 blocks per row: its own cost, printed;
+    the speedrun model's figures are in dev/LOG.md). The model is the test preset trained for a few seconds on
+    stdlib sources: a random one has no real top-1 to agree on. With amx_safe every matrix here (rows of 64 or 128)
+    is bf16, which llama.cpp must load and run too."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the `llamacpp` extra)")
     import sysconfig
     from pathlib import Path
 
-    model, folder = checkpoint
-    path = export_gguf(folder, tmp_path / f"{quant}.gguf", quant=quant)
+    model, folder = trained_checkpoint
+    path = export_gguf(folder, tmp_path / f"{quant}.gguf", quant=quant, amx_safe=amx_safe)
+    if amx_safe:
+        kinds = {t.tensor_type for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.")}
+        assert kinds == {gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32}
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:4000]
     ids = tiny_tokenizer.encode(text)[:model.config.context_length]
     with torch.no_grad():
@@ -271,8 +303,10 @@ def test_llama_cpp_runs_our_quantized_exports(checkpoint, tiny_tokenizer, tmp_pa
     finally:
         llm.close()
     agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    agree_deq = (theirs.argmax(-1) == deq.argmax(-1)).float().mean().item()
     p32, pdeq, pll = _ppl(ours, ids), _ppl(deq, ids), _ppl(theirs, ids)
-    print(f"{quant}: top-1 agreement {agree:.3f}; perplexity fp32 {p32:.3f}, our dequantized {pdeq:.3f}, "
-          f"llama.cpp {pll:.3f}")
-    assert agree >= 0.95
-    assert abs(pll / pdeq - 1) < 0.02
+    print(f"{quant}: llama.cpp top-1 agreement with our fp32 {agree:.3f}, with our dequantized {agree_deq:.3f}; "
+          f"perplexity fp32 {p32:.3f}, our dequantized {pdeq:.3f}, llama.cpp {pll:.3f}")
+    assert agree_deq >= 0.95 and abs(pll / pdeq - 1) < 0.02
+    if quant == "q8_0":
+        assert agree >= 0.95
