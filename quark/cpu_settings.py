@@ -16,8 +16,10 @@ Choices:
   candidate count (all cores, half, one), take the median of each probe (its first step, which wakes sleeping
   workers, is dropped) and run the fastest until the next probe. A probe the winner beats by 2x or more is
   repeated less often (up to every `MAX_INTERVAL` steps), so a loaded machine does not pay for probing
-  all-cores often; any change of winner resets the interval. The count is restored after each step, so prefill
-  and other work keep torch's setting.
+  all-cores often; any change of winner resets the interval. A sample is the time from one step's start to the
+  next's, so the sampling and the caller's work between steps (which run at the same count: torch's count is
+  left set between steps) are measured too; `release()` restores the count the runner found (the decoder calls it
+  before a prefill and when a generation lets it go).
 - `QUARK_THREADS`: unset or "auto" tunes; an integer N pins decode steps to N threads (what tests and
   benchmarks use to compare fixed settings).
 """
@@ -55,7 +57,8 @@ class ThreadTuner:
     """Runs decode steps at the thread count measured fastest lately (see the module docstring)."""
 
     def __init__(self, max_threads: int | None = None, clock: Callable[[], float] = time.perf_counter):
-        self.cands = candidates(max_threads or torch.get_num_threads())
+        self.restore_to = torch.get_num_threads()
+        self.cands = candidates(max_threads or self.restore_to)
         self.clock = clock
         self.median: dict[int, float] = {}
         self.samples: list[float] = []
@@ -63,17 +66,22 @@ class ThreadTuner:
         self.queue = self.cands[1:]  # still to probe in this round
         self.probing = True
         self.interval, self.until_probe = FIRST_INTERVAL, 0
+        self.last: float | None = None  # when the previous step started
 
     def run(self, step: Callable[[], T]) -> T:
-        """Run one decode step at the chosen count, time it, update the choice; torch's count is restored."""
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.current)
-        t0 = self.clock()
-        try:
-            return step()
-        finally:
-            self._record(self.clock() - t0)
-            torch.set_num_threads(before)
+        """Run one decode step at the chosen count (left set for what follows until the next step)."""
+        now = self.clock()
+        if self.last is not None:
+            self._record(now - self.last)
+        self.last = now
+        if torch.get_num_threads() != self.current:
+            torch.set_num_threads(self.current)
+        return step()
+
+    def release(self) -> None:
+        """Back to the count found at creation; the next step starts a new interval."""
+        self.last = None
+        torch.set_num_threads(self.restore_to)
 
     def _record(self, dt: float) -> None:
         self.samples.append(dt)
@@ -111,18 +119,18 @@ def _median(xs: list[float]) -> float:
 
 
 class Pinned:
-    """Decode steps at a fixed thread count (QUARK_THREADS=N); torch's count is restored after each step."""
+    """Decode steps at a fixed thread count (QUARK_THREADS=N); `release()` restores the count found at creation."""
 
     def __init__(self, n: int):
-        self.n = n
+        self.n, self.restore_to = n, torch.get_num_threads()
 
     def run(self, step: Callable[[], T]) -> T:
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-        try:
-            return step()
-        finally:
-            torch.set_num_threads(before)
+        if torch.get_num_threads() != self.n:
+            torch.set_num_threads(self.n)
+        return step()
+
+    def release(self) -> None:
+        torch.set_num_threads(self.restore_to)
 
 
 def step_runner() -> ThreadTuner | Pinned | None:

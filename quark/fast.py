@@ -189,9 +189,9 @@ class FastDecoder:
         self.pos = 0
         self.use_graph, self.use_compile = use_graph, use_compile
         self.graph = None
-        self.busy = False  # set by generate while a generation owns this decoder
         # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
         self.runner = step_runner() if self.device.type == "cpu" else None
+        self.busy = False  # set by generate while a generation owns this decoder
         self._prefill_fn = self._prefill
         if use_graph:
             self.slots = torch.arange(max_len, device=self.device)
@@ -200,6 +200,16 @@ class FastDecoder:
             self.rows = torch.arange(batch_size, device=self.device)
             if use_compile:
                 self._prefill_fn = torch.compile(self._prefill, dynamic=True)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        self._busy = value
+        if not value and self.runner is not None:  # a generation let go: torch's thread count as it found it
+            self.runner.release()
 
     # ---- prefill ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -221,6 +231,8 @@ class FastDecoder:
             causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
             mask = (causal & self.key_mask[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=self.device)
             mask = mask[:, None]  # (B, 1, T, T); a pad query sees itself so no row is empty
+        if self.runner is not None:
+            self.runner.release()  # prefill at torch's own count
         logits = self._run_prefill(idx, mask, None)
         self.pos = T
         return logits[:b]
@@ -236,6 +248,8 @@ class FastDecoder:
             raise ValueError(f"prefill of {m}x{T} into rows {start}.. does not fit a decoder of "
                              f"{self.B}x{self.max_len}")
         self.key_mask[start:start + m].fill_(True)
+        if self.runner is not None:
+            self.runner.release()
         return self._run_prefill(idx, None, start, None if lengths is None else lengths - 1)
 
     def move_row(self, src: int, dst: int, length: int) -> None:

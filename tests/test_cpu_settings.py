@@ -50,7 +50,8 @@ def test_tuner_settles_follows_contention_and_backs_off(two_threads):
     tuner = ThreadTuner(2, clock=m.clock)
     for _ in range(200):
         assert tuner.run(m.step) in (1, 2)
-        assert torch.get_num_threads() == 2  # restored after every step
+    tuner.release()
+    assert torch.get_num_threads() == 2  # the count it found
     assert tuner.best == 2 and m.seen[-40:].count(2) >= 36
     assert tuner.interval == FIRST_INTERVAL  # 1.6x slower: not clearly beaten, probed at the first interval
     m.cost = {2: 4.0, 1: 1.0}  # a competing process holds a core: spinning workers collapse
@@ -66,7 +67,10 @@ def test_tuner_settles_follows_contention_and_backs_off(two_threads):
 
 def test_pinned_restores_count(two_threads):
     m = FakeMachine({1: 1.0, 2: 1.0})
-    assert Pinned(1).run(m.step) == 1 and torch.get_num_threads() == 2
+    p = Pinned(1)
+    assert p.run(m.step) == 1
+    p.release()
+    assert torch.get_num_threads() == 2
 
 
 def test_tuned_and_pinned_decoding_give_the_same_tokens(monkeypatch, two_threads):
@@ -77,5 +81,6 @@ def test_tuned_and_pinned_decoding_give_the_same_tokens(monkeypatch, two_threads
         monkeypatch.setenv("QUARK_THREADS", setting)
         out[setting] = generate(model, prompts, max_new_tokens=40, temperature=0.0)
         out[setting + " one row"] = generate(model, prompts[:1], max_new_tokens=40, temperature=0.0)
+    assert torch.get_num_threads() == 2  # a finished generation leaves torch's count as it was
     assert out["1"] == out["2"] == out["auto"]
     assert out["1 one row"] == out["2 one row"] == out["auto one row"] == out["1"][:1]
