@@ -13,8 +13,8 @@ prompt included, as a user sees it.
 - Out of the box: ours = no settings (libgomp's default wait policy; decode threads tuned at run time by
   quark/cpu_settings.py, as `quark chat`, `quark serve` and the Python API run); llama.cpp = llama-cpp-python's
   `Llama()` thread defaults (n_threads = cores // 2, n_threads_batch = cores), its other defaults as they are.
-- At its best: each tool over threads {1, all cores} and OMP_WAIT_POLICY {unset, ACTIVE} (both link libgomp);
-  the fastest setting is shown with its figure.
+- At its best: each tool over threads {auto, 1, all cores} and OMP_WAIT_POLICY {unset, ACTIVE} (`--policies`;
+  both link libgomp); the fastest setting is shown with its figure.
 - Phases: idle, and shared (a competing CPU-bound process spins on one core the whole phase).
 The header prints the CPU model, core count and load average; the first greedy tokens of each pair are compared.
 """
@@ -206,7 +206,7 @@ def measure(args, folder: Path, ggufs: dict[str, Path]) -> dict:
         try:
             for r in range(args.rounds):
                 for ours in args.precisions:
-                    for policy in POLICIES:
+                    for policy in args.policies:
                         jobs = [("ours", {**base, "model": str(folder), "precision": ours}),
                                 ("llama.cpp", {**base, "gguf": str(ggufs[PAIRS[ours]])})]
                         for tool, spec in (jobs if r % 2 == 0 else jobs[::-1]):
@@ -273,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,int8,int4")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--phases", default="idle,shared")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="OMP_WAIT_POLICY values for the best-of grid")
     ap.add_argument("--worker", choices=("ours", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -283,7 +284,9 @@ def main(argv=None) -> int:
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.phases = [p for p in args.phases.split(",") if p]
+    args.policies = [p for p in args.policies.split(",") if p]
     bad = [p for p in args.precisions if p not in PAIRS] + [p for p in args.phases if p not in ("idle", "shared")]
+    bad += [p for p in args.policies if p not in ("unset", "ACTIVE", "PASSIVE")]
     if bad:
         raise SystemExit(f"unknown precision/phase {bad}; allowed: {', '.join(PAIRS)} / idle, shared")
     work = Path(args.work)
@@ -297,7 +300,7 @@ def main(argv=None) -> int:
     print("\n".join(table(results, args)))
     print(f"\n# {time.time() - t0:.0f} s; load average after: {os.getloadavg()[0]:.2f}. Out of the box: ours unset "
           "policy + run-time thread tuner; llama.cpp: llama-cpp-python's Llama() threads (cores // 2). Best: over "
-          "threads {1, all} x OMP_WAIT_POLICY {unset, ACTIVE}.")
+          f"threads {{auto, 1, all}} x OMP_WAIT_POLICY {{{', '.join(args.policies)}}}.")
     for phase, res in results.items():
         for ours in args.precisions:
             a, b = res.get(("ours", ours, "unset t=auto", "b1")), res.get(("llama.cpp", ours, "unset t=auto", "b1"))

@@ -22,7 +22,7 @@ Choices:
   keeps the rows compact. The static step always takes per-row slots, so the same captured graph serves both
   uses; eagerly (CPU) the per-row step runs only the b live rows and attends over the filled slots only.
   `decoder_for` hands out one cached decoder per (batch, length) bucket and marks it `busy` while a generation
-  owns it; a concurrent caller gets a fresh eager one. On CPU a batched decoder gets (in, out) weights.
+  owns it; a concurrent caller gets a fresh eager one. On CPU decoders get (in, out) weights.
 - CPU decode steps run under quark.cpu_settings' thread tuner (QUARK_THREADS=N pins the count instead).
 - `QUARK_FAST=0` disables the fast path everywhere; `QUARK_COMPILE=0` keeps CUDA graphs but skips torch.compile.
 """
@@ -444,9 +444,9 @@ def supports_fast(model) -> bool:
 
 def decoder_for(model, batch_size: int, max_len: int) -> FastDecoder:
     """A FastDecoder for `model` with room for `batch_size` rows and `max_len` slots (reused on CUDA).
-    On CPU a batched decoder gets (in, out) weights (see FusedLinear; built once per model, on first use); a
-    single row keeps the Linear layout, which is as fast there and faster under a passive OpenMP wait policy."""
-    transposed = model.device.type != "cuda" and batch_size > 1
+    On CPU decoders get (in, out) weights (see FusedLinear; built once per model, on first use): at one row too,
+    `x @ W` ran 1.5x the tokens/s of `F.linear` on an AMD EPYC, one thread (dev/LOG.md, 2026-12-02)."""
+    transposed = model.device.type != "cuda"
     entry = _REGISTRY.get(model)
     if entry is None:
         entry = _REGISTRY[model] = {"weights": {}, "decoders": {}}  # weights by layout (transposed or not)
