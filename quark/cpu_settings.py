@@ -13,8 +13,11 @@ Choices:
   llama.cpp (llama-cpp-python's build also uses libgomp) opens one parallel region per token with barriers
   between ops, so it meets the same trade-off; by default llama-cpp-python uses half the cores (1 of 2 here).
 - `ThreadTuner` (spin-then-settle at the level of thread counts): decode steps alternate short probes of each
-  candidate count (all cores, half, one), take the median of each probe (its first step, which wakes sleeping
-  workers, is dropped) and run the fastest until the next probe. A probe the winner beats by 2x or more is
+  candidate count (one, half, all cores), take the median of each probe (its first step, which wakes sleeping
+  workers, is dropped) and run the fastest until the next probe. One thread goes first and sets the reference: a
+  probe step 3x slower than the best so far ends that probe at once (two spinning threads on a shared core can be
+  10x slower, and a chat turn is a few hundred steps). The tuner is kept per model (quark/fast.py), so later
+  generations start from what earlier ones learned. A probe the winner beats by 2x or more is
   repeated less often (up to every `MAX_INTERVAL` steps), so a loaded machine does not pay for probing
   all-cores often; any change of winner resets the interval. A sample is the time from one step's start to the
   next's, so the sampling and the caller's work between steps (which run at the same count: torch's count is
@@ -49,8 +52,8 @@ def threads_setting() -> int | None:
 
 
 def candidates(max_threads: int) -> list[int]:
-    """All cores first (the usual winner on an idle machine), then half, then one."""
-    return sorted({max_threads, max(1, max_threads // 2), 1}, reverse=True)
+    """One thread first (the safe reference), then half the cores, then all."""
+    return sorted({max_threads, max(1, max_threads // 2), 1})
 
 
 class ThreadTuner:
@@ -95,6 +98,9 @@ class ThreadTuner:
             self._next(self.queue.pop(0))
             self.probing = True
             return
+        ref = min(self.median.values(), default=None)
+        if ref is not None and dt > 3 * ref:  # clearly losing: end this probe now
+            self.samples = [dt] * PROBE_STEPS
         if len(self.samples) < PROBE_STEPS:
             return
         self.median[self.current] = _median(self.samples[1:])  # the first step pays for waking sleeping workers

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_settings import step_runner
+from .cpu_settings import step_runner, threads_setting
 from .model import Quark
 from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_kernel, int8_linear
 
@@ -171,7 +171,7 @@ class FastDecoder:
     """Prefill + one-token decode steps for a batch of `batch_size` rows and a cache of `max_len` slots."""
 
     def __init__(self, model, weights: FusedWeights, batch_size: int, max_len: int, use_graph: bool = False,
-                 use_compile: bool = False):
+                 use_compile: bool = False, runner=None):
         c = model.config
         if max_len > c.context_length:
             raise ValueError(f"decoder max_len={max_len} exceeds the model's context_length={c.context_length}")
@@ -190,7 +190,7 @@ class FastDecoder:
         self.use_graph, self.use_compile = use_graph, use_compile
         self.graph = None
         # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
-        self.runner = step_runner() if self.device.type == "cpu" else None
+        self.runner = (runner or step_runner()) if self.device.type == "cpu" else None
         self.busy = False  # set by generate while a generation owns this decoder
         self._prefill_fn = self._prefill
         if use_graph:
@@ -454,8 +454,11 @@ def decoder_for(model, batch_size: int, max_len: int) -> FastDecoder:
     if weights is None or not weights.fresh():
         weights = entry["weights"][transposed] = FusedWeights(model, transposed)
         entry["decoders"] = {}  # captured decoders hold the replaced weights
-    if model.device.type != "cuda":
-        return FastDecoder(model, weights, batch_size, max_len)
+    if model.device.type != "cuda":  # the thread tuner is kept per model, batch size and QUARK_THREADS setting
+        key = ("runner", batch_size, threads_setting())
+        if key not in entry:
+            entry[key] = step_runner()
+        return FastDecoder(model, weights, batch_size, max_len, runner=entry[key])
     B = _pow2(batch_size, 1)
     L = min(_pow2(max_len + 1, 256), model.config.context_length)
     key = (B, L, model.dtype)

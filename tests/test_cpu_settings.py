@@ -42,7 +42,7 @@ def test_setting_and_candidates(monkeypatch):
     monkeypatch.setenv("QUARK_THREADS", "many")
     with pytest.raises(ValueError, match="QUARK_THREADS='many': allowed values are auto or a positive integer"):
         threads_setting()
-    assert candidates(2) == [2, 1] and candidates(16) == [16, 8, 1] and candidates(1) == [1]
+    assert candidates(2) == [1, 2] and candidates(16) == [1, 8, 16] and candidates(1) == [1]
 
 
 def test_tuner_settles_follows_contention_and_backs_off(two_threads):
@@ -62,7 +62,7 @@ def test_tuner_settles_follows_contention_and_backs_off(two_threads):
     for _ in range(3000):
         tuner.run(m.step)
     assert tuner.interval == MAX_INTERVAL  # two threads keep losing 4x: probed ever more rarely
-    assert m.seen[-3000:].count(2) < 3000 * 0.03
+    assert m.seen[-3000:].count(2) < 3000 * 0.01  # and each probe stops after one 4x step
 
 
 def test_pinned_restores_count(two_threads):
