@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quark-72m")
     ap.add_argument("--model", help="a model folder instead of random preset weights")
-    ap.add_argument("--work", default="bench-work/llamacpp", help="cache for the model folder and GGUF files")
+    ap.add_argument("--work", default="runs/bench-llamacpp", help="cache for the model folder and GGUF files")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best counts")
     ap.add_argument("--precisions", default="fp32,int8,int4")
