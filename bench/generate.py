@@ -13,7 +13,9 @@ CPU may be shared. Greedy tokens of ours and HF are compared (same weights: they
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python bench/generate.py   # cores shared with other work
 The OpenMP wait policy matters about 2x at batch 1 on 2 cores: spinning threads pick up each small matmul at
 once on an idle machine (libgomp's default), sleeping ones (PASSIVE) are woken per op but do not crawl when
-other processes hold the cores. Both contenders run under the same policy; the header prints it.
+other processes hold the cores. Both contenders run under the same policy; the header prints it. Our decode
+steps pick their thread count at run time (quark/cpu_settings.py); QUARK_THREADS=N pins it. Quark vs llama.cpp on
+the same weights: bench/llamacpp.py.
 Quick check: `PYTHONPATH=. python bench/generate.py --preset tiny --new-tokens 64`.
 """
 
@@ -32,7 +34,7 @@ from quark import Quark
 from quark.config import QuarkConfig
 from quark.fast import decoder_for
 from quark.generate import generate
-from quark.quantize import quantize_int8
+from quark.quantize import quantize_int4, quantize_int8
 
 
 def llama_twin(model: Quark):
@@ -70,7 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best round counts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    ap.add_argument("--quantize", choices=["int8", "none"], default="int8", help="also benchmark int8 (default)")
+    ap.add_argument("--quantize", choices=["int8", "int4", "both", "none"], default="int8",
+                    help="also benchmark int8 (default), int4 or both")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype of ours and HF's")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF peer")
     ap.add_argument("--no-plain", action="store_true", help="skip our plain reference path")
     args = ap.parse_args(argv)
@@ -78,14 +82,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = QuarkConfig.from_name(args.preset)
-    model = Quark(cfg).init_weights(seed=0).eval()
+    model = Quark(cfg).init_weights(seed=0).eval().to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]))
     n, P = args.new_tokens, args.prefill_len
     if args.prompt_len + n > cfg.context_length or P + 1 > cfg.context_length:
         raise SystemExit(f"prompt/prefill lengths exceed context_length={cfg.context_length}")
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(1, cfg.base_vocab_size, (1, args.prompt_len), generator=g)
     long_prompt = torch.randint(1, cfg.base_vocab_size, (1, P), generator=g)
-    print(f"# bench/generate.py  preset={args.preset} ({cfg.n_params() / 1e6:.1f}M params) fp32, batch 1, "
+    print(f"# bench/generate.py  preset={args.preset} ({cfg.n_params() / 1e6:.1f}M params) {args.dtype}, batch 1, "
           f"{n} new tokens greedy, prompt {args.prompt_len}; prefill {P}")
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
           f", load average before: {os.getloadavg()[0]:.2f}, "
@@ -95,11 +99,13 @@ def main(argv=None) -> int:
     # so a burst of load from other processes hits all of them, and the best round of each is reported.
     runs: dict[str, dict[str, list]] = {}
     tokens: dict[str, list[int]] = {}
-    contenders = [("ours fp32", model, True)]
+    contenders = [(f"ours {args.dtype}", model, True)]
     if not args.no_plain:
-        contenders.append(("ours fp32 plain path", model, False))
-    if args.quantize == "int8":
+        contenders.append((f"ours {args.dtype} plain path", model, False))
+    if args.quantize in ("int8", "both"):
         contenders.append(("ours int8", quantize_int8(copy.deepcopy(model)), True))
+    if args.quantize in ("int4", "both"):
+        contenders.append(("ours int4", quantize_int4(copy.deepcopy(model)), True))
     hf = None if args.no_hf else llama_twin(model)
     hf_kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0,
              "attention_mask": torch.ones_like(prompt)}
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
         every = " ".join(f"{x:.1f}" for x in d[1]) + " | " + (" ".join(f"{x:.0f}" for x in p[1]) if p else "-")
         pf, pc = (f"{p[0]:13.1f}", f"{p[2]:8.1f}") if p else (f"{'-':>13s}", f"{'-':>8s}")
         print(f"{name:22s} {d[0]:12.1f} {rd:>6s} {pf} {rp:>6s}  {d[2]:17.1f} {pc}   {every}")
-    ref = tokens.get("HF", tokens.get("ours fp32 plain path"))
+    ref = tokens.get("HF", tokens.get(f"ours {args.dtype} plain path"))
     if ref is not None:
         for name, t in tokens.items():
             if t is ref:

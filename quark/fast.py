@@ -22,7 +22,8 @@ Choices:
   keeps the rows compact. The static step always takes per-row slots, so the same captured graph serves both
   uses; eagerly (CPU) the per-row step runs only the b live rows and attends over the filled slots only.
   `decoder_for` hands out one cached decoder per (batch, length) bucket and marks it `busy` while a generation
-  owns it; a concurrent caller gets a fresh eager one. On CPU a batched decoder gets (in, out) weights.
+  owns it; a concurrent caller gets a fresh eager one. On CPU decoders get (in, out) weights.
+- CPU decode steps run under quark.cpu_settings' thread tuner (QUARK_THREADS=N pins the count instead).
 - `QUARK_FAST=0` disables the fast path everywhere; `QUARK_COMPILE=0` keeps CUDA graphs but skips torch.compile.
 """
 
@@ -36,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_settings import step_runner, threads_setting
 from .model import Quark
-from .quantize import Int8Embedding, Int8Linear, int8_linear
+from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_kernel, int8_linear
 
 
 def fast_enabled() -> bool:
@@ -50,6 +52,8 @@ def _sources(mods: list[nn.Module]) -> list[torch.Tensor]:
         out.append(m.weight)
         if isinstance(m, Int8Linear):
             out.append(m.scale)
+        elif isinstance(m, Int4Linear):
+            out.append(m.scales_and_zeros)
     return out
 
 
@@ -60,16 +64,25 @@ class FusedLinear:
 
     def __init__(self, mods: list[nn.Module], transposed: bool = False):
         self.mods = mods
-        kinds = {isinstance(m, Int8Linear) for m in mods}
-        if len(kinds) != 1 or not all(isinstance(m, (nn.Linear, Int8Linear)) for m in mods):
-            raise TypeError("FusedLinear needs modules that are all nn.Linear or all Int8Linear")
-        self.int8 = kinds == {True}
-        self.transposed = transposed and not self.int8
+        kinds = {type(m) for m in mods}
+        if len(kinds) != 1 or not all(isinstance(m, (nn.Linear, Int8Linear, Int4Linear)) for m in mods):
+            raise TypeError("FusedLinear needs modules that are all nn.Linear, all Int8Linear or all Int4Linear")
+        self.int8, self.int4 = isinstance(mods[0], Int8Linear), isinstance(mods[0], Int4Linear)
+        self.transposed = transposed and not (self.int8 or self.int4)
         self.split = [m.weight.shape[0] for m in mods]
         self._build()
 
     def _build(self):
         mods = self.mods
+        if self.int4:  # plain nibbles concatenated, then packed once for the kernel (its packing mixes rows)
+            if len(mods) == 1:
+                self.weight, self.sz, self.packed = mods[0].qweight, mods[0].scales_and_zeros, mods[0].packed
+            else:
+                self.weight = torch.cat([m.qweight for m in mods])
+                self.sz = torch.cat([m.scales_and_zeros for m in mods], dim=1)
+                self.packed = int4_pack_for_kernel(self.weight)
+            self.signature = self._signature()
+            return
         if len(mods) == 1:
             self.weight = mods[0].weight.detach()
             self.scale = mods[0].scale if self.int8 else None
@@ -89,7 +102,7 @@ class FusedLinear:
         sig = self._signature()
         if sig == self.signature:
             return True
-        if [s[0::2] for s in sig] != [s[0::2] for s in self.signature]:
+        if [s[0::2] for s in sig] != [s[0::2] for s in self.signature] or self.int4:
             return False
         with torch.no_grad():
             if self.transposed:
@@ -104,6 +117,8 @@ class FusedLinear:
         return True
 
     def __call__(self, x):
+        if self.int4:
+            return int4_linear(x, self.weight, self.sz, self.packed)
         if self.int8:
             return int8_linear(x, self.weight, self.scale, self.scale_bf16)
         return x @ self.weight if self.transposed else F.linear(x, self.weight)
@@ -156,7 +171,7 @@ class FastDecoder:
     """Prefill + one-token decode steps for a batch of `batch_size` rows and a cache of `max_len` slots."""
 
     def __init__(self, model, weights: FusedWeights, batch_size: int, max_len: int, use_graph: bool = False,
-                 use_compile: bool = False):
+                 use_compile: bool = False, runner=None):
         c = model.config
         if max_len > c.context_length:
             raise ValueError(f"decoder max_len={max_len} exceeds the model's context_length={c.context_length}")
@@ -174,6 +189,8 @@ class FastDecoder:
         self.pos = 0
         self.use_graph, self.use_compile = use_graph, use_compile
         self.graph = None
+        # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
+        self.runner = (runner or step_runner()) if self.device.type == "cpu" else None
         self.busy = False  # set by generate while a generation owns this decoder
         self._prefill_fn = self._prefill
         if use_graph:
@@ -183,6 +200,16 @@ class FastDecoder:
             self.rows = torch.arange(batch_size, device=self.device)
             if use_compile:
                 self._prefill_fn = torch.compile(self._prefill, dynamic=True)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        self._busy = value
+        if not value and self.runner is not None:  # a generation let go: torch's thread count as it found it
+            self.runner.release()
 
     # ---- prefill ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,6 +231,8 @@ class FastDecoder:
             causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
             mask = (causal & self.key_mask[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=self.device)
             mask = mask[:, None]  # (B, 1, T, T); a pad query sees itself so no row is empty
+        if self.runner is not None:
+            self.runner.release()  # prefill at torch's own count
         logits = self._run_prefill(idx, mask, None)
         self.pos = T
         return logits[:b]
@@ -219,6 +248,8 @@ class FastDecoder:
             raise ValueError(f"prefill of {m}x{T} into rows {start}.. does not fit a decoder of "
                              f"{self.B}x{self.max_len}")
         self.key_mask[start:start + m].fill_(True)
+        if self.runner is not None:
+            self.runner.release()
         return self._run_prefill(idx, None, start, None if lengths is None else lengths - 1)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -270,7 +301,8 @@ class FastDecoder:
             if self.use_graph:
                 self.static_pos[:b].copy_(pos)
                 return self._graph_step(tok)[:b]
-            return self._step_static(tok, pos, n_keys=int(pos.max()) + 1)  # rows 0..b-1, filled slots only
+            n_keys = int(pos.max()) + 1
+            return self._run(lambda: self._step_static(tok, pos, n_keys=n_keys))  # rows 0..b-1, filled slots only
         if self.pos >= self.max_len:
             raise ValueError(f"decoder cache is full ({self.max_len} slots)")
         if self.use_graph:
@@ -279,9 +311,12 @@ class FastDecoder:
         else:
             if b < self.B:
                 tok = torch.cat([tok, tok.new_zeros(self.B - b)])
-            out = self._step_eager(tok, self.pos)
+            out = self._run(lambda: self._step_eager(tok, self.pos))
         self.pos += 1
         return out[:b]
+
+    def _run(self, step):
+        return step() if self.runner is None else self.runner.run(step)
 
     def _attend_block(self, i, x, cos, sin, write, attend):
         B = x.shape[0]
@@ -409,9 +444,9 @@ def supports_fast(model) -> bool:
 
 def decoder_for(model, batch_size: int, max_len: int) -> FastDecoder:
     """A FastDecoder for `model` with room for `batch_size` rows and `max_len` slots (reused on CUDA).
-    On CPU a batched decoder gets (in, out) weights (see FusedLinear; built once per model, on first use); a
-    single row keeps the Linear layout, which is as fast there and faster under a passive OpenMP wait policy."""
-    transposed = model.device.type != "cuda" and batch_size > 1
+    On CPU decoders get (in, out) weights (see FusedLinear; built once per model, on first use): at one row too,
+    `x @ W` ran 1.5x the tokens/s of `F.linear` on an AMD EPYC, one thread (dev/LOG.md, 2026-12-02)."""
+    transposed = model.device.type != "cuda"
     entry = _REGISTRY.get(model)
     if entry is None:
         entry = _REGISTRY[model] = {"weights": {}, "decoders": {}}  # weights by layout (transposed or not)
@@ -419,8 +454,11 @@ def decoder_for(model, batch_size: int, max_len: int) -> FastDecoder:
     if weights is None or not weights.fresh():
         weights = entry["weights"][transposed] = FusedWeights(model, transposed)
         entry["decoders"] = {}  # captured decoders hold the replaced weights
-    if model.device.type != "cuda":
-        return FastDecoder(model, weights, batch_size, max_len)
+    if model.device.type != "cuda":  # the thread tuner is kept per model, batch size and QUARK_THREADS setting
+        key = ("runner", batch_size, threads_setting())
+        if key not in entry:
+            entry[key] = step_runner()
+        return FastDecoder(model, weights, batch_size, max_len, runner=entry[key])
     B = _pow2(batch_size, 1)
     L = min(_pow2(max_len + 1, 256), model.config.context_length)
     key = (B, L, model.dtype)

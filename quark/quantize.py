@@ -1,6 +1,6 @@
-"""Weight-only int8 quantization for inference: every linear layer, the embedding and the (tied) lm_head.
+"""Weight-only int8 and int4 quantization for inference: every linear layer, the embedding and the (tied) lm_head.
 
-Choices:
+Choices (int8):
 - Symmetric, per output channel (per row of `weight`): `w ~= q * scale`, q in [-127, 127], scale = max|row| / 127.
   No calibration data is needed and the error per weight is at most scale / 2.
 - `quantize_int8(model)` swaps modules in place (like `torch.ao.quantization.quantize(inplace=True)`) and returns
@@ -11,8 +11,21 @@ Choices:
   per weight, 4x less memory traffic than fp32, which is what bounds decoding at batch 1. Larger batches
   (prefill, scoring) and other devices dequantize the weight and run an ordinary matmul in the compute dtype.
 - With tied embeddings the embedding and lm_head share one int8 table.
-- `quark quantize --model M [--data D]` (quantize_cli.py) quantizes a model folder and reports size, decode speed
-  and, with a data folder, validation loss/perplexity of fp32 vs int8 (the 2% budget of the issue).
+- `quark quantize --model M [--data D] [--bits 4]` (quantize_cli.py) quantizes a model folder and reports size,
+  decode speed and, with a data folder, validation loss/perplexity of fp32 vs the quantized model.
+
+Choices (int4, `quantize_int4`), gpt-fast's int4 path:
+- Group-wise asymmetric: each row is cut into groups of `group_size` (32 by default, llama.cpp q4_0's block) input
+  columns; q in [0, 15] and `w ~= (q - 8) * scale + zero` with scale = (max - min) / 15, zero = min + 8 * scale,
+  the convention of `torch.ops.aten._weight_int4pack_mm_for_cpu`, which runs the matmul with bf16 activations and
+  bf16 scales/zeros ((K/g, N, 2), stored as such: the dequantizing path uses the same values).
+- The module keeps its nibbles in a plain layout (`qweight` (N, K/2) uint8: column 2j in the low nibble, 2j+1 in
+  the high one) beside the kernel's packed copy, because the kernel's packing is not row-separable (rows are
+  interleaved in blocks of 64): the fast path (quark/fast.py) fuses q/k/v by concatenating plain nibbles and
+  packing once.
+- A layer whose input size is not a multiple of `group_size` (the tiny preset's d_ff=688) stays int8, and the
+  embedding / tied lm_head are int8 (as llama.cpp keeps the output matrix at higher precision in its 4-bit types).
+- Batches above SMALL_BATCH_ROWS and other devices dequantize and run an ordinary matmul.
 """
 
 from __future__ import annotations
@@ -81,13 +94,114 @@ class Int8Embedding(nn.Module):
         return self.weight[idx].to(self.out_dtype) * self.scale[idx].to(self.out_dtype)[..., None]
 
 
+# ---- int4 ----------------------------------------------------------------------------------------------------------
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def quantize_int4_tensor(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (q uint8 (N, K) in [0, 15], scales_and_zeros (K/g, N, 2) bf16), the kernel's operand layout;
+    w ~= (q - 8) * scale + zero per group."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4: input size {K} is not a multiple of group_size={group_size}")
+    g = w.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6).to(torch.bfloat16).float()  # rounded first: q is chosen for the
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()                   # bf16 scale and zero the kernel uses
+    q = torch.round((g - (zero - 8 * scale)[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return q.reshape(N, K), sz
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 in [0, 15] -> (N, K/2): column 2j in the low nibble, 2j+1 in the high one."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
+
+
+def int4_pack_for_kernel(qweight: torch.Tensor) -> torch.Tensor | None:
+    """The CPU kernel's packed weight from plain nibbles (None off the CPU or without the kernel)."""
+    if not _INT4PACK or qweight.device.type != "cpu":
+        return None
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1)
+
+
+def int4_linear(x, qweight, sz, packed=None):
+    """y = x @ dequant(qweight).T in x's dtype; qweight (N, K/2) plain nibbles, sz (K/g, N, 2) bf16."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    N, group = qweight.shape[0], shape[-1] // sz.shape[0]
+    if packed is not None and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, group, sz)
+    else:
+        y = F.linear(x2, int4_dequantize(qweight, sz, x.dtype))
+    return y.to(x.dtype).view(*shape[:-1], N)
+
+
+def int4_dequantize(qweight, sz, dtype=torch.float32) -> torch.Tensor:
+    q = unpack_nibbles(qweight).to(dtype)
+    N, K = q.shape
+    G = sz.shape[0]
+    scale, zero = sz.to(dtype).transpose(0, 1).unbind(-1)  # (N, G) each
+    return ((q.view(N, G, K // G) - 8) * scale[..., None] + zero[..., None]).view(N, K)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("packed", int4_pack_for_kernel(qweight), persistent=False)
+        self.in_features, self.out_features = qweight.shape[1] * 2, qweight.shape[0]
+        self.group_size = self.in_features // scales_and_zeros.shape[0]
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int = 32) -> Int4Linear:
+        q, sz = quantize_int4_tensor(w, group_size)
+        return cls(pack_nibbles(q).to(w.device), sz.to(w.device))
+
+    @property
+    def weight(self) -> torch.Tensor:  # device / shape queries and the fast path's change tracking, as nn.Linear
+        return self.qweight
+
+    def forward(self, x):
+        return int4_linear(x, self.qweight, self.scales_and_zeros, self.packed)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return int4_dequantize(self.qweight, self.scales_and_zeros, dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+
+
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int8Embedding, Int4Linear)) for m in model.modules())
 
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module, embeddings: bool = True) -> nn.Module:
     """Weight-only int8 (per-channel) for every nn.Linear and, by default, the embedding/lm_head. In place."""
+    return _quantize(model, embeddings, Int8Linear.from_float)
+
+
+@torch.no_grad()
+def quantize_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
+    """Weight-only int4 (group-wise) for every nn.Linear whose input size `group_size` divides (others int8);
+    the embedding and a tied lm_head int8. In place."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size={group_size}: allowed values are {', '.join(map(str, INT4_GROUP_SIZES))}")
+
+    def make(w):
+        return Int4Linear.from_float(w, group_size) if w.shape[1] % group_size == 0 else Int8Linear.from_float(w)
+
+    return _quantize(model, True, make)
+
+
+def _quantize(model: nn.Module, embeddings: bool, make) -> nn.Module:
     if is_quantized(model):
         return model
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -108,7 +222,7 @@ def quantize_int8(model: nn.Module, embeddings: bool = True) -> nn.Module:
                     continue
                 setattr(mod, child_name, shared)
             else:
-                setattr(mod, child_name, Int8Linear.from_float(child.weight))
+                setattr(mod, child_name, make(child.weight))
     return model
 
 
@@ -126,9 +240,11 @@ def model_nbytes(model: nn.Module) -> int:
 def add_commands(sub) -> None:
     """`quark quantize`. Its code lives in quark/quantize_cli.py, loaded by name when the command runs: this file
     is copied into HF exports (fast.py imports it), which must not pull in the package's loaders."""
-    p = sub.add_parser("quantize", help="int8 weight-only quantization: size, decode speed and val loss vs fp32")
+    p = sub.add_parser("quantize", help="int8 / int4 weight-only quantization: size, decode speed, val loss vs fp32")
     p.add_argument("--model", required=True, help="model folder, export or run folder")
     p.add_argument("--data", default=None, help="pre-training data folder: compare validation loss fp32 vs int8")
     p.add_argument("--tokens", type=int, default=128, help="new tokens for the decode-speed check")
     p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens for the loss comparison")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="8: int8 per channel; 4: int4 group-wise")
+    p.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=32, help="int4 group size")
     p.set_defaults(func=lambda args: importlib.import_module("quark.quantize_cli").cmd_quantize(args))

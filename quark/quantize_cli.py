@@ -1,15 +1,16 @@
-"""`quark quantize`: quantize a model folder to int8 and report what it costs and gains.
+"""`quark quantize`: quantize a model folder to int8 (`--bits 8`) or int4 (`--bits 4`) and report what it costs
+and gains.
 
-Prints JSON: fp32 and int8 sizes, greedy decode tok/s of both (this machine, batch 1) and, with `--data`, the
+Prints JSON: fp32 and quantized sizes, greedy decode tok/s of both (this machine, batch 1) and, with `--data`, the
 validation loss of both on the first `--eval-tokens` tokens of a pre-training data folder's val split, with
-`ppl_ratio` = int8 perplexity / fp32 perplexity (the issue's budget: < 1.02).
+`ppl_ratio` = quantized perplexity / fp32 perplexity (budgets: int8 < 1.02, int4 <= 1.03).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .quantize import model_nbytes, quantize_int8
+from .quantize import model_nbytes, quantize_int4, quantize_int8
 
 
 def cmd_quantize(args) -> None:
@@ -22,19 +23,22 @@ def cmd_quantize(args) -> None:
     from .weights import load_model
 
     model = load_model(args.model, device="cpu", dtype=torch.float32).eval()
-    q = quantize_int8(copy.deepcopy(model))
-    report = {"model": str(args.model), "fp32_bytes": model_nbytes(model), "int8_bytes": model_nbytes(q)}
+    bits = getattr(args, "bits", 8)
+    kind = f"int{bits}"
+    q = copy.deepcopy(model)
+    q = quantize_int8(q) if bits == 8 else quantize_int4(q, getattr(args, "group_size", 32))
+    report = {"model": str(args.model), "fp32_bytes": model_nbytes(model), f"{kind}_bytes": model_nbytes(q)}
     prompt = [[1 + i % 200 for i in range(16)]]
     n = min(args.tokens, model.config.context_length - 16)
-    for name, m in (("fp32", model), ("int8", q)):
+    for name, m in (("fp32", model), (kind, q)):
         generate(m, prompt, max_new_tokens=4, temperature=0.0)
         t0 = time.perf_counter()
         generate(m, prompt, max_new_tokens=n, temperature=0.0)
         report[f"{name}_decode_tok_per_s"] = round(n / (time.perf_counter() - t0), 1)
     if args.data:
-        for name, m in (("fp32", model), ("int8", q)):
+        for name, m in (("fp32", model), (kind, q)):
             report[f"{name}_val_loss"] = round(val_loss(m, args.data, args.eval_tokens), 5)
-        report["ppl_ratio"] = round(math.exp(report["int8_val_loss"] - report["fp32_val_loss"]), 5)
+        report["ppl_ratio"] = round(math.exp(report[f"{kind}_val_loss"] - report["fp32_val_loss"]), 5)
     print(json.dumps(report, indent=2))
 
 

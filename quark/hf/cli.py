@@ -5,10 +5,13 @@ from __future__ import annotations
 
 
 def cmd_export(args) -> None:
+    if args.format != "gguf" and (args.quant or args.gguf_amx_safe):
+        raise ValueError(f"--quant and --gguf-amx-safe apply to --format gguf, not --format {args.format}")
     if args.format == "gguf":
         from .gguf_export import export_gguf
 
-        out = export_gguf(args.checkpoint, args.out, dtype=args.gguf_dtype, overwrite=args.force, name=args.name)
+        out = export_gguf(args.checkpoint, args.out, dtype=args.gguf_dtype, overwrite=args.force, name=args.name,
+                          quant=args.quant, amx_safe=args.gguf_amx_safe)
     else:
         from .export import export
 
@@ -36,4 +39,8 @@ def add_commands(sub) -> None:
                    "(base_model in its front matter); left out when not given")
     p.add_argument("--gguf-dtype", choices=("f32", "f16"), default="f32",
                    help="GGUF weight type for the matrices (norms stay f32); default f32")
+    p.add_argument("--quant", choices=("q8_0", "q4_0"), help="gguf: quantize the matrices (gguf package quantizers)")
+    p.add_argument("--gguf-amx-safe", action="store_true",
+                   help="gguf --quant: write matrices whose row length is not a multiple of 256 as bf16, out of "
+                        "reach of llama.cpp's AMX repack (see README, CPU speed)")
     p.set_defaults(func=cmd_export)

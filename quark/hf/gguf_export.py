@@ -12,7 +12,17 @@ Choices:
   tokenization, and a vocabulary entry that BPE does not merge back to itself (llama.cpp takes in-vocabulary
   pre-tokens whole) is warned about. No BOS is added (Quark never trains with one); eos is `<|im_end|>`, pad
   is `<|endoftext|>`.
-- The ChatML template goes into `tokenizer.chat_template`. Weights are f32 (default) or f16 for matrices.
+- The ChatML template goes into `tokenizer.chat_template`. Weights are f32 (default) or f16 for matrices, or
+  quantized with the `gguf` package's own quantizers (the code llama.cpp's converter runs): `q8_0` (blocks of 32
+  weights, one f16 scale) or `q4_0` (4-bit blocks of 32). As in llama.cpp's converter, a matrix whose row length
+  is not a multiple of 32 stays f16; norms stay f32. In q4_0 the tied embedding, which is also the output
+  matrix, is q8_0: llama.cpp's own Q4_0 recipe gives the output matrix Q6_K, which gguf-py cannot write.
+- `amx_safe` (`--gguf-amx-safe`): llama.cpp builds for Intel AMX CPUs repack every q4_0/q4_1/q8_0/K-quant
+  matrix whose row length and row count are multiples of 32 into AMX tiles at load (ggml-cpu/amx); one such
+  repack (quark-72m's ffn_down, rows of d_ff=1344, not a multiple of 256) was seen to crash. With amx_safe,
+  quantized matrices whose row length is not a multiple of 256 are written bf16, a type the AMX buffer refuses,
+  so they never reach the repack. Not verified on an AMX machine; `--no-repack` on llama.cpp's side avoids every
+  repack (README "CPU speed").
 - Written to a temporary file and renamed into place, with `<name>.gguf.sha256` beside it (the file's SHA-256
   in `sha256sum` format: `sha256sum -c model.gguf.sha256` checks it; `verify_gguf` does the same).
 """
@@ -31,6 +41,7 @@ from ..tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, SPLIT_REGEX
 from ..weights import atomic_write_text, load_model_and_tokenizer, resolve_model_path, state_dict_for_save, write_error
 
 GGUF_PRE = "llama-bpe"
+QUANT_TYPES = ("q8_0", "q4_0")
 
 
 def permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -73,9 +84,28 @@ def vocab_for_gguf(tok) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
+def tensor_type(gname: str, shape: tuple[int, ...], dtype: str, quant: str | None, amx_safe: bool = False):
+    """The GGMLQuantizationType a tensor is written in (see the module docstring)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) != 2:
+        return T.F32
+    if quant is None:
+        return T.F16 if dtype == "f16" else T.F32
+    if shape[1] % 32:
+        return T.F16
+    if amx_safe and shape[1] % 256:
+        return T.BF16
+    if quant == "q4_0" and gname == "token_embd.weight":
+        return T.Q8_0
+    return T.Q8_0 if quant == "q8_0" else T.Q4_0
+
+
 def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", overwrite: bool = False,
-                name: str | None = None) -> Path:
-    """Write `checkpoint` (model / checkpoint / run folder) as a llama-architecture GGUF file at `out`."""
+                name: str | None = None, quant: str | None = None, amx_safe: bool = False) -> Path:
+    """Write `checkpoint` (model / checkpoint / run folder) as a llama-architecture GGUF file at `out`;
+    `quant` "q8_0" / "q4_0" quantizes the matrices (then `dtype` is not used)."""
     import gguf
 
     out = Path(out)
@@ -83,6 +113,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", ove
         raise ValueError(f"{out}: a GGUF export is one file; give --out a name ending in .gguf")
     if dtype not in ("f32", "f16"):
         raise ValueError(f"GGUF dtype {dtype!r}: allowed values are f32, f16")
+    if quant is not None and quant not in QUANT_TYPES:
+        raise ValueError(f"GGUF quant {quant!r}: allowed values are {', '.join(QUANT_TYPES)}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: file exists (pass --force to replace it)")
     folder = resolve_model_path(checkpoint)
@@ -106,7 +138,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", ove
         w.add_rope_freq_base(float(cfg.rope_theta))
         w.add_layer_norm_rms_eps(float(cfg.norm_eps))
         w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_file_type({"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}.get(
+            quant, gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
 
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(GGUF_PRE)
@@ -130,9 +163,14 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", ove
             gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise RuntimeError(f"no GGUF name for tensor {key}")
-            if dtype == "f16" and arr.ndim == 2:
-                arr = arr.astype(np.float16)
-            w.add_tensor(gname, np.ascontiguousarray(arr))
+            kind = tensor_type(gname, arr.shape, dtype, quant, amx_safe)
+            arr = np.ascontiguousarray(arr)
+            if kind == gguf.GGMLQuantizationType.F32:
+                w.add_tensor(gname, arr)
+            elif kind == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(gname, arr.astype(np.float16))
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(arr, kind), raw_dtype=kind)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -1,0 +1,148 @@
+"""How many CPU threads a decode step uses: chosen at run time from measured step times.
+
+Choices:
+- torch's CPU wheel runs its parallel ops on GNU libgomp, which reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when
+  torch is imported. `import quark` imports torch, so no Quark code can set them for a command (the `quark` command
+  used to set OMP_WAIT_POLICY=PASSIVE in main(); `OMP_DISPLAY_ENV=verbose` shows GOMP_SPINCOUNT stayed at libgomp's
+  default 300000, i.e. never applied). What can change at run time is the thread count (`torch.set_num_threads`,
+  about 1 us), so that is the knob.
+- Why it matters: a batch-1 decode step of quark-72m is ~60 small parallel ops. libgomp's default lets idle
+  workers spin (300,000 spins) before sleeping, so on an idle machine each op starts at once: the multi-thread step
+  is fastest. When another process holds a core, a spinning worker and the main thread share it and every op
+  waits at the region's barrier: the issue measured 63.6 -> 17.3 tok/s; one thread has no barrier to wait at.
+  llama.cpp (llama-cpp-python's build also uses libgomp) opens one parallel region per token with barriers
+  between ops, so it meets the same trade-off; by default llama-cpp-python uses half the cores (1 of 2 here).
+- `ThreadTuner` (spin-then-settle at the level of thread counts): decode steps alternate short probes of each
+  candidate count (one, half, all cores), take the median of each probe (its first step, which wakes sleeping
+  workers, is dropped) and run the fastest until the next probe. One thread goes first and sets the reference: a
+  probe step 3x slower than the best so far ends that probe at once (two spinning threads on a shared core can be
+  10x slower, and a chat turn is a few hundred steps). The tuner is kept per model (quark/fast.py), so later
+  generations start from what earlier ones learned. A probe the winner beats by 2x or more is
+  repeated less often (up to every `MAX_INTERVAL` steps), so a loaded machine does not pay for probing
+  all-cores often; any change of winner resets the interval. A sample is the time from one step's start to the
+  next's, so the sampling and the caller's work between steps (which run at the same count: torch's count is
+  left set between steps) are measured too; `release()` restores the count the runner found (the decoder calls it
+  before a prefill and when a generation lets it go).
+- `QUARK_THREADS`: unset or "auto" tunes; an integer N pins decode steps to N threads (what tests and
+  benchmarks use to compare fixed settings).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+PROBE_STEPS = 4
+FIRST_INTERVAL, MAX_INTERVAL = 48, 768
+
+
+def threads_setting() -> int | None:
+    """None for automatic tuning, else the pinned thread count from QUARK_THREADS."""
+    v = os.environ.get("QUARK_THREADS", "auto").strip().lower()
+    if v in ("", "auto"):
+        return None
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"QUARK_THREADS={v!r}: allowed values are auto or a positive integer")
+    return int(v)
+
+
+def candidates(max_threads: int) -> list[int]:
+    """One thread first (the safe reference), then half the cores, then all."""
+    return sorted({max_threads, max(1, max_threads // 2), 1})
+
+
+class ThreadTuner:
+    """Runs decode steps at the thread count measured fastest lately (see the module docstring)."""
+
+    def __init__(self, max_threads: int | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.restore_to = torch.get_num_threads()
+        self.cands = candidates(max_threads or self.restore_to)
+        self.clock = clock
+        self.median: dict[int, float] = {}
+        self.samples: list[float] = []
+        self.best = self.current = self.cands[0]
+        self.queue = self.cands[1:]  # still to probe in this round
+        self.probing = True
+        self.interval, self.until_probe = FIRST_INTERVAL, 0
+        self.last: float | None = None  # when the previous step started
+
+    def run(self, step: Callable[[], T]) -> T:
+        """Run one decode step at the chosen count (left set for what follows until the next step)."""
+        now = self.clock()
+        if self.last is not None:
+            self._record(now - self.last)
+        self.last = now
+        if torch.get_num_threads() != self.current:
+            torch.set_num_threads(self.current)
+        return step()
+
+    def release(self) -> None:
+        """Back to the count found at creation; the next step starts a new interval."""
+        self.last = None
+        torch.set_num_threads(self.restore_to)
+
+    def _record(self, dt: float) -> None:
+        self.samples.append(dt)
+        if not self.probing:  # running the winner; its last steps are its next measurement
+            self.samples = self.samples[-PROBE_STEPS:]
+            self.until_probe -= 1
+            if self.until_probe > 0 or len(self.cands) == 1:
+                return
+            self.median[self.best] = _median(self.samples)
+            self.queue = [c for c in self.cands if c != self.best]
+            self._next(self.queue.pop(0))
+            self.probing = True
+            return
+        ref = min(self.median.values(), default=None)
+        if ref is not None and dt > 3 * ref:  # clearly losing: end this probe now
+            self.samples = [dt] * PROBE_STEPS
+        if len(self.samples) < PROBE_STEPS:
+            return
+        self.median[self.current] = _median(self.samples[1:])  # the first step pays for waking sleeping workers
+        if self.queue:
+            self._next(self.queue.pop(0))
+            return
+        winner = min(self.median, key=self.median.get)
+        others = [t for c, t in self.median.items() if c != winner]
+        if winner != self.best:
+            self.interval = FIRST_INTERVAL
+        elif others and min(others) >= 2 * self.median[winner]:
+            self.interval = min(2 * self.interval, MAX_INTERVAL)
+        self.best, self.until_probe, self.probing = winner, self.interval, False
+        self._next(winner)
+
+    def _next(self, n: int) -> None:
+        self.current, self.samples = n, []
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+class Pinned:
+    """Decode steps at a fixed thread count (QUARK_THREADS=N); `release()` restores the count found at creation."""
+
+    def __init__(self, n: int):
+        self.n, self.restore_to = n, torch.get_num_threads()
+
+    def run(self, step: Callable[[], T]) -> T:
+        if torch.get_num_threads() != self.n:
+            torch.set_num_threads(self.n)
+        return step()
+
+    def release(self) -> None:
+        torch.set_num_threads(self.restore_to)
+
+
+def step_runner() -> ThreadTuner | Pinned | None:
+    """What a CPU decoder wraps its steps in: a pinned count (QUARK_THREADS=N), a tuner, or nothing when torch
+    runs one thread anyway."""
+    n = threads_setting()
+    if n is not None:
+        return Pinned(n)
+    return ThreadTuner() if torch.get_num_threads() > 1 else None

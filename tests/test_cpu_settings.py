@@ -1,0 +1,86 @@
+"""The decode thread tuner: it settles on the count whose steps are fastest, follows a change of conditions (a
+competing process), backs off probing a clearly slower count, restores torch's count, and never changes tokens."""
+
+import pytest
+import torch
+
+from quark import Quark
+from quark.config import PRESETS
+from quark.cpu_settings import FIRST_INTERVAL, MAX_INTERVAL, Pinned, ThreadTuner, candidates, threads_setting
+from quark.generate import generate
+
+
+class FakeMachine:
+    """A clock and a step whose duration depends on the thread count torch is set to when it runs."""
+
+    def __init__(self, cost: dict[int, float]):
+        self.cost, self.now, self.seen = cost, 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def step(self):
+        n = torch.get_num_threads()
+        self.seen.append(n)
+        self.now += self.cost[n]
+        return n
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_setting_and_candidates(monkeypatch):
+    monkeypatch.delenv("QUARK_THREADS", raising=False)
+    assert threads_setting() is None
+    monkeypatch.setenv("QUARK_THREADS", "3")
+    assert threads_setting() == 3
+    monkeypatch.setenv("QUARK_THREADS", "many")
+    with pytest.raises(ValueError, match="QUARK_THREADS='many': allowed values are auto or a positive integer"):
+        threads_setting()
+    assert candidates(2) == [1, 2] and candidates(16) == [1, 8, 16] and candidates(1) == [1]
+
+
+def test_tuner_settles_follows_contention_and_backs_off(two_threads):
+    m = FakeMachine({2: 1.0, 1: 1.6})  # idle: two threads win
+    tuner = ThreadTuner(2, clock=m.clock)
+    for _ in range(200):
+        assert tuner.run(m.step) in (1, 2)
+    tuner.release()
+    assert torch.get_num_threads() == 2  # the count it found
+    assert tuner.best == 2 and m.seen[-40:].count(2) >= 36
+    assert tuner.interval == FIRST_INTERVAL  # 1.6x slower: not clearly beaten, probed at the first interval
+    m.cost = {2: 4.0, 1: 1.0}  # a competing process holds a core: spinning workers collapse
+    m.seen.clear()
+    for _ in range(FIRST_INTERVAL + 10):
+        tuner.run(m.step)
+    assert tuner.best == 1 and m.seen[-4:] == [1, 1, 1, 1]
+    for _ in range(3000):
+        tuner.run(m.step)
+    assert tuner.interval == MAX_INTERVAL  # two threads keep losing 4x: probed ever more rarely
+    assert m.seen[-3000:].count(2) < 3000 * 0.01  # and each probe stops after one 4x step
+
+
+def test_pinned_restores_count(two_threads):
+    m = FakeMachine({1: 1.0, 2: 1.0})
+    p = Pinned(1)
+    assert p.run(m.step) == 1
+    p.release()
+    assert torch.get_num_threads() == 2
+
+
+def test_tuned_and_pinned_decoding_give_the_same_tokens(monkeypatch, two_threads):
+    model = Quark(PRESETS["test"].replace(init_std=0.3)).init_weights(seed=5).eval()
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
+    out = {}
+    for setting in ("1", "2", "auto"):
+        monkeypatch.setenv("QUARK_THREADS", setting)
+        out[setting] = generate(model, prompts, max_new_tokens=40, temperature=0.0)
+        out[setting + " one row"] = generate(model, prompts[:1], max_new_tokens=40, temperature=0.0)
+    assert torch.get_num_threads() == 2  # a finished generation leaves torch's count as it was
+    assert out["1"] == out["2"] == out["auto"]
+    assert out["1 one row"] == out["2 one row"] == out["auto one row"] == out["1"][:1]
