@@ -47,6 +47,17 @@ def lm_eval_lls(samples: list[dict]) -> list[float]:
     return [float(r[0]) for s in rows for r in s["filtered_resps"]]
 
 
+def _models(tmp: Path, model: str | None, make) -> tuple[Path, Path]:
+    """(our model folder, its Llama export for lm-eval): `model` exported into `tmp`, or `make()`'s pair."""
+    if not model:
+        return make()
+    from quark.hf.export import export
+    from quark.weights import resolve_model_path
+
+    ours = resolve_model_path(model)
+    return ours, export(ours, tmp / "llama", fmt="llama", overwrite=True)
+
+
 def compare(tasks: list[str], limit: int, batch_size: int = 16, model: str | None = None, preset: str = "test",
             context_length: int = 1024) -> list[dict]:
     """One row per (task, metric) both harnesses report: ours, lm-eval's, stderrs, and the largest per-request
@@ -54,14 +65,7 @@ def compare(tasks: list[str], limit: int, batch_size: int = 16, model: str | Non
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         names = local.render_tasks(tmp / "tasks")
-        if model:
-            from quark.hf.export import export
-            from quark.weights import resolve_model_path
-
-            ours = resolve_model_path(model)
-            llama = export(ours, tmp / "llama", fmt="llama", overwrite=True)
-        else:
-            ours, llama = local.make_model(tmp, preset, context_length=context_length)
+        ours, llama = _models(tmp, model, lambda: local.make_model(tmp, preset, context_length=context_length))
         mine = our_scores(ours, tasks, limit, batch_size)
         res, _ = local.run_lm_eval(llama, tmp / "tasks", [names[t] for t in tasks], limit, batch_size)
     rows = []
@@ -118,14 +122,8 @@ def compare_gsm8k(limit: int, batch_size: int = 8, model: str | None = None, pre
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         names = local.render_tasks(tmp / "tasks")
-        if model:
-            from quark.hf.export import export
-            from quark.weights import resolve_model_path
-
-            ours = resolve_model_path(model)
-            llama = export(ours, tmp / "llama", fmt="llama", overwrite=True)
-        else:  # random weights, hidden matrices x4 so greedy text varies (x1 repeats one token)
-            ours, llama = _varied_model(tmp, preset, context_length)
+        # without a model: random weights, hidden matrices x4 so greedy text varies (x1 repeats one token)
+        ours, llama = _models(tmp, model, lambda: _varied_model(tmp, preset, context_length))
         _plain_generation_config(llama)
         m, tok = load_model_and_tokenizer(ours)
         items = build_gen_items("gsm8k", limit)
