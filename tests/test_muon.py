@@ -7,10 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,8 +18,8 @@ from quark.train.config import TrainConfig
 from quark.train.loop import train
 from quark.train.optim import MuonAdamW, build_optimizer, set_lr
 from quark.weights import read_safetensors, save_model
-from tests.test_train import ROOT, train_cfg, write_pretrain_data, write_sft_data
-from tests.test_train_ddp import conversations, free_port
+from tests.test_train import train_cfg, write_pretrain_data, write_sft_data
+from tests.test_train_ddp import conversations, one_vs_two_processes
 
 
 def tiny_model(seed=0):
@@ -146,18 +143,7 @@ def test_muon_under_ddp_matches_one_process(tmp_path, tiny_tokenizer):
     common = dict(kind="sft", data=str(data), base=str(base), max_steps=3, warmup_steps=1, lr=3e-3,
                   log_every=1, eval_every=0, eval_batches=1, samples=0, tensorboard=False, plot=False,
                   tokens_per_step=4 * 48, optimizer="muon", muon_lr=0.01)
-    one = tmp_path / "one"
-    train(TrainConfig(out=str(one), batch_size=4, **common))
-    two = tmp_path / "two"
-    sets = [f"--set={k}={json.dumps(v)}" for k, v in common.items() if k not in ("data", "base", "kind")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                        f"--master_port={free_port()}", "-m", "quark", "sft", "--data", str(data), "--from", str(base),
-                        "--out", str(two), "--set=batch_size=1", *sets],
-                       env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = read_safetensors(one / "checkpoints" / "step_000003" / "model.safetensors")
-    b = read_safetensors(two / "checkpoints" / "step_000003" / "model.safetensors")
+    a, b, _ = one_vs_two_processes(tmp_path, common)
     start = read_safetensors(base / "model.safetensors")
     assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3
     for k in a:  # Newton-Schulz runs in bf16: the gradients' fp32 summation order flips bf16 roundings, which moves
