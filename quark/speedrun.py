@@ -323,9 +323,8 @@ def sample_chats(model_dir: Path, seed: int = 0) -> list[dict]:
     return out
 
 
-def _unavailable_lines(run: Run, data_m: dict, sft_m: dict) -> list[str]:
+def _unavailable_lines(tok_m: dict, data_m: dict, sft_m: dict) -> list[str]:
     """The optional corpora this machine lacked, per stage; their weight went to the others in proportion."""
-    tok_m = _j(run.tokenizer / "corpus.json") or {}
     out = []
     for what, m in (("tokenizer corpus", tok_m), ("pre-training mixture", data_m), ("SFT mixture", sft_m)):
         if m.get("unavailable"):
@@ -371,6 +370,7 @@ def write_report(run: Run) -> dict:
     ev_base = _j(resolve_model_path(run.pretrain) / "eval_results.json")
     ev_sft = _j(resolve_model_path(run.sft) / "eval_results.json")
     data_m, sft_m = _j(run.data / "manifest.json"), _j(run.sft_data / "manifest.json")
+    tok_m = _j(run.tokenizer / "corpus.json") or {}  # the tokenizer's mixture as read (older runs have none)
     uni = unigram_baseline(run.data)
     base_ppl = ev_base["perplexity"]
     chats = sample_chats(resolve_model_path(run.sft))
@@ -386,8 +386,7 @@ def write_report(run: Run) -> dict:
         "eval": {"base": ev_base["tasks"], "sft": ev_sft["tasks"]},
         "chats": chats, "chats_ending_with_im_end": sum(c["ends_with_im_end"] for c in chats),
         "unavailable": {k: [d["name"] for d in (m or {}).get("unavailable", [])]
-                        for k, m in (("tokenizer", _j(run.tokenizer / "corpus.json")), ("data", data_m),
-                                     ("sft_data", sft_m))},
+                        for k, m in (("tokenizer", tok_m), ("data", data_m), ("sft_data", sft_m))},
     }
     for k in ("pretrain", "sft"):
         d = summary[k]
@@ -424,7 +423,7 @@ def write_report(run: Run) -> dict:
     for s in data_m["sources"]:
         L.append(f"| {s['name']} | {s['weight']:g} | {s['tokens']:,} | {100 * s['tokens'] / tot:.1f}% | "
                  f"{s.get('license', '')} |")
-    L += _unavailable_lines(run, data_m, sft_m)
+    L += _unavailable_lines(tok_m, data_m, sft_m)
     L += ["", f"SFT conversations (`{sft_m.get('mixture')}`): {sft_m['splits']['train']['rows']:,} rows of "
           f"{sft_m.get('seq_len')} tokens, {sft_m['splits']['train']['target_tokens']:,} trained (assistant) tokens; "
           "sources " + ", ".join(f"{s['name']} ({s['tokens']:,} tokens)" for s in sft_m["sources"]) + ".", "",

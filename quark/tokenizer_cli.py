@@ -23,14 +23,16 @@ STATS_SEED = 987_654_321  # math problems for `stats`: a seed no mixture uses, s
 SAMPLE_BYTES = 1_500_000
 
 
-def corpus_texts(corpus: list[str] | None, max_bytes: int | None, seed: int = 0, stats: dict | None = None,
+def corpus_texts(corpus, max_bytes: int | None, seed: int = 0, stats: dict | None = None,
                  workers: int | None = None) -> Iterator[str]:
-    """Texts of the training corpus, `max_bytes` in all (split by the mixture's weights)."""
+    """Texts of the training corpus, `max_bytes` in all (split by the mixture's weights). `corpus` is a loaded
+    `Mixture` or what `corpus_mixture` takes."""
     import os
 
+    from .data.mixture import Mixture
     from .data.sources import BadRecord, flatten_chat
 
-    mixture = corpus_mixture(corpus)
+    mixture = corpus if isinstance(corpus, Mixture) else corpus_mixture(corpus)
     stats = stats if stats is not None else {}
     stats.update(documents=0, bytes=0, bad_skipped=0, bad_examples=[])
     total_w = mixture.total_weight
@@ -104,14 +106,15 @@ def cmd_train(args) -> None:
         raise ValueError(f"--max-bytes must be positive, got {args.max_bytes}")
     from tqdm import tqdm
 
-    for line in corpus_mixture(args.corpus).dropped_lines():  # fails here, before any work, if a language is gone
+    mixture = corpus_mixture(args.corpus)  # fails here, before any work, if a language has no source left
+    for line in mixture.dropped_lines():
         print(f"quark tokenizer: {line}", file=sys.stderr)
     stats: dict = {}
     t0 = time.time()
     bar = tqdm(total=args.max_bytes, unit="B", unit_scale=True, desc="read corpus", disable=args.quiet)
 
     def counted():
-        for t in corpus_texts(args.corpus, args.max_bytes, args.seed, stats, args.workers):
+        for t in corpus_texts(mixture, args.max_bytes, args.seed, stats, args.workers):
             bar.update(len(t.encode()))
             yield t
         bar.close()
@@ -127,7 +130,7 @@ def cmd_train(args) -> None:
         raise
     seconds = time.time() - t0
     out = tok.save(args.out)
-    _write_corpus_record(Path(args.out), corpus_mixture(args.corpus), stats)
+    _write_corpus_record(Path(args.out), mixture, stats)
     print(f"trained a {tok.base_vocab_size:,}-token byte-level BPE (+2 chat tokens = {tok.vocab_size:,} ids) on "
           f"{stats['bytes'] / 1e6:.1f} MB ({stats['documents']:,} documents) in {seconds:.0f}s -> {out}")
     if stats["bad_skipped"]:

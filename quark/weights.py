@@ -318,5 +318,5 @@ def load_for_inference(path: str | Path, device: str = "auto", quantize: str | N
             raise ValueError(f"quantize={quantize!r}: allowed: int8")
         from .quantize import quantize_int8
 
-        model = quantize_int8(model).eval()
+        model = quantize_int8(model)
     return model.eval(), tokenizer
