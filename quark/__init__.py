@@ -1,5 +1,6 @@
 """Quark: train, fine-tune, evaluate and serve small self-hostable language models (Quark-72M)."""
 
+from . import fast as _fast  # noqa: F401 -- registers the fast decoder with quark.generate
 from .config import PRESETS, QuarkConfig
 from .model import KVCache, Quark
 

@@ -4,7 +4,8 @@ Choices:
 - A plain dataclass, validated on construction, so a bad value fails at once naming the field.
 - `vocab_size` counts embedding rows: the BPE base vocabulary plus the two ChatML control tokens
   (65,536 + 2 = 65,538 for quark-72m). `base_vocab_size` is derived.
-- Presets live in one registry (`PRESETS`); `from_name`, `from_file`, `from_dict` are the ways in,
+- Presets live in one registry (`PRESETS`); `from_name` and `from_dict` are the ways in (reading a file:
+  quark/weights.py `config_from_file`, so this file stays torch- and package-free for the HF export),
   and `to_dict`/`save` write the `config.json` that sits beside every checkpoint.
 """
 
@@ -14,8 +15,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-
-from .textio import read_utf8
 
 N_CHAT_TOKENS = 2  # <|im_start|>, <|im_end|>
 
@@ -103,18 +102,6 @@ class QuarkConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         return PRESETS[name]
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> QuarkConfig:
-        path = Path(path)
-        try:
-            d = json.loads(read_utf8(path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        d = d.get("quark", d)  # an HF config.json nests ours under "quark"
-        return cls.from_dict(d, source=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -7,10 +7,14 @@ Choices:
 - Attention is `F.scaled_dot_product_attention` with `enable_gqa=True`: K/V keep n_kv_heads, never repeated.
   A single-token step instead folds the query heads that share a KV head into queries of that head (plain
   SDPA, ~10-25% faster on CPU than the GQA path).
-- One KV-cache layout `(n_layers, B, n_kv, max_len, hd)`. `input_pos` says which cache slots the new tokens
-  fill: shape (T,) shared by the batch, or (B, T) per row (continuous batching). The RoPE position of a
-  token is its slot; a left-padded row therefore sees the same relative positions as an unpadded one.
-  `key_mask` (B, max_len) marks the real (non-pad) slots.
+- The layer math is written once (`rms_norm`, `apply_rope`, `attend`, `layer_forward`); quark/fast.py runs the
+  same functions over its fused weights. To change the architecture, edit this file (and the exports'
+  parameter maps in quark/hf/ when a parameter is added or renamed).
+- One cache type, `KVCache`: a (B, n_kv, max_len, hd) tensor per layer. `input_pos` says which cache slots the
+  new tokens fill: an int start, a (T,) tensor shared by the batch, or (B, T) per row (continuous batching).
+  The RoPE position of a token is its slot; a left-padded row therefore sees the same relative positions as an
+  unpadded one. `key_mask` (B, max_len) marks the real (non-pad) slots. How many slots to attend over is the
+  caller's to say (`n_keys`), so the model never waits on the device to find out.
 - `loss()` computes the cross-entropy in chunks of rows so the (tokens x 65,538) logits never exist at once.
 - This file imports only torch (and is copied beside `modeling_quark.py` by the HF export), so it must not
   import anything from the quark package except as a sibling-relative `config` fallback.
@@ -19,10 +23,16 @@ Choices:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 (as Llama), scaled by `weight`, back in x's dtype."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -31,11 +41,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device=None):
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_len, head_dim) in fp32, Llama's half-split layout."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     t = torch.arange(max_len, device=device, dtype=torch.float32)
@@ -44,69 +54,163 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None):
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x, cos, sin):
-    # x (B, H, T, hd); cos/sin broadcastable to it
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., hd) by cos/sin broadcastable to it (Llama's rotate-half), computed in fp32."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
+def attention_mask(slots: torch.Tensor, n_keys: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B|1, 1, T, n_keys) mask for queries at cache slots `slots` ((T,) or (B, T)): a query sees the
+    slots up to its own that hold real tokens (`key_mask` (B, >= n_keys)), and always its own slot, so a
+    padding query attends to something."""
+    keys = torch.arange(n_keys, device=slots.device)
+    q = (slots if slots.dim() == 2 else slots[None])[..., None]  # (B|1, T, 1)
+    see = keys <= q
+    if key_mask is not None:
+        see = see & (key_mask[:, None, :n_keys] | (keys == q))
+    return see[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           causal: bool = False) -> torch.Tensor:
+    """Attention of q (B, nh, T, hd) over k, v (B, n_kv, L, hd) -> (B, T, nh * hd). K/V are never repeated:
+    prefill uses SDPA's GQA path; a single-token step folds the nh / n_kv query heads that share a KV head into
+    that many queries of it (plain SDPA, ~10-25% faster on CPU than the GQA path)."""
+    B, nh, T, hd = q.shape
+    n_kv = k.shape[1]
+    if T == 1 and nh != n_kv:
+        y = F.scaled_dot_product_attention(q.reshape(B, n_kv, nh // n_kv, hd), k, v, attn_mask=mask)
+        return y.reshape(B, 1, nh * hd)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=nh != n_kv)
+    return y.transpose(1, 2).reshape(B, T, nh * hd)
+
+
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layers, B, n_kv, max_len, hd)."""
+    """Preallocated keys/values, one (B, n_kv, max_len, hd) tensor per layer (so a compiled step mutates whole
+    graph inputs in place). The one cache of every decode path: generate, the fast decoder, the serving engine,
+    evaluation."""
 
     def __init__(self, config, batch_size: int, max_len: int | None = None, device=None, dtype=torch.float32):
         max_len = max_len or config.context_length
         if max_len > config.context_length:
             raise ValueError(f"KVCache max_len={max_len} exceeds the model's context_length={config.context_length}")
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.batch_size, self.max_len = batch_size, max_len
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
-    def update(self, layer: int, input_pos, k, v):
-        # k, v: (B, n_kv, T, hd)
-        if input_pos.dim() == 1:
-            self.k[layer, :, :, input_pos] = k
-            self.v[layer, :, :, input_pos] = v
-        else:  # per-row slots (B, T)
+    @classmethod
+    def of(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, layer: int, slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at `slots`: an int (slots s..s+T-1 of every row), a (T,) tensor, or a
+        (B, T) tensor of per-row slots (continuous batching). Returns the layer's whole keys and values."""
+        K, V = self.k[layer], self.v[layer]
+        if isinstance(slots, int):
+            K[:, :, slots:slots + k.shape[2]] = k
+            V[:, :, slots:slots + k.shape[2]] = v
+        elif slots.dim() == 1:
+            K[:, :, slots] = k
+            V[:, :, slots] = v
+        else:  # advanced indices around a slice: the indexed dims come first, (B, T, n_kv, hd)
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.k[layer, rows, :, input_pos] = k.transpose(1, 2)
-            self.v[layer, rows, :, input_pos] = v.transpose(1, 2)
-        return self.k[layer], self.v[layer]
+            K[rows, :, slots] = k.transpose(1, 2)
+            V[rows, :, slots] = v.transpose(1, 2)
+        return K, V
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as views (writes go through)."""
+        return KVCache.of([t[start:stop] for t in self.k], [t[start:stop] for t in self.v])
+
+    def select(self, rows: torch.Tensor, width: int) -> KVCache:
+        """A copy of the first `width` slots of `rows` (B',): e.g. one cached context per choice."""
+        return KVCache.of([t[:, :, :width].index_select(0, rows) for t in self.k],
+                          [t[:, :, :width].index_select(0, rows) for t in self.v])
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` slots into row dst (a serving engine keeping its rows compact)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class Context:
+    """What one forward call's layers share besides the activations: the RoPE rows, the cache and where the
+    new tokens go in it, the keys to attend over and their mask."""
+
+    cos: torch.Tensor  # (T, 1, hd) or (B, T, 1, hd), broadcast over heads of (B, T, H, hd)
+    sin: torch.Tensor
+    cache: KVCache | None = None
+    slots: int | torch.Tensor | None = None
+    n_keys: int | None = None
+    mask: torch.Tensor | None = None
+    causal: bool = False
+
+    @classmethod
+    def build(cls, tables: tuple[torch.Tensor, torch.Tensor], T: int, *, cache=None, slots=None, key_mask=None,
+              n_keys: int | None = None) -> Context:
+        """`slots`: None (tokens at 0..T-1), an int s (at s..s+T-1, known on the host), or a (T,) / (B, T)
+        tensor. `n_keys`: how many cache slots to attend over; the caller knows it (no host sync here). With a
+        tensor of slots and no n_keys the whole cache is attended over, masked. `key_mask` (B, >= n_keys) marks
+        the slots that hold real tokens (padding: False)."""
+        cos, sin = tables
+        if slots is None or isinstance(slots, int):
+            s = slots or 0
+            cos, sin = cos[s:s + T, None], sin[s:s + T, None]  # (T, 1, hd)
+        else:
+            cos, sin = cos[slots].unsqueeze(-2), sin[slots].unsqueeze(-2)  # (T | B,T, 1, hd)
+        if cache is None:  # the keys are the T tokens themselves; slots only move RoPE
+            mask = None if key_mask is None else attention_mask(torch.arange(T, device=cos.device), T, key_mask)
+            return cls(cos, sin, None, slots, T, mask, causal=mask is None and T > 1)
+        if isinstance(slots, int):
+            n = n_keys if n_keys is not None else slots + T
+            if key_mask is None and n == slots + T and (slots == 0 or T == 1):
+                return cls(cos, sin, cache, slots, n, None, causal=T > 1)  # top-left causal is exact here
+            slots_t = torch.arange(slots, slots + T, device=cos.device)
+            return cls(cos, sin, cache, slots, n, attention_mask(slots_t, n, key_mask))
+        n = n_keys if n_keys is not None else cache.max_len
+        return cls(cos, sin, cache, slots, n, attention_mask(slots, n, key_mask))
+
+
+def layer_forward(layer, x: torch.Tensor, ctx: Context, i: int) -> torch.Tensor:
+    """Decoder layer i: x + attention(norm(x)), then + SwiGLU(norm(x)). The one place this math lives: `Block`
+    (the model's layers) and quark/fast.py's fused layers both provide `ln1`, `ln2`, `eps`, `qkv(x)` -> q, k, v
+    (B, T, H, hd), `o(y)`, `gate_up(x)` -> (gate, up) and `down(h)`."""
+    q, k, v = layer.qkv(rms_norm(x, layer.ln1, layer.eps))
+    q = apply_rope(q, ctx.cos, ctx.sin).transpose(1, 2)  # (B, nh, T, hd)
+    k = apply_rope(k, ctx.cos, ctx.sin).transpose(1, 2)  # (B, n_kv, T, hd)
+    v = v.transpose(1, 2)
+    if ctx.cache is not None:
+        k, v = ctx.cache.update(i, ctx.slots, k, v)
+        k, v = k[:, :, :ctx.n_keys], v[:, :, :ctx.n_keys]
+    x = x + layer.o(attend(q, k, v, ctx.mask, ctx.causal))
+    gate, up = layer.gate_up(rms_norm(x, layer.ln2, layer.eps))
+    return x + layer.down(F.silu(gate) * up)
 
 
 class Attention(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
-
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, input_pos, mask, n_keys: int | None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, input_pos, k, v)
-            k, v = k[:, :, :n_keys], v[:, :, :n_keys]  # (B, n_kv, L, hd)
-        if T == 1 and self.n_heads != self.n_kv_heads:
-            # decode: the g query heads that share a KV head become g queries of that head (no GQA expansion;
-            # the mask (B|1, 1, 1, L) is the same for all of them)
-            g = self.n_heads // self.n_kv_heads
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=mask)
-            return self.o_proj(y.reshape(B, 1, -1))
-        is_causal = mask is None and cache is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -116,21 +220,41 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class Block(nn.Module):
+    """One decoder layer with Llama's parameter names; its math is `layer_forward`."""
+
     def __init__(self, c):
         super().__init__()
+        self.hd, self.eps = c.head_dim, c.norm_eps
         self.input_layernorm = RMSNorm(c.d_model, c.norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.d_model, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, layer, cache, input_pos, mask, n_keys):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, input_pos, mask, n_keys)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    @property
+    def ln1(self) -> torch.Tensor:
+        return self.input_layernorm.weight
+
+    @property
+    def ln2(self) -> torch.Tensor:
+        return self.post_attention_layernorm.weight
+
+    def qkv(self, x):
+        a, shape = self.self_attn, (*x.shape[:2], -1, self.hd)
+        return a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
+
+    def o(self, y):
+        return self.self_attn.o_proj(y)
+
+    def gate_up(self, x):
+        return self.mlp.gate_proj(x), self.mlp.up_proj(x)
+
+    def down(self, h):
+        return self.mlp.down_proj(h)
+
+    def forward(self, x: torch.Tensor, ctx: Context, i: int) -> torch.Tensor:
+        return layer_forward(self, x, ctx, i)
 
 
 class Backbone(nn.Module):
@@ -188,44 +312,26 @@ class Quark(nn.Module):
         return self.model.norm.weight.dtype
 
     # ---- forward ------------------------------------------------------------------------------------------
-    def hidden(self, idx, cache: KVCache | None = None, input_pos=None, key_mask=None):
-        """Final-norm hidden states (B, T, d_model)."""
-        B, T = idx.shape
-        mask, n_keys = None, None
-        if input_pos is None:
-            if cache is not None:
-                raise ValueError("input_pos is required when a KV cache is given")
-            if T > self.config.context_length:
-                raise ValueError(f"sequence length {T} exceeds context_length={self.config.context_length}")
-            pos = torch.arange(T, device=idx.device)
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hd)
-        else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hd) or (B, T, hd)
-            if input_pos.dim() == 2:
-                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-            if cache is not None:
-                n_keys = int(input_pos.max()) + 1
-                mask = self._cache_mask(input_pos, n_keys, key_mask, T)
+    def hidden(self, idx, cache: KVCache | None = None, input_pos=None, key_mask=None,
+               n_keys: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model). With a cache, `input_pos` says which slots the tokens fill
+        (an int start, or a (T,) / (B, T) tensor) and `n_keys` how many slots to attend over (see
+        `Context.build`: the caller knows it, so nothing here waits on the device)."""
+        T = idx.shape[1]
+        if cache is not None and input_pos is None:
+            raise ValueError("input_pos is required when a KV cache is given")
+        if cache is None and input_pos is None and T > self.config.context_length:
+            raise ValueError(f"sequence length {T} exceeds context_length={self.config.context_length}")
+        ctx = Context.build((self.rope_cos, self.rope_sin), T, cache=cache, slots=input_pos, key_mask=key_mask,
+                            n_keys=n_keys)
         x = self.model.embed_tokens(idx)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, cache, input_pos, mask, n_keys)
+            x = layer(x, ctx, i)
         return self.model.norm(x)
 
-    @staticmethod
-    def _cache_mask(input_pos, n_keys: int, key_mask, T: int):
-        """Boolean (B|1, 1, T, n_keys) mask: a query sees earlier-or-same slots that hold real tokens.
-        None when every query sees every key (single-token decode, no padding)."""
-        if key_mask is None and T == 1 and input_pos.dim() == 1:
-            return None
-        keys = torch.arange(n_keys, device=input_pos.device)
-        qpos = input_pos if input_pos.dim() == 2 else input_pos[None]  # (B|1, T)
-        mask = keys[None, None, :] <= qpos[:, :, None]  # (B|1, T, L)
-        if key_mask is not None:
-            mask = mask & key_mask[:, None, :n_keys]
-        return mask[:, None]
-
-    def forward(self, idx, cache: KVCache | None = None, input_pos=None, key_mask=None):
-        return self.lm_head(self.hidden(idx, cache, input_pos, key_mask)).float()
+    def forward(self, idx, cache: KVCache | None = None, input_pos=None, key_mask=None,
+                n_keys: int | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden(idx, cache, input_pos, key_mask, n_keys)).float()
 
     def loss(self, idx, targets, loss_mask=None, chunk_rows: int = 4096, reduction: str = "mean"):
         """Next-token cross-entropy, computed in chunks so full logits never materialise.

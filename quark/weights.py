@@ -177,17 +177,26 @@ def config_from_folder(folder: str | Path) -> QuarkConfig:
         pickles = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
         hint = f" (found pickle files {pickles}, which Quark refuses to load)" if pickles else ""
         raise FileNotFoundError(f"{cfg_path}: missing config.json{hint}")
+    return config_from_file(cfg_path)
+
+
+def config_from_file(path: str | Path) -> QuarkConfig:
+    """A QuarkConfig from a JSON file: ours, an HF export's config.json (ours nested under "quark"), or a Llama
+    config.json."""
+    path = Path(path)
     try:
-        d = json.loads(read_utf8(cfg_path))
+        d = json.loads(read_utf8(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: config file not found") from None
     except json.JSONDecodeError as e:
-        raise IntegrityError(f"{cfg_path}: not valid JSON ({e})") from None
+        raise IntegrityError(f"{path}: not valid JSON ({e})") from None
     except ValueError as e:  # not UTF-8
         raise IntegrityError(str(e)) from None
     if "quark" in d:
-        return QuarkConfig.from_dict(d["quark"], source=str(cfg_path))
+        return QuarkConfig.from_dict(d["quark"], source=str(path))
     if d.get("model_type") == "llama" or "LlamaForCausalLM" in d.get("architectures", []):
-        return config_from_llama(d, str(cfg_path))
-    return QuarkConfig.from_dict(d, source=str(cfg_path))
+        return config_from_llama(d, str(path))
+    return QuarkConfig.from_dict(d, source=str(path))
 
 
 def config_from_llama(d: dict, source: str) -> QuarkConfig:

@@ -7,7 +7,7 @@ import torch
 
 from quark import Quark
 from quark.config import PRESETS
-from quark.fast import FastDecoder, FusedWeights, decoder_for
+from quark.fast import FastDecoder, FusedWeights, decoder_for, refresh
 from quark.generate import generate, generate_text
 
 
@@ -85,19 +85,30 @@ def test_generate_text_uses_fast_path_by_default(model, monkeypatch):
 
 
 @pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3], [4, 5]]])  # one row; batched: (in, out) weights
-def test_fused_weights_follow_in_place_updates_and_replacement(prompts):
+def test_fused_weights_follow_optimizer_steps_loads_and_replacement(prompts):
     m = Quark(PRESETS["test"]).init_weights(seed=9).eval()
-    before = generate(m, prompts, max_new_tokens=10, temperature=0.0)
-    with torch.no_grad():  # an optimizer step, in place
+
+    def same_as_plain():
+        fast = generate(m, prompts, max_new_tokens=10, temperature=0.0)
+        assert fast == generate(m, prompts, max_new_tokens=10, temperature=0.0, fast=False)
+        return fast
+
+    before = same_as_plain()
+    opt = torch.optim.SGD(m.parameters(), lr=5.0)  # a real optimizer step, in place
+    m.loss(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[7, 7, 7, 7]])).backward()
+    opt.step()
+    stepped = same_as_plain()
+    assert stepped != before
+    m.load_state_dict(Quark(PRESETS["test"]).init_weights(seed=9).state_dict())  # back to the first weights
+    assert same_as_plain() == before
+    with torch.no_grad():  # a hand edit is not seen until refresh()
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    after = generate(m, prompts, max_new_tokens=10, temperature=0.0)
-    assert after == generate(m, prompts, max_new_tokens=10, temperature=0.0, fast=False)
-    assert after != before
+    refresh(m)
+    assert same_as_plain() != before
     # replaced tensors (new storage) force a rebuild
     m.model.layers[0].self_attn.k_proj.weight = torch.nn.Parameter(torch.randn(32, 64) * 0.3)
-    assert generate(m, prompts, max_new_tokens=10, temperature=0.0) == \
-        generate(m, prompts, max_new_tokens=10, temperature=0.0, fast=False)
+    same_as_plain()
 
 
 def test_nan_logits_in_fast_path_fall_back_to_greedy(model, monkeypatch):
@@ -223,3 +234,32 @@ def test_cuda_graph_per_row_positions_match_forward(model):
         for r, s in enumerate(seqs):
             assert (out[r] - refs[r][s.shape[1] - 3 + j]).abs().max().item() <= 1e-3
     assert dec.graph not in (None, False)
+
+
+def test_one_change_to_the_model_math_reaches_every_path(monkeypatch):
+    """The layer math lives once in quark/model.py: change RMSNorm's eps handling there and the training forward,
+    the reference decoder, the fast decoder (eager and static), the serving engine and scoring all follow it."""
+    import quark.model
+    from quark.eval.scoring import score_tokens
+    from quark.generate import Decoder
+    from quark.serve.engine import Engine, SamplingParams
+
+    m = Quark(PRESETS["test"]).init_weights(seed=3).eval()
+    idx = torch.randint(1, 400, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base = m(idx)
+    orig = quark.model.rms_norm
+    monkeypatch.setattr(quark.model, "rms_norm", lambda x, w, eps: orig(x, w, eps=0.5))  # the one-line change
+    with torch.no_grad():
+        ref = m(idx)
+    assert (ref - base).abs().max().item() > 1e-2  # the change shows in the plain forward
+    for dec in (Decoder(m, 2, 16), decoder_for(m, 2, 16), FastDecoder(m, FusedWeights(m), 2, 16, use_graph=True)):
+        got = [dec.prefill(idx[:, :8])] + [dec.step(idx[:, t]) for t in range(8, 12)]
+        assert (torch.stack(got, 1)[:, :-1] - ref[:, 7:-1]).abs().max().item() <= 1e-4, type(dec).__name__
+    engine = Engine(m, stop_ids=[], max_batch=2)
+    first = list(engine.iter_tokens(engine.submit(idx[0].tolist(), SamplingParams(1, temperature=0.0))))
+    assert first == [int(ref[0, -1].argmax())]
+    ctx, cont = idx[0, :8].tolist(), idx[0, 8:].tolist()
+    (lp, _), = score_tokens(m, [(ctx, cont)])
+    want = torch.log_softmax(ref[0, 7:11], -1).gather(1, idx[0, 8:12, None]).sum().item()
+    assert abs(lp - want) <= 1e-3

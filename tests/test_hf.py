@@ -114,17 +114,16 @@ def _imports(path):
             yield node.module.split(".")[0]
 
 
-def test_remote_code_imports_only_torch_transformers_and_siblings(exported):
-    stdlib = set(sys.stdlib_module_names) | {"__future__"}
-    core = {"configuration_quark.py", "modeling_quark.py", "model.py", "config.py", "generate.py", "sampling.py"}
+def test_remote_code_is_exactly_the_model_and_imports_only_torch_transformers_and_siblings(exported):
+    shipped = sorted(f.name for f in exported.glob("*.py"))
+    assert shipped == ["config.py", "configuration_quark.py", "generate.py", "model.py", "modeling_quark.py",
+                       "sampling.py"]
+    allowed = set(sys.stdlib_module_names) | {"__future__", "torch", "transformers"}
     for f in exported.glob("*.py"):
-        allowed = stdlib | {"torch", "transformers"}
-        if f.name not in core:  # siblings pulled in transitively may use transformers' own dependencies
-            allowed |= {"safetensors", "tokenizers", "numpy"}
         bad = set(_imports(f)) - allowed
         assert not bad, f"{f.name} imports {bad}"
         for rel in re.findall(r"^\s*from\s+\.(\S+)\s+import", f.read_text(), flags=re.MULTILINE):
-            assert (exported / f"{rel}.py").exists(), f"{f.name} imports .{rel}, which the folder lacks"
+            assert f"{rel}.py" in shipped, f"{f.name} imports .{rel}, which the folder lacks"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -8,9 +8,10 @@ import torch
 
 from quark.config import QuarkConfig
 from quark.fast import FastDecoder
+from quark.generate import Decoder
 from quark.generate import generate as _generate
 from quark.model import Quark
-from quark.serve.engine import Engine, PlainRows, SamplingParams
+from quark.serve.engine import Engine, SamplingParams
 from quark.serve.text import IncrementalDecoder, StopMatcher
 
 CFG = QuarkConfig.from_name("test")
@@ -40,12 +41,12 @@ def generate(*a, **kw):
 
 
 def make_engine(model, fast: bool, monkeypatch, **kw) -> Engine:
-    """An engine on the fast decoder (fused weights, per-row step), or on PlainRows (QUARK_FAST=0)."""
+    """An engine on the fast decoder (fused weights, per-row step), or on the reference Decoder (QUARK_FAST=0)."""
     if not fast:
         monkeypatch.setenv("QUARK_FAST", "0")
     engine = Engine(model, **kw)
     monkeypatch.delenv("QUARK_FAST", raising=False)
-    assert isinstance(engine.dec, FastDecoder if fast else PlainRows)
+    assert type(engine.dec) is (FastDecoder if fast else Decoder)
     return engine
 
 

@@ -113,7 +113,7 @@ def _score_batch(model, batch, conts, dev) -> list[tuple[float, bool]]:
         idx[b, :len(c)] = torch.tensor(c)
     idx = idx.to(dev)
     cache = KVCache(model.config, B, width, device=dev, dtype=model.dtype)
-    h = model.hidden(idx, cache, torch.arange(Tc, device=dev), key_mask=slots[None] < ctx_lens[:, None])
+    h = model.hidden(idx, cache, 0, key_mask=slots[None] < ctx_lens[:, None], n_keys=Tc)
     last = h[torch.arange(B, device=dev), ctx_lens - 1]  # (B, d): predicts each continuation's first token
     first_lp = F.log_softmax(model.lm_head(last).float(), dim=-1)  # (B, V)
 
@@ -152,14 +152,11 @@ def _similar_lengths(order: list[int], lengths: list[int], slack: float = 0.1, f
 def _score_continuations(model, cache: KVCache, sel, ctx_lens, conts: list[tuple[int, ...]]):
     """Sum log-probs and all-greedy flags of continuation tokens 1.. of each row, on copies of the cache rows
     `sel` (their contexts). Row r's tokens fill slots ctx_len .. ctx_len + len - 2; its padding lands after."""
-    dev = cache.k.device
+    dev = ctx_lens.device
     R, Tn = len(conts), max(len(x) for x in conts) - 1
     start = ctx_lens[sel]  # (R,)
     width = int(start.max()) + Tn
-    ccache = KVCache.__new__(KVCache)
-    ccache.k = cache.k[:, :, :, :width].index_select(1, sel)
-    ccache.v = cache.v[:, :, :, :width].index_select(1, sel)
-    ccache.batch_size, ccache.max_len = R, width
+    ccache = cache.select(sel, width)
     inp = torch.zeros(R, Tn, dtype=torch.long)  # built on the host, moved once
     tgt = torch.zeros(R, Tn, dtype=torch.long)
     valid = torch.zeros(R, Tn, dtype=torch.bool)
@@ -169,7 +166,7 @@ def _score_continuations(model, cache: KVCache, sel, ctx_lens, conts: list[tuple
     inp, tgt, valid = inp.to(dev), tgt.to(dev), valid.to(dev)
     pos = start[:, None] + torch.arange(Tn, device=dev)[None]  # (R, Tn)
     key_mask = torch.arange(width, device=dev)[None] < (start + valid.sum(1))[:, None]
-    h = model.hidden(inp, ccache, pos, key_mask=key_mask)  # (R, Tn, d)
+    h = model.hidden(inp, ccache, pos, key_mask=key_mask, n_keys=width)  # (R, Tn, d)
     logp = F.log_softmax(model.lm_head(h[valid]).float(), dim=-1)  # (N valid, V)
     t = tgt[valid]
     tok_lp = logp.gather(1, t[:, None]).squeeze(1)

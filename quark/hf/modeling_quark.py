@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_quark import QuarkConfig, core_config
 from .generate import generate_text as _generate_text
-from .model import KVCache, Quark
+from .model import Quark
 
 # transformers 5.24 renamed the output field `past_key_values` to `cache`
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -99,7 +99,7 @@ class QuarkForCausalLM(PreTrainedModel, GenerationMixin):
             from transformers import DynamicCache
 
             cache = DynamicCache()
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
         if past + T > core.config.context_length:
             raise ValueError(f"sequence length {past + T} exceeds the model's context_length="
@@ -108,13 +108,9 @@ class QuarkForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             key_mask = attention_mask[:, :past + T].bool()
         if cache is not None:
-            pos = torch.arange(past, past + T, device=input_ids.device)
-            h = core.hidden(input_ids, _CacheSlots(cache), pos, key_mask)
-        elif key_mask is not None:  # padding without a cache: a one-shot cache carries the mask
-            slots = KVCache(core.config, B, T, device=input_ids.device, dtype=self.lm_head.weight.dtype)
-            h = core.hidden(input_ids, slots, torch.arange(T, device=input_ids.device), key_mask)
+            h = core.hidden(input_ids, _CacheSlots(cache), past, key_mask, n_keys=past + T)
         else:
-            h = core.hidden(input_ids)
+            h = core.hidden(input_ids, key_mask=key_mask)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):

@@ -3,10 +3,10 @@
 Choices:
 - One owner: a single thread (or the caller, for the chat) runs `step()`; other threads only `submit()` and
   `cancel()`, which touch a lock-protected queue. The model and the KV cache are never shared.
-- One preallocated cache with `max_batch` rows and the full context, owned by the model's fast decoder
-  (`quark.fast.FastDecoder`: fused weights; on CUDA its captured CUDA-graph step), or for a model the fast path
-  does not take (`QUARK_FAST=0`, an overridden forward/hidden) by `PlainRows` over `Quark.hidden` and a
-  `KVCache`; both have the same three methods (`prefill_rows`, `step`, `move_row`). Active sequences are kept
+- One preallocated cache with `max_batch` rows and the full context, owned by the model's decoder
+  (`quark.generate.make_decoder`: quark/fast.py's FastDecoder with fused weights and on CUDA its captured
+  CUDA-graph step, or the reference `Decoder` for a model the fast path does not take: `QUARK_FAST=0`, an
+  overridden forward/hidden), through its per-row methods `prefill_rows`, `step`, `move_row`. Active sequences are kept
   compact in rows 0..n-1 (a finished row is filled by moving the last one into it), so each decode step runs
   exactly n rows, each at its own position (per-row slots `lengths[:n]`). A row's stale slots from an
   earlier occupant are never read: a query only sees slots at or before its own position, and every such
@@ -48,8 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..fast import decoder_for, supports_fast
-from ..model import KVCache
+from ..generate import check_prompts, make_decoder
 from ..sampling import RECOMMENDED, check_sampling_args, sample_next
 
 
@@ -133,13 +132,7 @@ def check_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int
     """ValueError unless the request can run: valid params, a non-empty prompt of ids in range, and prompt +
     max_new_tokens within the context."""
     params.check()
-    if not prompt:
-        raise ValueError("the prompt is empty: it needs at least one token")
-    if any(not 0 <= t < vocab_size for t in prompt):
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-    if len(prompt) + params.max_new_tokens > context_length:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                         f"the context length {context_length}")
+    check_prompts([prompt], params.max_new_tokens, vocab_size, context_length)
 
 
 class Request:
@@ -172,37 +165,6 @@ class _Row:
         self.req, self.length, self.generator = req, len(req.prompt), generator
 
 
-def _cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
-    """A KVCache whose tensors are views of rows start..stop-1 of `cache` (writes go through)."""
-    view = object.__new__(KVCache)
-    view.k, view.v = cache.k[:, start:stop], cache.v[:, start:stop]
-    view.batch_size, view.max_len = stop - start, cache.max_len
-    return view
-
-
-class PlainRows:
-    """The engine's rows through the plain model (`Quark.hidden` + a `KVCache`), with FastDecoder's
-    continuous-batching methods; for models the fast path does not take."""
-
-    def __init__(self, model, max_batch: int):
-        self.model = model
-        self.cache = KVCache(model.config, max_batch, model.config.context_length, device=model.device,
-                             dtype=model.dtype)
-
-    def prefill_rows(self, idx: torch.Tensor, lengths: torch.Tensor, start: int) -> torch.Tensor:
-        m, T = idx.shape
-        h = self.model.hidden(idx, _cache_rows(self.cache, start, start + m), torch.arange(T, device=idx.device))
-        return self.model.lm_head(h[torch.arange(m, device=idx.device), lengths - 1]).float()
-
-    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        n = tok.shape[0]
-        return self.model(tok[:, None], _cache_rows(self.cache, 0, n), pos[:, None])[:, -1]
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
-        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
-
-
 class Engine:
     """Continuous batching over one model. Use `start()` for a background thread, or call `step()` yourself."""
 
@@ -221,11 +183,8 @@ class Engine:
         self.admit_batch, self.admit_wait_steps = admit_batch, admit_wait_steps
         self._waited = 0  # decode steps the oldest waiting request has waited
         self.device = model.device  # the norms' device, also after int8 weight quantization
-        if supports_fast(model):
-            self.dec = decoder_for(model, max_batch, cfg.context_length)  # CUDA: a captured graph decoder
-            self.dec.busy = True  # the engine owns it for good: generate() calls get their own decoders
-        else:
-            self.dec = PlainRows(model, max_batch)
+        self.dec = make_decoder(model, max_batch, cfg.context_length)  # CUDA: a captured graph decoder
+        self.dec.busy = True  # the engine owns it for good: generate() calls get their own decoders
         self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.hist = torch.zeros(max_batch, cfg.context_length + 1, dtype=torch.long, device=self.device)
         self.last_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -397,7 +356,8 @@ class Engine:
     def _decode(self) -> None:
         n = len(self.rows)
         self.stats["peak_batch"] = max(self.stats["peak_batch"], n)
-        logits = self.dec.step(self.last_tok[:n], self.lengths[:n])  # (n, V)
+        n_keys = max(row.length for row in self.rows) + 1  # known here: the decoder need not ask the device
+        logits = self.dec.step(self.last_tok[:n], self.lengths[:n], n_keys)  # (n, V)
         for row in self.rows:
             row.length += 1
         self.lengths[:n] += 1

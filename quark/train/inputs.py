@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import QuarkConfig
 from ..data.loader import read_manifest
 from ..tokenizer import Tokenizer
-from ..weights import config_from_folder, resolve_model_path
+from ..weights import config_from_file, config_from_folder, resolve_model_path
 from .config import TrainConfig
 
 
@@ -64,7 +64,7 @@ def model_config(cfg: TrainConfig) -> QuarkConfig:
     name = cfg.model
     if Path(name).suffix == ".json" or Path(name).is_dir():
         p = Path(name)
-        return config_from_folder(p) if p.is_dir() else QuarkConfig.from_file(p)
+        return config_from_folder(p) if p.is_dir() else config_from_file(p)
     return QuarkConfig.from_name(name)
 
 
