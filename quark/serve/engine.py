@@ -21,7 +21,7 @@ Choices:
   for decoding; an idle engine admits at once.
 - Rows are grouped by (temperature, top_p, rep_penalty) and sampled together with the engine's generator. A
   request with a `seed` gets its own generator and is sampled alone by `quark.sampling.sample_next`, so its
-  tokens are those of `generate(..., seed=seed)` whatever else is in the batch. Unseeded groups use
+  tokens are those of `generate(..., seed=seed)` whatever else is in the batch. Unseeded groups use quark/sampling.py
   `nucleus_sample`: the same distribution as `sample_next` (same repetition penalty, temperature, top-p set and
   NaN guard) without its full-vocabulary `torch.sort` and `multinomial`, which on CPU cost ~250 ms and ~120 ms
   per step at 32 x 65,538 logits (more than the model): it draws by inverse CDF and rejects draws outside the
@@ -46,69 +46,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..generate import check_prompts, make_decoder
-from ..sampling import RECOMMENDED, check_sampling_args, sample_next
-
-
-def rep_penalty_ids(logits: torch.Tensor, ids: torch.Tensor, rep_penalty: float) -> torch.Tensor:
-    """`quark.sampling.apply_rep_penalty` where the seen set is given as ids (B, S) (repeats allowed): only
-    those entries are read and written. logits (B, V) float."""
-    if rep_penalty == 1.0:
-        return logits
-    vals = logits.gather(1, ids)
-    return logits.scatter(1, ids, torch.where(vals > 0, vals / rep_penalty, vals * rep_penalty))
-
-
-def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
-                   generator: torch.Generator | None = None, tries: int = 4) -> torch.Tensor:
-    """logits (B, V) (repetition penalty already applied) -> tokens (B,), distributed as `sample_next` draws.
-
-    `top_p_filter` keeps a token when the mass of the tokens ranked above it is < top_p. Here a token is drawn
-    from the full distribution by inverse CDF and kept under that same rule (the mass of strictly more likely
-    tokens, one pass over the row), else drawn again: rejection sampling, which draws exactly p / mass(kept) over
-    the kept set and accepts with probability >= top_p, so no row is sorted. A row still rejected after `tries`
-    draws is sampled from its explicitly masked distribution (one sort, of that row only)."""
-    logits = logits.float()
-    finite = torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1))  # NaN propagates through both
-    all_finite = bool(finite.all())
-    safe = logits if all_finite else torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
-    if temperature == 0.0:
-        return safe.argmax(-1)
-    probs = (safe / temperature).softmax(-1)  # (B, V)
-    B, V = probs.shape
-    cdf = probs.cumsum(-1)
-
-    def draw(rows):
-        c = cdf if rows is None else cdf[rows]
-        u = torch.rand(c.shape[0], 1, generator=generator, device=probs.device) * c[:, -1:]
-        return torch.searchsorted(c, u, right=True).squeeze(-1).clamp(max=V - 1)
-
-    tok = draw(None)
-    rows = torch.arange(B, device=probs.device)
-    if top_p < 1.0:
-        for attempt in range(tries + 1):
-            p = probs if attempt == 0 else probs[rows]  # (b, V)
-            pt = p.gather(-1, tok[rows][:, None]).clamp_min(1e-30)  # (b, 1)
-            # the mass ranked above the draw, in one float pass (~3x faster on CPU than a bool mask times p):
-            # threshold keeps p / pt where it is > 1, i.e. p > pt (up to a rounding tie, counted as not above)
-            above = F.threshold(p / pt, 1.0, 0.0).sum(-1) * pt[:, 0]
-            rejected = above >= top_p  # it already reaches top_p: the draw is outside the top-p set
-            rows = rows[rejected]
-            if len(rows) == 0:
-                break
-            if attempt < tries:
-                tok[rows] = draw(rows)
-            else:  # unlucky rows: mask explicitly (the top-p set is the first n_keep of the sorted row)
-                p = probs[rows]
-                desc = p.sort(dim=-1, descending=True).values
-                n_keep = ((desc.cumsum(-1) - desc) < top_p).sum(-1, keepdim=True).clamp(min=1)
-                kept = p * (p >= desc.gather(-1, n_keep - 1))
-                c = kept.cumsum(-1)
-                u = torch.rand(len(rows), 1, generator=generator, device=probs.device) * c[:, -1:]
-                tok[rows] = torch.searchsorted(c, u, right=True).squeeze(-1).clamp(max=V - 1)
-    return tok if all_finite else torch.where(finite, tok, safe.argmax(-1))
+from ..sampling import RECOMMENDED, check_sampling_args, nucleus_sample, rep_penalty_ids, sample_next
 
 
 @dataclass(frozen=True)
