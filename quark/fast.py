@@ -116,7 +116,7 @@ class FusedLayer:
     def __init__(self, blk, transposed: bool):
         a, m = blk.self_attn, blk.mlp
         self.ln1, self.ln2, self.eps, self.hd = blk.ln1, blk.ln2, blk.eps, blk.hd
-        self.split = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+        self.split = [a.q_proj.out_features // blk.hd, a.k_proj.out_features // blk.hd, a.v_proj.out_features // blk.hd]
         self.qkv_p = FusedLinear([a.q_proj, a.k_proj, a.v_proj], transposed)
         self.o = FusedLinear([a.o_proj], transposed)
         self.gate_up_p = FusedLinear([m.gate_proj, m.up_proj], transposed)
@@ -124,8 +124,7 @@ class FusedLayer:
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
 
     def qkv(self, x):
-        shape = (*x.shape[:2], -1, self.hd)
-        return [t.view(shape) for t in self.qkv_p(x).split(self.split, dim=-1)]
+        return self.qkv_p(x).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)  # heads of q, k, v
 
     def gate_up(self, x):
         return self.gate_up_p(x).chunk(2, dim=-1)

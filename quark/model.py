@@ -132,6 +132,8 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows start..stop-1 as views (writes go through)."""
+        if start == 0 and stop == self.batch_size:
+            return self
         return KVCache.of([t[start:stop] for t in self.k], [t[start:stop] for t in self.v])
 
     def select(self, rows: torch.Tensor, width: int) -> KVCache:
