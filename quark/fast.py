@@ -161,7 +161,7 @@ class FusedWeights:
 class FastDecoder(Decoder):
     """`Decoder` over fused weights; on CUDA (`use_graph`) a static, captured decode step."""
 
-    def __init__(self, model, weights: FusedWeights, batch_size: int, max_len: int, use_graph: bool = False,
+    def __init__(self, model, weights: FusedWeights, batch_size: int, max_len: int, *, use_graph: bool = False,
                  use_compile: bool = False, runner=None):
         super().__init__(model, batch_size, max_len)
         self.w = weights

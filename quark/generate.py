@@ -168,7 +168,7 @@ def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def stream_tokens(model, prompts, max_new_tokens: int = 200, temperature: float = 0.7, top_p: float = 0.9,
+def stream_tokens(model, prompts, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
                   rep_penalty: float = 1.0, eos_token_id: int | None = None, seed: int | None = None,
                   generator: torch.Generator | None = None,
                   fast: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -224,14 +224,15 @@ def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return w.device, w.dtype
 
 
-def generate(model, prompts, max_new_tokens: int = 200, temperature: float = 0.7, top_p: float = 0.9,
+def generate(model, prompts, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
              rep_penalty: float = 1.0, eos_token_id: int | None = None, seed: int | None = None,
              generator: torch.Generator | None = None, fast: bool | None = None) -> list[list[int]]:
     """New tokens for each prompt (a list of id lists), each cut after its eos (eos included).
     Tokens stay on the device until the end (one host transfer, no per-token sync)."""
     n_rows = len(_as_lists(prompts))
-    steps = [tok for tok, _ in stream_tokens(model, prompts, max_new_tokens, temperature, top_p, rep_penalty,
-                                             eos_token_id, seed, generator, fast)]
+    kw = dict(temperature=temperature, top_p=top_p, rep_penalty=rep_penalty, eos_token_id=eos_token_id, seed=seed,
+              generator=generator, fast=fast)
+    steps = [tok for tok, _ in stream_tokens(model, prompts, max_new_tokens, **kw)]
     if not steps:
         return [[] for _ in range(n_rows)]
     out = []
@@ -242,7 +243,7 @@ def generate(model, prompts, max_new_tokens: int = 200, temperature: float = 0.7
     return out
 
 
-def generate_text(model, input_ids, max_new_tokens: int = 200, temperature: float = 0.7, top_p: float = 0.9,
+def generate_text(model, input_ids, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
                   rep_penalty: float = 1.0, eos_token_id: int | None = None, attention_mask=None,
                   seed: int | None = None, generator: torch.Generator | None = None,
                   fast: bool | None = None) -> torch.Tensor:
@@ -254,8 +255,8 @@ def generate_text(model, input_ids, max_new_tokens: int = 200, temperature: floa
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
     else:
         prompts = input_ids
-    new = generate(model, prompts, max_new_tokens, temperature, top_p, rep_penalty, eos_token_id, seed, generator,
-                   fast)
+    new = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, rep_penalty=rep_penalty,
+                   eos_token_id=eos_token_id, seed=seed, generator=generator, fast=fast)
     n = max((len(r) for r in new), default=0)
     fill = eos_token_id if eos_token_id is not None else 0
     tail = torch.full((input_ids.shape[0], n), fill, dtype=input_ids.dtype, device=input_ids.device)

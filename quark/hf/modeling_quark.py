@@ -88,7 +88,7 @@ class QuarkForCausalLM(PreTrainedModel, GenerationMixin):
             core.reset_rope()
         return core
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,  # shape: transformers' forward signature
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, return_dict=None,
                 **kwargs) -> CausalLMOutputWithPast:
         if input_ids is None:
@@ -130,7 +130,7 @@ class QuarkForCausalLM(PreTrainedModel, GenerationMixin):
         return out.to_tuple() if return_dict is False else out
 
     @torch.no_grad()
-    def generate_text(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.7, top_p: float = 0.9,
+    def generate_text(self, input_ids, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
                       rep_penalty: float = 1.0, eos_token_id: int | None = None, attention_mask=None,
                       seed: int | None = None) -> torch.Tensor:
         """The card's generation method: (B, T) prompt ids -> (B, T + n) ids, prompt included.

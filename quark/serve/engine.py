@@ -110,7 +110,7 @@ class Engine:
 
     state = "ok"  # as `ProcessEngine.state`; a failed step fails only its requests, so this engine stays "ok"
 
-    def __init__(self, model, stop_ids: Sequence[int], max_batch: int = 32, prefill_tokens: int = 4096,
+    def __init__(self, model, stop_ids: Sequence[int], *, max_batch: int = 32, prefill_tokens: int = 4096,
                  seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
