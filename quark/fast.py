@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .cpu_settings import step_runner, threads_setting
+from .cpu_settings import Pinned, ThreadTuner, step_runner, threads_setting
 from .generate import Decoder, register_fast_decoder
-from .model import Context, KVCache, Quark, layer_forward
+from .model import Block, Context, KVCache, Quark, layer_forward
 from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_kernel, int8_linear
 
 _STALE = [0]  # bumped by every optimizer step and load_state_dict; fused copies remember the value they saw
@@ -102,7 +102,7 @@ class FusedLinear:
                 torch.cat([m.scale for m in self.mods], out=self.scale)
             self.scale_bf16.copy_(self.scale)
 
-    def __call__(self, x):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4:
             return int4_linear(x, self.weight, self.sz, self.packed)
         if self.int8:
@@ -113,7 +113,7 @@ class FusedLinear:
 class FusedLayer:
     """A decoder layer in the fused layout, with the interface `quark.model.layer_forward` reads."""
 
-    def __init__(self, blk, transposed: bool):
+    def __init__(self, blk: Block, transposed: bool):
         a, m = blk.self_attn, blk.mlp
         self.ln1, self.ln2, self.eps, self.hd = blk.ln1, blk.ln2, blk.eps, blk.hd
         self.split = [a.q_proj.out_features // blk.hd, a.k_proj.out_features // blk.hd, a.v_proj.out_features // blk.hd]
@@ -123,17 +123,17 @@ class FusedLayer:
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
 
-    def qkv(self, x):
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_p(x).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)  # heads of q, k, v
 
-    def gate_up(self, x):
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.gate_up_p(x).chunk(2, dim=-1)
 
 
 class FusedWeights:
     """The per-model weights of the fast path, shared by all decoders of that model."""
 
-    def __init__(self, model, transposed: bool = False):
+    def __init__(self, model: Quark, transposed: bool = False):
         self.embed = model.model.embed_tokens
         self.layers = [FusedLayer(blk, transposed) for blk in model.model.layers]
         self.norm = model.model.norm  # the model's RMSNorm module: its math is quark.model.rms_norm
@@ -143,11 +143,11 @@ class FusedWeights:
         self.ptrs = self._ptrs(model)
         self.seen = _STALE[0]
 
-    def _ptrs(self, model) -> list[int]:
+    def _ptrs(self, model: Quark) -> list[int]:
         held = [self.embed.weight, self.norm.weight, *self.tables] + [t for blk in model.model.layers for t in (blk.ln1, blk.ln2)]
         return [t.data_ptr() for t in held + [t for lin in self.linears for t in lin.sources()]]
 
-    def fresh(self, model) -> bool:
+    def fresh(self, model: Quark) -> bool:
         """Bring the fused copies up to date; False if the model's tensors were replaced (the caller rebuilds)."""
         if self._ptrs(model) != self.ptrs:
             return False
@@ -161,8 +161,8 @@ class FusedWeights:
 class FastDecoder(Decoder):
     """`Decoder` over fused weights; on CUDA (`use_graph`) a static, captured decode step."""
 
-    def __init__(self, model, weights: FusedWeights, batch_size: int, max_len: int, *, use_graph: bool = False,
-                 use_compile: bool = False, runner=None):
+    def __init__(self, model: Quark, weights: FusedWeights, batch_size: int, max_len: int, *, use_graph: bool = False,
+                 use_compile: bool = False, runner: ThreadTuner | Pinned | None = None):
         super().__init__(model, batch_size, max_len)
         self.w = weights
         self.use_graph, self.use_compile = use_graph, use_compile
@@ -186,7 +186,8 @@ class FastDecoder(Decoder):
         if not value and getattr(self, "runner", None) is not None:  # a generation let go: torch's own count
             self.runner.release()
 
-    def forward(self, idx, cache: KVCache, slots, key_mask, n_keys: int | None, last=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor, key_mask: torch.Tensor | None,
+                n_keys: int | None, last: torch.Tensor | None = None) -> torch.Tensor:
         ctx = Context.build(self.w.tables, idx.shape[1], cache=cache, slots=slots, key_mask=key_mask, n_keys=n_keys)
         x = self.w.embed(idx)
         for i, layer in enumerate(self.w.layers):
@@ -206,7 +207,7 @@ class FastDecoder(Decoder):
                 self._compiled_forward = None
         return self.forward(*args)
 
-    def decode(self, tok: torch.Tensor, slots, n_keys: int | None) -> torch.Tensor:
+    def decode(self, tok: torch.Tensor, slots: int | torch.Tensor, n_keys: int | None) -> torch.Tensor:
         if self.use_graph:
             b = tok.shape[0]
             self.static_tok[:b].copy_(tok)
@@ -270,7 +271,7 @@ def _pow2(n: int, lo: int) -> int:
 _PLAIN_FORWARD, _PLAIN_HIDDEN = Quark.forward, Quark.hidden
 
 
-def supports_fast(model) -> bool:
+def supports_fast(model: nn.Module) -> bool:
     """The fast path handles the Quark architecture (float, int8 or int4 weights). A model whose `forward` or
     `hidden` was overridden (a subclass or a patch) keeps the plain path, so the override is honoured."""
     return (fast_enabled() and isinstance(model, Quark) and type(model).forward is _PLAIN_FORWARD
@@ -278,7 +279,7 @@ def supports_fast(model) -> bool:
             and isinstance(model.model.embed_tokens, (nn.Embedding, Int8Embedding)))
 
 
-def refresh(model) -> None:
+def refresh(model: Quark) -> None:
     """Re-copy `model`'s fused weights now (after editing weights by hand; optimizer steps and
     `load_state_dict` are seen without it)."""
     _weights_changed()
@@ -286,7 +287,7 @@ def refresh(model) -> None:
         weights.fresh(model)
 
 
-def decoder_for(model, batch_size: int, max_len: int) -> FastDecoder | None:
+def decoder_for(model: Quark, batch_size: int, max_len: int) -> FastDecoder | None:
     """A FastDecoder for `model` with room for `batch_size` rows and `max_len` slots (reused on CUDA), or None
     for a model the fast path does not take."""
     if not supports_fast(model):

@@ -22,8 +22,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .model import KVCache
+from .model import KVCache, Quark
 from .sampling import check_sampling_args, sample_next
+
+# one prompt (a list of ids), several, or a (B, T) / (T,) tensor of ids
+Prompts = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
 
 class Decoder:
@@ -33,7 +36,7 @@ class Decoder:
     shared position; generate), or `prefill_rows(idx, lengths, start)` then `step(tok, pos)` with per-row slots
     and `move_row` (continuous batching, quark/serve/engine.py)."""
 
-    def __init__(self, model, batch_size: int, max_len: int):
+    def __init__(self, model: Quark, batch_size: int, max_len: int):
         c = model.config
         if max_len > c.context_length:
             raise ValueError(f"decoder max_len={max_len} exceeds the model's context_length={c.context_length}")
@@ -84,7 +87,7 @@ class Decoder:
         self.pos += 1
         return out
 
-    def decode(self, tok: torch.Tensor, slots, n_keys: int | None) -> torch.Tensor:
+    def decode(self, tok: torch.Tensor, slots: int | torch.Tensor, n_keys: int | None) -> torch.Tensor:
         """One token per row at `slots` (the shared int position, or (b, 1) per row). FastDecoder overrides
         this for its thread tuner and CUDA graph."""
         b = tok.shape[0]
@@ -102,7 +105,8 @@ class Decoder:
     def prefill_forward(self, *args) -> torch.Tensor:
         return self.forward(*args)
 
-    def forward(self, idx, cache: KVCache, slots, key_mask, n_keys: int | None, last=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor, key_mask: torch.Tensor | None,
+                n_keys: int | None, last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (b, V) fp32 of the last position of idx (b, T), or of position `last` (b,) per row."""
         model = self._model()
         h = model.hidden(idx, cache, slots, key_mask, n_keys)
@@ -120,7 +124,7 @@ def register_fast_decoder(factory: Callable) -> None:
     _FAST_DECODER[:] = [factory]
 
 
-def make_decoder(model, batch_size: int, max_len: int, fast: bool | None = None) -> Decoder:
+def make_decoder(model: Quark, batch_size: int, max_len: int, fast: bool | None = None) -> Decoder:
     """The fast decoder when one is registered and takes the model (fast None or True), else `Decoder`."""
     if fast is not False and _FAST_DECODER:
         dec = _FAST_DECODER[0](model, batch_size, max_len)
@@ -145,7 +149,7 @@ def check_prompts(rows: Sequence[Sequence[int]], max_new_tokens: int, vocab_size
                          f"{context_length}; shorten the prompt or lower max_new_tokens")
 
 
-def _as_lists(prompts) -> list[list[int]]:
+def _as_lists(prompts: Prompts) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
@@ -155,7 +159,7 @@ def _as_lists(prompts) -> list[list[int]]:
     return [list(p) for p in prompts]
 
 
-def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompts left-padded into (B, T) ids, and a (B, T) key mask (None when all have the same length)."""
     T = max(len(r) for r in rows)
     idx = torch.zeros(len(rows), T, dtype=torch.long)
@@ -168,7 +172,7 @@ def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def stream_tokens(model, prompts, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
+def stream_tokens(model: Quark, prompts: Prompts, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
                   rep_penalty: float = 1.0, eos_token_id: int | None = None, seed: int | None = None,
                   generator: torch.Generator | None = None,
                   fast: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -217,14 +221,14 @@ def stream_tokens(model, prompts, max_new_tokens: int = 200, *, temperature: flo
         dec.busy = False
 
 
-def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
+def _device_dtype(model: Quark) -> tuple[torch.device, torch.dtype]:
     if isinstance(getattr(type(model), "dtype", None), property):
         return model.device, model.dtype
     w = model.lm_head.weight
     return w.device, w.dtype
 
 
-def generate(model, prompts, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
+def generate(model: Quark, prompts: Prompts, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
              rep_penalty: float = 1.0, eos_token_id: int | None = None, seed: int | None = None,
              generator: torch.Generator | None = None, fast: bool | None = None) -> list[list[int]]:
     """New tokens for each prompt (a list of id lists), each cut after its eos (eos included).
@@ -243,8 +247,9 @@ def generate(model, prompts, max_new_tokens: int = 200, *, temperature: float = 
     return out
 
 
-def generate_text(model, input_ids, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
-                  rep_penalty: float = 1.0, eos_token_id: int | None = None, attention_mask=None,
+def generate_text(model: Quark, input_ids: torch.Tensor, max_new_tokens: int = 200, *, temperature: float = 0.7,
+                  top_p: float = 0.9, rep_penalty: float = 1.0, eos_token_id: int | None = None,
+                  attention_mask: torch.Tensor | None = None,
                   seed: int | None = None, generator: torch.Generator | None = None,
                   fast: bool | None = None) -> torch.Tensor:
     """The card's method: (B, T) prompt ids -> (B, T + n) ids, prompt included.
@@ -265,7 +270,7 @@ def generate_text(model, input_ids, max_new_tokens: int = 200, *, temperature: f
     return torch.cat([input_ids, tail], dim=1)
 
 
-def stream_text_ids(model, prompt: Sequence[int], **kw) -> Iterator[int]:
+def stream_text_ids(model: Quark, prompt: Sequence[int], **kw) -> Iterator[int]:
     """Streaming for one prompt: yields each new token id as soon as it is sampled (eos included)."""
     eos = kw.get("eos_token_id")
     for tok, _ in stream_tokens(model, [list(prompt)], **kw):

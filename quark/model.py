@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # annotations only: this file imports nothing from the package at run time
+    from .config import QuarkConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,7 +49,7 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_len, head_dim) in fp32, Llama's half-split layout."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     t = torch.arange(max_len, device=device, dtype=torch.float32)
@@ -92,7 +96,8 @@ class KVCache:
     graph inputs in place). The one cache of every decode path: generate, the fast decoder, the serving engine,
     evaluation."""
 
-    def __init__(self, config, batch_size: int, max_len: int | None = None, device=None, dtype=torch.float32):
+    def __init__(self, config: QuarkConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         max_len = max_len or config.context_length
         if max_len > config.context_length:
             raise ValueError(f"KVCache max_len={max_len} exceeds the model's context_length={config.context_length}")
@@ -114,7 +119,7 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
-    def update(self, layer: int, slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, slots: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) at `slots`: an int (slots s..s+T-1 of every row), a (T,) tensor, or a
         (B, T) tensor of per-row slots (continuous batching). Returns the layer's whole keys and values."""
         K, V = self.k[layer], self.v[layer]
@@ -165,7 +170,8 @@ class Context:
     causal: bool = False
 
     @classmethod
-    def build(cls, tables: tuple[torch.Tensor, torch.Tensor], T: int, *, cache=None, slots=None, key_mask=None,
+    def build(cls, tables: tuple[torch.Tensor, torch.Tensor], T: int, *, cache: KVCache | None = None,
+              slots: int | torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
               n_keys: int | None = None) -> Context:
         """`slots`: None (tokens at 0..T-1), an int s (at s..s+T-1, known on the host), or a (T,) / (B, T)
         tensor. `n_keys`: how many cache slots to attend over; the caller knows it (no host sync here). With a
@@ -190,7 +196,7 @@ class Context:
         return cls(cos, sin, cache, slots, n, attention_mask(slots, n, key_mask))
 
 
-def layer_forward(layer, x: torch.Tensor, ctx: Context, i: int) -> torch.Tensor:
+def layer_forward(layer: Block | Any, x: torch.Tensor, ctx: Context, i: int) -> torch.Tensor:
     """Decoder layer i: x + attention(norm(x)), then + SwiGLU(norm(x)). The one place this math lives: `Block`
     (the model's layers) and quark/fast.py's fused layers both provide `ln1`, `ln2`, `eps`, `qkv(x)` -> q, k, v
     (B, T, H, hd), `o(y)`, `gate_up(x)` -> (gate, up) and `down(h)`."""
@@ -242,17 +248,17 @@ class Block(nn.Module):
     def ln2(self) -> torch.Tensor:
         return self.post_attention_layernorm.weight
 
-    def qkv(self, x):
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, shape = self.self_attn, (*x.shape[:2], -1, self.hd)
         return a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
 
-    def o(self, y):
+    def o(self, y: torch.Tensor) -> torch.Tensor:
         return self.self_attn.o_proj(y)
 
-    def gate_up(self, x):
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mlp.gate_proj(x), self.mlp.up_proj(x)
 
-    def down(self, h):
+    def down(self, h: torch.Tensor) -> torch.Tensor:
         return self.mlp.down_proj(h)
 
     def forward(self, x: torch.Tensor, ctx: Context, i: int) -> torch.Tensor:
@@ -270,7 +276,7 @@ class Backbone(nn.Module):
 class Quark(nn.Module):
     """Decoder-only transformer. `forward(idx)` -> logits (B, T, vocab_size)."""
 
-    def __init__(self, config):
+    def __init__(self, config: QuarkConfig):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
@@ -282,7 +288,7 @@ class Quark(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     # ---- set-up -------------------------------------------------------------------------------------------
-    def init_weights(self, seed: int | None = None):
+    def init_weights(self, seed: int | None = None) -> Quark:
         """GPT-2/nanoGPT-style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.init_std
@@ -295,7 +301,7 @@ class Quark(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    def reset_rope(self):
+    def reset_rope(self) -> None:
         """Recompute the RoPE tables (after loading on the `meta` device or a dtype change)."""
         c = self.config
         cos, sin = rope_tables(c.head_dim, c.context_length, c.rope_theta, device=self.lm_head.weight.device)
@@ -314,7 +320,8 @@ class Quark(nn.Module):
         return self.model.norm.weight.dtype
 
     # ---- forward ------------------------------------------------------------------------------------------
-    def hidden(self, idx, cache: KVCache | None = None, input_pos=None, key_mask=None,
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, input_pos: int | torch.Tensor | None = None,
+               key_mask: torch.Tensor | None = None,
                n_keys: int | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model). With a cache, `input_pos` says which slots the tokens fill
         (an int start, or a (T,) / (B, T) tensor) and `n_keys` how many slots to attend over (see
@@ -331,11 +338,13 @@ class Quark(nn.Module):
             x = layer(x, ctx, i)
         return self.model.norm(x)
 
-    def forward(self, idx, cache: KVCache | None = None, input_pos=None, key_mask=None,
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, input_pos: int | torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None,
                 n_keys: int | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden(idx, cache, input_pos, key_mask, n_keys)).float()
 
-    def loss(self, idx, targets, loss_mask=None, chunk_rows: int = 4096, reduction: str = "mean"):
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
+             chunk_rows: int = 4096, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy, computed in chunks so full logits never materialise.
         `targets` (B, T) with -100 (or loss_mask == 0) ignored. reduction: "mean" or "sum"."""
         h = self.hidden(idx).flatten(0, 1)

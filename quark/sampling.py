@@ -21,7 +21,7 @@ import torch.nn.functional as F
 RECOMMENDED = {"temperature": 0.2, "top_p": 0.9, "rep_penalty": 1.15, "max_new_tokens": 200}
 
 
-def check_sampling_args(temperature: float, top_p: float, rep_penalty: float, max_new_tokens: int | None = None):
+def check_sampling_args(temperature: float, top_p: float, rep_penalty: float, max_new_tokens: int | None = None) -> None:
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
@@ -32,7 +32,7 @@ def check_sampling_args(temperature: float, top_p: float, rep_penalty: float, ma
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
-def apply_rep_penalty(logits, seen, rep_penalty: float):
+def apply_rep_penalty(logits: torch.Tensor, seen: torch.Tensor, rep_penalty: float) -> torch.Tensor:
     """logits (B, V) float; seen (B, V) bool of tokens already in the prompt or output."""
     if rep_penalty == 1.0:
         return logits
@@ -40,7 +40,7 @@ def apply_rep_penalty(logits, seen, rep_penalty: float):
     return torch.where(seen, penalised, logits)
 
 
-def top_p_filter(logits, top_p: float):
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability mass reaches top_p (at least one)."""
     if top_p >= 1.0:
         return logits
@@ -51,8 +51,8 @@ def top_p_filter(logits, top_p: float):
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def sample_next(logits, seen=None, temperature: float = 0.7, top_p: float = 0.9, rep_penalty: float = 1.0,
-                generator: torch.Generator | None = None):
+def sample_next(logits: torch.Tensor, seen: torch.Tensor | None = None, temperature: float = 0.7, top_p: float = 0.9,
+                rep_penalty: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). `seen` (B, V) bool enables the repetition penalty."""
     logits = logits.float()
     if seen is not None:

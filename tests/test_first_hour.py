@@ -93,8 +93,8 @@ def test_load_chat_matches_quark_chat(exported, monkeypatch, capsys):
     from quark.sampling import RECOMMENDED
 
     ids = llm.tokenizer.render_prompt(conv)
-    ref = generate(llm.model, [ids], 24, RECOMMENDED["temperature"], RECOMMENDED["top_p"], RECOMMENDED["rep_penalty"],
-                   eos_token_id=llm.tokenizer.im_end_id, seed=5)[0]
+    ref = generate(llm.model, [ids], 24, temperature=RECOMMENDED["temperature"], top_p=RECOMMENDED["top_p"],
+                   rep_penalty=RECOMMENDED["rep_penalty"], eos_token_id=llm.tokenizer.im_end_id, seed=5)[0]
     ref = [t for t in ref if t not in (llm.tokenizer.im_end_id,)]
     if llm.tokenizer.eot_id in ref:
         ref = ref[:ref.index(llm.tokenizer.eot_id)]
