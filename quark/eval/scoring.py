@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model import KVCache
+from ..model import KVCache, Quark
 
 
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
@@ -74,7 +74,7 @@ def _batches(groups: list[tuple[tuple[int, ...], list[int]]], conts: list[tuple[
 
 
 @torch.inference_mode()
-def score_tokens(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 32,
+def score_tokens(model: Quark, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 32,
                  progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), continuation is the greedy choice) for each token request."""
     if batch_size < 1:
@@ -98,7 +98,7 @@ def score_tokens(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     return out  # type: ignore[return-value]
 
 
-def _score_batch(model, batch, conts, dev) -> list[tuple[float, bool]]:
+def _score_batch(model: Quark, batch: list, conts: list[tuple[int, ...]], dev: torch.device) -> list[tuple[float, bool]]:
     B = len(batch)
     ctx_lens = torch.tensor([len(c) for c, _ in batch], device=dev)
     row_group = [gi for gi, (_, reqs) in enumerate(batch) for _ in reqs]
@@ -149,7 +149,8 @@ def _similar_lengths(order: list[int], lengths: list[int], slack: float = 0.1, f
         yield chunk
 
 
-def _score_continuations(model, cache: KVCache, sel, ctx_lens, conts: list[tuple[int, ...]]):
+def _score_continuations(model: Quark, cache: KVCache, sel: torch.Tensor, ctx_lens: torch.Tensor,
+                         conts: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum log-probs and all-greedy flags of continuation tokens 1.. of each row, on copies of the cache rows
     `sel` (their contexts). Row r's tokens fill slots ctx_len .. ctx_len + len - 2; its padding lands after."""
     dev = ctx_lens.device

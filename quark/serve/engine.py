@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generate import check_prompts, make_decoder
+from ..model import Quark
 from ..sampling import RECOMMENDED, check_sampling_args, nucleus_sample, rep_penalty_ids, sample_next
 
 
@@ -110,7 +111,7 @@ class Engine:
 
     state = "ok"  # as `ProcessEngine.state`; a failed step fails only its requests, so this engine stays "ok"
 
-    def __init__(self, model, stop_ids: Sequence[int], *, max_batch: int = 32, prefill_tokens: int = 4096,
+    def __init__(self, model: Quark, stop_ids: Sequence[int], *, max_batch: int = 32, prefill_tokens: int = 4096,
                  seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -319,7 +320,7 @@ class Engine:
             out[ix] = self._sample_group(logits[ix], [rows[i] for i in members], ix + first)
         return out
 
-    def _sample_group(self, logits: torch.Tensor, rows: list[_Row], where) -> torch.Tensor:
+    def _sample_group(self, logits: torch.Tensor, rows: list[_Row], where: slice | torch.Tensor) -> torch.Tensor:
         """Rows with the same params; `where` selects their engine rows (a slice or an index tensor)."""
         p = rows[0].req.params
         if rows[0].generator is not None or p.temperature == 0.0:
