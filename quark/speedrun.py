@@ -208,8 +208,8 @@ def stage_commands(run: Run, nproc: int = 1) -> dict[str, list[list[str]]]:
 def write_model_config(run: Run) -> None:
     """RUN/model.json: the recipe's model preset with the embedding rows of the tokenizer actually trained."""
     from .config import QuarkConfig
+    from .io import atomic_write_text
     from .tokenizer import Tokenizer
-    from .weights import atomic_write_text
 
     cfg = QuarkConfig.from_name(run.recipe.model_preset).replace(vocab_size=Tokenizer.load(run.tokenizer).vocab_size)
     atomic_write_text(run.model_json, json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -227,7 +227,7 @@ def _move_aside(path: Path) -> None:
 
 
 def _record(run: Run, stage: str, **info) -> None:
-    from .weights import atomic_write_text
+    from .io import atomic_write_text
 
     d = json.loads(run.stages_json.read_text()) if run.stages_json.exists() else {}
     d[stage] = {**d.get(stage, {}), **info}
@@ -363,7 +363,8 @@ def _fmt_s(s) -> str:
 def write_report(run: Run) -> dict:
     from .config import QuarkConfig
     from .hf.card import pct, render_model_card
-    from .weights import atomic_write_text, resolve_model_path
+    from .io import atomic_write_text
+    from .weights import resolve_model_path
 
     stages = _j(run.stages_json) or {}
     pre_info, sft_info = _j(run.pretrain / "run.json"), _j(run.sft / "run.json")

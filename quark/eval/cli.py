@@ -35,7 +35,7 @@ def _load(model_path: str, device: str):
 
 
 def cmd_eval(args) -> None:
-    from ..weights import atomic_write_text
+    from ..io import atomic_write_text
     from .generative import GEN_TASKS, build_gen_items
     from .harness import evaluate, markdown_table, perplexity
     from .tasks import build_items, parse_tasks

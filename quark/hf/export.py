@@ -27,16 +27,10 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_write_text, write_error
 from ..sampling import RECOMMENDED as SAMPLING_RECOMMENDED
 from ..tokenizer import CHAT_TEMPLATE
-from ..weights import (
-    atomic_write_text,
-    load_model_and_tokenizer,
-    resolve_model_path,
-    save_safetensors,
-    state_dict_for_save,
-    write_error,
-)
+from ..weights import load_model_and_tokenizer, resolve_model_path, save_safetensors, state_dict_for_save
 
 PACKAGE = Path(__file__).resolve().parent.parent
 TEMPLATES = {"configuration_quark": PACKAGE / "hf" / "configuration_quark.py",
