@@ -29,7 +29,7 @@ COMMAND_MODULES = [
     "quark.eval.cli",       # eval
     "quark.serve.cli",      # chat, serve
     "quark.speedrun",       # speedrun
-    "quark.quantize",       # quantize
+    "quark.quantize_cli",   # quantize
 ]
 OS_ERROR_HINTS = {  # errno -> what the user can do about it
     errno.ENOSPC: "free some space or write to another disk, then rerun",

@@ -154,7 +154,7 @@ class Run:
 
     def _valid_eval(self):
         files = self._eval_files()
-        from .eval.tasks import parse_tasks
+        from .eval.cli import parse_tasks
 
         want = set(parse_tasks(self.recipe.eval_tasks))
         results = [json.loads(f.read_text()) for f in files]
@@ -242,7 +242,8 @@ def speedrun(out: str | Path, recipe: Recipe, nproc: int = 1) -> dict:
     for mixture in ("tokenizer", recipe.mixture, "sft"):  # a language left with no source fails here, before work
         load_mixture(mixture)
     if not run.valid("eval"):  # fail in seconds, not after the training stages, when the eval data is missing
-        from .eval.tasks import build_items, parse_tasks
+        from .eval.cli import parse_tasks
+        from .eval.tasks import build_items
 
         for task in parse_tasks(recipe.eval_tasks):
             build_items(task, 1)

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from ..weights import config_from_folder, resolve_model_path
+from .remote_code import remote_code_files, remote_code_imports
 
 MIT_LICENSE = """MIT License
 
@@ -158,8 +159,6 @@ def card_facts(checkpoint: str | Path, run: str | Path | None = None, eval_resul
     n_params = count_params(folder)
     if model is not None and sum(p.numel() for p in model.parameters()) != n_params:
         raise RuntimeError(f"{folder}: the weights file and the loaded model disagree on the parameter count")
-    from .export import remote_code_files, remote_code_imports
-
     finished = (rf or {}).get("finished") or ""
     year = int(finished[:4]) if re.match(r"\d{4}", finished) else _dt.date.today().year
     name = name or (Path(checkpoint).name if rf is None else Path(rf["path"]).name)
@@ -356,11 +355,10 @@ def _quickstart(f: dict, fmt: str) -> list[str]:
 
 
 def _recommended_args() -> dict:
-    from .export import RECOMMENDED
+    from ..sampling import RECOMMENDED  # in generate_text's argument names
 
-    names = {"repetition_penalty": "rep_penalty"}  # generate_text's argument names
-    order = ("max_new_tokens", "temperature", "top_p", "repetition_penalty")
-    return {names.get(k, k): RECOMMENDED[k] for k in order}
+    order = ("max_new_tokens", "temperature", "top_p", "rep_penalty")
+    return {k: RECOMMENDED[k] for k in order}
 
 
 def render_model_card(source, fmt: str = "hf", **kw) -> str:
