@@ -14,16 +14,16 @@ the seed and packed whole into rows of `seq_len + 1` int32 ids with a uint8 loss
 Choices:
 - Parallel: documents are tokenized in batches with `encode_batch` (Rust threads on all cores); math is generated
   by a process pool. Deterministic: same inputs -> byte-identical shards.
-- Resumable: `.prepare_state.json` records the shards written and each source's cursor (epoch, documents read,
-  a `SourceProgress`); a rerun with the same inputs continues from there, a different preparation in the same
-  folder is refused. Shards and the manifest are written to a temp file and renamed, so none is ever half-written.
+- Resumable: `.prepare_state.json` (`quark.data.prepare_state`) records the shards written and each source's
+  cursor (epoch, documents read); a rerun with the same inputs continues from there, a different preparation in
+  the same folder is refused. Shards and the manifest are written to a temp file and renamed, so none is ever
+  half-written.
 - Bad input: a malformed record stops the run naming file and line, or with `skip_bad` is counted; empty
   documents are skipped and counted; documents containing evaluation items are removed (`quark.data.dedup`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -40,11 +40,10 @@ from ..io import atomic_write_bytes
 from ..tokenizer import Tokenizer, check_message
 from .dedup import contaminated, eval_texts
 from .mixture import Mixture
+from .prepare_state import SPLITS, PrepareState, SourceProgress, SplitRows
 from .sources import BadRecord, Source, flatten_chat
 
-STATE = ".prepare_state.json"
 BATCH_DOCS, BATCH_CHARS = 512, 4_000_000
-SPLITS = ("train", "val")
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
@@ -83,90 +82,6 @@ def batches(docs: Iterable, max_docs: int = BATCH_DOCS,
         yield batch
 
 
-# ---- resumable state ------------------------------------------------------------------------------------------------
-@dataclass
-class SourceProgress:
-    """One source's cursor and counts. Saved as a flat JSON object (field order = key order on disk)."""
-
-    done: bool = False
-    epoch: int = 0          # the epoch being read (pre-training)
-    docs: int = 0           # documents of that epoch read so far
-    train_tokens: int = 0
-    val_tokens: int = 0
-    documents: int = 0      # documents kept (all epochs)
-    bytes: int = 0
-    train_bytes: int = 0
-    val_bytes: int = 0
-    empty_skipped: int = 0
-    bad_skipped: int = 0
-    eval_removed: int = 0
-    epochs: int = 1
-    truncated: int = 0
-    too_long: int = 0
-    val_docs: int = 0       # documents of the first epoch up to the last one sent to val
-
-    def tokens(self, split: str) -> int:
-        return self.train_tokens if split == "train" else self.val_tokens
-
-    def split_bytes(self, split: str) -> int:
-        return self.train_bytes if split == "train" else self.val_bytes
-
-    def add(self, split: str, tokens: int, nbytes: int) -> None:
-        """Count `tokens` and `nbytes` written to `split`."""
-        if split == "train":
-            self.train_tokens, self.train_bytes = self.train_tokens + tokens, self.train_bytes + nbytes
-        else:
-            self.val_tokens, self.val_bytes = self.val_tokens + tokens, self.val_bytes + nbytes
-
-
-@dataclass
-class SplitRows:
-    """An SFT split's totals: rows, non-padding tokens, tokens with loss."""
-
-    rows: int = 0
-    real_tokens: int = 0
-    target_tokens: int = 0
-
-
-SPLIT_ROWS_FIELDS = [f.name for f in dataclasses.fields(SplitRows)]
-
-
-class _State:
-    """The resumable progress of one preparation, saved after every shard."""
-
-    def __init__(self, out: Path, fingerprint: dict):
-        self.path = out / STATE
-        self.fingerprint = fingerprint
-        self.shards: dict[str, list[dict]] = {"train": [], "val": []}
-        self.sources: dict[str, SourceProgress] = {}
-        self.sft_rows: dict[str, SplitRows] = {}
-        if self.path.exists():
-            old = json.loads(self.path.read_text())
-            if old.get("fingerprint") != fingerprint:
-                raise FileExistsError(f"{out} holds a different preparation (other mixture, tokenizer or options); "
-                                      "use a new --out folder or delete it")
-            self._load(old)
-
-    def _load(self, old: dict) -> None:
-        known = {f.name for f in dataclasses.fields(SourceProgress)}
-        self.shards = old["shards"]
-        self.sources = {name: SourceProgress(**{k: v for k, v in d.items() if k in known})
-                        for name, d in old["sources"].items()}
-        for split in SPLITS:
-            if f"{split}_rows" in old:
-                self.sft_rows[split] = SplitRows(*(old[f"{split}_{k}"] for k in SPLIT_ROWS_FIELDS))
-
-    def source(self, name: str) -> SourceProgress:
-        return self.sources.setdefault(name, SourceProgress())
-
-    def save(self) -> None:
-        data = {"fingerprint": self.fingerprint, "shards": self.shards,
-                "sources": {name: dataclasses.asdict(st) for name, st in self.sources.items()}}
-        for split, rows in self.sft_rows.items():
-            data.update({f"{split}_{k}": v for k, v in dataclasses.asdict(rows).items()})
-        atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
-
-
 def fingerprint(mixture: Mixture, tok: Tokenizer, **opts) -> dict:
     return {"mixture": mixture.fingerprint(), "tokenizer": tok.sha256(), **opts}
 
@@ -187,7 +102,7 @@ class _Job:
     workers: int
     progress: bool
     texts: frozenset = frozenset()
-    state: _State | None = None
+    state: PrepareState | None = None
 
 
 # ---- entry point ------------------------------------------------------------------------------------------------------
@@ -208,7 +123,7 @@ def prepare(mixture: Mixture, tokenizer: Tokenizer, out: str | Path, *, tokens: 
         (job.out / split).mkdir(parents=True, exist_ok=True)
     fp = fingerprint(mixture, tokenizer, kind=mixture.kind, tokens=job.tokens, seed=seed, val_fraction=val_fraction,
                      shard_tokens=shard_tokens, seq_len=seq_len if mixture.kind == "sft" else None, dedup=dedup)
-    job.state = _State(job.out, fp)
+    job.state = PrepareState(job.out, fp)
     job.texts = eval_texts() if dedup else frozenset()
     t0 = time.time()
     if mixture.kind == "pretrain":
