@@ -58,7 +58,7 @@ class Recipe:
 
 
 RECIPES = {
-    # The README's main command: 2 CPU cores, <= 20 minutes including set-up, real offline data only (DATA.md).
+    # The README's main command: 2 CPU cores, <= 20 minutes including set-up, real offline data only (mixtures/offline.toml).
     "tiny": Recipe(name="Quark-Tiny-Instruct", model_preset="tiny", vocab_size=8192, tokenizer_bytes=24_000_000,
                    mixture="offline", data_tokens=3_000_000, sft_seq_len=256, pretrain_config="pretrain-tiny",
                    sft_config="sft-tiny",

@@ -1,6 +1,7 @@
 """Training data loaders: context windows from pre-training shards, conversation rows from SFT shards.
 
-Both read the data folder written by `quark prepare` (see the BRIEF's contract: `manifest.json`, `train/`, `val/`).
+Both read the data folder written by `quark prepare` (`manifest.json`, `train/`, `val/`; the layout is described
+in `quark.data.prepare`).
 
 Choices:
 - Shards are opened with `np.load(..., mmap_mode="r")`: only the windows a batch uses are read from disk, so a

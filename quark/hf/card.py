@@ -6,7 +6,7 @@ Choices:
   steps, hardware and wall time from run.json / metrics.jsonl, scores from `quark eval`'s JSON, chat-token ids
   from the tokenizer); `render_model_card()` only formats them. No figure is typed into the template, so the
   card cannot drift from the run; a missing source is said plainly ("not evaluated", "no run.json found").
-- Sections follow the spec card (Model Summary, Architecture, Quickstart, Prompt Format, Generation Parameters,
+- Sections, in order (Model Summary, Architecture, Quickstart, Prompt Format, Generation Parameters,
   Training Details, Evaluation & Known Limitations, Files, License) with YAML front matter for the Hub.
 - `render_model_card()` is the one renderer: `quark export` writes it as README.md and `quark speedrun`'s
   report embeds the same text.

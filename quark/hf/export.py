@@ -1,4 +1,4 @@
-"""Export a Quark checkpoint as a Hugging Face model folder (remote code, as the card describes) or a plain
+"""Export a Quark checkpoint as a Hugging Face model folder (remote code, as its model card describes) or a plain
 Llama folder, each with tokenizer files, generation defaults, a generated model card and the licence.
 
 Choices:
@@ -10,7 +10,7 @@ Choices:
 - Llama format: Quark uses Llama's parameter names and RoPE layout, so the weights are copied unchanged and
   only `config.json` differs; `transformers.LlamaForCausalLM` (and Llama-serving engines) load it without
   remote code.
-- Weights are float32 safetensors (the card's "Tensor type F32"); the tied `lm_head` is not stored.
+- Weights are float32 safetensors; the tied `lm_head` is not stored.
 - `model.safetensors` records its SHA-256 in the safetensors metadata (`quark.weights`), which transformers
   ignores and Quark verifies when it loads the folder.
 - The folder is assembled in a temporary sibling and renamed into place, so a failed export never leaves a
