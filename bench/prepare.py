@@ -47,7 +47,7 @@ def main() -> None:
 
     from tokenizers import Tokenizer as HFTokenizer
 
-    from quark.data.prepare import BATCH_CHARS, BATCH_DOCS, _batches, encode_texts
+    from quark.data.prepare import BATCH_CHARS, BATCH_DOCS, batches, encode_texts
     from quark.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
@@ -59,7 +59,7 @@ def main() -> None:
 
     def ours():
         n = 0
-        for batch in _batches(texts, BATCH_DOCS, lambda: BATCH_CHARS):
+        for batch in batches(texts, BATCH_DOCS, lambda: BATCH_CHARS):
             n += sum(map(len, encode_texts(tok, batch)))
         return n
 

@@ -19,7 +19,7 @@ long service was interrupted: from the kill to the first token of a request serv
 to /health saying "ok" again). Clients honour Retry-After on 429/503, as the OpenAI SDK does.
 
 Overload mode: `--saturate` runs twice as many clients as the server admits (--max-batch + --max-queue, here
-32 + 32) plus one client that keeps sending issue 19's `{"prompt": ["a"] * 10000, "n": 16, "max_tokens": 1}`,
+32 + 32) plus one client that keeps sending an oversized request, `{"prompt": ["a"] * 10000, "n": 16, "max_tokens": 1}`,
 and reports what was served, what was refused (429 / 400, expected), any other error (must be none), and
 /health's latency meanwhile.
 
@@ -300,7 +300,7 @@ def main() -> int:
     ap.add_argument("--kill-worker-at", type=float, metavar="S",
                     help="fault mode: SIGKILL the engine worker S seconds into one run at the highest concurrency")
     ap.add_argument("--saturate", action="store_true",
-                    help="overload mode: twice the clients the server admits, plus issue 19's 160,000-sequence request")
+                    help="overload mode: twice the clients the server admits, plus a 160,000-sequence request")
     args = ap.parse_args()
     if args.kill_worker_at is not None and not 0 < args.kill_worker_at < args.duration:
         raise SystemExit(f"--kill-worker-at must be in (0, --duration={args.duration}), got {args.kill_worker_at}")

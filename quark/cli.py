@@ -9,7 +9,7 @@ Choices:
 - This is the one place where I/O failures of every command become that line: an OSError from the system (read-only
   folder, full disk, missing permission, ...) prints `<path>: <what>; <what to do>`, and so does safetensors'
   SafetensorError, which wraps the OS error in its text. Writers keep earlier outputs intact by writing to a
-  temporary file and renaming it (`quark.weights.atomic_write_bytes`), and name the file they were writing.
+  temporary file and renaming it (`quark.io.atomic_write_bytes`), and name the file they were writing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ COMMAND_MODULES = [
     "quark.eval.cli",       # eval
     "quark.serve.cli",      # chat, serve
     "quark.speedrun",       # speedrun
-    "quark.quantize",       # quantize
+    "quark.quantize_cli",   # quantize
 ]
 OS_ERROR_HINTS = {  # errno -> what the user can do about it
     errno.ENOSPC: "free some space or write to another disk, then rerun",
@@ -52,8 +52,8 @@ def os_error_message(e: OSError) -> str:
 def _as_os_error(e: BaseException) -> OSError | None:
     if isinstance(e, OSError):
         return e
-    if "os error" in str(e):  # a Rust writer (safetensors, tokenizers) that bypassed quark.weights' wrappers
-        from .weights import write_error
+    if "os error" in str(e):  # a Rust writer (safetensors, tokenizers) that bypassed quark.io's wrappers
+        from .io import write_error
 
         return write_error(e, f"(a file being written by {type(e).__module__.split('.')[0]})")
     return None

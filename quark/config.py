@@ -111,7 +111,7 @@ class QuarkConfig:
 
 
 PRESETS: dict[str, QuarkConfig] = {
-    # The card's table, exactly.
+    # Quark-72M, the flagship (`quark info --preset quark-72m` prints its architecture).
     "quark-72m": QuarkConfig(),
     # CPU demo / speedrun default: same shape family, small enough to train in minutes on 2 cores.
     "tiny": QuarkConfig(n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=688, vocab_size=8192 + 2,

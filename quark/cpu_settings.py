@@ -9,7 +9,8 @@ Choices:
 - Why it matters: a batch-1 decode step of quark-72m is ~60 small parallel ops. libgomp's default lets idle
   workers spin (300,000 spins) before sleeping, so on an idle machine each op starts at once: the multi-thread step
   is fastest. When another process holds a core, a spinning worker and the main thread share it and every op
-  waits at the region's barrier: the issue measured 63.6 -> 17.3 tok/s; one thread has no barrier to wait at.
+  waits at the region's barrier (measured on a 2-core machine: 63.6 -> 17.3 tok/s); one thread has no barrier
+  to wait at.
   llama.cpp (llama-cpp-python's build also uses libgomp) opens one parallel region per token with barriers
   between ops, so it meets the same trade-off; by default llama-cpp-python uses half the cores (1 of 2 here).
 - `ThreadTuner` (spin-then-settle at the level of thread counts): decode steps alternate short probes of each

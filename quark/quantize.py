@@ -30,8 +30,6 @@ Choices (int4, `quantize_int4`), gpt-fast's int4 path:
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -234,17 +232,3 @@ def model_nbytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------------
-def add_commands(sub) -> None:
-    """`quark quantize`. Its code lives in quark/quantize_cli.py, loaded by name when the command runs: this file
-    is copied into HF exports (fast.py imports it), which must not pull in the package's loaders."""
-    p = sub.add_parser("quantize", help="int8 / int4 weight-only quantization: size, decode speed, val loss vs fp32")
-    p.add_argument("--model", required=True, help="model folder, export or run folder")
-    p.add_argument("--data", default=None, help="pre-training data folder: compare validation loss fp32 vs int8")
-    p.add_argument("--tokens", type=int, default=128, help="new tokens for the decode-speed check")
-    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens for the loss comparison")
-    p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="8: int8 per channel; 4: int4 group-wise")
-    p.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=32, help="int4 group size")
-    p.set_defaults(func=lambda args: importlib.import_module("quark.quantize_cli").cmd_quantize(args))

@@ -3,23 +3,24 @@ and gains.
 
 Prints JSON: fp32 and quantized sizes, greedy decode tok/s of both (this machine, batch 1) and, with `--data`, the
 validation loss of both on the first `--eval-tokens` tokens of a pre-training data folder's val split, with
-`ppl_ratio` = quantized perplexity / fp32 perplexity (budgets: int8 < 1.02, int4 <= 1.03).
+`ppl_ratio` = quantized perplexity / fp32 perplexity (tests/test_quantize.py holds int8 below 1.02 and int4 below
+1.03).
 """
 
 from __future__ import annotations
 
-import torch
+import argparse
+import copy
+import json
+import math
+import time
 
-from .quantize import model_nbytes, quantize_int4, quantize_int8
 
-
-def cmd_quantize(args) -> None:
-    import copy
-    import json
-    import math
-    import time
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import torch
 
     from .generate import generate
+    from .quantize import model_nbytes, quantize_int4, quantize_int8
     from .weights import load_model
 
     model = load_model(args.model, device="cpu", dtype=torch.float32).eval()
@@ -42,13 +43,12 @@ def cmd_quantize(args) -> None:
     print(json.dumps(report, indent=2))
 
 
-@torch.no_grad()
 def val_loss(model, data_folder, max_tokens: int = 65536, seq_len: int | None = None) -> float:
     """Mean next-token loss over the first `max_tokens` tokens of a pre-training data folder's val split."""
-    import json
     from pathlib import Path
 
     import numpy as np
+    import torch
 
     folder = Path(data_folder)
     manifest_path = folder / "manifest.json"
@@ -66,6 +66,20 @@ def val_loss(model, data_folder, max_tokens: int = 65536, seq_len: int | None = 
         raise ValueError(f"{folder}: validation split has fewer than {T + 1} tokens")
     x, y = toks[:n * T].view(n, T), toks[1:n * T + 1].view(n, T)
     total = 0.0
-    for i in range(0, n, 4):
-        total += float(model.loss(x[i:i + 4], y[i:i + 4], reduction="sum"))
+    with torch.no_grad():
+        for i in range(0, n, 4):
+            total += float(model.loss(x[i:i + 4], y[i:i + 4], reduction="sum"))
     return total / (n * T)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from .quantize import INT4_GROUP_SIZES
+
+    p = sub.add_parser("quantize", help="int8 / int4 weight-only quantization: size, decode speed, val loss vs fp32")
+    p.add_argument("--model", required=True, help="model folder, export or run folder")
+    p.add_argument("--data", default=None, help="pre-training data folder: compare validation loss fp32 vs int8")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens for the decode-speed check")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens for the loss comparison")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="8: int8 per channel; 4: int4 group-wise")
+    p.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=32, help="int4 group size")
+    p.set_defaults(func=cmd_quantize)

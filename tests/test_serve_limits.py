@@ -1,4 +1,4 @@
-"""The server under abuse (issue 19, items 2-4), each with the exact request of the probe that found it: admission
+"""The server under abuse, each with the exact request that first showed the problem: admission
 control (a per-request cap on prompts x n, a token budget, a bounded queue with 429 + Retry-After, /health fast
 while saturated), browser safety (Host allow-list, Origin check, CORS only where allowed), and malformed input
 (lone surrogates, absurd nesting, HEAD) as 4xx in the OpenAI error shape."""
@@ -133,7 +133,7 @@ def test_foreign_host_and_origin_get_403(server):
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
         assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200
     before = httpx.get(server.url + "/health").json()["requests"]
-    # the probe's CSRF: a "simple" text/plain POST from another page, which skips the CORS preflight
+    # a CSRF attempt: a "simple" text/plain POST from another page, which skips the CORS preflight
     csrf = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}]}',
                       headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})
     assert "--allowed-origins" in error(csrf, 403, "origin_not_allowed")["message"]
@@ -192,7 +192,7 @@ def test_guard_host_rules():
 # ---- 4. malformed input --------------------------------------------------------------------------------------
 def test_lone_surrogates_and_deep_nesting_are_400_on_a_kept_alive_connection(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
-        # the JSON escape itself goes over the wire, as the probe sent it
+        # the JSON escape itself goes over the wire, as an attacker would send it
         chat = rb'{"messages": [{"role": "user", "content": "x\ud800y"}]}'
         r = c.post("/v1/chat/completions", content=chat, headers={"Content-Type": "application/json"})
         err = error(r, 400, "invalid_unicode")

@@ -148,7 +148,7 @@ def test_requests_wait_briefly_for_a_restart_then_get_503(folder):
 
 
 def test_kill_the_worker_under_load(folder, caplog):
-    """Issue 19, item 1: SIGKILL the worker while four clients run requests back to back. The requests in flight
+    """SIGKILL the worker while four clients run requests back to back. The requests in flight
     fail at once with the real cause, /health says "restarting" (503, no stale rows), the worker is reaped and
     restarted, requests that arrive meanwhile wait for it, and service resumes."""
     from quark.serve.server import ServerThread, create_app

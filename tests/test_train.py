@@ -1,7 +1,7 @@
 """Training loop: config checking, schedule, a real pre-training run through the CLI, NaN stop, full disk, bad input.
 
 Data folders are written here with numpy (stdlib Python sources encoded with the session tokenizer), following
-the BRIEF's contract, so these tests do not depend on `quark prepare`.
+the layout `quark.data.prepare` writes, so these tests do not depend on `quark prepare`.
 """
 
 from __future__ import annotations

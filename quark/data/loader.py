@@ -1,6 +1,7 @@
 """Training data loaders: context windows from pre-training shards, conversation rows from SFT shards.
 
-Both read the data folder written by `quark prepare` (see the BRIEF's contract: `manifest.json`, `train/`, `val/`).
+Both read the data folder written by `quark prepare` (`manifest.json`, `train/`, `val/`; the layout is described
+in `quark.data.prepare`).
 
 Choices:
 - Shards are opened with `np.load(..., mmap_mode="r")`: only the windows a batch uses are read from disk, so a
@@ -180,7 +181,7 @@ class PretrainLoader(_Loader):
 
     kind = "pretrain"
 
-    def __init__(self, folder: str | Path, split: str, seq_len: int, batch_size: int, seed: int = 0,
+    def __init__(self, folder: str | Path, split: str, seq_len: int, batch_size: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, manifest: dict | None = None, vocab_size: int | None = None):
         folder = Path(folder)
         manifest = manifest or read_manifest(folder)
@@ -227,7 +228,7 @@ class SFTLoader(_Loader):
 
     kind = "sft"
 
-    def __init__(self, folder: str | Path, split: str, batch_size: int, seed: int = 0, rank: int = 0,
+    def __init__(self, folder: str | Path, split: str, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, manifest: dict | None = None, trim: bool = True, vocab_size: int | None = None):
         folder = Path(folder)
         manifest = manifest or read_manifest(folder)
@@ -291,10 +292,12 @@ class SFTLoader(_Loader):
             yield self._batch(mine[i:i + self.batch_size])
 
 
-def make_loader(folder: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                world_size: int = 1, manifest: dict | None = None, vocab_size: int | None = None):
+def make_loader(folder: str | Path, split: str, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
+                world_size: int = 1, manifest: dict | None = None,
+                vocab_size: int | None = None) -> PretrainLoader | SFTLoader:
     """A PretrainLoader or SFTLoader, by the manifest's kind."""
     manifest = manifest or read_manifest(folder)
+    common = {"seed": seed, "rank": rank, "world_size": world_size, "manifest": manifest, "vocab_size": vocab_size}
     if manifest["kind"] == "sft":
-        return SFTLoader(folder, split, batch_size, seed, rank, world_size, manifest, vocab_size=vocab_size)
-    return PretrainLoader(folder, split, seq_len, batch_size, seed, rank, world_size, manifest, vocab_size)
+        return SFTLoader(folder, split, batch_size, **common)
+    return PretrainLoader(folder, split, seq_len, batch_size, **common)

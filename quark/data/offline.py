@@ -1,4 +1,5 @@
-"""The real offline corpora of DATA.md, read from what is installed on the machine (nothing is downloaded).
+"""The real offline corpora: Debian packages (debian-handbook, fortunes, fortunes-it, bible-kjv-text), installed
+Python files and Python data packages, read from what is installed on the machine (nothing is downloaded).
 
 Each function yields documents: `str` for text, or a list of OpenAI-format messages for conversations.
 Licences are recorded in `LICENSES` and copied into every manifest.

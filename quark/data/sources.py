@@ -10,7 +10,7 @@ Types:
   `dataset` may also be a local folder of parquet/jsonl files (how the tests exercise this path offline). The text
   of a row is `field` when given, else `text`/`content`, else a `conversations`/`messages` list, else the row's
   string columns joined.
-- the offline corpora of DATA.md (`quark.data.offline`): `python_stdlib`, `site_packages`, `math`, `handbook`,
+- the offline corpora (`quark.data.offline`, installed Debian packages and Python files): `python_stdlib`, `site_packages`, `math`, `handbook`,
   `fortunes`, `bible`, `chatterbot`, `instructions` (`kind` = docstring | math | handbook), with `lang` en/it.
 `max_documents` caps any source (a capped generator becomes finite and is repeated like a file corpus).
 Every source records a licence: the built-in ones know theirs, `files`/`hf` sources must state one (`license`).

@@ -19,26 +19,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 
-def _load(model_path: str, device: str):
-    import torch
+def parse_tasks(text: str) -> list[str]:
+    """'piqa,arc_easy,gsm8k' -> validated task names (multiple-choice or generative), in order, without duplicates."""
+    from .generative import GEN_TASKS
+    from .tasks import TASKS
 
-    from ..weights import load_model_and_tokenizer, resolve_model_path
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for, but no CUDA device is available")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    folder = resolve_model_path(model_path)
-    model, tok = load_model_and_tokenizer(folder, device=device, dtype=dtype)
-    return model, tok, folder
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    known = ", ".join([*TASKS, *GEN_TASKS])
+    if not names:
+        raise ValueError(f"--tasks is empty; known tasks: {known}")
+    for n in names:
+        if n not in TASKS and n not in GEN_TASKS:
+            raise ValueError(f"unknown task {n!r}; known tasks: {known}")
+    return names
 
 
 def cmd_eval(args) -> None:
-    from ..weights import atomic_write_text
+    from ..io import atomic_write_text
+    from ..weights import load_for_inference, resolve_model_path
     from .generative import GEN_TASKS, build_gen_items
     from .harness import evaluate, markdown_table, perplexity
-    from .tasks import build_items, parse_tasks
+    from .tasks import build_items
 
     tasks = parse_tasks(args.tasks) if args.tasks else []
     if not tasks and not args.perplexity:
@@ -60,7 +61,8 @@ def cmd_eval(args) -> None:
         if kind != "pretrain":
             raise ValueError(f"{args.perplexity}: perplexity needs a pre-training data folder (kind 'pretrain'), "
                              f"found kind {kind!r}")
-    model, tok, folder = _load(args.model, args.device)
+    folder = resolve_model_path(args.model)
+    model, tok = load_for_inference(folder, args.device)
     folder = folder.parent if folder.is_file() else folder
     from .arith import run_record, training_data_dirs
 

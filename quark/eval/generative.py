@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
+from ..tokenizer import Tokenizer
 from .scoring import mean_stderr
 
 
@@ -170,8 +172,9 @@ def _cut(text: str, until) -> str:
 
 
 @torch.inference_mode()
-def greedy_until(model, tok, prompts: list[list[int]], max_gen: int, until: tuple[str, ...], batch_size: int = 16,
-                 progress=None) -> list[str]:
+def greedy_until(model: torch.nn.Module, tok: Tokenizer, prompts: list[list[int]], max_gen: int,
+                 until: tuple[str, ...], *, batch_size: int = 16,
+                 progress: Callable[[int], object] | None = None) -> list[str]:
     """Greedy continuations of token prompts, each stopped at <|im_end|> or the first `until` string (cut there).
     Prompts are left-truncated to context_length - max_gen tokens, as lm-eval does."""
     from ..generate import stream_tokens
@@ -248,15 +251,16 @@ def gen_budget(spec: GenSpec, context_length: int) -> int:
     return max(1, min(spec.max_gen_toks, context_length // 2))
 
 
-def evaluate_generative(model, tok, task: str, items: list[GenItem], chat: bool = False, batch_size: int = 16,
-                        progress=None, sandbox_workers: int = 2, keep_outputs: bool = False) -> dict:
+def evaluate_generative(model: torch.nn.Module, tok: Tokenizer, task: str, items: list[GenItem], *, chat: bool = False,
+                        batch_size: int = 16, progress: Callable[[int], object] | None = None,
+                        sandbox_workers: int = 2, keep_outputs: bool = False) -> dict:
     """Generate for every item, score, aggregate: {"acc", "acc_stderr", "n", "metric", ...} (+ "groups")."""
     spec = GEN_TASKS[task]
     until = ("<|im_end|>",) if chat and task != "humaneval" else spec.until
     if chat and task == "humaneval":
         until = spec.until + ("```",)
     gens = greedy_until(model, tok, [prompt_ids(tok, it, task, chat) for it in items],
-                        gen_budget(spec, model.config.context_length), until, batch_size, progress)
+                        gen_budget(spec, model.config.context_length), until, batch_size=batch_size, progress=progress)
     res: dict = {"n": len(items), "chance": None, "split": spec.split, "metric": spec.metric,
                  "prompt": "chat template" if chat else "plain", "acc_norm": None, "acc_norm_stderr": None}
     if task == "gsm8k":
@@ -314,8 +318,8 @@ def groups_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_generative(model, tok, tasks: list[str], limit: int | None = None, fewshot: int = 0, seed: int = 1234,
-                   batch_size: int = 16, progress: bool = True, chat: bool = False,
+def run_generative(model: torch.nn.Module, tok: Tokenizer, tasks: list[str], *, limit: int | None = None,
+                   fewshot: int = 0, seed: int = 1234, batch_size: int = 16, progress: bool = True, chat: bool = False,
                    arith_dedup: list | None = None) -> dict[str, dict]:
     """{task: result} for the generative tasks, one progress bar over every item (and program run).
     `arith_dedup`: training data folders whose questions are removed from arith."""
@@ -345,7 +349,8 @@ def run_generative(model, tok, tasks: list[str], limit: int | None = None, fewsh
             if bar is not None:
                 bar.set_description(t)
             t0 = time.perf_counter()
-            out[t] = evaluate_generative(model, tok, t, items, chat, batch_size, bar.update if bar else None)
+            out[t] = evaluate_generative(model, tok, t, items, chat=chat, batch_size=batch_size,
+                                         progress=bar.update if bar else None)
             if t in notes:
                 out[t]["dedup"] = notes[t]
             out[t]["seconds"] = round(time.perf_counter() - t0, 3)

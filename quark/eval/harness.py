@@ -50,8 +50,9 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, fewsh
     results = evaluate_choices(model, tokenizer, [t for t in tasks if t not in GEN_TASKS], limit, fewshot, seed,
                                batch_size, progress, data_root)
     if gen:
-        results.update(run_generative(model, tokenizer, gen, limit, fewshot, seed, max(1, batch_size // 2), progress,
-                                      chat, arith_dedup))
+        results.update(run_generative(model, tokenizer, gen, limit=limit, fewshot=fewshot, seed=seed,
+                                      batch_size=max(1, batch_size // 2), progress=progress, chat=chat,
+                                      arith_dedup=arith_dedup))
     return {t: results[t] for t in tasks}
 
 

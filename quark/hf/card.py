@@ -6,7 +6,7 @@ Choices:
   steps, hardware and wall time from run.json / metrics.jsonl, scores from `quark eval`'s JSON, chat-token ids
   from the tokenizer); `render_model_card()` only formats them. No figure is typed into the template, so the
   card cannot drift from the run; a missing source is said plainly ("not evaluated", "no run.json found").
-- Sections follow the spec card (Model Summary, Architecture, Quickstart, Prompt Format, Generation Parameters,
+- Sections, in order (Model Summary, Architecture, Quickstart, Prompt Format, Generation Parameters,
   Training Details, Evaluation & Known Limitations, Files, License) with YAML front matter for the Hub.
 - `render_model_card()` is the one renderer: `quark export` writes it as README.md and `quark speedrun`'s
   report embeds the same text.
@@ -19,7 +19,9 @@ import json
 import re
 from pathlib import Path
 
+from ..model import Quark
 from ..weights import config_from_folder, resolve_model_path
+from .remote_code import remote_code_files, remote_code_imports
 
 MIT_LICENSE = """MIT License
 
@@ -127,9 +129,9 @@ def _find_eval(folder: Path, run: Path | None, explicit) -> tuple[dict | None, s
     return None, None
 
 
-def card_facts(checkpoint: str | Path, run: str | Path | None = None, eval_results: str | Path | None = None,
+def card_facts(checkpoint: str | Path, *, run: str | Path | None = None, eval_results: str | Path | None = None,
                name: str | None = None, repo_id: str | None = None, base_model: str | None = None,
-               author: str | None = None, model=None) -> dict:
+               author: str | None = None, model: Quark | None = None) -> dict:
     """Every figure the card shows, each read from its source. `checkpoint` is a model folder or run folder.
     `base_model` is a Hub model id (the Hub rejects a local path there); without one the card names none."""
     from ..tokenizer import Tokenizer
@@ -158,8 +160,6 @@ def card_facts(checkpoint: str | Path, run: str | Path | None = None, eval_resul
     n_params = count_params(folder)
     if model is not None and sum(p.numel() for p in model.parameters()) != n_params:
         raise RuntimeError(f"{folder}: the weights file and the loaded model disagree on the parameter count")
-    from .export import remote_code_files, remote_code_imports
-
     finished = (rf or {}).get("finished") or ""
     year = int(finished[:4]) if re.match(r"\d{4}", finished) else _dt.date.today().year
     name = name or (Path(checkpoint).name if rf is None else Path(rf["path"]).name)
@@ -356,20 +356,23 @@ def _quickstart(f: dict, fmt: str) -> list[str]:
 
 
 def _recommended_args() -> dict:
-    from .export import RECOMMENDED
+    from ..sampling import RECOMMENDED  # in generate_text's argument names
 
-    names = {"repetition_penalty": "rep_penalty"}  # generate_text's argument names
-    order = ("max_new_tokens", "temperature", "top_p", "repetition_penalty")
-    return {names.get(k, k): RECOMMENDED[k] for k in order}
+    order = ("max_new_tokens", "temperature", "top_p", "rep_penalty")
+    return {k: RECOMMENDED[k] for k in order}
 
 
-def render_model_card(source, fmt: str = "hf", **kw) -> str:
+def render_model_card(source: dict | str | Path, fmt: str = "hf", **kw) -> str:
     """The README.md model card. `source` is a facts dict from `card_facts()` or a checkpoint / run folder
     (then `kw` goes to `card_facts`). `fmt`: "hf" (remote-code folder) or "llama"."""
     f = source if isinstance(source, dict) else card_facts(source, **kw)
-    c, tk, run, base = f["config"], f["tokenizer"], f["run"] or {}, f["base"]
-    kind = run.get("kind")
-    n = f["n_params"]
+    lines = (_summary_section(f, fmt) + _architecture_section(f) + _use_section(f, fmt) + _prompt_section(f)
+             + _training_details(f) + _limitations_section(f) + _files_section(f, fmt) + _closing_section(f))
+    return "\n".join(lines)
+
+
+def _summary_section(f: dict, fmt: str) -> list[str]:
+    c, n, kind = f["config"], f["n_params"], (f["run"] or {}).get("kind")
     what = {"sft": "an instruction-tuned (SFT) checkpoint", "pretrain": "a pre-trained base checkpoint"}.get(
         kind, "a checkpoint")
     tied = "embedding-tied" if c["tie_embeddings"] else "untied embeddings"
@@ -386,56 +389,78 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
               "| License | MIT |"]
     if kind == "sft" and f.get("base_model"):
         lines.append(f"| Finetuned from | `{f['base_model']}` |")
-    lines += ["", "## Architecture", "", "| Component | Detail |", "|---|---|",
-              f"| Layers | {c['n_layers']} |", f"| Hidden size (d_model) | {c['d_model']} |",
-              f"| Attention heads | {c['n_heads']} query heads |",
-              f"| KV heads | {c['n_kv_heads']} (Grouped-Query Attention, {c['n_heads'] // c['n_kv_heads']}:1 ratio) |",
-              f"| Head dimension | {f['head_dim']} |", f"| Feed-forward | SwiGLU, d_ff = {c['d_ff']} |",
-              "| Normalization | RMSNorm (pre-norm placement), eps = " + f"{c['norm_eps']:g} |",
-              f"| Positional encoding | Rotary Position Embeddings (RoPE), θ = {c['rope_theta']:,g} |",
-              "| Activation | SiLU (within SwiGLU gate) |",
-              f"| Vocabulary size | {tk['base_vocab_size']:,} (+ 2 chat tokens) = {c['vocab_size']:,} embedding rows |",
-              f"| Context length | {c['context_length']:,} tokens |",
-              "| Weight tying | " + ("Input embedding and output projection share weights |" if c["tie_embeddings"]
-                                    else "Separate input embedding and output projection |"),
-              f"| KV cache | {f['kv_bytes_per_token_bf16']:,} bytes per token in bf16 |", "",
-              "## Intended Use", "",
-              ("A research and educational artifact for studying small-scale LLM architecture, training and "
-              "inference; a lightweight base for self-hosted projects and further task-specific fine-tuning. "
-              "Out of scope: tasks needing deep multi-step reasoning, long-context retrieval or broad world "
-              "knowledge; safety-critical, medical, legal or financial use; production use without further "
-              "evaluation."), "", "## Quickstart", ""] + _quickstart(f, fmt)
-    lines += ["", "## Prompt Format", "",
-              (f"ChatML, with `<|im_start|>` (id {tk['im_start_id']}) and `<|im_end|>` (id {tk['im_end_id']}) as role "
-              f"delimiters; `<|endoftext|>` (id {tk['eot_id']}) separates pre-training documents. Both chat tokens "
-              "are stored in `tokenizer.json`, so the Quickstart's `add_special_tokens` call is a harmless no-op, "
-              "and `tokenizer_config.json` ships this `chat_template` (use `apply_chat_template`):"), "", "```",
-              "<|im_start|>user", "{user message}<|im_end|>", "<|im_start|>assistant", "{model response}<|im_end|>",
-              "```", "", "## Generation Parameters", "",
-              ("`generate_text()` takes `max_new_tokens`, `temperature` (0.0 = greedy), `top_p`, `rep_penalty` "
-              "(CTRL-style penalty on every token already seen; 1.0 = off) and `eos_token_id`; a step whose logits "
-              "are not finite falls back to greedy. The recommended starting configuration is below; "
-              "`generation_config.json` holds its sampling part (`temperature`, `top_p`, `repetition_penalty`), "
-              "which `model.generate()` uses by default (give it `max_new_tokens`):"), "", "```python",
-              "model.generate_text(input_ids, " + ", ".join(f"{k}={v}" for k, v in _recommended_args().items())
-              + ", eos_token_id=im_end_id)", "```", "", "## Training Details", ""]
+    return lines
+
+
+def _architecture_section(f: dict) -> list[str]:
+    c, tk = f["config"], f["tokenizer"]
+    return ["", "## Architecture", "", "| Component | Detail |", "|---|---|",
+            f"| Layers | {c['n_layers']} |", f"| Hidden size (d_model) | {c['d_model']} |",
+            f"| Attention heads | {c['n_heads']} query heads |",
+            f"| KV heads | {c['n_kv_heads']} (Grouped-Query Attention, {c['n_heads'] // c['n_kv_heads']}:1 ratio) |",
+            f"| Head dimension | {f['head_dim']} |", f"| Feed-forward | SwiGLU, d_ff = {c['d_ff']} |",
+            "| Normalization | RMSNorm (pre-norm placement), eps = " + f"{c['norm_eps']:g} |",
+            f"| Positional encoding | Rotary Position Embeddings (RoPE), θ = {c['rope_theta']:,g} |",
+            "| Activation | SiLU (within SwiGLU gate) |",
+            f"| Vocabulary size | {tk['base_vocab_size']:,} (+ 2 chat tokens) = {c['vocab_size']:,} embedding rows |",
+            f"| Context length | {c['context_length']:,} tokens |",
+            "| Weight tying | " + ("Input embedding and output projection share weights |" if c["tie_embeddings"]
+                                  else "Separate input embedding and output projection |"),
+            f"| KV cache | {f['kv_bytes_per_token_bf16']:,} bytes per token in bf16 |", ""]
+
+
+def _use_section(f: dict, fmt: str) -> list[str]:
+    return ["## Intended Use", "",
+            ("A research and educational artifact for studying small-scale LLM architecture, training and "
+             "inference; a lightweight base for self-hosted projects and further task-specific fine-tuning. "
+             "Out of scope: tasks needing deep multi-step reasoning, long-context retrieval or broad world "
+             "knowledge; safety-critical, medical, legal or financial use; production use without further "
+             "evaluation."), "", "## Quickstart", ""] + _quickstart(f, fmt)
+
+
+def _prompt_section(f: dict) -> list[str]:
+    tk = f["tokenizer"]
+    return ["", "## Prompt Format", "",
+            (f"ChatML, with `<|im_start|>` (id {tk['im_start_id']}) and `<|im_end|>` (id {tk['im_end_id']}) as role "
+             f"delimiters; `<|endoftext|>` (id {tk['eot_id']}) separates pre-training documents. Both chat tokens "
+             "are stored in `tokenizer.json`, so the Quickstart's `add_special_tokens` call is a harmless no-op, "
+             "and `tokenizer_config.json` ships this `chat_template` (use `apply_chat_template`):"), "", "```",
+            "<|im_start|>user", "{user message}<|im_end|>", "<|im_start|>assistant", "{model response}<|im_end|>",
+            "```", "", "## Generation Parameters", "",
+            ("`generate_text()` takes `max_new_tokens`, `temperature` (0.0 = greedy), `top_p`, `rep_penalty` "
+             "(CTRL-style penalty on every token already seen; 1.0 = off) and `eos_token_id`; a step whose logits "
+             "are not finite falls back to greedy. The recommended starting configuration is below; "
+             "`generation_config.json` holds its sampling part (`temperature`, `top_p`, `repetition_penalty`), "
+             "which `model.generate()` uses by default (give it `max_new_tokens`):"), "", "```python",
+            "model.generate_text(input_ids, " + ", ".join(f"{k}={v}" for k, v in _recommended_args().items())
+            + ", eos_token_id=im_end_id)", "```", ""]
+
+
+def _training_details(f: dict) -> list[str]:
+    run, base = f["run"] or {}, f["base"]
+    lines = ["## Training Details", ""]
     if not run:
-        lines += ["Training details were not recorded with this checkpoint (no `run.json` found beside it).", ""]
-    else:
-        if base:
-            lines += _training_section("Pre-training (base model)", base)
-        elif kind == "sft":
-            lines += [f"Pre-training: the base checkpoint `{run.get('base')}` (its run is not available here).", ""]
-        lines += _training_section("Supervised fine-tuning (SFT)" if kind == "sft" else "Pre-training", run)
+        return lines + ["Training details were not recorded with this checkpoint (no `run.json` found beside it).", ""]
+    kind = run.get("kind")
+    if base:
+        lines += _training_section("Pre-training (base model)", base)
+    elif kind == "sft":
+        lines += [f"Pre-training: the base checkpoint `{run.get('base')}` (its run is not available here).", ""]
+    return lines + _training_section("Supervised fine-tuning (SFT)" if kind == "sft" else "Pre-training", run)
+
+
+def _limitations_section(f: dict) -> list[str]:
     ev_lines, ev_lims = _eval_section(f)
-    lines += ["## Evaluation & Known Limitations", ""] + ev_lines + ["", "Known limitations:", ""] + ev_lims + [
+    return ["## Evaluation & Known Limitations", ""] + ev_lines + ["", "Known limitations:", ""] + ev_lims + [
         ("- **Repetition.** Small models loop without a repetition penalty; the recommended "
-        f"`rep_penalty={_recommended_args()['rep_penalty']}` helps."),
+         f"`rep_penalty={_recommended_args()['rep_penalty']}` helps."),
         "- **Shallow reasoning.** Do not rely on it for multi-step logical or mathematical reasoning.",
         "- **Limited world knowledge.** It will often hallucinate specific facts, dates or entities.",
-        (f"- **Short effective context.** The architecture accepts {c['context_length']:,} tokens, but "
-        "instruction-following degrades over long inputs sooner than in larger models."), "",
-        "## Files in this Repository", "", "| File | Purpose |", "|---|---|"]
+        (f"- **Short effective context.** The architecture accepts {f['config']['context_length']:,} tokens, but "
+         "instruction-following degrades over long inputs sooner than in larger models."), ""]
+
+
+def _files_section(f: dict, fmt: str) -> list[str]:
     files = [("config.json", "Model configuration" + (" (a Llama config, Quark's own under `quark`) and `auto_map` "
                                                        "to `QuarkForCausalLM` for `trust_remote_code`" if fmt == "hf" else
                                                        " for `LlamaForCausalLM`"))]
@@ -446,19 +471,23 @@ def render_model_card(source, fmt: str = "hf", **kw) -> str:
                                                                                "modeling_quark.py")),
                    ("Quark's own modules (config, transformer, decoding loop, sampling, ...), copied verbatim and "
                    "imported by the two files above"))]
-    files += [("model.safetensors", f"Model weights (float32, {_n(n)} parameters)"),
+    files += [("model.safetensors", f"Model weights (float32, {_n(f['n_params'])} parameters)"),
               ("generation_config.json", "Default generation hyperparameters"),
               ("tokenizer.json, tokenizer_config.json, special_tokens_map.json",
-               f"Byte-level BPE tokenizer ({tk['vocab_size']:,} ids) with the ChatML `chat_template`"),
+               f"Byte-level BPE tokenizer ({f['tokenizer']['vocab_size']:,} ids) with the ChatML `chat_template`"),
               ("LICENSE", "MIT License")]
+    lines = ["## Files in this Repository", "", "| File | Purpose |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in files]
     if fmt == "hf":
         lines += ["", "As with any `trust_remote_code` model, review `modeling_quark.py` and the files it imports "
                       "before running them; besides the standard library and each other they import only "
                       + ", ".join(f"`{m}`" for m in f["remote_code"]["imports"]) + "."]
-    lines += ["", "## Citation", "", "```bibtex", "@misc{quark,", f"  title  = {{{f['name']}}},",
-              "  author = {ThingAI and the Quark contributors},", f"  year   = {{{f['year']}}}", "}", "```", "",
-              "## License", "", ("This model is released under the MIT License (see `LICENSE`). Training data sources "
-              "retain their own licenses (listed in the data mixture tables above); users are responsible for "
-              "complying with them."), ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _closing_section(f: dict) -> list[str]:
+    return ["", "## Citation", "", "```bibtex", "@misc{quark,", f"  title  = {{{f['name']}}},",
+            "  author = {ThingAI and the Quark contributors},", f"  year   = {{{f['year']}}}", "}", "```", "",
+            "## License", "", ("This model is released under the MIT License (see `LICENSE`). Training data sources "
+            "retain their own licenses (listed in the data mixture tables above); users are responsible for "
+            "complying with them."), ""]

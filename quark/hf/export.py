@@ -1,4 +1,4 @@
-"""Export a Quark checkpoint as a Hugging Face model folder (remote code, as the card describes) or a plain
+"""Export a Quark checkpoint as a Hugging Face model folder (remote code, as its model card describes) or a plain
 Llama folder, each with tokenizer files, generation defaults, a generated model card and the licence.
 
 Choices:
@@ -10,7 +10,7 @@ Choices:
 - Llama format: Quark uses Llama's parameter names and RoPE layout, so the weights are copied unchanged and
   only `config.json` differs; `transformers.LlamaForCausalLM` (and Llama-serving engines) load it without
   remote code.
-- Weights are float32 safetensors (the card's "Tensor type F32"); the tied `lm_head` is not stored.
+- Weights are float32 safetensors; the tied `lm_head` is not stored.
 - `model.safetensors` records its SHA-256 in the safetensors metadata (`quark.weights`), which transformers
   ignores and Quark verifies when it loads the folder.
 - The folder is assembled in a temporary sibling and renamed into place, so a failed export never leaves a
@@ -20,71 +20,24 @@ Choices:
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..io import atomic_write_text, write_error
 from ..sampling import RECOMMENDED as SAMPLING_RECOMMENDED
 from ..tokenizer import CHAT_TEMPLATE
-from ..weights import (
-    atomic_write_text,
-    load_model_and_tokenizer,
-    resolve_model_path,
-    save_safetensors,
-    state_dict_for_save,
-    write_error,
-)
+from ..weights import load_model_and_tokenizer, resolve_model_path, save_safetensors, state_dict_for_save
+from .remote_code import remote_code_files
 
-PACKAGE = Path(__file__).resolve().parent.parent
-TEMPLATES = {"configuration_quark": PACKAGE / "hf" / "configuration_quark.py",
-             "modeling_quark": PACKAGE / "hf" / "modeling_quark.py"}
 # Only the model is remote code: config.json is a LlamaConfig (see configuration_quark.py), so AutoConfig and
 # AutoTokenizer load the folder without asking to run custom code.
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_quark.QuarkForCausalLM"}
 # The card's "Recommended starting configuration" for generate_text(), in transformers' names.
 RECOMMENDED = {("repetition_penalty" if k == "rep_penalty" else k): v for k, v in SAMPLING_RECOMMENDED.items()}
 FORMATS = ("hf", "llama", "gguf")
-
-
-def _relative_imports(path: Path) -> set[str]:
-    # the same patterns transformers' dynamic_module_utils follows (indented and lazy imports included)
-    text = path.read_text()
-    return set(re.findall(r"^\s*import\s+\.(\S+)\s*$", text, flags=re.MULTILINE)
-               + re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE))
-
-
-def remote_code_files() -> dict[str, Path]:
-    """Export file name -> package source for the two remote-code files and every sibling they import,
-    transitively, exactly as transformers will look for them. The siblings are copied verbatim."""
-    files, todo = {}, list(TEMPLATES)
-    while todo:
-        mod = todo.pop()
-        if f"{mod}.py" in files:
-            continue
-        src = TEMPLATES.get(mod, PACKAGE / f"{mod}.py")
-        if not src.exists():
-            raise RuntimeError(f"remote code needs {mod}.py, which is not in {PACKAGE}")
-        files[f"{mod}.py"] = src
-        todo += sorted(_relative_imports(src))
-    return files
-
-
-def remote_code_imports() -> list[str]:
-    """Top-level modules (beyond the standard library and each other) the exported code files import."""
-    import ast
-    import sys
-
-    mods = set()
-    for src in remote_code_files().values():
-        for node in ast.walk(ast.parse(src.read_text())):
-            if isinstance(node, ast.Import):
-                mods |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                mods.add(node.module.split(".")[0])
-    return sorted(mods - set(sys.stdlib_module_names) - {"__future__"})
 
 
 def _transformers_version() -> str | None:
@@ -169,7 +122,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", overwrite: bool = False,
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrite: bool = False,
            run: str | Path | None = None, eval_results: str | Path | None = None, name: str | None = None,
            repo_id: str | None = None, base_model: str | None = None) -> Path:
     """Write `checkpoint` (a model folder, checkpoint or run folder) as a `fmt` ("hf" or "llama") model folder

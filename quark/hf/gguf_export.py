@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write_text, write_error
 from ..tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, SPLIT_REGEX
-from ..weights import atomic_write_text, load_model_and_tokenizer, resolve_model_path, state_dict_for_save, write_error
+from ..weights import load_model_and_tokenizer, resolve_model_path, state_dict_for_save
 
 GGUF_PRE = "llama-bpe"
 QUANT_TYPES = ("q8_0", "q4_0")

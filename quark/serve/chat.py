@@ -15,9 +15,12 @@ Choices:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TextIO
 
+from ..llm import LLM
+from ..tokenizer import Tokenizer
 from .engine import SamplingParams
 from .text import IncrementalDecoder
 
@@ -57,7 +60,7 @@ def show_params(params: SamplingParams) -> str:
 class ChatSession:
     """The conversation state and the trimming rule, separate from terminal I/O (tested directly)."""
 
-    def __init__(self, tokenizer, context_length: int, system: str | None = None):
+    def __init__(self, tokenizer: Tokenizer, context_length: int, system: str | None = None):
         self.tokenizer, self.context_length = tokenizer, context_length
         self.system = system or None
         self.history: list[dict] = []
@@ -91,20 +94,20 @@ class ChatSession:
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
-def run_chat(llm, params: SamplingParams, system: str | None = None, stdin: TextIO | None = None,
+def run_chat(llm: LLM, params: SamplingParams, system: str | None = None, stdin: TextIO | None = None,
              stdout: TextIO | None = None) -> None:
     """The chat loop over `llm` (a `quark.llm.LLM`) until /quit or end of input."""
     params.check()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tokenizer, name = llm.model, llm.tokenizer, llm.name
-    session = ChatSession(tokenizer, model.config.context_length, system)
+    context = llm.model.config.context_length
+    session = ChatSession(llm.tokenizer, context, system)
     interactive = stdin.isatty()
 
     def say(text: str = "", end: str = "\n") -> None:
         stdout.write(text + end)
         stdout.flush()
 
-    say(f"Quark chat with {name} ({model.config.context_length}-token context). /help for commands, Ctrl-D to quit.")
+    say(f"Quark chat with {llm.name} ({context}-token context). /help for commands, Ctrl-D to quit.")
     say(f"[{show_params(params)}]")
     while True:
         if interactive:
@@ -120,56 +123,70 @@ def run_chat(llm, params: SamplingParams, system: str | None = None, stdin: Text
         if not line.strip():
             continue
         if line.startswith("/"):
-            cmd, _, arg = line.partition(" ")
-            arg = arg.strip()
-            if cmd in ("/quit", "/exit"):
+            params = _command(line, session, params, say)
+            if params is None:
                 return
-            elif cmd == "/help":
-                say(HELP)
-            elif cmd == "/reset":
-                session.history = []
-                say("[conversation cleared]")
-            elif cmd == "/system":
-                if arg:
-                    session.system = None if arg == "-" else arg
-                    say("[system prompt removed]" if arg == "-" else "[system prompt set]")
-                else:
-                    say(f"[system prompt: {session.system!r}]")
-            elif cmd == "/params":
-                try:
-                    params = set_params(params, arg.split()) if arg else params
-                    say(f"[{show_params(params)}]")
-                except ValueError as e:
-                    say(f"[error: {e}]")
-            else:
-                say(f"[unknown command {cmd}; /help lists them]")
             continue
+        _reply(llm, session, line, params, say)
+
+
+def _command(line: str, session: ChatSession, params: SamplingParams,
+             say: Callable[..., None]) -> SamplingParams | None:
+    """Run a /command; -> the (possibly changed) sampling params, or None for /quit."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/quit", "/exit"):
+        return None
+    elif cmd == "/help":
+        say(HELP)
+    elif cmd == "/reset":
+        session.history = []
+        say("[conversation cleared]")
+    elif cmd == "/system":
+        if arg:
+            session.system = None if arg == "-" else arg
+            say("[system prompt removed]" if arg == "-" else "[system prompt set]")
+        else:
+            say(f"[system prompt: {session.system!r}]")
+    elif cmd == "/params":
         try:
-            ids, trimmed, max_new = session.prompt_for(line, params.max_new_tokens)
+            params = set_params(params, arg.split()) if arg else params
+            say(f"[{show_params(params)}]")
         except ValueError as e:
             say(f"[error: {e}]")
-            continue
-        if trimmed:
-            say(f"[dropped the {trimmed} oldest turn(s) to fit the {session.context_length}-token context]")
-        if max_new < params.max_new_tokens:
-            say(f"[the reply is limited to {max_new} tokens to fit the context]")
-        decoder, reply = IncrementalDecoder(tokenizer), []
-        say("quark> ", end="")
-        tokens = llm.stream_ids(ids, replace(params, max_new_tokens=max_new))
-        req = tokens.request
-        try:
-            for tok in tokens:
-                piece = decoder.push(tok)
-                if piece:
-                    reply.append(piece)
-                    say(piece, end="")
-        except KeyboardInterrupt:
-            tokens.close()
-            reply.append(decoder.flush())
-            say(reply[-1] + " [interrupted]")
-        else:
-            reply.append(decoder.flush())
-            say(reply[-1])
-            if req.finish_reason == "length":
-                say(f"[reply cut at max_new_tokens={max_new}]")
-        session.add_turn(line, "".join(reply))
+    else:
+        say(f"[unknown command {cmd}; /help lists them]")
+    return params
+
+
+def _reply(llm: LLM, session: ChatSession, line: str, params: SamplingParams, say: Callable[..., None]) -> None:
+    """Stream the reply to one user message and add the turn to the conversation."""
+    try:
+        ids, trimmed, max_new = session.prompt_for(line, params.max_new_tokens)
+    except ValueError as e:
+        say(f"[error: {e}]")
+        return
+    if trimmed:
+        say(f"[dropped the {trimmed} oldest turn(s) to fit the {session.context_length}-token context]")
+    if max_new < params.max_new_tokens:
+        say(f"[the reply is limited to {max_new} tokens to fit the context]")
+    decoder, reply = IncrementalDecoder(llm.tokenizer), []
+    say("quark> ", end="")
+    tokens = llm.stream_ids(ids, replace(params, max_new_tokens=max_new))
+    req = tokens.request
+    try:
+        for tok in tokens:
+            piece = decoder.push(tok)
+            if piece:
+                reply.append(piece)
+                say(piece, end="")
+    except KeyboardInterrupt:
+        tokens.close()
+        reply.append(decoder.flush())
+        say(reply[-1] + " [interrupted]")
+    else:
+        reply.append(decoder.flush())
+        say(reply[-1])
+        if req.finish_reason == "length":
+            say(f"[reply cut at max_new_tokens={max_new}]")
+    session.add_turn(line, "".join(reply))

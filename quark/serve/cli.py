@@ -62,7 +62,7 @@ def cmd_serve(args) -> None:
 
         tokenizer = load_tokenizer_for(args.model)
         engine = ProcessEngine(args.model, resolve_device(args.device), args.quantize,
-                               [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch,
+                               stop_ids=[tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch,
                                max_restarts=args.max_restarts)
     else:
         model, tokenizer = load_for_inference(args.model, args.device, args.quantize)

@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -130,268 +131,317 @@ class _Choice:
         return out
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_tokens_limit: int = 1024,
-               max_body_bytes: int = 1 << 20, max_request_seqs: int = 64, max_queue: int = 128,
-               max_request_tokens: int | None = None, restart_wait: float = 10.0, bound_host: str = "127.0.0.1",
-               allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> FastAPI:
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for and how much may wait (see the module docstring); checked by `create_app`."""
+
+    max_tokens_limit: int = 1024
+    max_body_bytes: int = 1 << 20
+    max_request_seqs: int = 64
+    max_queue: int = 128
+    max_request_tokens: int | None = None  # None: the engine's whole cache (max_batch x context length)
+    restart_wait: float = 10.0
+
+    def check(self, engine: Engine) -> Limits:
+        """These limits, checked against the engine, with `max_request_tokens` filled in."""
+        for name, v in (("max_tokens_limit", self.max_tokens_limit), ("max_request_seqs", self.max_request_seqs),
+                        ("max_request_tokens", self.max_request_tokens or 1)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
+        capacity = engine.max_batch + self.max_queue  # sequences decoding or waiting for a row
+        if self.max_request_seqs > capacity:
+            raise ValueError(f"max_request_seqs ({self.max_request_seqs}) must be at most max_batch + max_queue "
+                             f"({capacity}), or such a request could never be admitted")
+        return replace(self, max_request_tokens=self.max_request_tokens or engine.max_batch * engine.context_length)
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None = None,
+               max_tokens_limit: int = 1024, max_body_bytes: int = 1 << 20, max_request_seqs: int = 64,
+               max_queue: int = 128, max_request_tokens: int | None = None, restart_wait: float = 10.0,
+               bound_host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
+               allowed_origins: tuple[str, ...] = ()) -> FastAPI:
     """The app. The engine is started and stopped with the app's lifespan. `max_request_tokens` defaults to
     the engine's whole cache (max_batch x context length)."""
-    for name, v in (("max_tokens_limit", max_tokens_limit), ("max_request_seqs", max_request_seqs),
-                    ("max_request_tokens", max_request_tokens or 1)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if not isinstance(max_queue, int) or max_queue < 0:
-        raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-    capacity = engine.max_batch + max_queue  # sequences decoding or waiting for a row
-    if max_request_seqs > capacity:
-        raise ValueError(f"max_request_seqs ({max_request_seqs}) must be at most max_batch + max_queue ({capacity}), "
-                         "or such a request could never be admitted")
+    limits = Limits(max_tokens_limit, max_body_bytes, max_request_seqs, max_queue, max_request_tokens,
+                    restart_wait).check(engine)
     allowed_origins = tuple(check_origin(o) for o in allowed_origins)  # a bad one is an error now, not at startup
-    context = engine.context_length
-    max_request_tokens = max_request_tokens or engine.max_batch * context
-    created = int(time.time())
+    server = _Server(engine, tokenizer, model_name, api_key, limits)
+    app = FastAPI(title="Quark", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BrowserGuard, bound_host=bound_host, allowed_hosts=allowed_hosts,
+                       allowed_origins=allowed_origins)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _crash)
+    get = ["GET", "HEAD"]
+    app.add_api_route("/health", server.health, methods=get)
+    app.add_api_route("/v1/models", server.models, methods=get)
+    app.add_api_route("/v1/models/{name:path}", server.model, methods=get)
+    app.add_api_route("/", server.index, methods=get, include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    return app
 
-    dispatcher = _Dispatcher(engine)
+
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return JSONResponse(APIError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
+
+
+async def _crash(request: Request, e: Exception) -> JSONResponse:
+    err = APIError(500, f"internal error: {type(e).__name__}", type_="server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+class _Server:
+    """The app's state (engine, tokenizer, limits, the dispatcher) and its route handlers."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None, limits: Limits):
+        self.engine, self.tokenizer, self.model_name, self.api_key, self.limits = (
+            engine, tokenizer, model_name, api_key, limits)
+        self.context = engine.context_length
+        self.capacity = engine.max_batch + limits.max_queue
+        self.created = int(time.time())
+        self.dispatcher = _Dispatcher(engine)
 
     @asynccontextmanager
-    async def lifespan(app):
-        dispatcher.loop = asyncio.get_running_loop()
-        engine.start()
+    async def lifespan(self, app: FastAPI):
+        self.dispatcher.loop = asyncio.get_running_loop()
+        self.engine.start()
         # the ~190,000 objects of startup (torch, FastAPI) leave every full collection: a gen-2 pass over them stalled
         # the event loop, /health included, for 753 ms under overload (186 ms after this; dev/LOG.md)
         gc.collect()
         gc.freeze()
         yield
-        engine.stop()
+        self.engine.stop()
 
-    app = FastAPI(title="Quark", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BrowserGuard, bound_host=bound_host, allowed_hosts=allowed_hosts,
-                       allowed_origins=allowed_origins)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(APIError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _crash(request, e):
-        err = APIError(500, f"internal error: {type(e).__name__}", type_="server_error")
-        return JSONResponse(err.body(), status_code=500)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
+    # ---- requests -----------------------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def read_body(request: Request) -> dict:
-        authorize(request)
+    async def read_body(self, request: Request) -> dict:
+        self.authorize(request)
+        limit = self.limits.max_body_bytes
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise APIError(413, f"request body of {length} bytes is over the {max_body_bytes}-byte limit",
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(413, f"request body of {length} bytes is over the {limit}-byte limit",
                            code="request_too_large")
         raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
-            if len(raw) > max_body_bytes:
-                raise APIError(413, f"request body is over the {max_body_bytes}-byte limit", code="request_too_large")
+            if len(raw) > limit:
+                raise APIError(413, f"request body is over the {limit}-byte limit", code="request_too_large")
         return parse_json(bytes(raw))
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "quark",
-                "context_length": context, "max_tokens_limit": max_tokens_limit}
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "quark",
+                "context_length": self.context, "max_tokens_limit": self.limits.max_tokens_limit}
 
-    get = ["GET", "HEAD"]
-
-    @app.api_route("/health", methods=get)
-    async def health():
-        state = engine.state
-        body = {"status": state, "model": model_name, "context_length": context, **engine.load(),
-                "in_flight": dispatcher.outstanding, "capacity": capacity}
+    # ---- routes -------------------------------------------------------------------------------------------------
+    async def health(self):
+        state = self.engine.state
+        body = {"status": state, "model": self.model_name, "context_length": self.context, **self.engine.load(),
+                "in_flight": self.dispatcher.outstanding, "capacity": self.capacity}
         if state == "ok":
             return body
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"} if state == "restarting" else None)
 
-    @app.api_route("/v1/models", methods=get)
-    async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
+    async def models(self, request: Request):
+        self.authorize(request)
+        return {"object": "list", "data": [self.model_card()]}
 
-    @app.api_route("/v1/models/{name:path}", methods=get)
-    async def model(name: str, request: Request):
-        authorize(request)
-        if name != model_name:
+    async def model(self, name: str, request: Request):
+        self.authorize(request)
+        if name != self.model_name:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-        return model_card()
+        return self.model_card()
 
-    @app.api_route("/", methods=get, include_in_schema=False)
-    async def index():
+    async def index(self):
         return FileResponse(STATIC / "index.html")
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        check_model(body, model_name)
-        room_for(count_sequences(body, max_request_seqs, chat=True))
+    async def chat_completions(self, request: Request):
+        body = await self.read_body(request)
+        check_model(body, self.model_name)
+        self.room_for(count_sequences(body, self.limits.max_request_seqs, chat=True))
         messages = parse_messages(body)
-        job = parse_common(body, [tokenizer.render_prompt(messages)], context, max_tokens_limit)
-        return await run(job, request, chat=True)
+        job = parse_common(body, [self.tokenizer.render_prompt(messages)], self.context,
+                           self.limits.max_tokens_limit)
+        return await self.run(job, request, chat=True)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        check_model(body, model_name)
-        room_for(count_sequences(body, max_request_seqs, chat=False))
-        job = parse_common(body, parse_completion_prompts(body, tokenizer), context, max_tokens_limit)
-        return await run(job, request, chat=False)
+    async def completions(self, request: Request):
+        body = await self.read_body(request)
+        check_model(body, self.model_name)
+        self.room_for(count_sequences(body, self.limits.max_request_seqs, chat=False))
+        job = parse_common(body, parse_completion_prompts(body, self.tokenizer), self.context,
+                           self.limits.max_tokens_limit)
+        return await self.run(job, request, chat=False)
 
-    async def engine_ready() -> None:
+    # ---- admission ----------------------------------------------------------------------------------------------
+    async def engine_ready(self) -> None:
         """Wait (briefly) while the engine restarts; 503 with Retry-After if it is not back in time."""
-        deadline = time.monotonic() + restart_wait
+        engine = self.engine
+        deadline = time.monotonic() + self.limits.restart_wait
         while engine.state == "restarting" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if engine.state != "ok":
             raise APIError(503, f"the engine is {engine.state}; try again shortly", type_="server_error",
                            code="engine_unavailable", retry_after=1 if engine.state == "restarting" else 10)
 
-    def busy(seqs: int) -> APIError:
-        return APIError(429, f"the server is busy: {dispatcher.outstanding} sequences are running or queued and "
-                        f"this request needs {seqs} more (room for {capacity}: --max-batch + --max-queue); "
-                        "retry after the Retry-After seconds", type_="requests", code="queue_full", retry_after=1)
+    def busy(self, seqs: int) -> APIError:
+        return APIError(429, f"the server is busy: {self.dispatcher.outstanding} sequences are running or queued "
+                        f"and this request needs {seqs} more (room for {self.capacity}: --max-batch + "
+                        "--max-queue); retry after the Retry-After seconds", type_="requests", code="queue_full",
+                        retry_after=1)
 
-    def room_for(seqs: int) -> None:
+    def room_for(self, seqs: int) -> None:
         """A full server refuses before tokenizing anything (the binding check is `admit`, just before submit)."""
-        if dispatcher.outstanding + seqs > capacity:
-            raise busy(seqs)
+        if self.dispatcher.outstanding + seqs > self.capacity:
+            raise self.busy(seqs)
 
-    def admit(job: Job) -> int:
+    def admit(self, job: Job) -> int:
         seqs = len(job.prompts) * job.n
-        if not dispatcher.reserve(seqs, capacity):
-            raise busy(seqs)
+        if not self.dispatcher.reserve(seqs, self.capacity):
+            raise self.busy(seqs)
         return seqs
 
-    async def run(job: Job, request: Request, chat: bool):
-        check_budget(job, max_request_tokens)
-        await engine_ready()
-        seqs = admit(job)
-        events: asyncio.Queue = asyncio.Queue()
-        choices = []
+    async def run(self, job: Job, request: Request, chat: bool):
+        check_budget(job, self.limits.max_request_tokens)
+        await self.engine_ready()
+        completion = _Completion(self, job, chat)
+        completion.submit(self.admit(job))
+        if not job.stream:
+            return await completion.whole(request)
+        return StreamingResponse(completion.sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _Completion:
+    """One HTTP request's choices while the engine runs them: their events, the response body or its SSE chunks."""
+
+    def __init__(self, server: _Server, job: Job, chat: bool):
+        self.engine, self.dispatcher, self.job, self.chat = server.engine, server.dispatcher, job, chat
+        self.tokenizer = server.tokenizer
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.choices: list[_Choice] = []
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": server.model_name}
+
+    def submit(self, seqs: int) -> None:
+        """One engine request per choice; `seqs` reserved sequences are released for any not submitted."""
+        job = self.job
         try:
             for prompt in job.prompts:
                 for i in range(job.n):
-                    c = _Choice(tokenizer, job.stops)
-                    c.req = engine.submit(prompt, job.params_for(i), dispatcher.sink(events, len(choices)))
-                    choices.append(c)
+                    c = _Choice(self.tokenizer, job.stops)
+                    c.req = self.engine.submit(prompt, job.params_for(i),
+                                               self.dispatcher.sink(self.events, len(self.choices)))
+                    self.choices.append(c)
         except (ValueError, RuntimeError) as e:  # RuntimeError: the engine process is gone or restarting
-            dispatcher.release(seqs - len(choices))  # the submitted ones release themselves as they finish
-            for c in choices:
-                engine.cancel(c.req)
+            self.dispatcher.release(seqs - len(self.choices))  # the submitted ones release themselves as they finish
+            for c in self.choices:
+                self.engine.cancel(c.req)
             if isinstance(e, RuntimeError):
                 raise APIError(503, str(e), type_="server_error", code="engine_unavailable", retry_after=1) from None
             raise APIError(400, str(e)) from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": model_name}
 
-        def usage() -> dict:
-            prompt_tokens = sum(len(p) for p in job.prompts)
-            done = sum(c.tokens for c in choices)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+    def usage(self) -> dict:
+        prompt_tokens = sum(len(p) for p in self.job.prompts)
+        done = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
-        async def next_events():
-            """Wait for one event, then take all that are already queued: {choice: (text, finish or None)}."""
-            batch = [await events.get()]
-            while not events.empty():
-                batch.append(events.get_nowait())
-            out = {}
-            for k, kind, value in batch:
-                c = choices[k]
-                was_open = c.finish is None
-                text = c.feed(kind, value)
-                if was_open:
-                    prev, _ = out.get(k, ("", None))
-                    out[k] = (prev + text, c.finish)
-            return out
+    async def next_events(self) -> dict[int, tuple[str, str | None]]:
+        """Wait for one event, then take all that are already queued: {choice: (text, finish or None)}."""
+        batch = [await self.events.get()]
+        while not self.events.empty():
+            batch.append(self.events.get_nowait())
+        out = {}
+        for k, kind, value in batch:
+            c = self.choices[k]
+            was_open = c.finish is None
+            text = c.feed(kind, value)
+            if was_open:
+                prev, _ = out.get(k, ("", None))
+                out[k] = (prev + text, c.finish)
+        return out
 
-        def open_count() -> int:
-            return sum(c.finish is None for c in choices)
+    def open_count(self) -> int:
+        return sum(c.finish is None for c in self.choices)
 
-        def cancel_all():
-            for c in choices:
-                if c.req.finish_reason is None:
-                    engine.cancel(c.req)
+    def cancel_all(self) -> None:
+        for c in self.choices:
+            if c.req.finish_reason is None:
+                self.engine.cancel(c.req)
 
-        if not job.stream:
-            try:
-                checked = time.monotonic()
-                while open_count():
-                    try:
-                        await asyncio.wait_for(next_events(), timeout=0.25)
-                    except TimeoutError:  # only ever cancelled while waiting on the queue: nothing lost
-                        pass
-                    if time.monotonic() - checked > 0.25:
-                        checked = time.monotonic()
-                        if await request.is_disconnected():
-                            return Response(status_code=499)  # the client left: free its slots now
-            finally:
-                cancel_all()
-            if chat:
-                out = [{"index": k, "message": {"role": "assistant", "content": "".join(c.text)},
-                        "logprobs": None, "finish_reason": c.finish} for k, c in enumerate(choices)]
-            else:
-                out = [{"index": k, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish}
-                       for k, c in enumerate(choices)]
-            obj = "chat.completion" if chat else "text_completion"
-            return {**head, "object": obj, "choices": out, "usage": usage()}
+    async def whole(self, request: Request):
+        """The non-streaming response, once every choice is over; 499 when the client leaves first."""
+        try:
+            checked = time.monotonic()
+            while self.open_count():
+                try:
+                    await asyncio.wait_for(self.next_events(), timeout=0.25)
+                except TimeoutError:  # only ever cancelled while waiting on the queue: nothing lost
+                    pass
+                if time.monotonic() - checked > 0.25:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # the client left: free its slots now
+        finally:
+            self.cancel_all()
+        if self.chat:
+            out = [{"index": k, "message": {"role": "assistant", "content": "".join(c.text)},
+                    "logprobs": None, "finish_reason": c.finish} for k, c in enumerate(self.choices)]
+        else:
+            out = [{"index": k, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish}
+                   for k, c in enumerate(self.choices)]
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**self.head, "object": obj, "choices": out, "usage": self.usage()}
 
-        def chunk(k: int, text: str | None, finish: str | None, role: bool = False) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
-            payload = {**head, "choices": [choice]}
-            if job.include_usage:
-                payload["usage"] = None
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    def chunk(self, k: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
+        payload = {**self.head, "choices": [choice]}
+        if self.job.include_usage:
+            payload["usage"] = None
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-        async def sse():
-            try:
-                if chat:
-                    for k in range(len(choices)):
-                        yield chunk(k, None, None, role=True)
-                while open_count():
-                    try:
-                        batch = await next_events()
-                    except APIError as e:
-                        yield f"data: {json.dumps(e.body())}\n\n"
-                        break
-                    for k, (text, finish) in batch.items():
-                        if text and finish is None:
-                            yield chunk(k, text, None)
-                        elif finish is not None:
-                            if text:
-                                yield chunk(k, text, None)
-                            yield chunk(k, None, finish)
-                if job.include_usage:
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel_all()
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    return app
+    async def sse(self):
+        """The SSE stream: a role chunk per choice (chat), text chunks as they come, finish chunks, usage, [DONE]."""
+        try:
+            if self.chat:
+                for k in range(len(self.choices)):
+                    yield self.chunk(k, None, None, role=True)
+            while self.open_count():
+                try:
+                    batch = await self.next_events()
+                except APIError as e:
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                    break
+                for k, (text, finish) in batch.items():
+                    if text:
+                        yield self.chunk(k, text, None)
+                    if finish is not None:
+                        yield self.chunk(k, None, finish)
+            if self.job.include_usage:
+                yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.cancel_all()
 
 
 class ServerThread:

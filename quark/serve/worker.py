@@ -9,8 +9,8 @@ Choices:
 - The worker loads the model itself (`load_for_inference`, same path, device and quantization), builds an
   ordinary `Engine` and runs its `step()` loop. The parent never holds the weights.
 - One duplex pipe. Parent -> worker: ("load",) once, then ("submit", id, prompt, params), ("cancel", id),
-  ("stop",). Worker -> parent: ("ready", info) (or ("failed", message)) once, then one (events, load) message per engine step that produced events or changed
-  the load, where events are (id, kind, value) as `Engine` gives them to a sink. A reader thread in the parent
+  ("stop",). Worker -> parent: ("ready", info) (or ("failed", message)) once, then one (events, load) message
+  per engine step that produced events or changed the load, where events are (id, kind, value) as `Engine` gives them to a sink. A reader thread in the parent
   hands each event to its request's sink, then runs `after_step` callbacks, as the in-thread engine does.
 - Requests are checked in the parent (`check_request`, the same function `Engine.submit` uses), so a bad one
   is a ValueError at once, never a round trip.
@@ -22,8 +22,8 @@ Choices:
   act). Counters in `load()` add up over every worker; `active`/`pending` are the live worker's only.
 - A restart takes a standby: a second worker process started in advance that has imported torch and
   torch._dynamo (which the first module built imports lazily: ~4 of the ~8 s of a start on 2 busy cores) and
-  waits for ("load",), so recovery costs only the model load (measured in dev/LOG.md: 2.3 s, was 7.7-11 s). It holds no weights
-  (and no CUDA context) while it waits; it is replaced after each restart.
+  waits for ("load",), so recovery costs only the model load (measured in dev/LOG.md: 2.3 s, was 7.7-11 s). It
+  holds no weights (and no CUDA context) while it waits; it is replaced after each restart.
 - If the parent dies, the worker sees the pipe close and exits.
 """
 
@@ -38,6 +38,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from .engine import SamplingParams, check_request
 
@@ -45,8 +47,19 @@ log = logging.getLogger("quark.serve")
 CUMULATIVE = ("steps", "tokens", "requests", "row_steps", "errors", "busy_s")
 
 
-def _worker(conn, model_path: str, device: str, quantize: str | None, stop_ids: Sequence[int] | None,
-            max_batch: int, seed: int | None) -> None:
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process loads and how it runs the engine (pickled to the spawned process)."""
+
+    model_path: str
+    device: str
+    quantize: str | None
+    stop_ids: tuple[int, ...] | None  # None: the tokenizer's <|im_end|> and <|endoftext|>
+    max_batch: int
+    seed: int | None
+
+
+def _worker(conn, spec: WorkerSpec) -> None:
     import torch
     import torch._dynamo  # noqa: F401 - imported lazily by the first module built under a device context (~4 s)
 
@@ -59,9 +72,9 @@ def _worker(conn, model_path: str, device: str, quantize: str | None, stop_ids: 
     except (EOFError, OSError, KeyboardInterrupt):
         return
     try:
-        model, tokenizer = load_for_inference(model_path, device, quantize)
-        stops = list(stop_ids) if stop_ids is not None else [tokenizer.im_end_id, tokenizer.eot_id]
-        engine = Engine(model, stops, max_batch=max_batch, seed=seed)
+        model, tokenizer = load_for_inference(spec.model_path, spec.device, spec.quantize)
+        stops = list(spec.stop_ids) if spec.stop_ids is not None else [tokenizer.im_end_id, tokenizer.eot_id]
+        engine = Engine(model, stops, max_batch=spec.max_batch, seed=spec.seed)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -141,7 +154,7 @@ class ProcessEngine:
     """An `Engine` running in a supervised child process (see the module docstring). Starts the worker and waits
     until the model is loaded; `start()` begins delivering events (and supervising), `stop()` ends the worker."""
 
-    def __init__(self, model_path: str, device: str = "cpu", quantize: str | None = None,
+    def __init__(self, model_path: str | Path, device: str = "cpu", quantize: str | None = None, *,
                  stop_ids: Sequence[int] | None = None, max_batch: int = 32, seed: int | None = None,
                  start_timeout: float = 600.0, max_restarts: int = 5, backoff_s: float = 0.5,
                  stable_s: float = 60.0):
@@ -150,7 +163,8 @@ class ProcessEngine:
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an integer >= 0, got {max_restarts!r}")
         self.model_path, self.start_timeout = str(model_path), start_timeout
-        self._args = (str(model_path), device, quantize, stop_ids, max_batch, seed)
+        self._spec = WorkerSpec(str(model_path), device, quantize, None if stop_ids is None else tuple(stop_ids),
+                                max_batch, seed)
         self.max_batch, self.max_restarts, self.backoff_s, self.stable_s = max_batch, max_restarts, backoff_s, stable_s
         self._standby = None  # (process, connection) of a worker that has imported torch and waits
         self.proc, self.conn = self._launch()
@@ -179,7 +193,7 @@ class ProcessEngine:
         """Start a worker process, which imports what it needs and waits for ("load",): (process, connection)."""
         ctx = mp.get_context("spawn")  # never fork a process that holds threads (uvicorn, torch)
         conn, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, name="quark-engine", args=(child, *self._args), daemon=True)
+        proc = ctx.Process(target=_worker, name="quark-engine", args=(child, self._spec), daemon=True)
         proc.start()
         child.close()
         return proc, conn

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import weights
+from ..io import atomic_write_text
 from ..textio import read_utf8
 
 STATE_TENSORS = "train_state.safetensors"
@@ -151,7 +152,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
             tensors["rng.cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
         weights.save_safetensors(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
         full = dict(state, optimizer={"param_groups": groups})
-        weights.atomic_write_text(tmp / STATE_JSON, json.dumps(full, indent=2) + "\n")
+        atomic_write_text(tmp / STATE_JSON, json.dumps(full, indent=2) + "\n")
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. the end of a resumed run): swap, then drop the old one
             old = ckpts / f".tmp-old-{final.name}-{os.getpid()}"

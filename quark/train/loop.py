@@ -166,11 +166,12 @@ class Trainer:
             if self.seq_len > mc.context_length:
                 raise ValueError(f"train config: seq_len={self.seq_len} exceeds the model's context_length="
                                  f"{mc.context_length}")
-            self.train_loader = PretrainLoader(cfg.data, "train", self.seq_len, cfg.batch_size, cfg.seed, d.rank,
-                                               d.world_size, self.manifest, vocab_size=mc.vocab_size)
+            self.train_loader = PretrainLoader(cfg.data, "train", self.seq_len, cfg.batch_size, seed=cfg.seed,
+                                               rank=d.rank, world_size=d.world_size, manifest=self.manifest,
+                                               vocab_size=mc.vocab_size)
         else:
-            self.train_loader = SFTLoader(cfg.data, "train", cfg.batch_size, cfg.seed, d.rank, d.world_size,
-                                          self.manifest, vocab_size=mc.vocab_size)
+            self.train_loader = SFTLoader(cfg.data, "train", cfg.batch_size, seed=cfg.seed, rank=d.rank,
+                                          world_size=d.world_size, manifest=self.manifest, vocab_size=mc.vocab_size)
             self.seq_len = self.train_loader.seq_len
             if self.seq_len > mc.context_length:
                 raise ValueError(f"{cfg.data}: SFT rows hold {self.seq_len} tokens, more than the base model's "
@@ -179,11 +180,12 @@ class Trainer:
         self.val_loader = None
         if self.manifest["splits"].get("val", {}).get("shards"):
             if cfg.kind == "pretrain":
-                self.val_loader = PretrainLoader(cfg.data, "val", self.seq_len, cfg.batch_size, cfg.seed, d.rank,
-                                                 d.world_size, self.manifest, vocab_size=mc.vocab_size)
+                self.val_loader = PretrainLoader(cfg.data, "val", self.seq_len, cfg.batch_size, seed=cfg.seed,
+                                                 rank=d.rank, world_size=d.world_size, manifest=self.manifest,
+                                                 vocab_size=mc.vocab_size)
             else:
-                self.val_loader = SFTLoader(cfg.data, "val", cfg.batch_size, cfg.seed, d.rank, d.world_size,
-                                            self.manifest, vocab_size=mc.vocab_size)
+                self.val_loader = SFTLoader(cfg.data, "val", cfg.batch_size, seed=cfg.seed, rank=d.rank,
+                                            world_size=d.world_size, manifest=self.manifest, vocab_size=mc.vocab_size)
 
     def _make_model(self):
         cfg = self.cfg

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from ..weights import atomic_write_text
+from ..io import atomic_write_text
 
 
 def fmt_duration(s: float) -> str:
