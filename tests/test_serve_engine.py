@@ -200,8 +200,7 @@ def test_int8_model_runs_in_the_engine():
 
 
 def test_nucleus_sample_matches_sample_next_distribution():
-    from quark.sampling import apply_rep_penalty, top_p_filter
-    from quark.sampling import nucleus_sample, rep_penalty_ids
+    from quark.sampling import apply_rep_penalty, nucleus_sample, rep_penalty_ids, top_p_filter
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 2

@@ -103,7 +103,7 @@ def tensor_type(gname: str, shape: tuple[int, ...], dtype: str, quant: str | Non
     return T.Q8_0 if quant == "q8_0" else T.Q4_0
 
 
-def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", overwrite: bool = False,
+def export_gguf(checkpoint: str | Path, out: str | Path, *, dtype: str = "f32", overwrite: bool = False,
                 name: str | None = None, quant: str | None = None, amx_safe: bool = False) -> Path:
     """Write `checkpoint` (model / checkpoint / run folder) as a llama-architecture GGUF file at `out`;
     `quant` "q8_0" / "q4_0" quantizes the matrices (then `dtype` is not used)."""
@@ -118,60 +118,13 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", ove
         raise ValueError(f"GGUF quant {quant!r}: allowed values are {', '.join(QUANT_TYPES)}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: file exists (pass --force to replace it)")
-    folder = resolve_model_path(checkpoint)
-    model, tok = load_model_and_tokenizer(folder)
-    cfg = model.config
-    tokens, types, merges = vocab_for_gguf(tok)
-
+    model, tok = load_model_and_tokenizer(resolve_model_path(checkpoint))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     w = gguf.GGUFWriter(tmp, arch="llama")
     try:
-        w.add_name(name or out.stem)
-        w.add_license("mit")
-        w.add_context_length(cfg.context_length)
-        w.add_embedding_length(cfg.d_model)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.d_ff)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(float(cfg.rope_theta))
-        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type({"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}.get(
-            quant, gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
-
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(GGUF_PRE)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tok.eot_id)
-        w.add_eos_token_id(tok.im_end_id)
-        w.add_pad_token_id(tok.eot_id)
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-        w.add_chat_template(CHAT_TEMPLATE)
-
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
-        for key, t in state_dict_for_save(model).items():
-            arr = t.detach().float().cpu().numpy()
-            if key.endswith("self_attn.q_proj.weight"):
-                arr = permute_for_llama_cpp(arr, cfg.n_heads)
-            elif key.endswith("self_attn.k_proj.weight"):
-                arr = permute_for_llama_cpp(arr, cfg.n_kv_heads)
-            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if gname is None:
-                raise RuntimeError(f"no GGUF name for tensor {key}")
-            kind = tensor_type(gname, arr.shape, dtype, quant, amx_safe)
-            arr = np.ascontiguousarray(arr)
-            if kind == gguf.GGMLQuantizationType.F32:
-                w.add_tensor(gname, arr)
-            elif kind == gguf.GGMLQuantizationType.F16:
-                w.add_tensor(gname, arr.astype(np.float16))
-            else:
-                w.add_tensor(gname, gguf.quants.quantize(arr, kind), raw_dtype=kind)
+        _add_metadata(w, model.config, tok, name or out.stem, dtype, quant)
+        _add_tensors(w, model, dtype, quant, amx_safe)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -186,6 +139,63 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32", ove
             raise err from None
         raise
     return out
+
+
+def _add_metadata(w, cfg, tok, name: str, dtype: str, quant: str | None) -> None:
+    """The llama-architecture hyperparameters, the BPE vocabulary and merges, the special tokens and the template."""
+    import gguf
+
+    w.add_name(name)
+    w.add_license("mit")
+    w.add_context_length(cfg.context_length)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type({"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}.get(
+        quant, gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
+    tokens, types, merges = vocab_for_gguf(tok)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(GGUF_PRE)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.eot_id)
+    w.add_eos_token_id(tok.im_end_id)
+    w.add_pad_token_id(tok.eot_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
+def _add_tensors(w, model, dtype: str, quant: str | None, amx_safe: bool) -> None:
+    """Every weight under its GGUF name (q/k rows permuted for llama.cpp's RoPE), in the type `tensor_type` picks."""
+    import gguf
+
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+    for key, t in state_dict_for_save(model).items():
+        arr = t.detach().float().cpu().numpy()
+        if key.endswith("self_attn.q_proj.weight"):
+            arr = permute_for_llama_cpp(arr, cfg.n_heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            arr = permute_for_llama_cpp(arr, cfg.n_kv_heads)
+        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise RuntimeError(f"no GGUF name for tensor {key}")
+        kind = tensor_type(gname, arr.shape, dtype, quant, amx_safe)
+        arr = np.ascontiguousarray(arr)
+        if kind == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, arr)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(gname, arr.astype(np.float16))
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(arr, kind), raw_dtype=kind)
 
 
 def sha256_path(gguf_file: Path) -> Path:
