@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..sampling import RECOMMENDED as CARD
 from ..weights import load_for_inference, resolve_device
+from .engine import SamplingParams
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -29,15 +30,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], help="int8 weight quantization (quark.quantize)")
 
 
-def _sampling_params(args):
-    from .engine import SamplingParams
-
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.rep_penalty, args.seed)
     params.check()
     return params
 
 
-def cmd_chat(args) -> None:
+def cmd_chat(args: argparse.Namespace) -> None:
     from ..llm import LLM
     from .chat import run_chat
 
@@ -45,7 +44,7 @@ def cmd_chat(args) -> None:
     run_chat(LLM.load(args.model, args.device, args.quantize), params, system=args.system)
 
 
-def cmd_serve(args) -> None:
+def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .engine import Engine
@@ -93,7 +92,7 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
     return tuple(v.strip() for arg in values or () for v in arg.split(",") if v.strip())
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="multi-turn terminal chat with a model (streams replies)")
     _add_model_args(p)
     p.add_argument("--system", help="system prompt")
