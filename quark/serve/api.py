@@ -3,8 +3,8 @@
 Choices:
 - Bodies are read and checked by hand (not pydantic) so every problem is a 400 in OpenAI's error shape
   (`{"error": {"message", "type", "param", "code"}}`) naming the field and the allowed values.
-- Omitted sampling fields default to the model card's recommended configuration (temperature 0.2, top_p 0.9,
-  repetition_penalty 1.15), not OpenAI's 1.0/1.0: that is what this model needs to stay coherent.
+- Omitted sampling fields default to the model card's recommended configuration (`quark.sampling.RECOMMENDED`),
+  not OpenAI's temperature 1.0 / top_p 1.0: that is what this model needs to stay coherent.
 - `max_tokens` (or `max_completion_tokens`) is capped by the room left in the context and by the server-wide
   limit; a prompt that leaves no room at all is a 400 `context_length_exceeded`.
 - The OpenAI `developer` role is the `system` role; any other role outside system/user/assistant is a 400.
