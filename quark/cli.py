@@ -59,7 +59,7 @@ def _as_os_error(e: BaseException) -> OSError | None:
     return None
 
 
-def cmd_info(args) -> None:
+def cmd_info(args: argparse.Namespace) -> None:
     from .config import QuarkConfig
     from .weights import config_from_folder
 
@@ -76,7 +76,7 @@ def cmd_info(args) -> None:
     print(f"training FLOPs per token: {cfg.flops_per_token():.3g}")
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a preset's or model folder's architecture, parameter count, KV-cache size")
     p.add_argument("--preset", default="quark-72m", help="named preset (default quark-72m)")
     p.add_argument("--model", help="a model folder or checkpoint instead of a preset")

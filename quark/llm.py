@@ -24,16 +24,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from .config import QuarkConfig
+from .model import Quark
 from .sampling import RECOMMENDED
-from .serve.engine import Engine, SamplingParams
+from .serve.engine import Engine, Request, SamplingParams
 from .serve.text import IncrementalDecoder
+from .tokenizer import Tokenizer
 from .weights import load_for_inference
 
 
 class LLM:
     """A model and its tokenizer, ready to generate. Build one with `quark.load` (or from objects you hold)."""
 
-    def __init__(self, model, tokenizer, name: str = "model"):
+    def __init__(self, model: Quark, tokenizer: Tokenizer, name: str = "model"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.defaults = SamplingParams(**RECOMMENDED)
         self._engine: Engine | None = None
@@ -44,7 +47,7 @@ class LLM:
         return cls(model, tokenizer, name=Path(path).name)
 
     @property
-    def config(self):
+    def config(self) -> QuarkConfig:
         return self.model.config
 
     # ---- prompts -> ids ------------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ class LLM:
         if tail:
             yield tail
 
-    def stream_ids(self, ids: Sequence[int], params: SamplingParams):
+    def stream_ids(self, ids: Sequence[int], params: SamplingParams) -> _Stream:
         """Token ids of one reply as they come (stop tokens excluded). The returned iterator has the request as
         `.request` once started; closing it early cancels the request."""
         engine = self._engine_for(1)
@@ -115,7 +118,7 @@ class LLM:
 class _Stream:
     """An iterator of token ids that also carries its engine request (finish_reason after the end)."""
 
-    def __init__(self, it: Iterator[int], request):
+    def __init__(self, it: Iterator[int], request: Request):
         self._it, self.request = it, request
 
     def __iter__(self):

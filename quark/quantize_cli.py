@@ -14,6 +14,9 @@ import copy
 import json
 import math
 import time
+from pathlib import Path
+
+from .model import Quark
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -43,10 +46,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
-def val_loss(model, data_folder, max_tokens: int = 65536, seq_len: int | None = None) -> float:
+def val_loss(model: Quark, data_folder: str | Path, max_tokens: int = 65536, seq_len: int | None = None) -> float:
     """Mean next-token loss over the first `max_tokens` tokens of a pre-training data folder's val split."""
-    from pathlib import Path
-
     import numpy as np
     import torch
 

@@ -186,7 +186,7 @@ class Tokenizer:
         return self.render_chat(messages, add_generation_prompt=True)[0]
 
 
-def check_message(m, index: int) -> tuple[str, str]:
+def check_message(m: object, index: int) -> tuple[str, str]:
     if not isinstance(m, dict):
         raise ValueError(f"message {index}: expected an object with 'role' and 'content', got {type(m).__name__}")
     role, content = m.get("role"), m.get("content")

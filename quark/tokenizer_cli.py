@@ -14,18 +14,20 @@ Choices:
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .data.dedup import package_dir
+from .data.mixture import Mixture
 
 STATS_SEED = 987_654_321  # math problems for `stats`: a seed no mixture uses, so the text is held out
 SAMPLE_BYTES = 1_500_000
 
 
-def corpus_texts(corpus, max_bytes: int | None, seed: int = 0, stats: dict | None = None,
+def corpus_texts(corpus: list[str] | None, max_bytes: int | None, seed: int = 0, stats: dict | None = None,
                  workers: int | None = None) -> Iterator[str]:
     """Texts of the training corpus, `max_bytes` in all (split by the mixture's weights). `corpus` is a loaded
     `Mixture` or what `corpus_mixture` takes."""
@@ -79,7 +81,7 @@ def corpus_texts(corpus, max_bytes: int | None, seed: int = 0, stats: dict | Non
             pool.terminate()
 
 
-def corpus_mixture(corpus: list[str] | None):
+def corpus_mixture(corpus: list[str] | None) -> Mixture:
     """`--corpus` as a mixture: a mixture file or packaged name (default `tokenizer`), or files/folders/globs."""
     from .data.mixture import load_mixture, mixture_from_dict, resolve_mixture_path
 
@@ -99,7 +101,7 @@ def _is_mixture(s: str) -> bool:
     return s.endswith(".toml") or (PACKAGED / f"{s}.toml").exists()
 
 
-def cmd_train(args) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     from .tokenizer import train_tokenizer
 
     if args.vocab_size < 257:
@@ -139,7 +141,7 @@ def cmd_train(args) -> None:
         print(f"  skipped {stats['bad_skipped']} unreadable records, e.g. {stats['bad_examples'][0]}", file=sys.stderr)
 
 
-def _write_corpus_record(folder: Path, mixture, stats: dict) -> None:
+def _write_corpus_record(folder: Path, mixture: Mixture, stats: dict) -> None:
     """corpus.json beside the tokenizer: the mixture actually read (sources, weights, what was not installed)."""
     import json
 
@@ -154,7 +156,7 @@ def _write_corpus_record(folder: Path, mixture, stats: dict) -> None:
 
 
 # ---- stats -----------------------------------------------------------------------------------------------------------
-def _cap(texts, limit=SAMPLE_BYTES) -> list[str]:
+def _cap(texts: Iterable[str], limit: int = SAMPLE_BYTES) -> list[str]:
     out, n = [], 0
     for t in texts:
         if t and t.strip():
@@ -241,7 +243,7 @@ def _heldout_math(olmo: Path) -> Iterator[str]:
         yield math_document(STATS_SEED, chunk)
 
 
-def _pieces(texts, max_chars: int = 4000):
+def _pieces(texts: Iterable[str], max_chars: int = 4000) -> Iterator[str]:
     """Long texts cut at line ends into pieces of at most ~`max_chars` (every byte kept), so `encode_batch` can
     spread them over all cores; a line end is a pre-token boundary for both tokenizers, so counts barely move."""
     for t in texts:
@@ -266,7 +268,7 @@ def neox_tokenizer_path() -> Path:
     return olmo / "tokenizers" / "allenai_eleuther-ai-gpt-neox-20b-pii-special.json"
 
 
-def bytes_per_token(encode_batch, texts: list[str]) -> float:
+def bytes_per_token(encode_batch: Callable[[list[str]], list], texts: list[str]) -> float:
     n_bytes = sum(len(t.encode()) for t in texts)
     n_tok = sum(len(ids) for ids in encode_batch(texts))
     return n_bytes / max(1, n_tok)
@@ -288,7 +290,7 @@ def tokenizer_stats(tokenizer_path: str, sample_bytes: int = SAMPLE_BYTES) -> di
     return result
 
 
-def cmd_stats(args) -> None:
+def cmd_stats(args: argparse.Namespace) -> None:
     from .tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
@@ -301,7 +303,7 @@ def cmd_stats(args) -> None:
         print(f"{name:10s} {r['bytes']:>10,} {r['ours']:>8.3f} {r['neox']:>9.3f} {r['ratio']:>10.3f}")
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="train or measure the byte-level BPE tokenizer")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE (default 65,536 tokens + 2 chat tokens)")

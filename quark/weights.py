@@ -30,6 +30,7 @@ from .config import QuarkConfig
 from .io import atomic_write, atomic_write_text
 from .model import Quark
 from .textio import read_utf8
+from .tokenizer import Tokenizer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HASH_KEY = "quark_sha256"
@@ -98,7 +99,7 @@ def save_model(model: Quark, folder: str | Path, dtype: torch.dtype | None = Non
     return folder
 
 
-def read_safetensors(path: str | Path, device="cpu", verify: bool | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu", verify: bool | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, never unpickling. The recorded SHA-256 is checked unless `verify` is
     False (default: on unless $QUARK_NO_VERIFY is set); NaN/Inf values are always refused."""
     path = Path(path)
@@ -209,7 +210,7 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Quark:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Quark:
     """Load a Quark model from a folder (our checkpoint, an HF export, a Llama folder, or a run folder's newest
     checkpoint) or a .safetensors file with a config.json beside it. Never unpickles."""
     path = resolve_model_path(path)
@@ -239,11 +240,9 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
     return model.to(dtype).eval()
 
 
-def load_tokenizer_for(path: str | Path):
+def load_tokenizer_for(path: str | Path) -> Tokenizer:
     """The tokenizer of a model folder (or run / checkpoint), checked against the model's embedding rows
     without loading the weights."""
-    from .tokenizer import Tokenizer
-
     folder = resolve_model_path(path)
     folder = folder.parent if folder.is_file() else folder
     tok = Tokenizer.load(folder)
@@ -254,7 +253,8 @@ def load_tokenizer_for(path: str | Path):
     return tok
 
 
-def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
+def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu",
+                             dtype: torch.dtype = torch.float32) -> tuple[Quark, Tokenizer]:
     """(model, tokenizer) from one folder; fails before loading weights when the tokenizer is missing or its
     vocabulary disagrees with the model's embedding rows."""
     tok = load_tokenizer_for(path)
@@ -270,7 +270,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_for_inference(path: str | Path, device: str = "auto", quantize: str | None = None):
+def load_for_inference(path: str | Path, device: str = "auto",
+                       quantize: str | None = None) -> tuple[Quark, Tokenizer]:
     """(model, tokenizer) ready for generation: eval mode, on the device (bf16 on CUDA, fp32 on the CPU),
     optionally with int8 weight-only linears."""
     device = resolve_device(device)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 
-def cmd_prepare(args) -> None:
+
+def cmd_prepare(args: argparse.Namespace) -> None:
     from ..tokenizer import Tokenizer
     from .mixture import load_mixture, mixture_from_dict
     from .prepare import prepare
@@ -60,7 +62,7 @@ def _model_context(folder: str) -> int | None:
         return None
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize a data mixture into .npy shards (pre-training or SFT)")
     p.add_argument("--mixture", help="mixture TOML file, or a packaged one: offline, quark-72m, sft, tokenizer")
     p.add_argument("--sft", nargs="*", metavar="JSONL",

@@ -39,7 +39,7 @@ def normalize(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
-def _strings(obj) -> Iterable[str]:
+def _strings(obj: object) -> Iterable[str]:
     if isinstance(obj, str):
         yield obj
         yield from obj.splitlines()
@@ -138,7 +138,7 @@ def eval_texts() -> frozenset[int]:
     return hashes
 
 
-def as_hashes(texts) -> frozenset[int]:
+def as_hashes(texts: Iterable[str]) -> frozenset[int]:
     """Eval texts given as strings (tests, custom benchmarks) -> the hash set `contaminated` expects."""
     return frozenset(text_hash(normalize(t)) for t in texts)
 

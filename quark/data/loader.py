@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import tokenize
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from ..textio import read_utf8
 
 MANIFEST = "manifest.json"
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, loss mask (SFT only)
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -116,7 +118,7 @@ def check_shards(folder: Path, manifest: dict, split: str, arrays: list[np.ndarr
                              "data was tokenized with another tokenizer, or the shard is damaged")
 
 
-def _check_batch(ids: np.ndarray, vocab_size: int | None, shard_of) -> None:
+def _check_batch(ids: np.ndarray, vocab_size: int | None, shard_of: Callable[[int], Path]) -> None:
     if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
         r = int(np.argwhere(ids >= vocab_size)[0][0])
         raise ValueError(f"{shard_of(r)}: token id {int(ids.max())} >= the model's vocab_size {vocab_size} (the shard "
@@ -212,10 +214,10 @@ class PretrainLoader(_Loader):
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous(), None
 
-    def next_batch(self):
+    def next_batch(self) -> Batch:
         return self._batch(self._take_indices())
 
-    def val_batches(self, n_batches: int):
+    def val_batches(self, n_batches: int) -> Iterator[Batch]:
         """The first n_batches * world_size * batch_size windows in file order, this rank's share."""
         total = min(len(self), n_batches * self.world_size * self.batch_size)
         mine = list(range(total))[self.rank::self.world_size]
@@ -282,10 +284,10 @@ class SFTLoader(_Loader):
         ids, mask = ids[:, :width], mask[:, :width]
         return ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), mask[:, 1:].contiguous()
 
-    def next_batch(self):
+    def next_batch(self) -> Batch:
         return self._batch(self._take_indices())
 
-    def val_batches(self, n_batches: int):
+    def val_batches(self, n_batches: int) -> Iterator[Batch]:
         total = min(len(self), n_batches * self.world_size * self.batch_size)
         mine = list(range(total))[self.rank::self.world_size]
         for i in range(0, len(mine), self.batch_size):

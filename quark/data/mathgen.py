@@ -20,6 +20,7 @@ import random
 import types
 import warnings
 from collections.abc import Iterator
+from multiprocessing.pool import Pool
 
 import numpy as np
 
@@ -32,7 +33,7 @@ SLOW_MODULE_WEIGHTS = {"probability__swr_p_level_set": 0.1, "probability__swr_p_
 
 
 class _ItemsetArray(np.ndarray):
-    def itemset(self, index, value):  # numpy < 2 API used by mathematics_dataset
+    def itemset(self, index: int | tuple, value: object) -> None:  # numpy < 2 API used by mathematics_dataset
         self[index] = value
 
 
@@ -63,7 +64,7 @@ def math_modules() -> dict:
     _make_deterministic(importlib.import_module("mathematics_dataset.util.composition"))
     flat: dict = {}
 
-    def add(d, prefix=""):
+    def add(d: dict, prefix: str = "") -> None:
         for k, v in d.items():
             if isinstance(v, dict):
                 add(v, f"{prefix}{k}__")
@@ -115,12 +116,12 @@ def generate_problems(module: str, difficulty: str, seed: int, n: int) -> list[t
     return list(out.items())
 
 
-def _make_deterministic(comp) -> None:
+def _make_deterministic(comp: types.ModuleType) -> None:
     if getattr(comp, "_quark_patched", False):
         return
     upstream_expand = comp.expand_entities
 
-    def pop(self):
+    def pop(self: object) -> object:
         allowed = sorted(comp._ALLOWED_SYMBOLS - self._relation_symbols - self._self_symbols - self._child_symbols)
         if not allowed:
             raise ValueError("Ran out of symbols")
@@ -129,11 +130,11 @@ def _make_deterministic(comp) -> None:
         return symbol
 
     class _OrderedSet(list):  # what upstream's `set(...)` becomes: same members, first-seen order
-        def add(self, x):
+        def add(self, x: object) -> None:
             if x not in self:
                 self.append(x)
 
-    def expand_entities(context, **kwargs):
+    def expand_entities(context: object, **kwargs: object) -> object:
         builtins_set = comp.__dict__.get("set")
         comp.set = lambda items=(): _OrderedSet(dict.fromkeys(items))
         try:
@@ -190,7 +191,7 @@ def _init_worker() -> None:
     math_modules()
 
 
-def math_pool(workers: int):
+def math_pool(workers: int) -> Pool:
     """A process pool for generation, spawned with PYTHONHASHSEED=0 so no set order can leak into the text."""
     import multiprocessing as mp
     import os
@@ -210,7 +211,8 @@ def _doc_for_chunk(seed: int, problems_per_doc: int, chunk: int) -> str:
     return math_document(seed, chunk, problems_per_doc)
 
 
-def math_documents(seed: int = 0, start_chunk: int = 0, problems_per_doc: int = 16, pool=None) -> Iterator[str]:
+def math_documents(seed: int = 0, start_chunk: int = 0, problems_per_doc: int = 16,
+                   pool: Pool | None = None) -> Iterator[str]:
     """Endless documents: document k is `math_document(seed, k)`, generated in `pool` when given."""
     from functools import partial
 

@@ -88,7 +88,7 @@ def unavailable(kind: str, lang: str = "en") -> str | None:
     return None if ok else f"not installed ({_INSTALL[kind]})"
 
 
-def _need(kind: str, lang: str, path) -> None:
+def _need(kind: str, lang: str, path: Path) -> None:
     why = unavailable(kind, lang)
     if why:
         raise FileNotFoundError(f"{path}: {kind} ({lang}) {why}")
@@ -165,7 +165,7 @@ class _HandbookParser(html.parser.HTMLParser):
         self.in_pre = 0
         self.heading: list[str] | None = None
 
-    def handle_starttag(self, tag, attrs):
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         skip = bool(self.SKIP_CLASSES & set((a.get("class") or "").split())) or a.get("id") in {"title", "banner"}
         if tag in {"br", "img", "hr", "meta", "link", "input"}:
@@ -182,7 +182,7 @@ class _HandbookParser(html.parser.HTMLParser):
         if tag in {"h1", "h2", "h3", "h4"} and not self.skip_depth:
             self.heading = []
 
-    def handle_endtag(self, tag):
+    def handle_endtag(self, tag: str) -> None:
         while self.stack:
             t, skip = self.stack.pop()
             if skip:
@@ -200,7 +200,7 @@ class _HandbookParser(html.parser.HTMLParser):
         if tag in self.BLOCKS:
             self._flush()
 
-    def handle_data(self, data):
+    def handle_data(self, data: str) -> None:
         if self.skip_depth:
             return
         (self.heading if self.heading is not None else self.buf).append(data)

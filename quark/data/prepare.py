@@ -32,7 +32,9 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.pool import Pool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +44,9 @@ from .dedup import contaminated, eval_texts
 from .mixture import Mixture
 from .prepare_state import SPLITS, PrepareState, SourceProgress, SplitRows
 from .sources import BadRecord, Source, flatten_chat
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 BATCH_DOCS, BATCH_CHARS = 512, 4_000_000
 
@@ -155,7 +160,7 @@ def _check_options(job: _Job) -> None:
 
 
 # ---- pre-training --------------------------------------------------------------------------------------------------
-def _classify(doc, skip_bad: bool, texts: frozenset, st: SourceProgress) -> str | None:
+def _classify(doc: object, skip_bad: bool, texts: frozenset, st: SourceProgress) -> str | None:
     """-> the document's text, or None when it is skipped (and counted)."""
     first = st.epoch == 0  # skips are counted once, not again in each repeat
     if isinstance(doc, BadRecord):
@@ -215,7 +220,7 @@ class _ShardWriter:
     """One pre-training source's way to its shards: its token targets per split, the tokens read but not yet
     written, and the shard writes (each followed by a state save, so a rerun resumes after the last shard)."""
 
-    def __init__(self, job: _Job, src: Source, targets: dict[str, int], bar):
+    def __init__(self, job: _Job, src: Source, targets: dict[str, int], bar: tqdm):
         self.job, self.src, self.targets, self.bar = job, src, targets, bar
         self.st = job.state.source(src.name)
         self.pending = {split: _Pending() for split in SPLITS}
@@ -286,7 +291,7 @@ def _route(w: _ShardWriter, batch: list, every: int) -> list[tuple[str, str]]:
     return kept
 
 
-def _pretrain_source(w: _ShardWriter, pool) -> None:
+def _pretrain_source(w: _ShardWriter, pool: Pool | None) -> None:
     job, src, st = w.job, w.src, w.st
     every = max(2, round(1 / job.val_fraction)) if job.val_fraction > 0 else 0
     while True:  # epochs
@@ -313,7 +318,7 @@ def _pretrain_source(w: _ShardWriter, pool) -> None:
 
 
 # ---- SFT -------------------------------------------------------------------------------------------------------------
-def check_conversation(conv, where: str) -> list[dict]:
+def check_conversation(conv: object, where: str) -> list[dict]:
     """Validate an OpenAI-format conversation; raises BadRecord naming `where` and the problem."""
     if isinstance(conv, BadRecord):
         raise conv
@@ -375,7 +380,8 @@ def _render_source(job: _Job, src: Source, convs: dict[str, list]) -> None:
         raise ValueError(f"source {src.name!r} yielded no usable conversations")
 
 
-def _render_conversation(job: _Job, st: SourceProgress, conv, where: str, epoch: int):
+def _render_conversation(job: _Job, st: SourceProgress, conv: object, where: str,
+                         epoch: int) -> tuple[str, list[int], list[int]] | None:
     """-> (split, ids, mask) of one conversation, or None when it is skipped (and counted)."""
     try:
         conv = check_conversation(conv, where)

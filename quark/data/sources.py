@@ -25,6 +25,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 from ..textio import utf8_line, utf8_problem
@@ -101,7 +102,7 @@ class Source:
             if self.type == "instructions" else self.type
         return offline.unavailable(kind, self.options.get("lang", "en"))
 
-    def documents(self, seed: int = 0, epoch: int = 0, start: int = 0, pool=None) -> Iterator:
+    def documents(self, seed: int = 0, epoch: int = 0, start: int = 0, pool: Pool | None = None) -> Iterator:
         """Documents in a fixed order from the `start`-th on. A malformed record is yielded as a `BadRecord` (the
         caller skips or stops). `pool` parallelises math generation."""
         cap = self.options.get("max_documents")
@@ -272,7 +273,7 @@ def parquet_documents(f: Path, text_field: str | None, chat: bool) -> Iterator:
                 yield e
 
 
-def row_document(row, text_field: str | None, chat: bool, where: str):
+def row_document(row: object, text_field: str | None, chat: bool, where: str) -> str | Conversation:
     """A record -> a text document, or a conversation when `chat`. Raises BadRecord naming the field."""
     if not isinstance(row, dict):
         raise BadRecord(where, f"expected a JSON object, got {type(row).__name__}")
@@ -306,7 +307,7 @@ def row_document(row, text_field: str | None, chat: bool, where: str):
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 
 
-def _message(m) -> dict:
+def _message(m: object) -> dict:
     """ShareGPT {'from', 'value'} or OpenAI {'role', 'content'} -> {'role', 'content'} (validated later)."""
     if isinstance(m, dict) and "role" not in m and "from" in m:
         role = str(m["from"])
@@ -321,7 +322,7 @@ def flatten_chat(messages: list[dict]) -> str:
 
 # ---- Hugging Face datasets --------------------------------------------------------------------------------------
 def hf_documents(dataset: str, config: str | None = None, split: str = "train", text_field: str | None = None,
-                 chat: bool = False, data_files=None) -> Iterator:
+                 chat: bool = False, data_files: str | list[str] | None = None) -> Iterator:
     """Stream a Hugging Face dataset (or a local folder of parquet/jsonl files) row by row."""
     try:
         import datasets

@@ -14,6 +14,7 @@ Choices:
 
 from __future__ import annotations
 
+import argparse
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +35,7 @@ def parse_tasks(text: str) -> list[str]:
     return names
 
 
-def cmd_eval(args) -> None:
+def cmd_eval(args: argparse.Namespace) -> None:
     from ..io import atomic_write_text
     from ..weights import load_for_inference, resolve_model_path
     from .generative import GEN_TASKS, build_gen_items
@@ -85,7 +86,7 @@ def cmd_eval(args) -> None:
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     from .generative import GEN_TASKS
     from .tasks import DEFAULT_TASKS, TASKS
 

@@ -94,7 +94,8 @@ def _qa(q: str, a: str | None = None) -> str:
     return f"Question: {q}\nAnswer:" + ("" if a is None else f" {a}")
 
 
-def _with_shots(pairs: list[tuple[str, str]], fewshot: int, seed: int, build) -> list[GenItem]:
+def _with_shots(pairs: list[tuple[str, str]], fewshot: int, seed: int,
+                build: Callable[[str, str | None], str]) -> list[GenItem]:
     """Items for (question, answer) pairs with `fewshot` seeded examples from the same pairs before each."""
     if fewshot >= len(pairs) and fewshot:
         raise ValueError(f"--fewshot={fewshot} needs more than {fewshot} items")
@@ -151,7 +152,7 @@ def arith_items(limit: int | None = None, fewshot: int = 0, seed: int = 1234, ex
 
 
 # ---- prompts and generation -----------------------------------------------------------------------------------
-def prompt_ids(tok, item: GenItem, task: str, chat: bool) -> list[int]:
+def prompt_ids(tok: Tokenizer, item: GenItem, task: str, chat: bool) -> list[int]:
     if not chat:
         return tok.encode(item.prompt)
     msgs = []
@@ -164,7 +165,7 @@ def prompt_ids(tok, item: GenItem, task: str, chat: bool) -> list[int]:
     return ids
 
 
-def _cut(text: str, until) -> str:
+def _cut(text: str, until: tuple[str, ...]) -> str:
     for term in until:
         if term:
             text = text.split(term)[0]

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -98,9 +99,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_programs(sources: list[str], timeout_s: float = 10.0, memory_mb: int = 1024, workers: int = 2,
-                 on_done=None) -> list[str]:
+                 on_done: Callable[[int], object] | None = None) -> list[str]:
     """`run_program` over many sources, `workers` at a time, results in input order."""
-    def one(src):
+    def one(src: str) -> str:
         r = run_program(src, timeout_s, memory_mb)
         if on_done is not None:
             on_done(1)

@@ -73,33 +73,33 @@ def _hellaswag_pre(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _hellaswag(d):
+def _hellaswag(d: dict) -> tuple:
     ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
     return _hellaswag_pre(d["activity_label"] + ": " + ctx), [_hellaswag_pre(e) for e in d["endings"]], int(d["label"])
 
 
-def _arc(d):
+def _arc(d: dict) -> tuple:
     if "query" in d:  # OLMES test docs: query is already "Question: ...\nAnswer:"
         return d["query"], list(d["choices"]), int(d["gold"])
     labels = d["choices"]["label"]
     return f"Question: {d['question']}\nAnswer:", list(d["choices"]["text"]), labels.index(d["answerKey"])
 
 
-def _openbookqa(d):
+def _openbookqa(d: dict) -> tuple:
     if "query" in d:  # OLMES docs: "Question: {stem}\nAnswer:"; lm-eval's prompt is the bare stem
         stem = d["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
         return stem, list(d["choices"]), int(d["gold"])
     return d["question_stem"], list(d["choices"]["text"]), d["choices"]["label"].index(d["answerKey"].lstrip())
 
 
-def _winogrande(d):
+def _winogrande(d: dict) -> tuple:
     i = d["sentence"].index("_")
     # (gold index, per-choice contexts, shared continuation), as preprocess_winogrande.py
     return {"1": 0, "2": 1}[d["answer"]], [d["sentence"][:i] + o for o in (d["option1"], d["option2"])], \
         d["sentence"][i + 1:].strip()
 
 
-def _lambada(d):
+def _lambada(d: dict) -> tuple:
     return d["query"], [d["answers_text"][0]], 0
 
 

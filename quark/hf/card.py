@@ -117,7 +117,7 @@ def run_facts(run: Path, checkpoint: Path | None = None) -> dict:
     }
 
 
-def _find_eval(folder: Path, run: Path | None, explicit) -> tuple[dict | None, str | None]:
+def _find_eval(folder: Path, run: Path | None, explicit: str | Path | None) -> tuple[dict | None, str | None]:
     if explicit is not None:
         p = Path(explicit)
         if not p.exists():
@@ -176,7 +176,7 @@ def card_facts(checkpoint: str | Path, *, run: str | Path | None = None, eval_re
 
 
 # ---- rendering -------------------------------------------------------------------------------------------------
-def _n(x) -> str:
+def _n(x: int) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
@@ -184,7 +184,7 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
 
-def _duration(s) -> str:
+def _duration(s: float | None) -> str:
     if not isinstance(s, (int, float)):
         return "not recorded"
     s = round(s)
@@ -193,7 +193,7 @@ def _duration(s) -> str:
     return f"{h}h {m:02d}m {sec:02d}s" if h else f"{m}m {sec:02d}s"
 
 
-def _is_hf_id(s) -> bool:
+def _is_hf_id(s: str) -> bool:
     return isinstance(s, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not s.startswith(".")
 
 
@@ -277,7 +277,7 @@ def _training_section(title: str, r: dict) -> list[str]:
     return out + [""]
 
 
-def pct(x, se=None) -> str:
+def pct(x: float | None, se: float | None = None) -> str:
     """A fraction as a percentage with its standard error; tasks without a metric (lambada has no acc_norm,
     winogrande no fixed chance) show a dash."""
     if x is None:

@@ -3,8 +3,10 @@ GGUF file. Heavy imports happen inside the command."""
 
 from __future__ import annotations
 
+import argparse
 
-def cmd_export(args) -> None:
+
+def cmd_export(args: argparse.Namespace) -> None:
     if args.format != "gguf" and (args.quant or args.gguf_amx_safe):
         raise ValueError(f"--quant and --gguf-amx-safe apply to --format gguf, not --format {args.format}")
     if args.format == "gguf":
@@ -21,7 +23,7 @@ def cmd_export(args) -> None:
     print(f"wrote {out} ({args.format})")
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint as a Hugging Face folder (remote code), a Llama folder "
                                       "or a GGUF file, with a generated model card")
     p.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or run folder (newest step)")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import QuarkConfig
 from ..io import atomic_write_text, write_error
 from ..sampling import RECOMMENDED as SAMPLING_RECOMMENDED
 from ..tokenizer import CHAT_TEMPLATE
@@ -49,13 +50,13 @@ def _transformers_version() -> str | None:
         return None
 
 
-def hf_config_dict(cfg) -> dict:
+def hf_config_dict(cfg: QuarkConfig) -> dict:
     """config.json for the remote-code folder: a Llama config (what the architecture is, so every tool reads it
     without custom code) plus Quark's own config under "quark" and the `auto_map` to `QuarkForCausalLM`."""
     return {**llama_config_dict(cfg), "auto_map": dict(AUTO_MAP), "quark": cfg.to_dict()}
 
 
-def llama_config_dict(cfg) -> dict:
+def llama_config_dict(cfg: QuarkConfig) -> dict:
     """config.json that `transformers.LlamaForCausalLM` reads as exactly this model."""
     d = {
         "architectures": ["LlamaForCausalLM"],
@@ -90,7 +91,7 @@ def llama_config_dict(cfg) -> dict:
     return d
 
 
-def generation_config_dict(cfg) -> dict:
+def generation_config_dict(cfg: QuarkConfig) -> dict:
     """The card's recommended sampling for `generate()`. Its max_new_tokens=200 stays `generate_text()`'s default
     only: in generation_config.json it would override every caller's `max_length` (lm-evaluation-harness
     passes max_length), so the file caps generation at the context length instead."""
@@ -160,7 +161,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
     return out
 
 
-def _check_tokenizer_config(folder: Path, cfg) -> None:
+def _check_tokenizer_config(folder: Path, cfg: QuarkConfig) -> None:
     """The exported tokenizer must carry the ChatML template and the chat tokens at the model's ids."""
     tc = json.loads((folder / "tokenizer_config.json").read_text())
     if tc.get("chat_template") != CHAT_TEMPLATE:

@@ -3,8 +3,8 @@
 Choices:
 - Bodies are read and checked by hand (not pydantic) so every problem is a 400 in OpenAI's error shape
   (`{"error": {"message", "type", "param", "code"}}`) naming the field and the allowed values.
-- Omitted sampling fields default to the model card's recommended configuration (temperature 0.2, top_p 0.9,
-  repetition_penalty 1.15), not OpenAI's 1.0/1.0: that is what this model needs to stay coherent.
+- Omitted sampling fields default to the model card's recommended configuration (`quark.sampling.RECOMMENDED`),
+  not OpenAI's temperature 1.0 / top_p 1.0: that is what this model needs to stay coherent.
 - `max_tokens` (or `max_completion_tokens`) is capped by the room left in the context and by the server-wide
   limit; a prompt that leaves no room at all is a 400 `context_length_exceeded`.
 - The OpenAI `developer` role is the `system` role; any other role outside system/user/assistant is a 400.
@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from ..sampling import RECOMMENDED
+from ..tokenizer import Tokenizer
 from .engine import SamplingParams
 
 DEFAULTS = {"temperature": RECOMMENDED["temperature"], "top_p": RECOMMENDED["top_p"],
@@ -214,7 +215,7 @@ def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_
     return Job(prompts, n, params, stops, stream, include_usage)
 
 
-def _content_text(content, index: int) -> str:
+def _content_text(content: object, index: int) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI content parts: only text is supported
@@ -246,7 +247,7 @@ def parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+def parse_completion_prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
     """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
     p = body.get("prompt")
     bad = APIError(400, "'prompt' must be a string, a list of strings, or token id list(s)", param="prompt")
@@ -266,7 +267,7 @@ def parse_completion_prompts(body: dict, tokenizer) -> list[list[int]]:
     return [tokenizer.encode_prompt(t) or [tokenizer.eot_id] for t in texts]
 
 
-def _check_ids(ids: list[int], tokenizer) -> list[int]:
+def _check_ids(ids: list[int], tokenizer: Tokenizer) -> list[int]:
     if any(not 0 <= t < tokenizer.vocab_size for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
     return ids

@@ -1,8 +1,7 @@
 """`quark chat` and `quark serve`: argument parsing and model loading for the terminal chat and the server.
 
 Choices:
-- Defaults are the model card's recommended configuration (temperature 0.2, top_p 0.9, rep_penalty 1.15,
-  max_new_tokens 200). The server binds 127.0.0.1 unless --host says otherwise, and warns when it is public.
+- Defaults are the model card's recommended configuration, read from `quark.sampling.RECOMMENDED`. The server binds 127.0.0.1 unless --host says otherwise, and warns when it is public.
 - `--device auto` picks CUDA when present (weights in bf16 there), else the CPU in fp32.
 - `--quantize int8` calls `quark.quantize.quantize_int8(model)`, imported only when asked for.
 - The API key may come from --api-key or QUARK_API_KEY; it is never printed.
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from ..sampling import RECOMMENDED as CARD
 from ..weights import load_for_inference, resolve_device
+from .engine import SamplingParams
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -29,15 +29,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], help="int8 weight quantization (quark.quantize)")
 
 
-def _sampling_params(args):
-    from .engine import SamplingParams
-
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.rep_penalty, args.seed)
     params.check()
     return params
 
 
-def cmd_chat(args) -> None:
+def cmd_chat(args: argparse.Namespace) -> None:
     from ..llm import LLM
     from .chat import run_chat
 
@@ -45,7 +43,7 @@ def cmd_chat(args) -> None:
     run_chat(LLM.load(args.model, args.device, args.quantize), params, system=args.system)
 
 
-def cmd_serve(args) -> None:
+def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .engine import Engine
@@ -93,14 +91,14 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
     return tuple(v.strip() for arg in values or () for v in arg.split(",") if v.strip())
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="multi-turn terminal chat with a model (streams replies)")
     _add_model_args(p)
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=CARD["temperature"], help="0 = greedy (default 0.2)")
-    p.add_argument("--top-p", type=float, default=CARD["top_p"], help="nucleus threshold in (0, 1] (default 0.9)")
-    p.add_argument("--rep-penalty", type=float, default=CARD["rep_penalty"], help="repetition penalty (default 1.15)")
-    p.add_argument("--max-new-tokens", type=int, default=CARD["max_new_tokens"], help="reply length cap (default 200)")
+    p.add_argument("--temperature", type=float, default=CARD["temperature"], help=f"0 = greedy (default {CARD['temperature']})")
+    p.add_argument("--top-p", type=float, default=CARD["top_p"], help=f"nucleus threshold in (0, 1] (default {CARD['top_p']})")
+    p.add_argument("--rep-penalty", type=float, default=CARD["rep_penalty"], help=f"repetition penalty (default {CARD['rep_penalty']})")
+    p.add_argument("--max-new-tokens", type=int, default=CARD["max_new_tokens"], help=f"reply length cap (default {CARD['max_new_tokens']})")
     p.add_argument("--seed", type=int, help="sampling seed (reproducible replies)")
     p.set_defaults(func=cmd_chat)
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
+
+ASGIApp = Callable  # (scope, receive, send) -> awaitable
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 EVERY_INTERFACE = ("0.0.0.0", "::", "")
@@ -63,7 +65,7 @@ def check_origin(origin: str) -> str:
 class BrowserGuard:
     """ASGI middleware: Host allow-list, Origin check on state-changing methods, CORS for allowed origins."""
 
-    def __init__(self, app, bound_host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
+    def __init__(self, app: ASGIApp, bound_host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
                  allowed_origins: Iterable[str] = ()):
         self.app = app
         extra = [host_name(h) for h in allowed_hosts]
@@ -82,7 +84,7 @@ class BrowserGuard:
     def cors_ok(self, origin: str) -> bool:
         return "*" in self.origins or origin.lower() in self.origins
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -107,7 +109,7 @@ class BrowserGuard:
             return await _refuse(send, f"requests from the web page at '{origin}' are not allowed (start the server "
                                        "with --allowed-origins ORIGIN to allow one)", "origin_not_allowed")
         if allowed and not same:
-            async def send_cors(message):
+            async def send_cors(message: dict) -> None:
                 if message["type"] == "http.response.start":
                     message["headers"] = [*message.get("headers", []), *_cors_headers(origin)]
                 await send(message)
@@ -119,7 +121,7 @@ def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
     return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
 
 
-async def _preflight(send, origin: str, request_headers: str | None) -> None:
+async def _preflight(send: Callable, origin: str, request_headers: str | None) -> None:
     headers = _cors_headers(origin) + [
         (b"access-control-allow-methods", b"GET, HEAD, POST, OPTIONS"),
         (b"access-control-allow-headers", (request_headers or "Authorization, Content-Type").encode("latin-1")),
@@ -128,7 +130,7 @@ async def _preflight(send, origin: str, request_headers: str | None) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _refuse(send, message: str, code: str) -> None:
+async def _refuse(send: Callable, message: str, code: str) -> None:
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                  "code": code}}).encode()
     await send({"type": "http.response.start", "status": 403,

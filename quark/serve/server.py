@@ -43,6 +43,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..tokenizer import Tokenizer
 from .api import (
     APIError,
     Job,
@@ -84,7 +85,7 @@ class _Dispatcher:
             self.outstanding -= n
 
     def sink(self, queue: asyncio.Queue, k: int):
-        def put(kind, value):
+        def put(kind: str, value: object) -> None:
             with self.lock:
                 self.events.append((queue, (k, kind, value)))
                 if kind != "token":  # every sequence ends with exactly one done or error event
@@ -106,12 +107,12 @@ class _Dispatcher:
 
 
 class _Choice:
-    def __init__(self, tokenizer, stops):
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
         self.decoder, self.stopper = IncrementalDecoder(tokenizer), StopMatcher(stops)
         self.req = None
         self.tokens, self.text, self.finish = 0, [], None
 
-    def feed(self, kind: str, value) -> str:
+    def feed(self, kind: str, value: object) -> str:
         """One engine event -> newly visible text; sets `finish` when this choice is over."""
         if self.finish is not None:
             return ""
@@ -157,7 +158,7 @@ class Limits:
         return replace(self, max_request_tokens=self.max_request_tokens or engine.max_batch * engine.context_length)
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None = None,
+def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, api_key: str | None = None,
                max_tokens_limit: int = 1024, max_body_bytes: int = 1 << 20, max_request_seqs: int = 64,
                max_queue: int = 128, max_request_tokens: int | None = None, restart_wait: float = 10.0,
                bound_host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
@@ -202,7 +203,7 @@ async def _crash(request: Request, e: Exception) -> JSONResponse:
 class _Server:
     """The app's state (engine, tokenizer, limits, the dispatcher) and its route handlers."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None, limits: Limits):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None, limits: Limits):
         self.engine, self.tokenizer, self.model_name, self.api_key, self.limits = (
             engine, tokenizer, model_name, api_key, limits)
         self.context = engine.context_length
@@ -448,7 +449,7 @@ class ServerThread:
     """Runs an app with uvicorn in a background thread on a loopback port (0 = a free one): for tests, benchmarks
     and notebooks. `with ServerThread(app) as s: ... s.url ...`"""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import socket
         import threading
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..tokenizer import Tokenizer
+
 REPLACEMENT = "\ufffd"
 MAX_PENDING = 8  # a UTF-8 character is at most 4 bytes; a few tokens more is plenty
 
@@ -20,7 +22,7 @@ MAX_PENDING = 8  # a UTF-8 character is at most 4 bytes; a few tokens more is pl
 class IncrementalDecoder:
     """Feed token ids one at a time (or several); get back only complete, newly decoded text."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.pending: list[int] = []
 

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from .engine import SamplingParams, check_request
@@ -59,7 +60,7 @@ class WorkerSpec:
     seed: int | None
 
 
-def _worker(conn, spec: WorkerSpec) -> None:
+def _worker(conn: Connection, spec: WorkerSpec) -> None:
     import torch
     import torch._dynamo  # noqa: F401 - imported lazily by the first module built under a device context (~4 s)
 
@@ -84,7 +85,7 @@ def _worker(conn, spec: WorkerSpec) -> None:
     live: dict = {}
 
     def sink(rid: int):
-        def put(kind, value):
+        def put(kind: str, value: object) -> None:
             events.append((rid, kind, value))
             if kind != "token":
                 live.pop(rid, None)
@@ -198,7 +199,7 @@ class ProcessEngine:
         child.close()
         return proc, conn
 
-    def _activate(self, proc, conn) -> dict:
+    def _activate(self, proc: mp.Process, conn: Connection) -> dict:
         """Tell a launched worker to load the model and wait until it has: its info; RuntimeError if it cannot."""
         path = self.model_path
         try:
@@ -234,7 +235,7 @@ class ProcessEngine:
             proc.kill()  # it holds nothing yet, and may be busy importing for seconds
             proc.join(5)
 
-    def _send(self, msg) -> None:
+    def _send(self, msg: tuple) -> None:
         with self._lock:
             if self.state == "ok":
                 try:
@@ -308,7 +309,7 @@ class ProcessEngine:
         with self._lock:
             self._fail_in_flight_locked(self.last_exit or "stopped")
 
-    def _read(self, conn) -> None:
+    def _read(self, conn: Connection) -> None:
         while True:
             try:
                 events, load = conn.recv()
