@@ -213,7 +213,7 @@ def layer_forward(layer: Block | Any, x: torch.Tensor, ctx: Context, i: int) -> 
 
 
 class Attention(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c: QuarkConfig):
         super().__init__()
         self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
@@ -222,7 +222,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c: QuarkConfig):
         super().__init__()
         self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
@@ -232,7 +232,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One decoder layer with Llama's parameter names; its math is `layer_forward`."""
 
-    def __init__(self, c):
+    def __init__(self, c: QuarkConfig):
         super().__init__()
         self.hd, self.eps = c.head_dim, c.norm_eps
         self.input_layernorm = RMSNorm(c.d_model, c.norm_eps)
@@ -266,7 +266,7 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c: QuarkConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
@@ -372,7 +372,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     when autocast is on; the softmax and the weight-gradient sum are fp32."""
 
     @staticmethod
-    def forward(ctx, h, w, t, chunk_rows: int):
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk_rows: int) -> torch.Tensor:
         dev = h.device.type
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         wc = w.to(cd)
@@ -400,6 +400,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         gh, gw = ctx.saved_tensors
         return gh * grad.to(gh.dtype), (gw * grad).to(ctx.w_dtype), None, None

@@ -97,7 +97,7 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
     B, V = probs.shape
     cdf = probs.cumsum(-1)
 
-    def draw(rows):
+    def draw(rows: torch.Tensor | None) -> torch.Tensor:
         c = cdf if rows is None else cdf[rows]
         u = torch.rand(c.shape[0], 1, generator=generator, device=probs.device) * c[:, -1:]
         return torch.searchsorted(c, u, right=True).squeeze(-1).clamp(max=V - 1)

@@ -34,12 +34,20 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..io import atomic_write_text, write_error
 from ..tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, SPLIT_REGEX
 from ..weights import load_model_and_tokenizer, resolve_model_path, state_dict_for_save
+
+if TYPE_CHECKING:  # gguf is imported where it is used (an optional extra)
+    import gguf
+
+    from ..config import QuarkConfig
+    from ..model import Quark
+    from ..tokenizer import Tokenizer
 
 GGUF_PRE = "llama-bpe"
 QUANT_TYPES = ("q8_0", "q4_0")
@@ -55,7 +63,7 @@ def unpermute_from_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def vocab_for_gguf(tok) -> tuple[list[str], list[int], list[str]]:
+def vocab_for_gguf(tok: Tokenizer) -> tuple[list[str], list[int], list[str]]:
     """(token strings by id, token types, merges as "a b") from the HF tokenizer.json."""
     import gguf
 
@@ -85,7 +93,8 @@ def vocab_for_gguf(tok) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def tensor_type(gname: str, shape: tuple[int, ...], dtype: str, quant: str | None, amx_safe: bool = False):
+def tensor_type(gname: str, shape: tuple[int, ...], dtype: str, quant: str | None,
+                amx_safe: bool = False) -> gguf.GGMLQuantizationType:
     """The GGMLQuantizationType a tensor is written in (see the module docstring)."""
     import gguf
 
@@ -141,7 +150,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, dtype: str = "f32", 
     return out
 
 
-def _add_metadata(w, cfg, tok, name: str, dtype: str, quant: str | None) -> None:
+def _add_metadata(w: gguf.GGUFWriter, cfg: QuarkConfig, tok: Tokenizer, name: str, dtype: str, quant: str | None) -> None:
     """The llama-architecture hyperparameters, the BPE vocabulary and merges, the special tokens and the template."""
     import gguf
 
@@ -173,7 +182,7 @@ def _add_metadata(w, cfg, tok, name: str, dtype: str, quant: str | None) -> None
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def _add_tensors(w, model, dtype: str, quant: str | None, amx_safe: bool) -> None:
+def _add_tensors(w: gguf.GGUFWriter, model: Quark, dtype: str, quant: str | None, amx_safe: bool) -> None:
     """Every weight under its GGUF name (q/k rows permuted for llama.cpp's RoPE), in the type `tensor_type` picks."""
     import gguf
 
