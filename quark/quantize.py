@@ -30,6 +30,8 @@ Choices (int4, `quantize_int4`), gpt-fast's int4 path:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +48,7 @@ def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor | None = None):
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (weight * scale[:, None]).T in x's dtype. weight int8 (N, K), scale fp32 (N,)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -71,10 +73,10 @@ class Int8Linear(nn.Module):
         q, s = quantize_tensor(w)
         return cls(q.to(w.device), s.to(w.device))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.scale, self.scale_bf16)
 
-    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
 
     def extra_repr(self) -> str:
@@ -88,7 +90,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scale", scale)
         self.out_dtype = dtype
 
-    def forward(self, idx):
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.weight[idx].to(self.out_dtype) * self.scale[idx].to(self.out_dtype)[..., None]
 
 
@@ -128,7 +130,8 @@ def int4_pack_for_kernel(qweight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1)
 
 
-def int4_linear(x, qweight, sz, packed=None):
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor,
+                packed: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequant(qweight).T in x's dtype; qweight (N, K/2) plain nibbles, sz (K/g, N, 2) bf16."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -140,7 +143,7 @@ def int4_linear(x, qweight, sz, packed=None):
     return y.to(x.dtype).view(*shape[:-1], N)
 
 
-def int4_dequantize(qweight, sz, dtype=torch.float32) -> torch.Tensor:
+def int4_dequantize(qweight: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     q = unpack_nibbles(qweight).to(dtype)
     N, K = q.shape
     G = sz.shape[0]
@@ -166,10 +169,10 @@ class Int4Linear(nn.Module):
     def weight(self) -> torch.Tensor:  # device / shape queries and the fast path's change tracking, as nn.Linear
         return self.qweight
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, self.qweight, self.scales_and_zeros, self.packed)
 
-    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return int4_dequantize(self.qweight, self.scales_and_zeros, dtype)
 
     def extra_repr(self) -> str:
@@ -193,13 +196,13 @@ def quantize_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size={group_size}: allowed values are {', '.join(map(str, INT4_GROUP_SIZES))}")
 
-    def make(w):
+    def make(w: torch.Tensor) -> Int4Linear:
         return Int4Linear.from_float(w, group_size) if w.shape[1] % group_size == 0 else Int8Linear.from_float(w)
 
     return _quantize(model, True, make)
 
 
-def _quantize(model: nn.Module, embeddings: bool, make) -> nn.Module:
+def _quantize(model: nn.Module, embeddings: bool, make: Callable[[torch.Tensor], nn.Module]) -> nn.Module:
     if is_quantized(model):
         return model
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
