@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
 from ..io import atomic_write_bytes
 from ..tokenizer import Tokenizer, check_message
@@ -44,9 +44,6 @@ from .dedup import contaminated, eval_texts
 from .mixture import Mixture
 from .prepare_state import SPLITS, PrepareState, SourceProgress, SplitRows
 from .sources import BadRecord, Source, flatten_chat
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
 
 BATCH_DOCS, BATCH_CHARS = 512, 4_000_000
 
@@ -180,8 +177,6 @@ def _classify(doc: object, skip_bad: bool, texts: frozenset, st: SourceProgress)
 
 
 def _prepare_pretrain(job: _Job) -> None:
-    from tqdm import tqdm
-
     W = job.mixture.total_weight
     bar = tqdm(total=job.tokens, unit="tok", unit_scale=True, desc="prepare", disable=not job.progress,
                smoothing=0.1)
@@ -346,8 +341,6 @@ def _prepare_sft(job: _Job) -> None:
 
 def _render_source(job: _Job, src: Source, convs: dict[str, list]) -> None:
     """Render a source's conversations into `convs` (per split), for more epochs until its token share is met."""
-    from tqdm import tqdm
-
     st = job.state.source(src.name)
     for k in ("documents", "bytes", "empty_skipped", "bad_skipped", "eval_removed", "truncated", "too_long",
               "train_tokens", "val_tokens", "train_bytes", "val_bytes"):
