@@ -118,20 +118,31 @@ def generate_problems(module: str, difficulty: str, seed: int, n: int) -> list[t
     return list(out.items())
 
 
-def leveled_problems(seed: int, modules: Sequence[str], difficulty: str, start: int = 0,
-                     per_chunk: int = 16) -> Iterator[tuple[str, str]]:
+def leveled_problems(seed: int, modules: Sequence[str], difficulty: str, start: int = 0, per_chunk: int = 16,
+                     pool=None) -> Iterator[tuple[str, str]]:
     """Endless (question, answer) pairs of the named modules at one difficulty: chunk c is `per_chunk` problems per
     module from `generate_problems(module, difficulty, seed * 100_003 + c, per_chunk)`, interleaved; pair k is the
-    same on every call. For training sets that target a skill (the SFT mixture's arithmetic); the `arith` eval uses
-    the same function with its own far-away seed, and deduplicates against the training shards."""
+    same on every call (chunks are generated in `pool` when given). For training sets that target a skill (the SFT
+    mixture's arithmetic); the `arith` eval draws its own far-away seed and deduplicates against the training
+    shards."""
     if not modules:
         raise ValueError("leveled_problems: no modules named")
+    from functools import partial
+
     chunk, skip = divmod(start, per_chunk * len(modules))
+    make = partial(_leveled_chunk, seed, tuple(modules), difficulty, per_chunk)
     while True:
-        per_module = [generate_problems(m, difficulty, seed * 100_003 + chunk, per_chunk) for m in modules]
-        mixed = [p for group in itertools.zip_longest(*per_module) for p in group if p is not None]
-        yield from mixed[skip:]
-        chunk, skip = chunk + 1, 0
+        window = range(chunk, chunk + 16)
+        for pairs in (pool.imap(make, window) if pool is not None else map(make, window)):
+            yield from pairs[skip:]
+            skip = 0
+        chunk += len(window)
+
+
+def _leveled_chunk(seed: int, modules: tuple[str, ...], difficulty: str, per_chunk: int,
+                   chunk: int) -> list[tuple[str, str]]:
+    per_module = [generate_problems(m, difficulty, seed * 100_003 + chunk, per_chunk) for m in modules]
+    return [p for group in itertools.zip_longest(*per_module) for p in group if p is not None]
 
 
 def _make_deterministic(comp) -> None:

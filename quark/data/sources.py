@@ -126,7 +126,7 @@ class Source:
             if self.type == "math":
                 return math_documents(seed, start, ppd, pool=pool)
             return math_instructions(seed, start)
-        pairs = leveled_problems(seed + 7919, o["modules"], o.get("difficulty", "easy"))
+        pairs = leveled_problems(seed + 7919, o["modules"], o.get("difficulty", "easy"), pool=pool)
         if self.type == "instructions":
             return ([{"role": "user", "content": q}, {"role": "assistant", "content": a}]
                     for q, a in itertools.islice(pairs, start, None))
