@@ -47,30 +47,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def val_loss(model: Quark, data_folder: str | Path, max_tokens: int = 65536, seq_len: int | None = None) -> float:
-    """Mean next-token loss over the first `max_tokens` tokens of a pre-training data folder's val split."""
-    import numpy as np
-    import torch
+    """Mean next-token loss over the first windows (about `max_tokens` tokens) of a pre-training data folder's val
+    split: `quark eval --perplexity`'s computation (quark.eval.harness.perplexity), in windows of `seq_len` tokens
+    (default the model's context, at most 512)."""
+    import math
 
-    folder = Path(data_folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not a data folder written by `quark prepare`")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("kind") != "pretrain":
-        raise ValueError(f"{manifest_path}: kind={manifest.get('kind')!r}, need a 'pretrain' data folder")
-    shards = manifest["splits"]["val"]["shards"]
-    toks = np.concatenate([np.load(folder / "val" / s, mmap_mode="r")[:max_tokens + 1] for s in shards])
-    toks = torch.from_numpy(toks[:max_tokens + 1].astype(np.int64))
+    from .eval.harness import perplexity
+
     T = seq_len or min(model.config.context_length, 512)
-    n = (toks.numel() - 1) // T
-    if n == 0:
-        raise ValueError(f"{folder}: validation split has fewer than {T + 1} tokens")
-    x, y = toks[:n * T].view(n, T), toks[1:n * T + 1].view(n, T)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, n, 4):
-            total += float(model.loss(x[i:i + 4], y[i:i + 4], reduction="sum"))
-    return total / (n * T)
+    return perplexity(model, data_folder, batch_size=4, max_windows=max(1, math.ceil(max_tokens / T)),
+                      seq_len=T)["val_loss"]
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

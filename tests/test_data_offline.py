@@ -1,6 +1,7 @@
 """The offline corpora (`quark.data.offline`) as sources: real text comes out, instruction pairs are honest, math is repeatable."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,49 @@ def test_sft_from_offline_sources(tmp_path, tiny_tokenizer):
     assert docs == {"chat-it": 40, "hb-it": 10, "math": 20}
     assert m["splits"]["train"]["rows"] > 0 and m["splits"]["train"]["target_tokens"] > 0
     assert all(s["license"] for s in m["sources"])
+
+
+def _add_or_sub_answers(question: str) -> set:
+    """Every answer an add/subtract question can have: a + b, a - b, b - a, |a - b| of its two numbers."""
+    import re
+    from decimal import Decimal
+
+    a, b = (Decimal(x) for x in re.findall(r"-?\d+(?:\.\d+)?", question))
+    return {str(v.normalize()) if v != v.to_integral() else str(int(v)) for v in (a + b, a - b, b - a, abs(a - b))}
+
+
+def test_targeted_math_source_asks_one_skill_repeatably():
+    """`modules` + `difficulty` narrow generated math to a skill: SFT conversations and pre-training documents hold
+    the same (question, answer) pairs, from `leveled_problems` at the mixture's seed + 7919, and every answer is a sum
+    or difference of the question's two numbers (checked here with Decimal arithmetic, not the generator's)."""
+    import itertools
+
+    from quark.data.mathgen import generate_problems, leveled_problems
+    from quark.data.sources import make_source
+
+    spec = {"name": "arith", "modules": ["arithmetic__add_or_sub"], "difficulty": "easy"}
+    chat = make_source({**spec, "type": "instructions", "kind": "math", "max_documents": 40})
+    convs = list(chat.documents(seed=5))
+    pairs = [(c[0]["content"], c[1]["content"]) for c in convs]
+    assert len(pairs) == 40 and [c[0]["role"] for c in convs] == ["user"] * 40
+    assert pairs == list(itertools.islice(leveled_problems(5 + 7919, ["arithmetic__add_or_sub"], "easy"), 40))
+    assert pairs[:16] == generate_problems("arithmetic__add_or_sub", "easy", (5 + 7919) * 100_003, 16)
+    assert all(a in _add_or_sub_answers(q) for q, a in pairs), pairs
+    doc = next(make_source({**spec, "type": "math", "problems_per_doc": 4}).documents(seed=5))
+    assert doc == "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in pairs[:4])[:-1]
+    assert list(chat.documents(seed=5, start=38)) == convs[38:]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"modules": ["arithmetic__nope"]}, "unknown math module(s) ['arithmetic__nope']; known: algebra__linear_1d,"),
+    ({"modules": ["arithmetic__mul"], "difficulty": "trivial"}, "difficulty must be one of easy, medium, hard, got "
+                                                                "'trivial'"),
+    ({"modules": "arithmetic__mul"}, "modules must list mathematics_dataset module names"),
+])
+def test_targeted_math_source_errors(extra, message):
+    from quark.data.sources import make_source
+
+    with pytest.raises(ValueError, match="^mixture: source 'm': " + re.escape(message)):
+        make_source({"name": "m", "type": "instructions", "kind": "math", **extra})
+    with pytest.raises(ValueError, match="modules and difficulty apply to generated math only"):
+        make_source({"name": "m", "type": "chatterbot", "modules": ["arithmetic__mul"]})

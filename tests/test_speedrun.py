@@ -16,7 +16,7 @@ from quark.speedrun import STAGES
 # token bounds (not minutes) keep the run the same however loaded the machine is: 30 pre-training steps, 50 SFT
 SMALL = ["--tokenizer-bytes", "2e6", "--vocab-size", "1024", "--data-tokens", "3e5", "--max-tokens", "122880",
          "--sft-tokens", "102400",
-         "--eval-limit", "10"]
+         "--eval-limit", "10", "--arith-limit", "2"]
 
 
 def _speedrun(out, *extra):
@@ -46,6 +46,15 @@ def test_every_stage_runs_and_the_report_reads_their_files(run):
     assert s["eval"]["base"] == base_eval["tasks"]
     assert set(base_eval["tasks"]) == {"piqa", "arc_easy", "hellaswag"}
     assert all(t["n"] == 10 for t in base_eval["tasks"].values())
+    # arith: its own call per model, 2 held-out questions per module x difficulty, plain prompts for the base and
+    # the chat template after SFT; the report's easiest add/subtract figure is that group's
+    arith = {k: json.loads((out / "eval" / f"arith-{k}.json").read_text())["tasks"]["arith"] for k in ("base", "sft")}
+    assert s["arith"] == arith and arith["base"]["prompt"] == "plain" and arith["sft"]["prompt"] == "chat template"
+    assert {g["n"] for g in arith["sft"]["groups"].values()} == {2} and len(arith["sft"]["groups"]) == 27
+    assert s["arith_add_or_sub_easy"]["sft"] == {"acc": arith["sft"]["groups"]["add_or_sub/easy"]["acc"], "n": 2}
+    assert "questions seen in training data removed" in arith["sft"]["dedup"]
+    sft_eval = json.loads(next((out / "sft" / "checkpoints").glob("step_*/eval_results.json")).read_text())
+    assert s["sft_val_loss_increase"] == sft_eval["perplexity"]["val_loss"] - base_eval["perplexity"]["val_loss"]
     # ChatML replies in both languages; most end with <|im_end|> even after seconds of SFT
     assert {c["lang"] for c in s["chats"]} == {"en", "it"}
     assert s["chats_ending_with_im_end"] >= len(s["chats"]) // 2
@@ -61,7 +70,10 @@ def test_every_stage_runs_and_the_report_reads_their_files(run):
     report = (out / "report.md").read_text()
     for figure in (f"{s['unigram']['val_loss']:.4f}", f"{s['base_perplexity']['val_loss']:.4f}",
                    f"{run_json['tokens']:,}", "| piqa | 10 |", "![pretrain loss](pretrain/loss.png)",
-                   "quark chat --model"):
+                   "quark chat --model", f"| add_or_sub, easy | 2 | {100 * arith['base']['groups']['add_or_sub/easy']['acc']:.1f} | "
+                   f"{100 * arith['sft']['groups']['add_or_sub/easy']['acc']:.1f} |",
+                   f"| all modules and difficulties | 54 | {100 * arith['base']['acc']:.1f} | "
+                   f"{100 * arith['sft']['acc']:.1f} |", f"({s['sft_val_loss_increase']:+.4f}; SFT batches were"):
         assert figure in report, figure
     assert (out / "pretrain" / "loss.png").exists()
     card_body = (hf / "README.md").read_text().split("\n---\n", 1)[1]

@@ -78,3 +78,76 @@ def test_sft_refuses_a_base_of_another_architecture(tmp_path, tiny_tokenizer):
         train(TrainConfig(base=str(tmp_path / "nope"), **cfg))
     with pytest.raises(ValueError, match="sft needs a base checkpoint"):
         train(TrainConfig(**cfg))
+
+
+def test_pretrain_mix_batches_hold_pretraining_windows_and_resume(tmp_path, tiny_tokenizer, base):
+    """With pretrain_mix, each batch is the SFT loader's rows (padded, padding masked) over the pre-training loader's
+    windows (every token a target), both as the plain loaders yield them; the loader state resumes exactly."""
+    import torch
+
+    from quark.data.loader import PretrainLoader, SFTLoader, read_manifest
+    from quark.train.inputs import make_train_loaders
+    from tests.test_train import write_pretrain_data
+
+    tok = tiny_tokenizer
+    data = write_sft_data(tmp_path / "data", tok, conversations(), seq_len=64)
+    pre = write_pretrain_data(tmp_path / "pre", tok)
+    cfg = TrainConfig(kind="sft", data=str(data), base=str(base), pretrain_data=str(pre), pretrain_mix=0.25,
+                      batch_size=8, seed=3)
+    mc = QuarkConfig.from_name("test")
+    train_loader, vals, seq_len = make_train_loaders(cfg, read_manifest(data), mc)
+    assert seq_len == 64 and set(vals) == {"val_loss", "pretrain_val_loss"}
+    sft_ref, pre_ref = SFTLoader(data, "train", 6, seed=3), PretrainLoader(pre, "train", 64, 2, seed=3)
+    for _ in range(3):
+        x, y, m = train_loader.next_batch()
+        sx, sy, sm = sft_ref.next_batch()
+        px, py, _ = pre_ref.next_batch()
+        w = sx.shape[1]
+        assert x.shape == (8, 64) and w < 64  # short conversations: the SFT part is trimmed, then padded
+        assert torch.equal(x[:6, :w], sx) and torch.equal(y[:6, :w], sy) and torch.equal(m[:6, :w], sm)
+        assert not m[:6, w:].any()
+        assert torch.equal(x[6:], px) and torch.equal(y[6:], py) and m[6:].all()
+    state = train_loader.state_dict()
+    again, _, _ = make_train_loaders(cfg, read_manifest(data), mc)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(train_loader.next_batch(), again.next_batch()))
+    plain, _, _ = make_train_loaders(cfg.replace(pretrain_mix=0.0), read_manifest(data), mc)
+    with pytest.raises(ValueError, match="written without pretrain_mix"):
+        again.load_state_dict(plain.state_dict())
+
+
+def test_pretrain_mix_config_errors(tmp_path, tiny_tokenizer, base):
+    with pytest.raises(ValueError, match=r"pretrain_mix=0.5: needs pretrain_data"):
+        TrainConfig(kind="sft", pretrain_mix=0.5)
+    with pytest.raises(ValueError, match=r"pretrain_mix=1.0: must be in \[0, 1\)"):
+        TrainConfig(kind="sft", pretrain_mix=1.0, pretrain_data="x")
+    with pytest.raises(ValueError, match=r"pretrain_mix=0.2: applies to SFT runs only"):
+        TrainConfig(kind="pretrain", pretrain_mix=0.2, pretrain_data="x")
+    data = write_sft_data(tmp_path / "data", tiny_tokenizer, conversations(16), seq_len=40)
+    cfg = dict(kind="sft", data=str(data), base=str(base), out=str(tmp_path / "run"), max_steps=1)
+    with pytest.raises(ValueError, match=r"data: pretrain_data needs a pre-training data folder \(kind 'pretrain'\)"):
+        train(TrainConfig(pretrain_data=str(data), pretrain_mix=0.25, **cfg))
+    with pytest.raises(ValueError, match=r"pretrain_mix=0.95 leaves no SFT row in a batch of batch_size=8"):
+        train(TrainConfig(pretrain_data=str(data), pretrain_mix=0.95, batch_size=8, **cfg))
+
+
+def test_pretrain_mix_keeps_the_pretraining_loss(tmp_path, tiny_tokenizer):
+    """The point of pretrain_mix: the same SFT (a strong learning rate) raises the pre-training validation loss of a
+    pre-trained base much less with a quarter of every batch from pre-training, and the run reports that loss."""
+    from tests.test_train import write_pretrain_data
+
+    tok = tiny_tokenizer
+    pre = write_pretrain_data(tmp_path / "pre", tok)
+    common = dict(batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, log_every=100, eval_every=0, eval_batches=4,
+                  samples=0, tensorboard=False, plot=False)
+    base_info = train(TrainConfig(kind="pretrain", model="test", data=str(pre), out=str(tmp_path / "base"),
+                                  max_steps=120, seq_len=40, **common))
+    data = write_sft_data(tmp_path / "data", tok, conversations(), seq_len=40)
+    after = {}
+    for mix in (0.0, 0.25):
+        info = train(TrainConfig(kind="sft", data=str(data), base=str(tmp_path / "base"), out=str(tmp_path / f"s{mix}"),
+                                 pretrain_data=str(pre), pretrain_mix=mix, max_steps=60, **common))
+        after[mix] = info["pretrain_val_loss"]
+        assert info["val_loss"] < 2.0  # the SFT task is learned either way
+    print(f"pre-training val loss: base {base_info['val_loss']:.3f}, SFT {after[0.0]:.3f}, SFT+mix {after[0.25]:.3f}")
+    assert after[0.25] - base_info["val_loss"] < 0.5 * (after[0.0] - base_info["val_loss"])

@@ -16,10 +16,12 @@ each chunk, so a chunk's text does not depend on which process generated it or o
 from __future__ import annotations
 
 import importlib
+import itertools
 import random
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from multiprocessing.pool import Pool
 
 import numpy as np
@@ -79,6 +81,7 @@ def math_modules() -> dict:
 DIFFICULTIES = ("easy", "medium", "hard")
 
 
+@lru_cache(maxsize=len(DIFFICULTIES))
 def leveled_modules(difficulty: str) -> dict:
     """{name: generator} like `math_modules`, restricted to one third of the training entropy range, as upstream's
     train-easy / train-medium / train-hard splits (`mathematics_dataset.generate._make_entropy_fn(level, 3)`)."""
@@ -114,6 +117,33 @@ def generate_problems(module: str, difficulty: str, seed: int, n: int) -> list[t
             if q and a and len(q) <= 160 and len(a) <= 30:
                 out.setdefault(q, a)
     return list(out.items())
+
+
+def leveled_problems(seed: int, modules: Sequence[str], difficulty: str, start: int = 0, per_chunk: int = 16,
+                     pool: Pool | None = None) -> Iterator[tuple[str, str]]:
+    """Endless (question, answer) pairs of the named modules at one difficulty: chunk c is `per_chunk` problems per
+    module from `generate_problems(module, difficulty, seed * 100_003 + c, per_chunk)`, interleaved; pair k is the
+    same on every call (chunks are generated in `pool` when given). For training sets that target a skill (the SFT
+    mixture's arithmetic); the `arith` eval draws its own far-away seed and deduplicates against the training
+    shards."""
+    if not modules:
+        raise ValueError("leveled_problems: no modules named")
+    from functools import partial
+
+    chunk, skip = divmod(start, per_chunk * len(modules))
+    make = partial(_leveled_chunk, seed, tuple(modules), difficulty, per_chunk)
+    while True:
+        window = range(chunk, chunk + 16)
+        for pairs in (pool.imap(make, window) if pool is not None else map(make, window)):
+            yield from pairs[skip:]
+            skip = 0
+        chunk += len(window)
+
+
+def _leveled_chunk(seed: int, modules: tuple[str, ...], difficulty: str, per_chunk: int,
+                   chunk: int) -> list[tuple[str, str]]:
+    per_module = [generate_problems(m, difficulty, seed * 100_003 + chunk, per_chunk) for m in modules]
+    return [p for group in itertools.zip_longest(*per_module) for p in group if p is not None]
 
 
 def _make_deterministic(comp: types.ModuleType) -> None:
@@ -183,8 +213,13 @@ def generate_chunk(seed: int, chunk: int, n_problems: int = 64) -> list[tuple[st
 
 def math_document(seed: int, chunk: int, problems_per_doc: int = 16) -> str:
     """Document `chunk`: `problems_per_doc` 'Question: ...' / 'Answer: ...' pairs, a pure function of its args."""
-    probs = generate_chunk(seed, chunk, problems_per_doc)
-    return "\n\n".join(f"Question: {q}\nAnswer: {a}" for _, q, a in probs) + "\n"
+    return pairs_document([(q, a) for _, q, a in generate_chunk(seed, chunk, problems_per_doc)])
+
+
+def pairs_document(pairs: Sequence[tuple[str, str]]) -> str:
+    """The pre-training text of (question, answer) pairs: 'Question: q\\nAnswer: a' blocks, blank-line separated
+    (the form `quark eval`'s arith and gsm8k prompts ask in)."""
+    return "\n\n".join(f"Question: {q}\nAnswer: {a}" for q, a in pairs) + "\n"
 
 
 def _init_worker() -> None:

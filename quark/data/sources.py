@@ -12,6 +12,9 @@ Types:
   string columns joined.
 - the offline corpora (`quark.data.offline`, installed Debian packages and Python files): `python_stdlib`, `site_packages`, `math`, `handbook`,
   `fortunes`, `bible`, `chatterbot`, `instructions` (`kind` = docstring | math | handbook), with `lang` en/it.
+Generated math (`math`, `instructions` of kind math) covers every mathematics_dataset module over the whole
+training range, unless `modules` (e.g. ["arithmetic__add_or_sub"]) and `difficulty` (easy | medium | hard, upstream's
+thirds of that range) narrow it to a skill (`quark.data.mathgen.leveled_problems`, seeds offset by 7919).
 `max_documents` caps any source (a capped generator becomes finite and is repeated like a file corpus).
 Every source records a licence: the built-in ones know theirs, `files`/`hf` sources must state one (`license`).
 A conversation used in a pre-training mixture is flattened to "User: ...\\nAssistant: ..." text.
@@ -107,18 +110,29 @@ class Source:
         caller skips or stops). `pool` parallelises math generation."""
         cap = self.options.get("max_documents")
         if self.is_generated:
-            from .mathgen import math_documents
-            from .offline import math_instructions
-            ppd = int(self.options.get("problems_per_doc", 16))
             if cap is None:  # endless: each epoch is new problems
-                if self.type == "math":
-                    return math_documents(seed + 1_000 * epoch, start, ppd, pool=pool)
-                return math_instructions(seed + 1_000 * epoch, start)
+                return self._generated(seed + 1_000 * epoch, start, pool)
             if seed not in self._capped:  # capped: generated once, repeated from memory (generation is slow)
-                gen = math_documents(seed, 0, ppd, pool=pool) if self.type == "math" else math_instructions(seed)
-                self._capped[seed] = list(itertools.islice(gen, cap))
+                self._capped[seed] = list(itertools.islice(self._generated(seed, 0, pool), cap))
             return iter(self._capped[seed][start:])
         return itertools.islice(self._documents(seed), start, cap)
+
+    def _generated(self, seed: int, start: int, pool: Pool | None) -> Iterator:
+        from .mathgen import leveled_problems, math_documents, pairs_document
+        from .offline import math_instructions
+
+        o = self.options
+        ppd = int(o.get("problems_per_doc", 16))
+        if "modules" not in o:  # every module over the whole training range
+            if self.type == "math":
+                return math_documents(seed, start, ppd, pool=pool)
+            return math_instructions(seed, start)
+        pairs = leveled_problems(seed + 7919, o["modules"], o.get("difficulty", "easy"), pool=pool)
+        if self.type == "instructions":
+            return ([{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                    for q, a in itertools.islice(pairs, start, None))
+        docs = (pairs_document(list(itertools.islice(pairs, ppd))) for _ in itertools.count())
+        return itertools.islice(docs, start, None)
 
     def _documents(self, seed: int) -> Iterator:
         o, t = self.options, self.type
@@ -183,6 +197,7 @@ def make_source(spec: dict, where: str = "mixture") -> Source:
         raise ValueError(f"{where}: max_documents must be a positive integer, got {cap!r}")
     if typ == "instructions" and opts.get("kind", "docstring") not in ("docstring", "math", "handbook"):
         raise ValueError(f"{where}: kind must be docstring, math or handbook, got {opts['kind']!r}")
+    _check_math_options(opts, typ, where)
     lic = spec.get("license")
     if lic is None:
         if typ in BUILTIN:
@@ -193,6 +208,30 @@ def make_source(spec: dict, where: str = "mixture") -> Source:
         else:
             raise ValueError(f"{where}: state the data's licence with license = \"...\"")
     return Source(name=name, type=typ, weight=float(weight), license=str(lic), options=opts)
+
+
+def _check_math_options(opts: dict, typ: str, where: str) -> None:
+    """`modules` / `difficulty` of a generated math source (type math, or instructions of kind math)."""
+    if "modules" not in opts and "difficulty" not in opts:
+        return
+    if not (typ == "math" or (typ == "instructions" and opts.get("kind") == "math")):
+        raise ValueError(f"{where}: modules and difficulty apply to generated math only (type \"math\", or "
+                         "\"instructions\" with kind = \"math\")")
+    mods = opts.get("modules")
+    if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
+        raise ValueError(f"{where}: modules must list mathematics_dataset module names, e.g. "
+                         "[\"arithmetic__add_or_sub\"]")
+    from .mathgen import DIFFICULTIES, math_modules
+
+    try:
+        known = math_modules()
+    except RuntimeError:  # mathematics-dataset missing: the source is dropped as unavailable, names unchecked
+        known = None
+    bad = [m for m in mods if known is not None and m not in known]
+    if bad:
+        raise ValueError(f"{where}: unknown math module(s) {bad}; known: {', '.join(known)}")
+    if opts.get("difficulty", "easy") not in DIFFICULTIES:
+        raise ValueError(f"{where}: difficulty must be one of {', '.join(DIFFICULTIES)}, got {opts['difficulty']!r}")
 
 
 # ---- files -------------------------------------------------------------------------------------------------------

@@ -111,23 +111,20 @@ def aggregate(task: str, items, scores: list[tuple[float, bool]]) -> dict:
 
 @torch.inference_mode()
 def perplexity(model, data_dir: str | Path, batch_size: int = 8, max_windows: int | None = None,
-               split: str = "val") -> dict:
-    """{"val_loss", "bpb", "tokens"} over the pre-training `split` shards of a data folder."""
+               split: str = "val", seq_len: int | None = None) -> dict:
+    """{"val_loss", "bpb", "tokens"} over the pre-training `split` shards of a data folder, in windows of `seq_len`
+    tokens (default the model's context), the first `max_windows` of them (default all)."""
     from ..data.loader import PretrainLoader, read_manifest
-    from ..train.metrics import bits_per_byte
+    from ..train.metrics import bits_per_byte, summed_loss
 
     manifest = read_manifest(data_dir)
     if manifest["kind"] != "pretrain":
         raise ValueError(f"{data_dir}: perplexity needs a pre-training data folder (kind 'pretrain'), "
                          f"found kind {manifest['kind']!r}")
-    loader = PretrainLoader(data_dir, split, model.config.context_length, batch_size, manifest=manifest,
+    loader = PretrainLoader(data_dir, split, seq_len or model.config.context_length, batch_size, manifest=manifest,
                             vocab_size=model.config.vocab_size)  # ids >= vocab_size fail naming the shard
     n_windows = len(loader) if max_windows is None else min(len(loader), max_windows)
-    total, n_tok = 0.0, 0
-    for x, y, _ in loader.val_batches(math.ceil(n_windows / batch_size)):
-        x, y = x.to(model.device), y.to(model.device)
-        total += float(model.loss(x, y, reduction="sum"))
-        n_tok += y.numel()
+    total, n_tok = summed_loss(model, loader.val_batches(math.ceil(n_windows / batch_size)))
     loss = total / max(n_tok, 1)
     if not math.isfinite(loss):
         raise ValueError(f"{data_dir}: the validation loss over the {split} split is {loss} (NaN/Inf): the model's "

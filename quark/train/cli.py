@@ -1,7 +1,7 @@
 """`quark pretrain` and `quark sft`: thin front-ends over the one training loop (`quark.train.loop.train`).
 
 Both take `--config` (a TOML file or a packaged name such as `pretrain-tiny`), `--data`, `--out`, and any number of
-`--set key=value` overrides; `sft` adds `--from BASE`. Launch several processes with torchrun:
+`--set key=value` overrides; `sft` adds `--from BASE` and `--pretrain-data DIR`. Launch several processes with torchrun:
     torchrun --nproc_per_node 8 -m quark pretrain --config pretrain-quark-72m --data data/pretrain --out runs/base
 """
 
@@ -14,7 +14,7 @@ def _run(args, kind: str) -> int:
 
     fixed = {"kind": kind, "data": args.data, "out": args.out, "tokenizer": args.tokenizer}
     if kind == "sft":
-        fixed["base"] = args.base
+        fixed["base"], fixed["pretrain_data"] = args.base, args.pretrain_data
     cfg = load_config(args.config, args.set or [], **fixed)
     if args.print_config:
         import json
@@ -51,4 +51,6 @@ def add_commands(sub) -> None:
     p = sub.add_parser("sft", help="supervised fine-tuning of a base checkpoint on prepared chat rows")
     _common(p)
     p.add_argument("--from", dest="base", help="base checkpoint, export or run folder to fine-tune")
+    p.add_argument("--pretrain-data", help="the base's pre-training data folder: its validation loss is reported at "
+                   "each evaluation (what SFT costs), and --set pretrain_mix=F mixes its windows into the batches")
     p.set_defaults(func=cmd_sft)

@@ -9,14 +9,20 @@ Choices:
   tokens included) must equal the tokenizer's.
 - SFT takes the architecture and weights from the base (a checkpoint, an export or a run folder's newest
   checkpoint); a folder of another architecture fails naming the unknown fields or tensors.
+- Loaders come from `quark.data.loader.make_loader`. With `pretrain_data` an SFT run also measures the pre-training
+  validation loss at each evaluation (what SFT costs the base), and with `pretrain_mix` its train batches are a
+  `MixedLoader`: round(pretrain_mix * batch_size) rows (at least 1) of pre-training windows of the SFT row length,
+  every token a target, under the SFT rows, which are padded to that length (their padding masked out).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..config import QuarkConfig
-from ..data.loader import read_manifest
+from ..data.loader import make_loader, read_manifest
 from ..tokenizer import Tokenizer
 from ..weights import config_from_file, config_from_folder, resolve_model_path
 from .config import TrainConfig
@@ -90,3 +96,79 @@ def check_vocab(mc: QuarkConfig, tok: Tokenizer, where: str) -> None:
         raise ValueError(f"{where}: the model has vocab_size={mc.vocab_size} embedding rows but the tokenizer has "
                          f"{tok.vocab_size} ids ({tok.base_vocab_size} + 2 chat tokens); use a model config with "
                          f"vocab_size={tok.vocab_size} or the tokenizer the model was trained with")
+
+
+class MixedLoader:
+    """SFT rows and pre-training windows in every batch (see the module docstring); state = both loaders' states."""
+
+    kind = "sft"
+
+    def __init__(self, sft, pretrain):
+        self.sft, self.pretrain = sft, pretrain
+        self.seq_len, self.batch_size = sft.seq_len, sft.batch_size  # budgets count SFT rows
+
+    def __len__(self) -> int:
+        return len(self.sft)
+
+    def next_batch(self):
+        x, y, m = self.sft.next_batch()
+        px, py, _ = self.pretrain.next_batch()
+        pad = self.seq_len - x.shape[1]
+        if pad:
+            x, y = (torch.nn.functional.pad(t, (0, pad)) for t in (x, y))
+            m = torch.nn.functional.pad(m, (0, pad), value=False)
+        return torch.cat([x, px]), torch.cat([y, py]), torch.cat([m, torch.ones_like(py, dtype=torch.bool)])
+
+    def state_dict(self) -> dict:
+        return {"kind": "sft+pretrain", "sft": self.sft.state_dict(), "pretrain": self.pretrain.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "sft+pretrain":
+            raise ValueError("loader state does not match the data: the checkpoint was written without "
+                             "pretrain_mix; resume with the same pretrain_mix, or use a new --out folder")
+        self.sft.load_state_dict(state["sft"])
+        self.pretrain.load_state_dict(state["pretrain"])
+
+
+def _pretrain_manifest(cfg: TrainConfig, manifest: dict) -> dict:
+    pre = read_manifest(cfg.pretrain_data)
+    if pre["kind"] != "pretrain":
+        raise ValueError(f"{cfg.pretrain_data}: pretrain_data needs a pre-training data folder (kind 'pretrain'), "
+                         f"found kind {pre['kind']!r}")
+    if pre.get("tokenizer_sha256") != manifest.get("tokenizer_sha256"):
+        raise ValueError(f"{cfg.pretrain_data}: encoded with another tokenizer than {cfg.data} (manifest.json "
+                         "tokenizer_sha256 differs)")
+    return pre
+
+
+def make_train_loaders(cfg: TrainConfig, manifest: dict, mc: QuarkConfig, rank: int = 0, world_size: int = 1):
+    """(train loader, {metric name: val loader}, sequence length) of a run: "val_loss" reads the run's own val
+    split; an SFT run with `pretrain_data` also reports "pretrain_val_loss" on that folder's val windows."""
+    seq_len = cfg.seq_len or mc.context_length
+    if cfg.kind == "pretrain" and seq_len > mc.context_length:
+        raise ValueError(f"train config: seq_len={seq_len} exceeds the model's context_length={mc.context_length}")
+    n_pre = max(1, round(cfg.pretrain_mix * cfg.batch_size)) if cfg.pretrain_mix else 0
+    if n_pre >= cfg.batch_size:
+        raise ValueError(f"train config: pretrain_mix={cfg.pretrain_mix} leaves no SFT row in a batch of "
+                         f"batch_size={cfg.batch_size}; lower it or raise batch_size")
+
+    def loader(split: str, batch: int):
+        return make_loader(cfg.data, split, batch, seq_len, seed=cfg.seed, rank=rank, world_size=world_size,
+                           manifest=manifest, vocab_size=mc.vocab_size)
+
+    train = loader("train", cfg.batch_size - n_pre)
+    seq_len = getattr(train, "seq_len", seq_len)
+    if cfg.kind == "sft" and seq_len > mc.context_length:
+        raise ValueError(f"{cfg.data}: SFT rows hold {seq_len} tokens, more than the base model's context_length="
+                         f"{mc.context_length}; prepare them with `quark prepare --sft --seq-len {mc.context_length}`")
+    pre_manifest = _pretrain_manifest(cfg, manifest) if cfg.kind == "sft" and cfg.pretrain_data else None
+    if n_pre:
+        train = MixedLoader(train, make_loader(cfg.pretrain_data, "train", n_pre, seq_len, seed=cfg.seed, rank=rank,
+                                               world_size=world_size, manifest=pre_manifest,
+                                               vocab_size=mc.vocab_size))
+    vals = {"val_loss": loader("val", cfg.batch_size)} if manifest["splits"].get("val", {}).get("shards") else {}
+    if pre_manifest is not None and pre_manifest["splits"].get("val", {}).get("shards"):
+        vals["pretrain_val_loss"] = make_loader(cfg.pretrain_data, "val", cfg.batch_size, seq_len, seed=cfg.seed,
+                                                rank=rank, world_size=world_size, manifest=pre_manifest,
+                                                vocab_size=mc.vocab_size)
+    return train, vals, seq_len

@@ -25,14 +25,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.loader import PretrainLoader, SFTLoader
 from ..model import Quark
 from ..weights import IntegrityError, first_nonfinite, load_model
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .config import TrainConfig
-from .inputs import base_config, base_model_path, check_vocab, load_data_manifest, load_tokenizer, model_config
-from .metrics import Monitor, bits_per_byte, fmt_duration, now_iso, progress_line, write_run_json
+from .inputs import (
+    base_config,
+    base_model_path,
+    check_vocab,
+    load_data_manifest,
+    load_tokenizer,
+    make_train_loaders,
+    model_config,
+)
+from .metrics import Monitor, bits_per_byte, fmt_duration, now_iso, progress_line, summed_loss, write_run_json
 from .optim import build_optimizer, lr_at, set_lr
 
 PRETRAIN_PROMPTS = ["The ", "def ", "Once upon a time", "Il numero"]
@@ -75,22 +82,26 @@ def forward_backward(step_model: nn.Module, micro_batches: list, n_targets: int,
     return total
 
 
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
-    """Clip (or just measure) the global gradient norm, apply the update, clear gradients; returns the norm."""
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                  on_nonfinite=None) -> torch.Tensor:
+    """Clip (or just measure) the global gradient norm, apply the update, clear gradients; returns the norm.
+    `on_nonfinite(norm)` is called (and must raise) before the update when the norm is NaN/Inf."""
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if on_nonfinite is not None and not math.isfinite(float(gnorm)):
+        on_nonfinite(float(gnorm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return gnorm
 
 
 def train_step(step_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list,
-               grad_clip: float = 1.0, autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """One complete single-process optimizer step (the loop's own path), for benchmarks: micro_batches is a list
-    of (idx, targets, loss_mask|None) on the model's device. Returns (mean loss, grad norm) as floats, which
-    synchronises the device once."""
+               grad_clip: float = 1.0, autocast=contextlib.nullcontext, on_nonfinite=None) -> tuple[float, float]:
+    """One complete single-process optimizer step (the loop's own calls, `forward_backward` then `clip_and_step`),
+    for benchmarks: micro_batches is a list of (idx, targets, loss_mask|None) on the model's device. Returns
+    (mean loss, grad norm) as floats."""
     n = sum(int(y.numel()) if m is None else int(m.sum()) for _, y, m in micro_batches)
     loss = forward_backward(step_model, micro_batches, n, 1, autocast)
-    gnorm = clip_and_step(model, optimizer, grad_clip)
+    gnorm = clip_and_step(model, optimizer, grad_clip, on_nonfinite)
     return float(loss) / n, float(gnorm)
 
 
@@ -160,32 +171,8 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def _make_loaders(self):
-        cfg, d, mc = self.cfg, self.d, self.mc
-        if cfg.kind == "pretrain":
-            self.seq_len = cfg.seq_len or mc.context_length
-            if self.seq_len > mc.context_length:
-                raise ValueError(f"train config: seq_len={self.seq_len} exceeds the model's context_length="
-                                 f"{mc.context_length}")
-            self.train_loader = PretrainLoader(cfg.data, "train", self.seq_len, cfg.batch_size, seed=cfg.seed,
-                                               rank=d.rank, world_size=d.world_size, manifest=self.manifest,
-                                               vocab_size=mc.vocab_size)
-        else:
-            self.train_loader = SFTLoader(cfg.data, "train", cfg.batch_size, seed=cfg.seed, rank=d.rank,
-                                          world_size=d.world_size, manifest=self.manifest, vocab_size=mc.vocab_size)
-            self.seq_len = self.train_loader.seq_len
-            if self.seq_len > mc.context_length:
-                raise ValueError(f"{cfg.data}: SFT rows hold {self.seq_len} tokens, more than the base model's "
-                                 f"context_length={mc.context_length}; prepare them with "
-                                 f"`quark prepare --sft --seq-len {mc.context_length}`")
-        self.val_loader = None
-        if self.manifest["splits"].get("val", {}).get("shards"):
-            if cfg.kind == "pretrain":
-                self.val_loader = PretrainLoader(cfg.data, "val", self.seq_len, cfg.batch_size, seed=cfg.seed,
-                                                 rank=d.rank, world_size=d.world_size, manifest=self.manifest,
-                                                 vocab_size=mc.vocab_size)
-            else:
-                self.val_loader = SFTLoader(cfg.data, "val", cfg.batch_size, seed=cfg.seed, rank=d.rank,
-                                            world_size=d.world_size, manifest=self.manifest, vocab_size=mc.vocab_size)
+        self.train_loader, self.val_loaders, self.seq_len = make_train_loaders(self.cfg, self.manifest, self.mc,
+                                                                               self.d.rank, self.d.world_size)
 
     def _make_model(self):
         cfg = self.cfg
@@ -216,7 +203,7 @@ class Trainer:
         rows_micro = cfg.batch_size * d.world_size
         tokens_micro = rows_micro * self.seq_len
         self.accum = max(1, round(cfg.tokens_per_step / tokens_micro)) if cfg.tokens_per_step else 1
-        rows_step = rows_micro * self.accum
+        rows_step = self.train_loader.batch_size * d.world_size * self.accum  # SFT rows (pretrain_mix aside)
         limits = {}  # budget -> (steps, what it means)
         if cfg.max_steps:
             limits[f"max_steps={cfg.max_steps}"] = (cfg.max_steps, "")
@@ -310,26 +297,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        if self.val_loader is None or self.cfg.eval_batches == 0:
+        if not self.val_loaders or self.cfg.eval_batches == 0:
             return None
         self.model.eval()
-        acc = torch.zeros(2, dtype=torch.float64, device=self.dev)
-        for x, y, m in self.val_loader.val_batches(self.cfg.eval_batches):
-            x, y = x.to(self.dev), y.to(self.dev)
-            m = None if m is None else m.to(self.dev)
-            with self.autocast():
-                acc[0] += self.model.loss(x, y, m, reduction="sum").double()
-            acc[1] += y.numel() if m is None else m.sum()
+        rec: dict = {"step": self.step}
+        for name, loader in self.val_loaders.items():
+            total, n = summed_loss(self.model, loader.val_batches(self.cfg.eval_batches), self.dev, self.autocast)
+            acc = torch.tensor([total, n], dtype=torch.float64, device=self.dev)
+            dist_.all_reduce_sum(acc, self.d)
+            rec[name] = float(acc[0] / acc[1].clamp(min=1))
+            if name == "val_loss":
+                val = self.manifest["splits"].get("val", {})
+                # SFT scores only assistant tokens, whose bytes the manifest does not count: no bits-per-byte there
+                rec["val_bpb"] = (bits_per_byte(rec[name], val.get("tokens"), val.get("bytes"))
+                                  if self.cfg.kind == "pretrain" else None)
         self.model.train()
-        dist_.all_reduce_sum(acc, self.d)
-        loss = float(acc[0] / acc[1].clamp(min=1))
-        val = self.manifest["splits"].get("val", {})
-        # SFT scores only assistant tokens, whose bytes the manifest does not count: no bits-per-byte there
-        bpb = bits_per_byte(loss, val.get("tokens"), val.get("bytes")) if self.cfg.kind == "pretrain" else None
-        rec = {"step": self.step, "val_loss": loss, "val_bpb": bpb}
         if self.d.is_main:
-            bpb = f", {rec['val_bpb']:.4f} bits/byte" if rec["val_bpb"] is not None else ""
-            print(f"step {self.step}: val loss {loss:.4f}{bpb}", flush=True)
+            parts = [f"val loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""]
+            if rec.get("val_bpb") is not None:
+                parts.append(f"{rec['val_bpb']:.4f} bits/byte")
+            if "pretrain_val_loss" in rec:
+                parts.append(f"pre-training val loss {rec['pretrain_val_loss']:.4f}")
+            print(f"step {self.step}: " + ", ".join(p for p in parts if p), flush=True)
             self.monitor.write(rec)
             self.samples()
             self.monitor.plot_losses()
@@ -409,12 +398,8 @@ class Trainer:
             loss = float(dist_.all_reduce_sum(loss_sum.float().reshape(1), d)) / max(1, n_targets)
             if not math.isfinite(loss):
                 self._diverged("loss", loss)
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not math.isfinite(float(gnorm)):
-                self._diverged("gradient norm", float(gnorm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            gnorm = clip_and_step(self.model, self.optimizer, cfg.grad_clip,
+                                  lambda g: self._diverged("gradient norm", g))
             self.step += 1
             self.tokens += n_inputs
             steps_here += 1
@@ -469,5 +454,5 @@ class Trainer:
             print(f"done: {self.step} steps, {self.tokens:,} tokens in {fmt_duration(self.elapsed())}; "
                   f"checkpoint {ckpt.latest_checkpoint(self.run_dir)}", flush=True)
         if val:
-            info["val_loss"], info["val_bpb"] = val["val_loss"], val["val_bpb"]
+            info.update({k: v for k, v in val.items() if k != "step"})
         return info

@@ -8,6 +8,9 @@ Choices:
 - TensorBoard and matplotlib are optional: without them the run goes on and says once what it skipped.
 - The PNG is drawn from metrics.jsonl (Agg backend, no display) and written atomically.
 - Only rank 0 creates a Monitor.
+- Validation loss is computed one way everywhere (`summed_loss`: the training loop's evaluation, `quark eval
+  --perplexity`, `quark quantize --data`): the summed cross-entropy of loader batches and the number of target
+  tokens, so the mean is exact over unequal batches and across processes.
 """
 
 from __future__ import annotations
@@ -123,6 +126,25 @@ def progress_line(step: int, total: int, loss: float, lr: float, gnorm: float, t
     if eta_s is not None:
         parts.append(f"eta {fmt_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def summed_loss(model, batches, device=None, autocast=None) -> tuple[float, int]:
+    """(summed next-token cross-entropy, target tokens) over `batches` of (inputs, targets, loss_mask|None) as the
+    data loaders yield them; the caller divides (after summing across processes, if any). No gradients."""
+    import contextlib
+
+    import torch
+
+    device = device if device is not None else model.device
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    with torch.no_grad():
+        for x, y, m in batches:
+            x, y = x.to(device), y.to(device)
+            m = None if m is None else m.to(device)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                total += model.loss(x, y, m, reduction="sum").double()
+            count += int(y.numel()) if m is None else int(m.sum())
+    return float(total), count
 
 
 def write_run_json(run_dir: str | Path, info: dict) -> None:
