@@ -91,7 +91,8 @@ class FusedLinear:
             if len(self.mods) > 1:
                 self.weight.copy_(torch.cat([m.qweight for m in self.mods]))
                 self.sz.copy_(torch.cat([m.scales_and_zeros for m in self.mods], dim=1))
-                self.packed.copy_(int4_pack_for_kernel(self.weight))
+                if self.packed is not None:
+                    self.packed.copy_(int4_pack_for_kernel(self.weight))
             return
         if self.transposed:
             self.weight.copy_(torch.cat([m.weight.detach() for m in self.mods]).t())

@@ -159,6 +159,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", int4_pack_for_kernel(qweight), persistent=False)
         self.in_features, self.out_features = qweight.shape[1] * 2, qweight.shape[0]
         self.group_size = self.in_features // scales_and_zeros.shape[0]
+        self.register_load_state_dict_post_hook(Int4Linear._repack)  # `packed` is derived, not saved
+
+    @staticmethod
+    def _repack(module: Int4Linear, _incompatible: object) -> None:
+        """Recompute the kernel's packed copy of freshly loaded nibbles, in place (holders keep the pointer)."""
+        packed = int4_pack_for_kernel(module.qweight)
+        if module.packed is not None and packed is not None and packed.shape == module.packed.shape:
+            module.packed.copy_(packed)
+        else:
+            module.packed = packed
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 32) -> Int4Linear:
