@@ -67,6 +67,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_load_state_dict_post_hook(Int8Linear._rescale)  # `scale_bf16` is derived, not saved
+
+    @staticmethod
+    def _rescale(module: Int8Linear, _incompatible: object) -> None:
+        with torch.no_grad():
+            module.scale_bf16.copy_(module.scale)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int8Linear:
