@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             load_docs.cache_clear()
             t0 = time.perf_counter()
-            ours = evaluate(model, tok, tasks, args.limit, batch_size=args.batch_size, progress=False)
+            ours = evaluate(model, tok, tasks, limit=args.limit, batch_size=args.batch_size, progress=False)
             t_ours = min(t_ours, time.perf_counter() - t0)
             s_ours = min(s_ours, sum(r["seconds"] for r in ours.values()))
             scoring_s[0] = 0.0

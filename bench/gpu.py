@@ -164,7 +164,7 @@ def bench_train(a, dev, cfg: QuarkConfig, results: dict):
         out["ours_step"] = how + (" (compiled)" if comp else " (eager)")
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        n, secs, warm = timed_steps(lambda: train_step(step_model, model, opt, [(x, y, None)], 1.0, autocast), dev,
+        n, secs, warm = timed_steps(lambda: train_step(step_model, model, opt, [(x, y, None)], grad_clip=1.0, autocast=autocast), dev,
                                     a.warmup, a.train_steps, a.train_seconds)
         record("ours", n, secs, warm)
         if dev.type == "cuda":

@@ -53,9 +53,9 @@ def main() -> None:
 
     ours = Quark(cfg).init_weights(0).train()
     ours_step = LossModule(ours)
-    ours_opt = build_optimizer(ours, 1e-3, 0.1)
+    ours_opt = build_optimizer(ours, 1e-3, weight_decay=0.1)
     hf = hf_twin(cfg).train()
-    hf_opt = build_optimizer(hf, 1e-3, 0.1)
+    hf_opt = build_optimizer(hf, 1e-3, weight_decay=0.1)
 
     def run_ours(i):
         w = data[i]

@@ -28,7 +28,7 @@ def tiny_model(seed=0):
 
 def test_hidden_matrices_go_to_muon_the_rest_to_adamw():
     m = tiny_model()
-    opt = build_optimizer(m, 3e-3, 0.1, kind="muon", muon_lr=0.02)
+    opt = build_optimizer(m, 3e-3, weight_decay=0.1, kind="muon", muon_lr=0.02)
     assert isinstance(opt, MuonAdamW)
     muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     names = {n for n, p in m.named_parameters() if id(p) in muon_ids}

@@ -72,8 +72,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     out = {"model": str(folder), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            "limit": args.limit, "fewshot": args.fewshot, "seed": args.seed, "tasks": {}}
     if tasks:
-        out["tasks"] = evaluate(model, tok, tasks, args.limit, args.fewshot, args.seed, args.batch_size,
-                                progress=not args.no_progress, chat=chat, arith_dedup=dedup)
+        out["tasks"] = evaluate(model, tok, tasks, limit=args.limit, fewshot=args.fewshot, seed=args.seed,
+                                batch_size=args.batch_size, progress=not args.no_progress, chat=chat,
+                                arith_dedup=dedup)
     if args.perplexity:
         out["perplexity"] = perplexity(model, args.perplexity, batch_size=max(1, args.batch_size // 4),
                                        max_windows=args.perplexity_windows)

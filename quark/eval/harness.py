@@ -39,7 +39,7 @@ def request_tokens(tokenizer, items, cache: dict | None = None) -> list[tuple[li
     return [encode_pair(tokenizer.encode, c, x, cache) for it in items for c, x in it.requests]
 
 
-def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, fewshot: int = 0, seed: int = 1234,
+def evaluate(model, tokenizer, tasks: list[str], *, limit: int | None = None, fewshot: int = 0, seed: int = 1234,
              batch_size: int = 32, progress: bool = True, data_root: str | None = None, chat: bool = False,
              arith_dedup: list | None = None) -> dict[str, dict]:
     """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "chance", "split", ...}} for a model.
@@ -47,8 +47,9 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, fewsh
     from .generative import GEN_TASKS, run_generative
 
     gen = [t for t in tasks if t in GEN_TASKS]
-    results = evaluate_choices(model, tokenizer, [t for t in tasks if t not in GEN_TASKS], limit, fewshot, seed,
-                               batch_size, progress, data_root)
+    results = evaluate_choices(model, tokenizer, [t for t in tasks if t not in GEN_TASKS], limit=limit,
+                               fewshot=fewshot, seed=seed, batch_size=batch_size, progress=progress,
+                               data_root=data_root)
     if gen:
         results.update(run_generative(model, tokenizer, gen, limit=limit, fewshot=fewshot, seed=seed,
                                       batch_size=max(1, batch_size // 2), progress=progress, chat=chat,
@@ -56,7 +57,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, fewsh
     return {t: results[t] for t in tasks}
 
 
-def evaluate_choices(model, tokenizer, tasks: list[str], limit: int | None = None, fewshot: int = 0,
+def evaluate_choices(model, tokenizer, tasks: list[str], *, limit: int | None = None, fewshot: int = 0,
                      seed: int = 1234, batch_size: int = 32, progress: bool = True,
                      data_root: str | None = None) -> dict[str, dict]:
     """The log-likelihood (multiple-choice, LAMBADA) tasks of `evaluate`."""

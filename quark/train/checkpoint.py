@@ -134,7 +134,7 @@ def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer,
-                    optimizer: torch.optim.Optimizer, state: dict, keep_last: int = 3) -> Path:
+                    optimizer: torch.optim.Optimizer, state: dict, *, keep_last: int = 3) -> Path:
     """Write `RUN/checkpoints/step_NNNNNN/` atomically, then delete all but the newest `keep_last`."""
     ckpts = Path(run_dir) / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)

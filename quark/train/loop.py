@@ -95,7 +95,7 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip:
 
 
 def train_step(step_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list,
-               grad_clip: float = 1.0, autocast=contextlib.nullcontext, on_nonfinite=None) -> tuple[float, float]:
+               *, grad_clip: float = 1.0, autocast=contextlib.nullcontext, on_nonfinite=None) -> tuple[float, float]:
     """One complete single-process optimizer step (the loop's own calls, `forward_backward` then `clip_and_step`),
     for benchmarks: micro_batches is a list of (idx, targets, loss_mask|None) on the model's device. Returns
     (mean loss, grad norm) as floats."""
@@ -161,8 +161,8 @@ class Trainer:
         self._make_loaders()
         self._make_model()
         self._plan_budget()
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
-                                         cfg.optimizer, cfg.muon_lr)
+        self.optimizer = build_optimizer(self.model, cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                                         eps=cfg.eps, kind=cfg.optimizer, muon_lr=cfg.muon_lr)
         self.step, self.tokens, self.prior_elapsed, self.time_planned = 0, 0, 0.0, False
         self.started = now_iso()
         if self.resume_from is not None:
@@ -282,7 +282,7 @@ class Trainer:
             try:
                 ckpt.clean_partial(self.run_dir)
                 ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tok, self.optimizer, state,
-                                     self.cfg.keep_last)
+                                     keep_last=self.cfg.keep_last)
                 write_run_json(self.run_dir, self.run_info(finished=False))
             except OSError as e:
                 from ..cli import os_error_message
@@ -418,7 +418,8 @@ class Trainer:
                 if cfg.max_minutes:
                     left = cfg.max_minutes * 60 - self.elapsed()
                     eta = left if eta is None else min(eta, left)
-                print(progress_line(self.step, self.total or 0, loss, lr, float(gnorm), tok_s, mfu, eta), flush=True)
+                print(progress_line(self.step, self.total or 0, loss, lr, float(gnorm), tok_s, mfu=mfu, eta_s=eta),
+                      flush=True)
                 self.monitor.write({"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
                                     "grad_norm": float(gnorm), "tok_per_s": round(tok_s, 1),
                                     "mfu": None if mfu is None else round(mfu, 4),

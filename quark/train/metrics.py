@@ -117,7 +117,7 @@ class Monitor:
         os.replace(tmp, self.run_dir / "loss.png")
 
 
-def progress_line(step: int, total: int, loss: float, lr: float, gnorm: float, tok_s: float, mfu: float | None,
+def progress_line(step: int, total: int, loss: float, lr: float, gnorm: float, tok_s: float, *, mfu: float | None,
                   eta_s: float | None) -> str:
     parts = [f"step {step}/{total}", f"loss {loss:.4f}", f"lr {lr:.2e}", f"gnorm {gnorm:.3f}",
              f"{tok_s / 1000:.1f}k tok/s" if tok_s >= 1000 else f"{tok_s:.0f} tok/s"]

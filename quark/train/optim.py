@@ -42,7 +42,7 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
 class MuonAdamW:
     """Muon on the hidden matrices and AdamW on everything else, behind one optimizer interface."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float, muon_lr: float,
+    def __init__(self, model: torch.nn.Module, lr: float, *, weight_decay: float, betas, eps: float, muon_lr: float,
                  momentum: float = 0.95):
         hidden, decay, no_decay = [], [], []
         for name, p in model.named_parameters():
@@ -101,11 +101,11 @@ class MuonAdamW:
             offset += n
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
+def build_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 0.1, betas=(0.9, 0.95),
                     eps: float = 1e-8, kind: str = "adamw", muon_lr: float = 0.0):
     """AdamW over all parameters (`kind="adamw"`), or `MuonAdamW` (`kind="muon"`)."""
     if kind == "muon":
-        return MuonAdamW(model, lr, weight_decay, betas, eps, muon_lr)
+        return MuonAdamW(model, lr, weight_decay=weight_decay, betas=betas, eps=eps, muon_lr=muon_lr)
     if kind != "adamw":
         raise ValueError(f"optimizer {kind!r}; allowed: {', '.join(OPTIMIZERS)}")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=True)
