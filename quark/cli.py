@@ -28,7 +28,7 @@ COMMAND_MODULES = [
     "quark.hf.cli",         # export
     "quark.eval.cli",       # eval
     "quark.serve.cli",      # chat, serve
-    "quark.speedrun",       # speedrun
+    "quark.speedrun_cli",   # speedrun
     "quark.quantize_cli",   # quantize
 ]
 OS_ERROR_HINTS = {  # errno -> what the user can do about it
