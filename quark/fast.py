@@ -37,7 +37,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .cpu_settings import Pinned, ThreadTuner, step_runner, threads_setting
 from .generate import Decoder, register_fast_decoder
 from .model import Block, Context, KVCache, Quark, layer_forward
-from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_kernel, int8_linear
+from .quantize import (Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_kernel, int8_linear,
+                       int8_pack_dynamic)
 
 _STALE = [0]  # bumped by every optimizer step and load_state_dict; fused copies remember the value they saw
 
@@ -75,6 +76,14 @@ class FusedLinear:
             self.weight = self.weight.t().contiguous()
         self.scale = self._stack("scale") if self.int8 else None
         self.scale_bf16 = self.scale.to(torch.bfloat16) if self.int8 else None
+        self.packed = self._pack() if self.int8 else None
+
+    def _pack(self) -> object | None:
+        """fbgemm's copy for one-row int8 matmuls (quark/quantize.py); a single module's own copy is shared."""
+        if len(self.mods) == 1:
+            self.mods[0]._packed = None
+            return self.mods[0].packed()
+        return int8_pack_dynamic(self.weight, self.scale)
 
     def _stack(self, name: str) -> torch.Tensor:
         ts = [getattr(m, name).detach() for m in self.mods]
@@ -102,12 +111,13 @@ class FusedLinear:
             if len(self.mods) > 1:
                 torch.cat([m.scale for m in self.mods], out=self.scale)
             self.scale_bf16.copy_(self.scale)
+            self.packed = self._pack()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4:
             return int4_linear(x, self.weight, self.sz, self.packed)
         if self.int8:
-            return int8_linear(x, self.weight, self.scale, self.scale_bf16)
+            return int8_linear(x, self.weight, self.scale, self.scale_bf16, self.packed)
         return x @ self.weight if self.transposed else F.linear(x, self.weight)
 
 

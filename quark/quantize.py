@@ -7,9 +7,17 @@ Choices (int8):
   the same model; `copy.deepcopy` it first to keep the float model. Norm weights and RoPE tables stay as they are,
   so `model.dtype` (the norms' dtype) remains the compute dtype; activations and the KV cache keep it.
 - The int8 buffer is named `weight` (device and shape read as before) with a float `scale` beside it.
-- Small batches (decode) on CPU use `torch.ops.aten._weight_int8pack_mm` with bf16 activations: it reads 1 byte
-  per weight, 4x less memory traffic than fp32, which is what bounds decoding at batch 1. Larger batches
-  (prefill, scoring) and other devices dequantize the weight and run an ordinary matmul in the compute dtype.
+- One row on CPU (batch-1 decode, what `quark chat` runs) goes through fbgemm's dynamic int8 linear
+  (`torch.ops.quantized.linear_dynamic`, the kernel of `torch.ao.quantization.quantize_dynamic`): the row is
+  quantized on the fly to 8 bits (7-bit range, fbgemm's `reduce_range`, so no int16 saturation) and multiplied
+  with int8 dot products, as llama.cpp's q8_0 quantizes activations; 2.0x the decode speed of the bf16-activation
+  kernel below on an AMD EPYC (dev/LOG.md 2026-12-03). fbgemm wants its own prepacked copy of the weight
+  (`int8_pack_dynamic`, built lazily, ~1 byte per weight more in memory). Where torch has no fbgemm (or drops
+  its deprecated quantized tensors), this path is skipped.
+- Other small batches (2..SMALL_BATCH_ROWS rows) on CPU use `torch.ops.aten._weight_int8pack_mm` with bf16
+  activations, whose rows are independent (fbgemm's activation scale is per tensor, which would couple the rows
+  of a batch): it reads 1 byte per weight, 4x less memory traffic than fp32. Larger batches (prefill, scoring)
+  and other devices dequantize the weight and run an ordinary matmul in the compute dtype.
 - With tied embeddings the embedding and lm_head share one int8 table.
 - `quark quantize --model M [--data D] [--bits 4]` (quantize_cli.py) quantizes a model folder and reports size,
   decode speed and, with a data folder, validation loss/perplexity of fp32 vs the quantized model.
@@ -30,6 +38,7 @@ Choices (int4, `quantize_int4`), gpt-fast's int4 path:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -48,11 +57,34 @@ def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ (weight * scale[:, None]).T in x's dtype. weight int8 (N, K), scale fp32 (N,)."""
+_DYNAMIC = hasattr(torch.ops.quantized, "linear_dynamic") and any(
+    e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+
+
+def int8_pack_dynamic(weight: torch.Tensor, scale: torch.Tensor) -> object | None:
+    """fbgemm's prepacked copy of int8 `weight` (N, K) with per-row `scale` for `int8_linear`'s one-row path, or
+    None off the CPU or where this torch lacks the kernel."""
+    if not _DYNAMIC or weight.device.type != "cpu":
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantized tensors; the packing still takes one
+        try:
+            qw = torch._make_per_channel_quantized_tensor(weight.detach().contiguous(), scale.detach().double(),
+                                                         torch.zeros(weight.shape[0], dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qw, None)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            return None
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor | None = None,
+                packed: object | None = None) -> torch.Tensor:
+    """y = x @ (weight * scale[:, None]).T in x's dtype. weight int8 (N, K), scale fp32 (N,); `packed` is
+    `int8_pack_dynamic(weight, scale)` for the one-row CPU kernel."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if _INT8PACK and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
+    if packed is not None and x2.shape[0] == 1 and x.device.type == "cpu":
+        y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), packed, True)
+    elif _INT8PACK and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
         s = scale_bf16 if scale_bf16 is not None else scale.to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), weight, s)
     else:
@@ -67,12 +99,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_load_state_dict_post_hook(Int8Linear._rescale)  # `scale_bf16` is derived, not saved
+        self._packed = None  # (weight's data pointer, int8_pack_dynamic's copy), built at the first one-row call
+        self.register_load_state_dict_post_hook(Int8Linear._rescale)  # `scale_bf16`, `_packed` are derived
 
     @staticmethod
     def _rescale(module: Int8Linear, _incompatible: object) -> None:
         with torch.no_grad():
             module.scale_bf16.copy_(module.scale)
+        module._packed = None
+
+    def packed(self) -> object | None:
+        """fbgemm's copy of this layer's weight (rebuilt when the weight is replaced or reloaded)."""
+        if self._packed is None or self._packed[0] != self.weight.data_ptr():
+            self._packed = (self.weight.data_ptr(), int8_pack_dynamic(self.weight, self.scale))
+        return self._packed[1]
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int8Linear:
@@ -80,7 +120,8 @@ class Int8Linear(nn.Module):
         return cls(q.to(w.device), s.to(w.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.scale, self.scale_bf16)
+        one_row = x.device.type == "cpu" and x.numel() == x.shape[-1]
+        return int8_linear(x, self.weight, self.scale, self.scale_bf16, self.packed() if one_row else None)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]

@@ -18,6 +18,7 @@ from quark.quantize import (
     int4_linear,
     int4_pack_for_kernel,
     int8_linear,
+    int8_pack_dynamic,
     is_quantized,
     model_nbytes,
     pack_nibbles,
@@ -75,6 +76,38 @@ def test_int8_linear_kernel_and_dequant_paths_agree(rows):
     got = int8_linear(x, q, s)
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
     assert ((got - ref).norm() / ref.norm()).item() < 0.01  # bf16 activations on the kernel path
+
+
+def test_int8_one_row_kernel_close_to_dequantized_weights():
+    """One row on CPU goes through fbgemm's dynamic int8 linear (the row quantized on the fly, 7-bit range): within
+    3% of x @ dequantized W; more rows keep the row-independent kernel (a row's result is the same in any batch)."""
+    w = torch.randn(96, 64) * 0.05
+    q, s = quantize_tensor(w)
+    packed = int8_pack_dynamic(q, s)
+    if packed is None:
+        pytest.skip("this torch has no fbgemm dynamic int8 linear (torch.ops.quantized.linear_dynamic)")
+    x = torch.randn(5, 64)
+    ref = x @ (q.float() * s[:, None]).T
+    one = int8_linear(x[:1], q, s, packed=packed)
+    assert one.shape == (1, 96) and ((one - ref[:1]).norm() / ref[:1].norm()).item() < 0.03
+    assert not torch.equal(one, int8_linear(x[:1], q, s))  # it is the other kernel
+    rows = int8_linear(x, q, s, packed=packed)
+    assert torch.equal(rows[1:2], int8_linear(x[1:2].repeat(5, 1), q, s, packed=packed)[:1])
+
+
+def test_int8_one_row_decode_matches_fp32_greedy_and_fast_equals_plain(trained):
+    """Batch-1 decoding (each step one row: fbgemm's kernel) keeps fp32's greedy tokens on the trained model,
+    and the fused fast path equals the module path."""
+    m, held_out = trained
+    q = quantize_int8(copy.deepcopy(m))
+    same = 0
+    for i in range(4):
+        prompt = held_out[0][0][i, :8].tolist()
+        ref = generate(m, [prompt], max_new_tokens=16, temperature=0.0)
+        fast = generate(q, [prompt], max_new_tokens=16, temperature=0.0, fast=True)
+        assert fast == generate(q, [prompt], max_new_tokens=16, temperature=0.0, fast=False)
+        same += ref[0][:8] == fast[0][:8]
+    assert same >= 3
 
 
 def test_quantized_model_structure_and_size():
@@ -135,6 +168,11 @@ def test_quantize_cli_reports_size_and_speed(tmp_path, capsys):
     assert report["int8_bytes"] < 0.35 * report["fp32_bytes"]
     assert report["int8_decode_tok_per_s"] > 0
     assert abs(report["ppl_ratio"] - 1) < 0.02 and report["fp32_val_loss"] > 5  # random weights: ~ln(514)
+    assert abs(report["decode_ppl_ratio"] - 1) < 0.02 and report["int8_decode_val_loss"] > 5
+    from quark.quantize_cli import decode_loss, val_loss  # token-by-token decoding scores what a forward does
+
+    m = Quark(PRESETS["test"]).init_weights(seed=2).eval()
+    assert abs(decode_loss(m, data, 512, seq_len=128) - val_loss(m, data, 128, seq_len=128)) < 1e-4  # 4 windows
     assert main(["quantize", "--model", str(tmp_path / "m"), "--data", str(tmp_path)]) == 2  # not a data folder
 
 
@@ -224,11 +262,15 @@ def test_fast_path_follows_load_state_dict_of_quantized_model(bits):
     b = make(Quark(PRESETS["test"]).init_weights(seed=2).eval())
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
 
-    def fast_logits(m):
-        return decoder_for(m, 2, 8).prefill(idx)
+    def fast_logits(m):  # two rows and one row (int8: fbgemm's prepacked copy, also derived)
+        return torch.cat([decoder_for(m, 2, 8).prefill(idx), decoder_for(m, 1, 8).prefill(idx[:1, :1])])
 
     before = fast_logits(a)
+    with torch.no_grad():
+        a(idx[:1, :1])  # the modules' own one-row copies exist before the load
     a.load_state_dict(b.state_dict())
+    with torch.no_grad():  # the modules first (before the fast path's refresh touches them)
+        assert torch.allclose(a(idx[:1, :1]), b(idx[:1, :1]), atol=1e-5)
     after = fast_logits(a)
     assert torch.allclose(after, fast_logits(b), atol=1e-5)
     assert not torch.allclose(after, before, atol=1e-3)
