@@ -37,8 +37,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .cpu_settings import Pinned, ThreadTuner, step_runner, threads_setting
 from .generate import Decoder, register_fast_decoder
 from .model import Block, Context, KVCache, Quark, layer_forward
-from .quantize import (Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_kernel, int8_linear,
-                       int8_pack_dynamic)
+from .quantize import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    int4_linear,
+    int4_pack_for_kernel,
+    int8_linear,
+    int8_pack_dynamic,
+)
 
 _STALE = [0]  # bumped by every optimizer step and load_state_dict; fused copies remember the value they saw
 
