@@ -7,11 +7,18 @@ only what differs: the weight layout, the CPU thread tuner, static buffers + CUD
 Choices:
 - Weights are fused once per model: q/k/v into one (q+2kv, d) matrix and gate/up into one (2 d_ff, d) matrix, so
   a layer runs 4 matmuls instead of 7. int8/int4 models (quark.quantize) fuse their quantized rows and scales the
-  same way. On CPU the float copies are stored (in, out): `x @ W` ran 1.5x the tokens/s of `F.linear` at one row
-  on an AMD EPYC, one thread (dev/LOG.md, 2026-12-02).
+  same way. How CPU float copies are laid out: see `matvec` below.
 - The copies follow the model: an optimizer step (a global `torch.optim` step hook) or a `load_state_dict` marks
   them stale and the next decoder re-copies them in place; replaced tensors (new storage, `.to()`, quantizing)
   rebuild them. A hand edit of a weight under `no_grad` is the one change not seen: call `refresh(model)`.
+- CPU, fp32, one row (batch-1 decode) of a model whose weights exceed the caches (> MATVEC_MIN_BYTES): each
+  matmul is `(x * W).sum(-1)` compiled by `torch.compile` (inductor) into one vectorized pass over W (out, in)
+  (`matvec`): quark-72m decodes 1.08x (one thread) to 1.29x (two) faster than with MKL's sgemv on an AMD EPYC;
+  on the tiny preset, whose weights stay in cache, MKL is faster (dev/LOG.md 2026-12-03). The weight's row count is marked dynamic,
+  so a model compiles one kernel per input size (and thread count); inductor caches them on disk (~4 s the first
+  time, well under 1 s after). With it the float copies stay (out, in), as nn.Linear keeps them; without it
+  (`QUARK_CPU_COMPILE=0`, or when compiling fails, e.g. no C++ compiler: one warning) they are stored (in, out)
+  and `x @ W` runs MKL (1.5x F.linear's speed at one row).
 - CPU decode steps run under quark/cpu_settings.py's thread tuner (QUARK_THREADS=N pins the count instead).
 - CUDA: everything the step touches is preallocated (token, per-row position, cache, key mask); the step attends
   over the whole static cache with a mask, is compiled with `torch.compile` (fusing the elementwise work) and
@@ -61,6 +68,41 @@ def fast_enabled() -> bool:
     return os.environ.get("QUARK_FAST", "1") != "0"
 
 
+# ---- CPU one-row matmul as one compiled reduction -------------------------------------------------------------------
+_MATVEC: list = []  # [the compiled function], or [None] once compiling failed
+
+
+def _matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(1, K) row times (N, K) weight -> (N,): inductor fuses the product into the sum (W is read once)."""
+    return (x * w).sum(-1)
+
+
+MATVEC_MIN_BYTES = 64 << 20  # smaller models stay in the CPU's caches, where MKL's gemv is as fast or faster
+
+
+def _float_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.is_floating_point())
+
+
+def cpu_matvec_enabled() -> bool:
+    """True unless QUARK_CPU_COMPILE=0 or compiling failed earlier in this process."""
+    return os.environ.get("QUARK_CPU_COMPILE", "1") != "0" and _MATVEC != [None]
+
+
+def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x (..., K) holding one row, w (N, K) float32 -> x @ w.T through the compiled kernel; None if it cannot be
+    compiled here (the caller runs its eager matmul; warned once)."""
+    if not _MATVEC:
+        _MATVEC.append(torch.compile(_matvec, dynamic=False))
+    try:
+        return _MATVEC[0](x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
+    except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
+        warnings.warn(f"compiled CPU matmul unavailable ({type(e).__name__}: {str(e)[:200]}); decoding with "
+                      "eager matmuls (set QUARK_CPU_COMPILE=0 to skip the attempt)", stacklevel=2)
+        _MATVEC[:] = [None]
+        return None
+
+
 class FusedLinear:
     """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked (no copy for a single
     quantized module). `transposed` (float weights) keeps the stack as one contiguous (in, out) matrix."""
@@ -81,6 +123,11 @@ class FusedLinear:
         self.weight = self._stack("weight")
         if self.transposed:
             self.weight = self.weight.t().contiguous()
+        # one-row CPU fp32 calls go through `matvec`, whose row count is dynamic (one kernel per input size)
+        self.matvec = (not (self.int8 or self.transposed) and self.weight.device.type == "cpu"
+                       and self.weight.dtype == torch.float32 and cpu_matvec_enabled())
+        if self.matvec:
+            torch._dynamo.maybe_mark_dynamic(self.weight, 0)  # a hint: a caller may specialize
         self.scale = self._stack("scale") if self.int8 else None
         self.scale_bf16 = self.scale.to(torch.bfloat16) if self.int8 else None
         self.packed = self._pack() if self.int8 else None
@@ -125,7 +172,13 @@ class FusedLinear:
             return int4_linear(x, self.weight, self.sz, self.packed)
         if self.int8:
             return int8_linear(x, self.weight, self.scale, self.scale_bf16, self.packed)
-        return x @ self.weight if self.transposed else F.linear(x, self.weight)
+        if self.transposed:
+            return x @ self.weight
+        if self.matvec and x.numel() == x.shape[-1] and x.dtype == torch.float32 and _MATVEC != [None]:
+            y = matvec(x, self.weight)
+            if y is not None:
+                return y
+        return F.linear(x, self.weight)
 
 
 class FusedLayer:
@@ -310,7 +363,8 @@ def decoder_for(model: Quark, batch_size: int, max_len: int) -> FastDecoder | No
     for a model the fast path does not take."""
     if not supports_fast(model):
         return None
-    transposed = model.device.type != "cuda"
+    transposed = model.device.type != "cuda" and not (cpu_matvec_enabled() and model.dtype == torch.float32
+                                                      and _float_bytes(model) > MATVEC_MIN_BYTES)
     entry = _REGISTRY.get(model)
     if entry is None:
         entry = _REGISTRY[model] = {"weights": {}, "decoders": {}}  # weights by layout (transposed or not)

@@ -281,3 +281,35 @@ def test_cuda_graph_step_traces_as_one_graph_on_cpu(model):
             dec.static_tok.copy_(idx[:, t:t + 1])
             dec.static_pos.fill_(t)
             assert (step() - want).abs().max().item() <= 1e-5
+
+
+def test_one_row_cpu_matmul_is_the_compiled_reduction_and_falls_back(model, monkeypatch):
+    """Batch-1 CPU fp32 decoding runs each matmul as inductor's compiled `(x * W).sum(-1)` (quark.fast.matvec): it
+    equals x @ W.T, the decoder's logits equal the plain forward's, and when compiling fails (no C++ compiler)
+    decoding warns once and goes on with eager matmuls, giving the same tokens."""
+    import quark.fast as fast
+
+    if not fast.cpu_matvec_enabled():
+        pytest.skip("QUARK_CPU_COMPILE=0 or compiling failed in this process")
+    monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)  # the path of models larger than the caches
+    w, x = torch.randn(300, 64), torch.randn(1, 1, 64)
+    assert torch.allclose(fast.matvec(x, w), x @ w.T, atol=1e-5, rtol=1e-5) and fast._MATVEC[0] is not None
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(idx)[:, 7:]
+        weights = FusedWeights(model)
+        assert weights.lm_head.matvec and not weights.lm_head.transposed
+        got = _decode_logits(FastDecoder(model, weights, 1, 20), idx)
+    assert (got - ref).abs().max().item() < 1e-4
+    want = generate(model, [idx[0, :6].tolist()], max_new_tokens=12, temperature=0.0, fast=False)
+    assert not decoder_for(model, 1, 20).w.lm_head.transposed
+    assert generate(model, [idx[0, :6].tolist()], max_new_tokens=12, temperature=0.0) == want
+
+    def broken(*_a):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fast, "_MATVEC", [broken])
+    with pytest.warns(UserWarning, match="compiled CPU matmul unavailable"):
+        assert generate(model, [idx[0, :6].tolist()], max_new_tokens=12, temperature=0.0) == want
+    assert fast._MATVEC == [None] and not fast.cpu_matvec_enabled()
+    assert decoder_for(model, 1, 20).w.lm_head.transposed  # later decoders take the eager layout
