@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ def _float_bytes(model: nn.Module) -> int:
 
 def cpu_matvec_enabled() -> bool:
     """True unless QUARK_CPU_COMPILE=0 or compiling failed earlier in this process."""
-    return os.environ.get("QUARK_CPU_COMPILE", "1") != "0" and _MATVEC != [None]
+    return os.environ.get("QUARK_CPU_COMPILE", "1") != "0" and _MATVEC != [None] and _STEP != [None]
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -103,6 +104,49 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+class _StepLayer:
+    """A fused layer as plain tensors, for the compiled CPU step: its one-row matmuls are `_matvec` reductions."""
+
+    def __init__(self, ln1: torch.Tensor, ln2: torch.Tensor, wqkv: torch.Tensor, wo: torch.Tensor,
+                 wgu: torch.Tensor, wd: torch.Tensor, eps: float, hd: int, split: tuple[int, ...]):
+        self.ln1, self.ln2, self.wqkv, self.wo, self.wgu, self.wd = ln1, ln2, wqkv, wo, wgu, wd
+        self.eps, self.hd, self.split = eps, hd, list(split)
+
+    @staticmethod
+    def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _matvec(x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._mm(x, self.wqkv).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)
+
+    def o(self, y: torch.Tensor) -> torch.Tensor:
+        return self._mm(y, self.wo)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._mm(x, self.wgu).chunk(2, dim=-1)
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        return self._mm(h, self.wd)
+
+
+def _layer_step(x: torch.Tensor, weights: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
+                tables: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, key_mask: torch.Tensor | None,
+                consts: tuple) -> torch.Tensor:
+    """One decoder layer for one token of one row (quark.model.layer_forward), attending over the layer's whole
+    cache `k`, `v` under the mask of `slots`: every layer has the same shapes, so this compiles once."""
+    ctx = Context.build(tables, 1, cache=KVCache.of([k], [v]), slots=slots, key_mask=key_mask)
+    return layer_forward(_StepLayer(*weights, *consts), x, ctx, 0)
+
+
+_STEP: list = []  # [compiled _layer_step], or [None] once compiling failed
+
+
+def compiled_layer_step() -> Callable | None:
+    if not _STEP:
+        _STEP.append(torch.compile(_layer_step, fullgraph=True, dynamic=False))
+    return _STEP[0]
+
+
 class FusedLinear:
     """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked (no copy for a single
     quantized module). `transposed` (float weights) keeps the stack as one contiguous (in, out) matrix."""
@@ -114,6 +158,7 @@ class FusedLinear:
         self.mods = mods
         self.int8, self.int4 = isinstance(mods[0], Int8Linear), isinstance(mods[0], Int4Linear)
         self.transposed = transposed and not (self.int8 or self.int4)
+        self.matvec = False  # set below for float weights
         if self.int4:  # plain nibbles concatenated, then packed once for the kernel (its packing mixes rows)
             one = len(mods) == 1
             self.weight = mods[0].qweight if one else torch.cat([m.qweight for m in mods])
@@ -194,6 +239,11 @@ class FusedLayer:
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
 
+    def step_args(self) -> tuple[tuple[torch.Tensor, ...], tuple]:
+        """(tensors, constants) of `_layer_step` (float, (out, in) weights)."""
+        return ((self.ln1, self.ln2, self.qkv_p.weight, self.o.weight, self.gate_up_p.weight, self.down.weight),
+                (self.eps, self.hd, tuple(self.split)))
+
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_p(x).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)  # heads of q, k, v
 
@@ -240,6 +290,11 @@ class FastDecoder(Decoder):
         self.graph = None
         # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
         self.runner = (runner or step_runner()) if self.device.type == "cpu" else None
+        # CPU, one row, fp32 (out, in) weights: each layer of a step is one compiled call (`_layer_step`)
+        self.cpu_step = self.device.type == "cpu" and not use_graph and all(lin.matvec for lin in weights.linears)
+        if self.cpu_step:
+            for t in self.cache.k + self.cache.v:  # any cache length runs the same compiled code
+                torch._dynamo.maybe_mark_dynamic(t, 2)
         self._compiled_forward = None
         if use_graph:
             self.static_tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -259,12 +314,34 @@ class FastDecoder(Decoder):
 
     def forward(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor, key_mask: torch.Tensor | None,
                 n_keys: int | None, last: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cpu_step and idx.shape == (1, 1) and _STEP != [None]:
+            out = self._cpu_step(idx, cache, slots, key_mask)
+            if out is not None:
+                return out
         ctx = Context.build(self.w.tables, idx.shape[1], cache=cache, slots=slots, key_mask=key_mask, n_keys=n_keys)
         x = self.w.embed(idx)
         for i, layer in enumerate(self.w.layers):
             x = layer_forward(layer, x, ctx, i)
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return self.w.lm_head(self.w.norm(x)).float()
+
+    def _cpu_step(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor,
+                  key_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """One token of one row through the compiled per-layer step; None if it cannot compile here (warned once;
+        the caller's eager path reruns the token, rewriting the same cache slots)."""
+        slots = torch.tensor([[slots]]) if isinstance(slots, int) else slots.reshape(1, 1)
+        step = compiled_layer_step()
+        x = self.w.embed(idx)
+        try:
+            for i, layer in enumerate(self.w.layers):
+                weights, consts = layer.step_args()
+                x = step(x, weights, cache.k[i], cache.v[i], self.w.tables, slots, key_mask, consts)
+        except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
+            warnings.warn(f"compiled CPU decode step unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "
+                          "eagerly (set QUARK_CPU_COMPILE=0 to skip the attempt)", stacklevel=3)
+            _STEP[:] = [None]
+            return None
+        return self.w.lm_head(self.w.norm(x[:, -1])).float()
 
     def prefill_forward(self, *args) -> torch.Tensor:
         """Prefill at torch's own thread count; on CUDA through the compiled forward (eager if compiling fails)."""

@@ -302,14 +302,58 @@ def test_one_row_cpu_matmul_is_the_compiled_reduction_and_falls_back(model, monk
         got = _decode_logits(FastDecoder(model, weights, 1, 20), idx)
     assert (got - ref).abs().max().item() < 1e-4
     want = generate(model, [idx[0, :6].tolist()], max_new_tokens=12, temperature=0.0, fast=False)
-    assert not decoder_for(model, 1, 20).w.lm_head.transposed
+    dec = decoder_for(model, 1, 20)
+    assert dec.cpu_step and not dec.w.lm_head.transposed  # each layer of a step: one compiled call
+    with torch.no_grad():
+        got = _decode_logits(dec, idx)
+    assert (got - ref).abs().max().item() < 1e-4 and fast._STEP[0] is not None
     assert generate(model, [idx[0, :6].tolist()], max_new_tokens=12, temperature=0.0) == want
 
     def broken(*_a):
         raise RuntimeError("no C++ compiler")
 
+    monkeypatch.setattr(fast, "_STEP", [broken])
+    with pytest.warns(UserWarning, match="compiled CPU decode step unavailable"):
+        assert generate(model, [idx[0, :6].tolist()], max_new_tokens=12, temperature=0.0) == want
+    assert fast._STEP == [None]
+    monkeypatch.setattr(fast, "_STEP", [])
     monkeypatch.setattr(fast, "_MATVEC", [broken])
     with pytest.warns(UserWarning, match="compiled CPU matmul unavailable"):
-        assert generate(model, [idx[0, :6].tolist()], max_new_tokens=12, temperature=0.0) == want
+        assert generate(model, [idx[0, :6].tolist()], max_new_tokens=12, temperature=0.0, fast=True) == want
     assert fast._MATVEC == [None] and not fast.cpu_matvec_enabled()
     assert decoder_for(model, 1, 20).w.lm_head.transposed  # later decoders take the eager layout
+
+
+_real_cpu_step = FastDecoder._cpu_step
+
+
+def test_compiled_cpu_step_in_the_engine_and_with_a_longer_cache(model, monkeypatch):
+    """The engine's one-row steps (per-row slot tensors, a multi-row cache) take the compiled step too, and a
+    second, longer cache reuses it (its length is dynamic): same tokens as the plain path."""
+    import quark.fast as fast
+    from quark.serve.engine import Engine, SamplingParams
+
+    if not fast.cpu_matvec_enabled():
+        pytest.skip("QUARK_CPU_COMPILE=0 or compiling failed in this process")
+    monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)
+    prompt = [5, 9, 2, 7]
+    want = generate(model, [prompt], max_new_tokens=10, temperature=0.0, fast=False)
+    assert generate(model, [prompt], max_new_tokens=10, temperature=0.0) == want
+    assert generate(model, [prompt], max_new_tokens=40, temperature=0.0)[0][:10] == want[0]
+    calls = []
+
+    def counted(self, *a):
+        calls.append(1)
+        return _real_cpu_step(self, *a)
+
+    monkeypatch.setattr(FastDecoder, "_cpu_step", counted)
+    engine = Engine(model, stop_ids=[], max_batch=2)
+    assert engine.dec.cpu_step
+    req = engine.submit(prompt, SamplingParams(10, 0.0, 1.0, 1.0))
+    while req.finish_reason is None:
+        engine.step()
+    toks = []
+    while not req.events.empty():
+        kind, value = req.events.get()
+        toks += [value] if kind == "token" else []
+    assert toks == want[0] and len(calls) >= 9
