@@ -357,3 +357,30 @@ def test_compiled_cpu_step_in_the_engine_and_with_a_longer_cache(model, monkeypa
         kind, value = req.events.get()
         toks += [value] if kind == "token" else []
     assert toks == want[0] and len(calls) >= 9
+
+
+def test_compiled_cpu_step_takes_int8_weights(model, monkeypatch):
+    """An int8 model's one-row steps run the compiled per-layer step too (each int8 row dequantized inside the
+    reduction: weight-only numerics): its logits track the model with the dequantized weights in fp32 (the
+    lm_head, outside the step, is fbgemm's kernel, which quantizes the activation row: ~1%)."""
+    import quark.fast as fast
+    from quark.quantize import Int8Linear, quantize_int8
+
+    if not fast.cpu_matvec_enabled():
+        pytest.skip("QUARK_CPU_COMPILE=0 or compiling failed in this process")
+    monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)
+    q = quantize_int8(copy.deepcopy(model))
+    deq = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in q.named_modules():
+            if isinstance(mod, Int8Linear) and name != "lm_head":
+                deq.get_submodule(name).weight.copy_(mod.dequantized())
+        deq.model.embed_tokens.weight.copy_(q.lm_head.dequantized())
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(8))
+    dec = decoder_for(q, 1, 20)
+    assert dec.cpu_step
+    with torch.no_grad():
+        ref = deq(idx)[:, 7:]
+        got = _decode_logits(dec, idx)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.03
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.85
