@@ -87,8 +87,10 @@ def _matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 MATVEC_MIN_BYTES = 64 << 20  # smaller models stay in the CPU's caches, where MKL's gemv is as fast or faster
 
 
-def _float_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.is_floating_point())
+def _big(model: Quark) -> bool:
+    """Whether the model's fp32 weights exceed the CPU's caches (the compiled CPU paths pay off; quantized models
+    are judged by their fp32 size, so a model takes the same path at every precision)."""
+    return 4 * model.config.n_params() > MATVEC_MIN_BYTES
 
 
 def cpu_matvec_enabled() -> bool:
@@ -147,7 +149,8 @@ def _layer_step(x: torch.Tensor, weights: tuple[torch.Tensor, ...], k: torch.Ten
     return layer_forward(_StepLayer(*weights, *consts), x, ctx, 0)
 
 
-STEP_INT8 = True  # int8 layers take the compiled step (bench: 1.5x fbgemm's eager step at two threads)
+STEP_INT8 = True  # int8 layers take the compiled step (1.5x fbgemm's eager step at two threads). int4 does not:
+# inductor's nibble unpacking ran at 0.35x the eager int4 kernel (dev/LOG.md 2026-12-03)
 _STEP: list = []  # [compiled _layer_step], or [None] once compiling failed
 
 
@@ -251,7 +254,7 @@ class FusedLayer:
 
     def step_args(self) -> tuple[tuple[torch.Tensor, ...], tuple]:
         """(tensors, constants) of `_layer_step` (float, (out, in) weights)."""
-        mats = [lin.weight if not lin.int8 else (lin.weight, lin.scale) for lin in self.linears]
+        mats = [(lin.weight, lin.scale) if lin.int8 else lin.weight for lin in self.linears]
         return (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -301,7 +304,7 @@ class FastDecoder(Decoder):
         # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
         self.runner = (runner or step_runner()) if self.device.type == "cpu" else None
         # CPU, one row, fp32 (out, in) weights: each layer of a step is one compiled call (`_layer_step`)
-        self.cpu_step = self.device.type == "cpu" and not use_graph and all(
+        self.cpu_step = self.device.type == "cpu" and not use_graph and cpu_matvec_enabled() and _big(model) and all(
             lin.matvec or (lin.int8 and STEP_INT8) for lin in weights.linears)
         if self.cpu_step:
             for t in self.cache.k + self.cache.v:  # any cache length runs the same compiled code
@@ -452,7 +455,7 @@ def decoder_for(model: Quark, batch_size: int, max_len: int) -> FastDecoder | No
     if not supports_fast(model):
         return None
     transposed = model.device.type != "cuda" and not (cpu_matvec_enabled() and model.dtype == torch.float32
-                                                      and _float_bytes(model) > MATVEC_MIN_BYTES)
+                                                      and _big(model))
     entry = _REGISTRY.get(model)
     if entry is None:
         entry = _REGISTRY[model] = {"weights": {}, "decoders": {}}  # weights by layout (transposed or not)
