@@ -100,7 +100,9 @@ class ThreadTuner:
             self.probing = True
             return
         ref = min(self.median.values(), default=None)
-        if ref is not None and dt > 3 * ref:  # clearly losing: end this probe now
+        # clearly losing: end this probe now; never on its first step, which pays for waking the workers and, the
+        # first time at this count, for compiling quark/fast.py's CPU step (guarded on the thread count)
+        if ref is not None and dt > 3 * ref and len(self.samples) > 1:
             self.samples = [dt] * PROBE_STEPS
         if len(self.samples) < PROBE_STEPS:
             return
