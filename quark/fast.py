@@ -115,10 +115,12 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 class _StepLayer:
     """A fused layer as plain tensors, for the compiled CPU step: its one-row matmuls are `_matvec` reductions."""
 
-    def __init__(self, ln1: torch.Tensor, ln2: torch.Tensor, wqkv: torch.Tensor, wo: torch.Tensor,
-                 wgu: torch.Tensor, wd: torch.Tensor, eps: float, hd: int, split: tuple[int, ...]):
-        self.ln1, self.ln2, self.wqkv, self.wo, self.wgu, self.wd = ln1, ln2, wqkv, wo, wgu, wd
-        self.eps, self.hd, self.split = eps, hd, list(split)
+    def __init__(self, tensors: tuple, consts: tuple):
+        """`tensors` (ln1, ln2, qkv, o, gate_up, down) and `consts` (eps, head_dim, q/k/v head counts), as
+        `FusedLayer.step_args` gives them; a matrix is a float (out, in) tensor or int8 (rows, scales)."""
+        self.ln1, self.ln2, self.wqkv, self.wo, self.wgu, self.wd = tensors
+        self.eps, self.hd, split = consts
+        self.split = list(split)
 
     @staticmethod
     def _mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -140,13 +142,15 @@ class _StepLayer:
         return self._mm(h, self.wd)
 
 
-def _layer_step(x: torch.Tensor, weights: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
-                tables: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, key_mask: torch.Tensor | None,
+def _layer_step(x: torch.Tensor, weights: tuple, kv: tuple[torch.Tensor, torch.Tensor],
+                tables: tuple[torch.Tensor, torch.Tensor], where: tuple[torch.Tensor, torch.Tensor | None],
                 consts: tuple) -> torch.Tensor:
     """One decoder layer for one token of one row (quark.model.layer_forward), attending over the layer's whole
-    cache `k`, `v` under the mask of `slots`: every layer has the same shapes, so this compiles once."""
-    ctx = Context.build(tables, 1, cache=KVCache.of([k], [v]), slots=slots, key_mask=key_mask)
-    return layer_forward(_StepLayer(*weights, *consts), x, ctx, 0)
+    cache `kv` under the mask of `where` (slots (1, 1), key mask or None): every layer has the same shapes, so
+    this compiles once."""
+    slots, key_mask = where
+    ctx = Context.build(tables, 1, cache=KVCache.of([kv[0]], [kv[1]]), slots=slots, key_mask=key_mask)
+    return layer_forward(_StepLayer(weights, consts), x, ctx, 0)
 
 
 STEP_INT8 = True  # int8 layers take the compiled step (1.5x fbgemm's eager step at two threads). int4 does not:
@@ -349,7 +353,7 @@ class FastDecoder(Decoder):
         try:
             for i, layer in enumerate(self.w.layers):
                 weights, consts = layer.step_args()
-                x = step(x, weights, cache.k[i], cache.v[i], self.w.tables, slots, key_mask, consts)
+                x = step(x, weights, (cache.k[i], cache.v[i]), self.w.tables, (slots, key_mask), consts)
         except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
             warnings.warn(f"compiled CPU decode step unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "
                           "eagerly (set QUARK_CPU_COMPILE=0 to skip the attempt)", stacklevel=3)

@@ -10,7 +10,7 @@ Choices (int8):
 - One row on CPU (batch-1 decode, what `quark chat` runs) goes through fbgemm's dynamic int8 linear
   (`torch.ops.quantized.linear_dynamic`, the kernel of `torch.ao.quantization.quantize_dynamic`): the row is
   quantized on the fly to 8 bits (7-bit range, fbgemm's `reduce_range`, so no int16 saturation) and multiplied
-  with int8 dot products, as llama.cpp's q8_0 quantizes activations; 2.0x the decode speed of the bf16-activation
+  with int8 dot products, as llama.cpp's q8_0 quantizes activations; 1.8x the decode speed of the bf16-activation
   kernel below on an AMD EPYC (dev/LOG.md 2026-12-03). fbgemm wants its own prepacked copy of the weight
   (`int8_pack_dynamic`, built lazily, ~1 byte per weight more in memory). Where torch has no fbgemm (or drops
   its deprecated quantized tensors), this path is skipped.
