@@ -13,12 +13,11 @@ Choices:
   rebuild them. A hand edit of a weight under `no_grad` is the one change not seen: call `refresh(model)`.
 - CPU, fp32, one row (batch-1 decode) of a model whose weights exceed the caches (> MATVEC_MIN_BYTES): each
   matmul is `(x * W).sum(-1)` compiled by `torch.compile` (inductor) into one vectorized pass over W (out, in)
-  (`matvec`): quark-72m decodes 1.08x (one thread) to 1.29x (two) faster than with MKL's sgemv on an AMD EPYC;
-  on the tiny preset, whose weights stay in cache, MKL is faster (dev/LOG.md 2026-12-03). The weight's row count is marked dynamic,
-  so a model compiles one kernel per input size (and thread count); inductor caches them on disk (~4 s the first
-  time, well under 1 s after). With it the float copies stay (out, in), as nn.Linear keeps them; without it
-  (`QUARK_CPU_COMPILE=0`, or when compiling fails, e.g. no C++ compiler: one warning) they are stored (in, out)
-  and `x @ W` runs MKL (1.5x F.linear's speed at one row).
+  (`matvec`): alone, it made quark-72m decode 1.08x (one thread) to 1.29x (two) faster than MKL's sgemv on an
+  AMD EPYC; on the tiny preset, whose weights stay in cache, MKL is faster (dev/LOG.md 2026-12-03). The row
+  count is marked dynamic, so a model compiles one kernel per input size (and thread count). With it the float
+  copies stay (out, in), as nn.Linear keeps them; without it (`QUARK_CPU_COMPILE=0`, or when compiling fails,
+  e.g. no C++ compiler: one warning) they are stored (in, out) and `x @ W` runs MKL (1.5x F.linear at one row).
 - CPU, one row, fp32 or int8 weights of such a model: each layer of a decode step is one compiled call
   (`_layer_step`: `layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 rows dequantized
   inside them), so the ~30 small eager ops per layer cost one call; every layer and every cache length (marked
