@@ -169,8 +169,8 @@ def test_kill_the_worker_under_load(folder, caplog):
         threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        while len(results) < 8:  # under load
-            time.sleep(0.02)
+        while len(results) < 8 or not probe.get("/health").json()["active"]:  # under load, a request in flight
+            time.sleep(0.01)
         tokens_before, pid = probe.get("/health").json()["tokens"], engine.proc.pid
         assert probe.get("/health").json()["worker_pid"] == pid
         standby = engine._standby[0].pid  # started with the supervisor: torch imported, no model yet
