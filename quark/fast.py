@@ -37,6 +37,7 @@ Choices:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -102,6 +103,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     compiled here (the caller runs its eager matmul; warned once)."""
     if not _MATVEC:
         _MATVEC.append(torch.compile(_matvec, dynamic=False))
+    if _MATVEC[0] is None:
+        return None
     try:
         return _MATVEC[0](x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
     except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
@@ -111,34 +114,13 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-class _StepLayer:
-    """A fused layer as plain tensors, for the compiled CPU step: its one-row matmuls are `_matvec` reductions."""
-
-    def __init__(self, tensors: tuple, consts: tuple):
-        """`tensors` (ln1, ln2, qkv, o, gate_up, down) and `consts` (eps, head_dim, q/k/v head counts), as
-        `FusedLayer.step_args` gives them; a matrix is a float (out, in) tensor or int8 (rows, scales)."""
-        self.ln1, self.ln2, self.wqkv, self.wo, self.wgu, self.wd = tensors
-        self.eps, self.hd, split = consts
-        self.split = list(split)
-
-    @staticmethod
-    def _mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        if isinstance(w, tuple):  # int8 rows and their scales: dequantized inside the reduction
-            q, scale = w
-            return ((x.reshape(1, -1) * q.to(x.dtype)).sum(-1) * scale.to(x.dtype)).view(*x.shape[:-1], q.shape[0])
-        return _matvec(x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
-
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._mm(x, self.wqkv).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)
-
-    def o(self, y: torch.Tensor) -> torch.Tensor:
-        return self._mm(y, self.wo)
-
-    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._mm(x, self.wgu).chunk(2, dim=-1)
-
-    def down(self, h: torch.Tensor) -> torch.Tensor:
-        return self._mm(h, self.wd)
+def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (..., K) holding one row times a float (N, K) matrix, or int8 (rows, scales) dequantized inside the
+    reduction: the projections of the compiled CPU step."""
+    if isinstance(w, tuple):
+        q, scale = w
+        return ((x.reshape(1, -1) * q.to(x.dtype)).sum(-1) * scale.to(x.dtype)).view(*x.shape[:-1], q.shape[0])
+    return _matvec(x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
 
 
 def _layer_step(x: torch.Tensor, weights: tuple, kv: tuple[torch.Tensor, torch.Tensor],
@@ -195,10 +177,7 @@ class FusedLinear:
 
     def _pack(self) -> object | None:
         """fbgemm's copy for one-row int8 matmuls (quark/quantize.py); a single module's own copy is shared."""
-        if len(self.mods) == 1:
-            self.mods[0]._packed = None
-            return self.mods[0].packed()
-        return int8_pack_dynamic(self.weight, self.scale)
+        return self.mods[0].packed() if len(self.mods) == 1 else int8_pack_dynamic(self.weight, self.scale)
 
     def _stack(self, name: str) -> torch.Tensor:
         ts = [getattr(m, name).detach() for m in self.mods]
@@ -226,6 +205,8 @@ class FusedLinear:
             if len(self.mods) > 1:
                 torch.cat([m.scale for m in self.mods], out=self.scale)
             self.scale_bf16.copy_(self.scale)
+            if len(self.mods) == 1:  # the module's copy follows pointer changes and loads, not in-place edits
+                self.mods[0]._packed = None
             self.packed = self._pack()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +216,7 @@ class FusedLinear:
             return int8_linear(x, self.weight, self.scale, self.scale_bf16, self.packed)
         if self.transposed:
             return x @ self.weight
-        if self.matvec and x.numel() == x.shape[-1] and x.dtype == torch.float32 and _MATVEC != [None]:
+        if self.matvec and x.numel() == x.shape[-1] and x.dtype == torch.float32:
             y = matvec(x, self.weight)
             if y is not None:
                 return y
@@ -254,17 +235,29 @@ class FusedLayer:
         self.gate_up_p = FusedLinear([m.gate_proj, m.up_proj], transposed)
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
-
-    def step_args(self) -> tuple[tuple[torch.Tensor, ...], tuple]:
-        """(tensors, constants) of `_layer_step` (float, (out, in) weights)."""
+        # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy or int8 (rows, scales); the
+        # copies are refreshed in place, so these references stay valid
         mats = [(lin.weight, lin.scale) if lin.int8 else lin.weight for lin in self.linears]
-        return (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
+        self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_p(x).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)  # heads of q, k, v
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.gate_up_p(x).chunk(2, dim=-1)
+
+
+class _StepLayer(FusedLayer):
+    """`FusedLayer`'s interface over plain tensors, for the compiled CPU step: its projections are `_row_mm`
+    reductions; `qkv` and `gate_up` are FusedLayer's. (No modules here, so FusedLayer.__init__ is not called.)"""
+
+    def __init__(self, tensors: tuple, consts: tuple):
+        """`tensors` (ln1, ln2, qkv, o, gate_up, down) and `consts` (eps, head_dim, q/k/v head counts), as
+        `FusedLayer.step_args` holds them."""
+        self.ln1, self.ln2, *mats = tensors
+        self.eps, self.hd, split = consts
+        self.split = list(split)
+        self.qkv_p, self.o, self.gate_up_p, self.down = (functools.partial(_row_mm, w=w) for w in mats)
 
 
 class FusedWeights:
@@ -331,7 +324,7 @@ class FastDecoder(Decoder):
 
     def forward(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor, key_mask: torch.Tensor | None,
                 n_keys: int | None, last: torch.Tensor | None = None) -> torch.Tensor:
-        if self.cpu_step and idx.shape == (1, 1) and _STEP != [None]:
+        if self.cpu_step and idx.shape == (1, 1):
             out = self._cpu_step(idx, cache, slots, key_mask)
             if out is not None:
                 return out
@@ -346,12 +339,14 @@ class FastDecoder(Decoder):
                   key_mask: torch.Tensor | None) -> torch.Tensor | None:
         """One token of one row through the compiled per-layer step; None if it cannot compile here (warned once;
         the caller's eager path reruns the token, rewriting the same cache slots)."""
-        slots = torch.tensor([[slots]]) if isinstance(slots, int) else slots.reshape(1, 1)
         step = compiled_layer_step()
+        if step is None:
+            return None
+        slots = torch.tensor([[slots]]) if isinstance(slots, int) else slots.reshape(1, 1)
         x = self.w.embed(idx)
         try:
             for i, layer in enumerate(self.w.layers):
-                weights, consts = layer.step_args()
+                weights, consts = layer.step_args
                 x = step(x, weights, (cache.k[i], cache.v[i]), self.w.tables, (slots, key_mask), consts)
         except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
             warnings.warn(f"compiled CPU decode step unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "

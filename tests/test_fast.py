@@ -283,15 +283,23 @@ def test_cuda_graph_step_traces_as_one_graph_on_cpu(model):
             assert (step() - want).abs().max().item() <= 1e-5
 
 
-def test_one_row_cpu_matmul_is_the_compiled_reduction_and_falls_back(model, monkeypatch):
+@pytest.fixture
+def compiled_cpu(monkeypatch):
+    """quark.fast's compiled CPU paths, on for the small test models (as for models larger than the caches)."""
+    import quark.fast as fast
+
+    if not fast.cpu_matvec_enabled():
+        pytest.skip("QUARK_CPU_COMPILE=0 or compiling failed in this process")
+    monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)
+    return fast
+
+
+def test_one_row_cpu_matmul_is_the_compiled_reduction_and_falls_back(model, monkeypatch, compiled_cpu):
     """Batch-1 CPU fp32 decoding runs each matmul as inductor's compiled `(x * W).sum(-1)` (quark.fast.matvec): it
     equals x @ W.T, the decoder's logits equal the plain forward's, and when compiling fails (no C++ compiler)
     decoding warns once and goes on with eager matmuls, giving the same tokens."""
     import quark.fast as fast
 
-    if not fast.cpu_matvec_enabled():
-        pytest.skip("QUARK_CPU_COMPILE=0 or compiling failed in this process")
-    monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)  # the path of models larger than the caches
     w, x = torch.randn(300, 64), torch.randn(1, 1, 64)
     assert torch.allclose(fast.matvec(x, w), x @ w.T, atol=1e-5, rtol=1e-5) and fast._MATVEC[0] is not None
     idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
@@ -327,15 +335,11 @@ def test_one_row_cpu_matmul_is_the_compiled_reduction_and_falls_back(model, monk
 _real_cpu_step = FastDecoder._cpu_step
 
 
-def test_compiled_cpu_step_in_the_engine_and_with_a_longer_cache(model, monkeypatch):
+def test_compiled_cpu_step_in_the_engine_and_with_a_longer_cache(model, monkeypatch, compiled_cpu):
     """The engine's one-row steps (per-row slot tensors, a multi-row cache) take the compiled step too, and a
     second, longer cache reuses it (its length is dynamic): same tokens as the plain path."""
-    import quark.fast as fast
     from quark.serve.engine import Engine, SamplingParams
 
-    if not fast.cpu_matvec_enabled():
-        pytest.skip("QUARK_CPU_COMPILE=0 or compiling failed in this process")
-    monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)
     prompt = [5, 9, 2, 7]
     want = generate(model, [prompt], max_new_tokens=10, temperature=0.0, fast=False)
     assert generate(model, [prompt], max_new_tokens=10, temperature=0.0) == want
@@ -359,16 +363,12 @@ def test_compiled_cpu_step_in_the_engine_and_with_a_longer_cache(model, monkeypa
     assert toks == want[0] and len(calls) >= 9
 
 
-def test_compiled_cpu_step_takes_int8_weights(model, monkeypatch):
+def test_compiled_cpu_step_takes_int8_weights(model, compiled_cpu):
     """An int8 model's one-row steps run the compiled per-layer step too (each int8 row dequantized inside the
     reduction: weight-only numerics): its logits track the model with the dequantized weights in fp32 (the
     lm_head, outside the step, is fbgemm's kernel, which quantizes the activation row: ~1%)."""
-    import quark.fast as fast
     from quark.quantize import Int8Linear, quantize_int8
 
-    if not fast.cpu_matvec_enabled():
-        pytest.skip("QUARK_CPU_COMPILE=0 or compiling failed in this process")
-    monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)
     q = quantize_int8(copy.deepcopy(model))
     deq = copy.deepcopy(model)
     with torch.no_grad():
