@@ -124,14 +124,26 @@ def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def _layer_step(x: torch.Tensor, weights: tuple, kv: tuple[torch.Tensor, torch.Tensor],
-                tables: tuple[torch.Tensor, torch.Tensor], where: tuple[torch.Tensor, torch.Tensor | None],
+                tables: tuple[torch.Tensor, torch.Tensor], where: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
                 consts: tuple) -> torch.Tensor:
-    """One decoder layer for one token of one row (quark.model.layer_forward), attending over the layer's whole
-    cache `kv` under the mask of `where` (slots (1, 1), key mask or None): every layer has the same shapes, so
-    this compiles once."""
-    slots, key_mask = where
-    ctx = Context.build(tables, 1, cache=KVCache.of([kv[0]], [kv[1]]), slots=slots, key_mask=key_mask)
+    """One decoder layer for one token of one row (quark.model.layer_forward), attending over the first
+    `len(span)` slots of the layer's cache `kv` under the mask of `where` (slots (1, 1), key mask or None, span):
+    every layer has the same shapes and the cache and span lengths are dynamic, so this compiles once."""
+    slots, key_mask, span = where
+    ctx = Context.build(tables, 1, cache=KVCache.of([kv[0]], [kv[1]]), slots=slots, key_mask=key_mask,
+                        n_keys=span.shape[0])
     return layer_forward(_StepLayer(weights, consts), x, ctx, 0)
+
+
+SPAN_STEP = 64  # the compiled step attends over the cache slots in use, rounded up to this
+
+
+def _span(span: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """The first n_keys slots of `span` rounded up (at least 2: size 1 would be specialized), marked dynamic."""
+    n = min(span.shape[0], max(2, -(-n_keys // SPAN_STEP) * SPAN_STEP))
+    view = span[:n]
+    torch._dynamo.maybe_mark_dynamic(view, 0)
+    return view
 
 
 STEP_INT8 = True  # int8 layers take the compiled step (1.5x fbgemm's eager step at two threads). int4 does not:
@@ -293,18 +305,21 @@ class FastDecoder(Decoder):
 
     def __init__(self, model: Quark, weights: FusedWeights, batch_size: int, max_len: int, *, use_graph: bool = False,
                  use_compile: bool = False, runner: ThreadTuner | Pinned | None = None):
-        super().__init__(model, batch_size, max_len)
+        # CPU, one row, fp32 (out, in) or int8 weights: each layer of a step is one compiled call (`_layer_step`)
+        self.cpu_step = model.device.type == "cpu" and not use_graph and cpu_matvec_enabled() and _big(model) and all(
+            lin.matvec or (lin.int8 and STEP_INT8) for lin in weights.linears)
+        # the compiled step attends over `_span` slots <= max_len; with a spare slot that is always fewer than the
+        # cache holds (the first compile would otherwise specialize on equal lengths, and a second one follow)
+        super().__init__(model, batch_size, max_len, spare_slots=int(self.cpu_step))
         self.w = weights
         self.use_graph, self.use_compile = use_graph, use_compile
         self.graph = None
         # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
         self.runner = (runner or step_runner()) if self.device.type == "cpu" else None
-        # CPU, one row, fp32 (out, in) weights: each layer of a step is one compiled call (`_layer_step`)
-        self.cpu_step = self.device.type == "cpu" and not use_graph and cpu_matvec_enabled() and _big(model) and all(
-            lin.matvec or (lin.int8 and STEP_INT8) for lin in weights.linears)
         if self.cpu_step:
             for t in self.cache.k + self.cache.v:  # any cache length runs the same compiled code
                 torch._dynamo.maybe_mark_dynamic(t, 2)
+            self.span = torch.empty(max_len, dtype=torch.uint8)  # its length says how many slots a step attends
         self._compiled_forward = None
         if use_graph:
             self.static_tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -325,7 +340,7 @@ class FastDecoder(Decoder):
     def forward(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor, key_mask: torch.Tensor | None,
                 n_keys: int | None, last: torch.Tensor | None = None) -> torch.Tensor:
         if self.cpu_step and idx.shape == (1, 1):
-            out = self._cpu_step(idx, cache, slots, key_mask)
+            out = self._cpu_step(idx, cache, slots, key_mask, n_keys)
             if out is not None:
                 return out
         ctx = Context.build(self.w.tables, idx.shape[1], cache=cache, slots=slots, key_mask=key_mask, n_keys=n_keys)
@@ -336,18 +351,22 @@ class FastDecoder(Decoder):
         return self.w.lm_head(self.w.norm(x)).float()
 
     def _cpu_step(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor,
-                  key_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """One token of one row through the compiled per-layer step; None if it cannot compile here (warned once;
-        the caller's eager path reruns the token, rewriting the same cache slots)."""
+                  key_mask: torch.Tensor | None, n_keys: int | None) -> torch.Tensor | None:
+        """One token of one row through the compiled per-layer step, attending over the first `n_keys` slots
+        (rounded up; all without it); None if it cannot compile here (warned once; the caller's eager path reruns
+        the token, rewriting the same cache slots)."""
         step = compiled_layer_step()
         if step is None:
             return None
-        slots = torch.tensor([[slots]]) if isinstance(slots, int) else slots.reshape(1, 1)
+        if key_mask is not None:
+            torch._dynamo.maybe_mark_dynamic(key_mask, 1)  # as long as the cache
+        where = (torch.tensor([[slots]]) if isinstance(slots, int) else slots.reshape(1, 1), key_mask,
+                 _span(self.span, n_keys or self.max_len))
         x = self.w.embed(idx)
         try:
             for i, layer in enumerate(self.w.layers):
                 weights, consts = layer.step_args
-                x = step(x, weights, (cache.k[i], cache.v[i]), self.w.tables, (slots, key_mask), consts)
+                x = step(x, weights, (cache.k[i], cache.v[i]), self.w.tables, where, consts)
         except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
             warnings.warn(f"compiled CPU decode step unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "
                           "eagerly (set QUARK_CPU_COMPILE=0 to skip the attempt)", stacklevel=3)

@@ -384,3 +384,31 @@ def test_compiled_cpu_step_takes_int8_weights(model, compiled_cpu):
         got = _decode_logits(dec, idx)
     assert ((got - ref).norm() / ref.norm()).item() < 0.03
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.85
+
+
+def test_compiled_cpu_step_attends_the_slots_in_use(model, monkeypatch, compiled_cpu):
+    """The compiled step attends over the cache slots in use rounded up to SPAN_STEP (not the whole cache, which
+    for `quark chat`/`serve` holds 2048 slots): logits equal the full forward's while that span grows up to the
+    cache's length, with and without left padding, and neither the span nor the cache length recompiles it."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("QUARK_THREADS", "1")  # (each thread count is compiled once)
+    monkeypatch.setattr(compiled_cpu, "SPAN_STEP", 4)
+    spans, real_span = [], compiled_cpu._span
+    monkeypatch.setattr(compiled_cpu, "_span", lambda span, n: spans.append(real := real_span(span, n)) or real)
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = model(idx)[:, 7:]
+        longer = _decode_logits(FastDecoder(model, FusedWeights(model), 1, 40), idx)  # compiled here (or before)
+        graphs = counters["stats"]["unique_graphs"]
+        got = _decode_logits(FastDecoder(model, FusedWeights(model), 1, 16), idx)  # the last span is the cache
+        longer = _decode_logits(FastDecoder(model, FusedWeights(model), 1, 40), idx)
+        assert counters["stats"]["unique_graphs"] == graphs  # neither the cache's length nor the span recompiled
+        padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), idx], 1)
+        mask = torch.ones(1, 20, dtype=torch.bool)
+        mask[:, :4] = False
+        left = [_decode_logits(FastDecoder(model, FusedWeights(model), 1, n), padded, mask) for n in (24, 33)]
+    assert counters["stats"]["unique_graphs"] <= graphs + 1  # with a key mask: one more, for every length
+    assert [len(s) for s in spans[8:16]] == [12, 12, 12, 12, 16, 16, 16, 16]
+    assert (got - ref).abs().max().item() < 1e-4 and (longer - ref).abs().max().item() < 1e-4
+    assert max((x[:, -9:] - ref).abs().max().item() for x in left) < 1e-4
