@@ -7,7 +7,8 @@
 What runs, per precision (ours fp32 / int8 / int4 beside llama.cpp f32 / q8_0 / q4_0 of the same weights, exported
 by `quark export --format gguf [--quant]`): greedy decoding of `--new-tokens` after an 8-token prompt, batch 1 and
 batch 8 (llama.cpp: 8 sequences in one llama_batch, its low-level API), tok/s = new tokens x rows / wall time,
-prompt included, as a user sees it.
+prompt included, as a user sees it. Ours runs through the serving engine (`--path engine`: what
+`quark.load(...).generate`, `quark chat` and `quark serve` run, a 2048-slot cache) or `quark.generate.generate`.
 - Every measurement runs in a fresh subprocess (a llama.cpp crash is a row, not the end of the bench); processes
   alternate ours / llama.cpp, and each figure is the best of `--rounds` rounds.
 - Out of the box: ours = no settings (libgomp's default wait policy; decode threads tuned at run time by
@@ -80,11 +81,22 @@ def _prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
     return [[1 + (97 * r + 31 * i) % (vocab - 1) for i in range(n)] for r in range(batch)]
 
 
+def _decode_ours(model, engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """n greedy new tokens per prompt through `engine` (quark's serving engine), or quark.generate.generate."""
+    from quark.generate import generate
+    from quark.serve.engine import SamplingParams
+
+    if engine is None:
+        return generate(model, prompts, max_new_tokens=n, temperature=0.0)
+    reqs = [engine.submit(p, SamplingParams(n, 0.0, 1.0, 1.0)) for p in prompts]
+    return [list(engine.iter_tokens(r)) for r in reqs]
+
+
 def worker_ours(spec: dict) -> dict:
     import torch
 
-    from quark.generate import generate
     from quark.quantize import quantize_int4, quantize_int8
+    from quark.serve.engine import Engine
     from quark.weights import load_model
 
     model = load_model(spec["model"], device="cpu", dtype=torch.float32).eval()
@@ -94,9 +106,11 @@ def worker_ours(spec: dict) -> dict:
         os.environ["QUARK_THREADS"] = str(threads)  # "auto": the tuner; N: decode steps pinned to N
         for batch in spec["batches"]:
             prompts = _prompts(batch, spec["prompt_len"], model.config.base_vocab_size)
-            generate(model, prompts, max_new_tokens=8, temperature=0.0)
+            # the engine: as quark.load(...).generate, `quark chat` and `quark serve` decode
+            engine = Engine(model, stop_ids=[], max_batch=batch) if spec.get("path", "engine") == "engine" else None
+            _decode_ours(model, engine, prompts, 8)
             t0 = time.perf_counter()
-            toks = generate(model, prompts, max_new_tokens=spec["new_tokens"], temperature=0.0)
+            toks = _decode_ours(model, engine, prompts, spec["new_tokens"])
             out[f"{threads} b{batch}"] = {"tok_s": batch * spec["new_tokens"] / (time.perf_counter() - t0),
                                           "tokens": toks[0][:16]}
     return out
@@ -196,7 +210,8 @@ class Competitor:
 def measure(args, folder: Path, ggufs: dict[str, Path]) -> dict:
     """{phase: {(tool, precision, setting, batch): best tok/s or error}} plus greedy tokens for the pairs."""
     threads = ["auto", "1", str(os.cpu_count() or 1)] if (os.cpu_count() or 1) > 1 else ["auto"]
-    base = {"new_tokens": args.new_tokens, "prompt_len": 8, "batches": args.batches, "threads": threads}
+    base = {"new_tokens": args.new_tokens, "prompt_len": 8, "batches": args.batches, "threads": threads,
+            "path": args.path}
     results: dict = {}
     for phase in args.phases:
         res = results[phase] = {}
@@ -274,6 +289,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--phases", default="idle,shared")
     ap.add_argument("--policies", default=",".join(POLICIES), help="OMP_WAIT_POLICY values for the best-of grid")
+    ap.add_argument("--path", choices=("engine", "generate"), default="engine",
+                    help="ours through the serving engine (quark.load(...).generate, chat, serve) or "
+                         "quark.generate.generate")
     ap.add_argument("--worker", choices=("ours", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -293,7 +311,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     folder, ggufs = prepare(work, args.preset, args.model)
     print(f"# bench/llamacpp.py  model {folder}  {cpu_model()}, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.2f}; greedy, prompt 8, {args.new_tokens} new tokens, best of {args.rounds} rounds")
+          f"{os.getloadavg()[0]:.2f}; greedy, prompt 8, {args.new_tokens} new tokens, best of {args.rounds} rounds; "
+          f"ours through {args.path}")
     t0 = time.time()
     results = measure(args, folder, ggufs)
     print()
