@@ -18,12 +18,13 @@ Choices:
   count is marked dynamic, so a model compiles one kernel per input size (and thread count). With it the float
   copies stay (out, in), as nn.Linear keeps them; without it (`QUARK_CPU_COMPILE=0`, or when compiling fails,
   e.g. no C++ compiler: one warning) they are stored (in, out) and `x @ W` runs MKL (1.5x F.linear at one row).
-- CPU, one row, fp32 or int8 weights of such a model: each layer of a decode step is one compiled call
+- CPU, one row, fp32, int8 or int4 weights of such a model: each layer of a decode step is one compiled call
   (`_layer_step`: `layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 rows dequantized
-  inside them), so the ~30 small eager ops per layer cost one call; every layer and every cache length (marked
-  dynamic, attended in full under the slot mask) runs the same graph: ~9 s to compile on a fresh machine, ~4 s
-  from inductor's disk cache, then quark-72m decodes 1.2x (one thread) to 1.6x (two) faster than eagerly
-  (dev/LOG.md 2026-12-03). Prefill, batches of several rows and int4 run eagerly.
+  inside them, int4 through torch's int4 kernel as an extern call), so the ~30 small eager ops per layer cost
+  one call; every layer runs the same graph, and so does every cache length and attended span (both dynamic;
+  a step attends over the slots in use rounded up to SPAN_STEP, not the whole cache of `quark chat`/`serve`):
+  ~9 s to compile on a fresh machine, ~4 s from inductor's disk cache, then quark-72m decodes 1.2x (one thread)
+  to 1.6x (two) faster than eagerly (dev/LOG.md 2026-12-03). Prefill and batches of several rows run eagerly.
 - CPU decode steps run under quark/cpu_settings.py's thread tuner (QUARK_THREADS=N pins the count instead).
 - CUDA: everything the step touches is preallocated (token, per-row position, cache, key mask); the step attends
   over the whole static cache with a mask, is compiled with `torch.compile` (fusing the elementwise work) and
@@ -114,13 +115,20 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x (..., K) holding one row times a float (N, K) matrix, or int8 (rows, scales) dequantized inside the
-    reduction: the projections of the compiled CPU step."""
-    if isinstance(w, tuple):
+def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
+    """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales) dequantized inside the
+    reduction, or int4 (packed, scales_and_zeros, group size) through torch's int4 kernel (an extern call in the
+    compiled graph): the projections of the compiled CPU step."""
+    x1 = x.reshape(1, -1)
+    if isinstance(w, tuple) and len(w) == 3:
+        packed, sz, group = w
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x1.to(torch.bfloat16), packed, group, sz).to(x.dtype)
+    elif isinstance(w, tuple):
         q, scale = w
-        return ((x.reshape(1, -1) * q.to(x.dtype)).sum(-1) * scale.to(x.dtype)).view(*x.shape[:-1], q.shape[0])
-    return _matvec(x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
+        y = (x1 * q.to(x.dtype)).sum(-1) * scale.to(x.dtype)
+    else:
+        y = _matvec(x1, w)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _layer_step(x: torch.Tensor, weights: tuple, kv: tuple[torch.Tensor, torch.Tensor],
@@ -146,8 +154,6 @@ def _span(span: torch.Tensor, n_keys: int) -> torch.Tensor:
     return view
 
 
-STEP_INT8 = True  # int8 layers take the compiled step (1.5x fbgemm's eager step at two threads). int4 does not:
-# inductor's nibble unpacking ran at 0.35x the eager int4 kernel (dev/LOG.md 2026-12-03)
 _STEP: list = []  # [compiled _layer_step], or [None] once compiling failed
 
 
@@ -174,6 +180,7 @@ class FusedLinear:
             self.weight = mods[0].qweight if one else torch.cat([m.qweight for m in mods])
             self.sz = mods[0].scales_and_zeros if one else torch.cat([m.scales_and_zeros for m in mods], dim=1)
             self.packed = mods[0].packed if one else int4_pack_for_kernel(self.weight)
+            self.group = mods[0].group_size
             return
         self.weight = self._stack("weight")
         if self.transposed:
@@ -247,9 +254,10 @@ class FusedLayer:
         self.gate_up_p = FusedLinear([m.gate_proj, m.up_proj], transposed)
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
-        # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy or int8 (rows, scales); the
-        # copies are refreshed in place, so these references stay valid
-        mats = [(lin.weight, lin.scale) if lin.int8 else lin.weight for lin in self.linears]
+        # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy, int8 (rows, scales) or int4
+        # (packed, scales_and_zeros, group size); the copies are refreshed in place, so these references stay valid
+        mats = [(lin.weight, lin.scale) if lin.int8 else (lin.packed, lin.sz, lin.group) if lin.int4 else lin.weight
+                for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -305,9 +313,9 @@ class FastDecoder(Decoder):
 
     def __init__(self, model: Quark, weights: FusedWeights, batch_size: int, max_len: int, *, use_graph: bool = False,
                  use_compile: bool = False, runner: ThreadTuner | Pinned | None = None):
-        # CPU, one row, fp32 (out, in) or int8 weights: each layer of a step is one compiled call (`_layer_step`)
+        # CPU, one row, fp32 (out, in), int8 or int4 weights: each layer of a step is one compiled call (`_layer_step`)
         self.cpu_step = model.device.type == "cpu" and not use_graph and cpu_matvec_enabled() and _big(model) and all(
-            lin.matvec or (lin.int8 and STEP_INT8) for lin in weights.linears)
+            lin.matvec or lin.int8 or (lin.int4 and lin.packed is not None) for lin in weights.linears)
         # the compiled step attends over `_span` slots <= max_len; with a spare slot that is always fewer than the
         # cache holds (the first compile would otherwise specialize on equal lengths, and a second one follow)
         super().__init__(model, batch_size, max_len, spare_slots=int(self.cpu_step))

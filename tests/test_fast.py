@@ -412,3 +412,19 @@ def test_compiled_cpu_step_attends_the_slots_in_use(model, monkeypatch, compiled
     assert [len(s) for s in spans[8:16]] == [12, 12, 12, 12, 16, 16, 16, 16]
     assert (got - ref).abs().max().item() < 1e-4 and (longer - ref).abs().max().item() < 1e-4
     assert max((x[:, -9:] - ref).abs().max().item() for x in left) < 1e-4
+
+
+def test_compiled_cpu_step_takes_int4_weights(model, compiled_cpu):
+    """An int4 model's one-row steps run the compiled per-layer step too, torch's int4 kernel called from the
+    graph: the same logits as its eager steps (which call that kernel directly)."""
+    from quark.quantize import quantize_int4
+
+    q = quantize_int4(copy.deepcopy(model))
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(10))
+    dec = decoder_for(q, 1, 20)
+    eager = FastDecoder(q, dec.w, 1, 20)
+    eager.cpu_step = False
+    assert dec.cpu_step and dec.w.layers[0].step_args[0][2][2] == 32  # (packed, scales_and_zeros, group size)
+    with torch.no_grad():
+        got, want = _decode_logits(dec, idx), _decode_logits(eager, idx)
+    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
