@@ -117,11 +117,12 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
     """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales) dequantized inside the
-    reduction, or int4 (packed, scales_and_zeros, group size) through torch's int4 kernel (an extern call in the
-    compiled graph): the projections of the compiled CPU step."""
+    reduction, or int4 (packed, scales_and_zeros (K/group, N, 2)) through torch's int4 kernel (an extern call in
+    the compiled graph): the projections of the compiled CPU step."""
     x1 = x.reshape(1, -1)
-    if isinstance(w, tuple) and len(w) == 3:
-        packed, sz, group = w
+    if isinstance(w, tuple) and w[1].dim() == 3:
+        packed, sz = w
+        group = x1.shape[1] // sz.shape[0]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x1.to(torch.bfloat16), packed, group, sz).to(x.dtype)
     elif isinstance(w, tuple):
         q, scale = w
@@ -180,7 +181,6 @@ class FusedLinear:
             self.weight = mods[0].qweight if one else torch.cat([m.qweight for m in mods])
             self.sz = mods[0].scales_and_zeros if one else torch.cat([m.scales_and_zeros for m in mods], dim=1)
             self.packed = mods[0].packed if one else int4_pack_for_kernel(self.weight)
-            self.group = mods[0].group_size
             return
         self.weight = self._stack("weight")
         if self.transposed:
@@ -255,8 +255,8 @@ class FusedLayer:
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
         # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy, int8 (rows, scales) or int4
-        # (packed, scales_and_zeros, group size); the copies are refreshed in place, so these references stay valid
-        mats = [(lin.weight, lin.scale) if lin.int8 else (lin.packed, lin.sz, lin.group) if lin.int4 else lin.weight
+        # (packed, scales_and_zeros); the copies are refreshed in place, so these references stay valid
+        mats = [(lin.weight, lin.scale) if lin.int8 else (lin.packed, lin.sz) if lin.int4 else lin.weight
                 for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
 
