@@ -2,6 +2,7 @@
 
     python bench/cpu_kernels.py               # one thread
     python bench/cpu_kernels.py --threads 2
+    python bench/cpu_kernels.py --threads 2 --rows 8   # a decode batch of 8 (1 row: batch-1 decoding)
 
 Decoding at batch 1 is a matrix-vector product per weight matrix, bound by how fast the weights stream from memory.
 This prints, per kernel torch offers on the CPU, the time of one token's matmuls and the weight bytes read per
@@ -35,7 +36,7 @@ def time_token(fns: list, xs: list[torch.Tensor], rounds: int) -> float:
     return (time.perf_counter() - t0) / rounds
 
 
-def kernels(ws: list[torch.Tensor]) -> dict[str, tuple[list, int]]:
+def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]]:
     """name -> (one callable per matrix, weight bytes read per token), built lazily so a missing op is skipped."""
     from quark.quantize import (
         int4_pack_for_kernel,
@@ -50,27 +51,35 @@ def kernels(ws: list[torch.Tensor]) -> dict[str, tuple[list, int]]:
     wt = [w.t().contiguous() for w in ws]
     out["fp32 x @ W (in, out) MKL [QUARK_CPU_COMPILE=0]"] = ([lambda x, w=w: x @ w for w in wt], 4)
     del wt
-    from quark.fast import matvec
+    from quark.fast import DNNL_PACK_ROWS, dnnl_linear, dnnl_pack, matvec
 
-    for w in ws:
-        torch._dynamo.maybe_mark_dynamic(w, 0)  # as quark/fast.py does: one kernel per input size
-    out["fp32 inductor (x * W).sum(-1) [quark fp32]"] = ([lambda x, w=w: matvec(x, w) for w in ws], 4)
+    if rows == 1:
+        for w in ws:
+            torch._dynamo.maybe_mark_dynamic(w, 0)  # as quark/fast.py does: one kernel per input size
+        out["fp32 inductor (x * W).sum(-1) [quark fp32]"] = ([lambda x, w=w: matvec(x, w) for w in ws], 4)
+    if dnnl_linear(torch.zeros(2, 4), torch.zeros(3, 4)) is not None:
+        out["fp32 oneDNN linear" + (" [quark fp32, prefill]" if rows > DNNL_PACK_ROWS else "")] = (
+            [lambda x, w=w: dnnl_linear(x, w) for w in ws], 4)
+        packed = [dnnl_pack(w) for w in ws]
+        out["fp32 oneDNN linear, packed" + (" [quark fp32]" if 1 < rows <= DNNL_PACK_ROWS else "")] = (
+            [lambda x, w=w: dnnl_linear(x, w) for w in packed], 4)
+        del packed
     if hasattr(torch.ops.mkl, "_mkl_linear"):
-        pk = [(torch.ops.mkl._mkl_reorder_linear_weight(w, 1), w) for w in ws]
-        out["fp32 MKL packed (inductor's)"] = ([lambda x, p=p: torch.ops.mkl._mkl_linear(x, p[0], p[1], None, 1)
-                                                for p in pk], 4)
+        pk = [(torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w) for w in ws]
+        out["fp32 MKL packed"] = ([lambda x, p=p: torch.ops.mkl._mkl_linear(x, p[0], p[1], None, rows)
+                                   for p in pk], 4)
     bf = [w.bfloat16() for w in ws]
     out["bf16 F.linear"] = ([lambda x, w=w: F.linear(x.bfloat16(), w) for w in bf], 2)
     q8 = [quantize_tensor(w) for w in ws]
     out["int8 _weight_int8pack_mm, bf16 act"] = (
         [lambda x, q=q: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q[0], q[1].bfloat16()) for q in q8], 1)
     dyn = [int8_pack_dynamic(q, s) for q, s in q8]
-    if all(p is not None for p in dyn):
+    if all(p is not None for p in dyn) and rows == 1:
         out["int8 fbgemm dynamic [quark int8, 1 row]"] = (
             [lambda x, p=p: torch.ops.quantized.linear_dynamic(x, p, True) for p in dyn], 1)
     q4 = [quantize_int4_tensor(w, 32) for w in ws[:-1]]  # the tied head stays int8, as quantize_int4 keeps it
     p4 = [(int4_pack_for_kernel(pack_nibbles(q)), sz) for q, sz in q4]
-    if all(p is not None for p, _ in p4) and dyn[-1] is not None:
+    if all(p is not None for p, _ in p4) and dyn[-1] is not None and rows == 1:
         n_layer, n_head = sum(w.numel() for w in ws[:-1]), ws[-1].numel()
         out["int4 _weight_int4pack_mm_for_cpu + int8 head [quark int4]"] = (
             [lambda x, p=p: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p[0], 32, p[1]) for p in p4]
@@ -83,6 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=1, help="activation rows per matmul (a decode batch, a prefill)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,11 +100,12 @@ def main() -> None:
     sh = shapes()
     ws = [torch.randn(o, i) * 0.02 for o, i in sh]
     n = sum(o * i for o, i in sh)
-    xs = [torch.randn(1, i) for _, i in sh]
-    print(f"# {n / 1e6:.1f}M weights in {len(sh)} matrices, {args.threads} thread(s), torch {torch.__version__}")
+    xs = [torch.randn(args.rows, i) for _, i in sh]
+    print(f"# {n / 1e6:.1f}M weights in {len(sh)} matrices, {args.rows} row(s), {args.threads} thread(s), "
+          f"torch {torch.__version__}")
     ref = time_token([lambda x, w=w: w.sum() for w in ws], xs, args.rounds)
     print(f"{'memory read reference (fp32 sum)':46s} {ref * 1e3:7.2f} ms/token  {4 * n / ref / 1e9:5.1f} GB/s")
-    for name, (fns, bytes_per_weight) in kernels(ws).items():
+    for name, (fns, bytes_per_weight) in kernels(ws, args.rows).items():
         dt = time_token(fns, xs, args.rounds)
         print(f"{name:46s} {dt * 1e3:7.2f} ms/token  {bytes_per_weight * n / dt / 1e9:5.1f} GB/s", flush=True)
 

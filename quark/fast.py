@@ -164,6 +164,39 @@ def compiled_layer_step() -> Callable | None:
     return _STEP[0]
 
 
+# ---- CPU matmuls of several rows: oneDNN -----------------------------------------------------------------------------
+DNNL_PACK_ROWS = 8  # calls of up to this many rows (batched decode steps) use a oneDNN-packed copy of the weight
+_DNNL: list = []  # [True] once oneDNN's linear worked here, [False] once it failed
+
+
+def dnnl_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x (M, K) @ w.T through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor's frozen CPU
+    graphs use), w float32 (N, K) or `dnnl_pack(w)`; None where this torch has no oneDNN (the caller runs
+    F.linear). On AMD EPYC, MKL's sgemm reads fp32 weights at 2-6 GB/s for 2-64 rows, oneDNN at 4-18
+    (bench/cpu_kernels.py --rows 8)."""
+    if _DNNL == [False]:
+        return None
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        warnings.warn(f"oneDNN linear unavailable ({type(e).__name__}: {str(e)[:200]}); CPU batches use MKL",
+                      stacklevel=2)
+        _DNNL[:] = [False]
+        return None
+    _DNNL[:] = [True]
+    return y
+
+
+def dnnl_pack(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of float32 w (N, K) for calls of up to DNNL_PACK_ROWS rows (None without oneDNN)."""
+    if _DNNL == [False]:
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w, DNNL_PACK_ROWS)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+
+
 class FusedLinear:
     """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked (no copy for a single
     quantized module). `transposed` (float weights) keeps the stack as one contiguous (in, out) matrix."""
@@ -190,6 +223,10 @@ class FusedLinear:
                        and self.weight.dtype == torch.float32 and cpu_matvec_enabled())
         if self.matvec:
             torch._dynamo.maybe_mark_dynamic(self.weight, 0)  # a hint: a caller may specialize
+        # several rows at once (CPU fp32, (out, in)): oneDNN; a packed copy for decode batches, built at first use
+        self.dnnl = (not (self.int8 or self.transposed) and self.weight.device.type == "cpu"
+                     and self.weight.dtype == torch.float32)
+        self._dnnl_packed = None
         self.scale = self._stack("scale") if self.int8 else None
         self.scale_bf16 = self.scale.to(torch.bfloat16) if self.int8 else None
         self.packed = self._pack() if self.int8 else None
@@ -216,6 +253,7 @@ class FusedLinear:
                 if self.packed is not None:
                     self.packed.copy_(int4_pack_for_kernel(self.weight))
             return
+        self._dnnl_packed = None
         if self.transposed:
             self.weight.copy_(torch.cat([m.weight.detach() for m in self.mods]).t())
         elif len(self.mods) > 1:
@@ -235,10 +273,21 @@ class FusedLinear:
             return int8_linear(x, self.weight, self.scale, self.scale_bf16, self.packed)
         if self.transposed:
             return x @ self.weight
-        if self.matvec and x.numel() == x.shape[-1] and x.dtype == torch.float32:
+        rows = x.numel() // x.shape[-1]
+        if self.matvec and rows == 1 and x.dtype == torch.float32:
             y = matvec(x, self.weight)
             if y is not None:
                 return y
+        if (self.dnnl and rows > 1 and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            w = self.weight
+            if rows <= DNNL_PACK_ROWS:
+                if self._dnnl_packed is None:
+                    self._dnnl_packed = dnnl_pack(self.weight)
+                w = self._dnnl_packed if self._dnnl_packed is not None else w
+            y = dnnl_linear(x.reshape(rows, -1), w)
+            if y is not None:
+                return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight)
 
 
