@@ -57,8 +57,10 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None = None, temperat
     logits = logits.float()
     if seen is not None:
         logits = apply_rep_penalty(logits, seen, rep_penalty)
-    finite = torch.isfinite(logits).all(-1)  # (B,)
-    safe = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    # (B,): NaN propagates through amax and amin (two vectorized passes; isfinite().all() cost ~1 ms a batch-8 step)
+    finite = torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1))
+    all_finite = logits.device.type == "cpu" and bool(finite.all())  # (no host sync off the CPU)
+    safe = logits if all_finite else torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
     greedy = safe.argmax(-1)
     if temperature == 0.0:
         return greedy
