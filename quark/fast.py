@@ -25,6 +25,9 @@ Choices:
   a step attends over the slots in use rounded up to SPAN_STEP, not the whole cache of `quark chat`/`serve`):
   ~9 s to compile on a fresh machine, ~4 s from inductor's disk cache, then quark-72m decodes 1.2x (one thread)
   to 1.6x (two) faster than eagerly (dev/LOG.md 2026-12-03). Prefill and batches of several rows run eagerly.
+- CPU, fp32, several rows (batched decode steps, prefill): oneDNN's linear (`dnnl_linear`), decode batches of up
+  to DNNL_PACK_ROWS rows on a packed copy built at first use: MKL's sgemm read the weights at 5-7 GB/s there on an
+  AMD EPYC, oneDNN's packed linear at 17-18 (batch-8 decoding 2.2x; dev/LOG.md 2026-12-03).
 - CPU decode steps run under quark/cpu_settings.py's thread tuner (QUARK_THREADS=N pins the count instead).
 - CUDA: everything the step touches is preallocated (token, per-row position, cache, key mask); the step attends
   over the whole static cache with a mask, is compiled with `torch.compile` (fusing the elementwise work) and
