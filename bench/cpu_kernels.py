@@ -71,7 +71,7 @@ def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]
     bf = [w.bfloat16() for w in ws]
     out["bf16 F.linear"] = ([lambda x, w=w: F.linear(x.bfloat16(), w) for w in bf], 2)
     q8 = [quantize_tensor(w) for w in ws]
-    out["int8 _weight_int8pack_mm, bf16 act"] = (
+    out["int8 _weight_int8pack_mm, bf16 act" + (" [quark int8]" if rows > 1 else "")] = (
         [lambda x, q=q: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q[0], q[1].bfloat16()) for q in q8], 1)
     dyn = [int8_pack_dynamic(q, s) for q, s in q8]
     if all(p is not None for p in dyn) and rows == 1:
@@ -79,12 +79,14 @@ def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]
             [lambda x, p=p: torch.ops.quantized.linear_dynamic(x, p, True) for p in dyn], 1)
     q4 = [quantize_int4_tensor(w, 32) for w in ws[:-1]]  # the tied head stays int8, as quantize_int4 keeps it
     p4 = [(int4_pack_for_kernel(pack_nibbles(q)), sz) for q, sz in q4]
-    if all(p is not None for p, _ in p4) and dyn[-1] is not None and rows == 1:
+    if all(p is not None for p, _ in p4) and (dyn[-1] is not None or rows > 1):
         n_layer, n_head = sum(w.numel() for w in ws[:-1]), ws[-1].numel()
+        q, s = q8[-1]  # the int8 head: fbgemm for one row, _weight_int8pack_mm for several (as quark/quantize.py)
+        head = (lambda x, p=dyn[-1]: torch.ops.quantized.linear_dynamic(x, p, True)) if rows == 1 else (
+            lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()))
         out["int4 _weight_int4pack_mm_for_cpu + int8 head [quark int4]"] = (
             [lambda x, p=p: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p[0], 32, p[1]) for p in p4]
-            + [lambda x, p=dyn[-1]: torch.ops.quantized.linear_dynamic(x, p, True)],
-            ((0.5 + 4 / 32) * n_layer + n_head) / (n_layer + n_head))
+            + [head], ((0.5 + 4 / 32) * n_layer + n_head) / (n_layer + n_head))
     return out
 
 
