@@ -119,16 +119,20 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
-    """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales) dequantized inside the
-    reduction, or int4 (packed, scales_and_zeros (K/group, N, 2)) through torch's int4 kernel (an extern call in
-    the compiled graph): the projections of the compiled CPU step."""
-    x1 = x.reshape(1, -1)
+    """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales, bf16 scales) dequantized
+    inside the reduction, or int4 (packed, scales_and_zeros (K/group, N, 2)) through torch's int4 kernel (an
+    extern call in the compiled graph): the projections of the compiled CPU step. Several rows (quantized models'
+    batched steps) run torch's int4 / int8 kernels."""
+    x1 = x.reshape(-1, x.shape[-1])
     if isinstance(w, tuple) and w[1].dim() == 3:
         packed, sz = w
         group = x1.shape[1] // sz.shape[0]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x1.to(torch.bfloat16), packed, group, sz).to(x.dtype)
+    elif isinstance(w, tuple) and x.numel() != x.shape[-1]:  # several rows: the int8 kernel, each row its own
+        q, _, scale_bf16 = w
+        y = torch.ops.aten._weight_int8pack_mm(x1.to(torch.bfloat16), q, scale_bf16).to(x.dtype)
     elif isinstance(w, tuple):
-        q, scale = w
+        q, scale, _ = w
         y = (x1 * q.to(x.dtype)).sum(-1) * scale.to(x.dtype)
     else:
         y = _matvec(x1, w)
@@ -138,9 +142,10 @@ def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
 def _layer_step(x: torch.Tensor, weights: tuple, kv: tuple[torch.Tensor, torch.Tensor],
                 tables: tuple[torch.Tensor, torch.Tensor], where: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
                 consts: tuple) -> torch.Tensor:
-    """One decoder layer for one token of one row (quark.model.layer_forward), attending over the first
-    `len(span)` slots of the layer's cache `kv` under the mask of `where` (slots (1, 1), key mask or None, span):
-    every layer has the same shapes and the cache and span lengths are dynamic, so this compiles once."""
+    """One decoder layer for one token of each row (quark.model.layer_forward), attending over the first
+    `len(span)` slots of the layer's cache `kv` under the mask of `where` (slots (B, 1), key mask or None, span):
+    every layer has the same shapes and the cache and span lengths are dynamic (and the row count, above one), so
+    this compiles once per case."""
     slots, key_mask, span = where
     ctx = Context.build(tables, 1, cache=KVCache.of([kv[0]], [kv[1]]), slots=slots, key_mask=key_mask,
                         n_keys=span.shape[0])
@@ -306,10 +311,11 @@ class FusedLayer:
         self.gate_up_p = FusedLinear([m.gate_proj, m.up_proj], transposed)
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
-        # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy, int8 (rows, scales) or int4
-        # (packed, scales_and_zeros); the copies are refreshed in place, so these references stay valid
-        mats = [(lin.weight, lin.scale) if lin.int8 else (lin.packed, lin.sz) if lin.int4 else lin.weight
-                for lin in self.linears]
+        # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy, int8 (rows, scales, bf16
+        # scales) or int4 (packed, scales_and_zeros); the copies are refreshed in place, so these references stay
+        # valid
+        mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.packed, lin.sz) if lin.int4
+                else lin.weight for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -376,6 +382,9 @@ class FastDecoder(Decoder):
         self.graph = None
         # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
         self.runner = (runner or step_runner()) if self.device.type == "cpu" else None
+        # batched steps too for int8/int4 layers (their kernels take rows; fp32 batches run oneDNN eagerly)
+        self.cpu_step_rows = self.cpu_step and all(lin.int8 or lin.int4 for layer in weights.layers
+                                                   for lin in layer.linears)
         if self.cpu_step:
             for t in self.cache.k + self.cache.v:  # any cache length runs the same compiled code
                 torch._dynamo.maybe_mark_dynamic(t, 2)
@@ -399,7 +408,7 @@ class FastDecoder(Decoder):
 
     def forward(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor, key_mask: torch.Tensor | None,
                 n_keys: int | None, last: torch.Tensor | None = None) -> torch.Tensor:
-        if self.cpu_step and idx.shape == (1, 1):
+        if self.cpu_step and idx.shape[1] == 1 and (idx.shape[0] == 1 or self.cpu_step_rows):
             out = self._cpu_step(idx, cache, slots, key_mask, n_keys)
             if out is not None:
                 return out
@@ -412,21 +421,26 @@ class FastDecoder(Decoder):
 
     def _cpu_step(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor,
                   key_mask: torch.Tensor | None, n_keys: int | None) -> torch.Tensor | None:
-        """One token of one row through the compiled per-layer step, attending over the first `n_keys` slots
-        (rounded up; all without it); None if it cannot compile here (warned once; the caller's eager path reruns
-        the token, rewriting the same cache slots)."""
+        """One token of each row (one row, or several for quantized layers) through the compiled per-layer step,
+        attending over the first `n_keys` slots (rounded up; all without it); None if it cannot compile here
+        (warned once; the caller's eager path reruns the token, rewriting the same cache slots)."""
         step = compiled_layer_step()
         if step is None:
             return None
+        B = idx.shape[0]
         if key_mask is not None:
             torch._dynamo.maybe_mark_dynamic(key_mask, 1)  # as long as the cache
-        where = (torch.tensor([[slots]]) if isinstance(slots, int) else slots.reshape(1, 1), key_mask,
-                 _span(self.span, n_keys or self.max_len))
+        slots = torch.full((B, 1), slots) if isinstance(slots, int) else slots.reshape(B, 1)
         x = self.w.embed(idx)
+        kvs = [(cache.k[i], cache.v[i]) for i in range(len(self.w.layers))]
+        if B > 1:  # one graph for every batch size above one
+            for t in (x, slots, *(t for kv in kvs for t in kv)) + ((key_mask,) if key_mask is not None else ()):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        where = (slots, key_mask, _span(self.span, n_keys or self.max_len))
         try:
-            for i, layer in enumerate(self.w.layers):
+            for layer, kv in zip(self.w.layers, kvs):
                 weights, consts = layer.step_args
-                x = step(x, weights, (cache.k[i], cache.v[i]), self.w.tables, where, consts)
+                x = step(x, weights, kv, self.w.tables, where, consts)
         except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
             warnings.warn(f"compiled CPU decode step unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "
                           "eagerly (set QUARK_CPU_COMPILE=0 to skip the attempt)", stacklevel=3)
