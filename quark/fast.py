@@ -120,18 +120,15 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
     """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales, bf16 scales) dequantized
-    inside the reduction, or int4 (packed, scales_and_zeros (K/group, N, 2)) through torch's int4 kernel (an
-    extern call in the compiled graph): the projections of the compiled CPU step. Several rows (quantized models'
-    batched steps) run torch's int4 / int8 kernels."""
-    x1 = x.reshape(-1, x.shape[-1])
-    if isinstance(w, tuple) and w[1].dim() == 3:
-        packed, sz = w
-        group = x1.shape[1] // sz.shape[0]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x1.to(torch.bfloat16), packed, group, sz).to(x.dtype)
-    elif isinstance(w, tuple) and x.numel() != x.shape[-1]:  # several rows: the int8 kernel, each row its own
-        q, _, scale_bf16 = w
-        y = torch.ops.aten._weight_int8pack_mm(x1.to(torch.bfloat16), q, scale_bf16).to(x.dtype)
-    elif isinstance(w, tuple):
+    inside the reduction, or int4 (nibbles, scales_and_zeros (K/group, N, 2), packed) through torch's int4
+    kernel (`int4_linear`, an extern call in the compiled graph): the projections of the compiled CPU step.
+    Several rows (quantized models' batched steps) run `int8_linear` / `int4_linear`."""
+    if isinstance(w, tuple) and w[1].dim() == 3:  # int4: quantize.py's kernel call (an extern call here)
+        return int4_linear(x, *w)
+    if isinstance(w, tuple) and x.numel() != x.shape[-1]:  # several int8 rows: its kernel, each row its own
+        return int8_linear(x, *w)
+    x1 = x.reshape(1, -1)
+    if isinstance(w, tuple):
         q, scale, _ = w
         y = (x1 * q.to(x.dtype)).sum(-1) * scale.to(x.dtype)
     else:
@@ -174,7 +171,7 @@ def compiled_layer_step() -> Callable | None:
 
 # ---- CPU matmuls of several rows: oneDNN -----------------------------------------------------------------------------
 DNNL_PACK_ROWS = 8  # calls of up to this many rows (batched decode steps) use a oneDNN-packed copy of the weight
-_DNNL: list = []  # [True] once oneDNN's linear worked here, [False] once it failed
+_DNNL: list = []  # [False] once oneDNN's linear failed in this process
 
 
 def dnnl_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -191,7 +188,6 @@ def dnnl_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
                       stacklevel=2)
         _DNNL[:] = [False]
         return None
-    _DNNL[:] = [True]
     return y
 
 
@@ -226,15 +222,14 @@ class FusedLinear:
         self.weight = self._stack("weight")
         if self.transposed:
             self.weight = self.weight.t().contiguous()
-        # one-row CPU fp32 calls go through `matvec`, whose row count is dynamic (one kernel per input size)
-        self.matvec = (not (self.int8 or self.transposed) and self.weight.device.type == "cpu"
-                       and self.weight.dtype == torch.float32 and cpu_matvec_enabled())
-        if self.matvec:
-            torch._dynamo.maybe_mark_dynamic(self.weight, 0)  # a hint: a caller may specialize
-        # several rows at once (CPU fp32, (out, in)): oneDNN; a packed copy for decode batches, built at first use
+        # CPU fp32 (out, in): several rows at once through oneDNN (a packed copy for decode batches, built at first
+        # use); one row through `matvec`, whose row count is dynamic (one kernel per input size)
         self.dnnl = (not (self.int8 or self.transposed) and self.weight.device.type == "cpu"
                      and self.weight.dtype == torch.float32)
         self._dnnl_packed = None
+        self.matvec = self.dnnl and cpu_matvec_enabled()
+        if self.matvec:
+            torch._dynamo.maybe_mark_dynamic(self.weight, 0)  # a hint: a caller may specialize
         self.scale = self._stack("scale") if self.int8 else None
         self.scale_bf16 = self.scale.to(torch.bfloat16) if self.int8 else None
         self.packed = self._pack() if self.int8 else None
@@ -312,10 +307,10 @@ class FusedLayer:
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
         # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy, int8 (rows, scales, bf16
-        # scales) or int4 (packed, scales_and_zeros); the copies are refreshed in place, so these references stay
-        # valid
-        mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.packed, lin.sz) if lin.int4
-                else lin.weight for lin in self.linears]
+        # scales) or int4 (nibbles, scales_and_zeros, packed), `_row_mm`'s operands; the copies are refreshed in
+        # place, so these references stay valid
+        mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.weight, lin.sz, lin.packed)
+                if lin.int4 else lin.weight for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

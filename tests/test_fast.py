@@ -424,7 +424,7 @@ def test_compiled_cpu_step_takes_int4_weights(model, compiled_cpu):
     dec = decoder_for(q, 1, 20)
     eager = FastDecoder(q, dec.w, 1, 20)
     eager.cpu_step = False
-    assert dec.cpu_step and dec.w.layers[0].step_args[0][2][1].dim() == 3  # (packed, scales_and_zeros)
+    assert dec.cpu_step and dec.w.layers[0].step_args[0][2][1].dim() == 3  # (nibbles, scales_and_zeros, packed)
     with torch.no_grad():
         got, want = _decode_logits(dec, idx), _decode_logits(eager, idx)
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
