@@ -84,14 +84,19 @@ def test_generate_text_uses_fast_path_by_default(model, monkeypatch):
     assert out.tolist() == generate_text(model, prompt, max_new_tokens=6, temperature=0.0, fast=False).tolist()
 
 
+def _fast_equals_plain(m: Quark, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens of the fast path, asserted equal to the plain path's."""
+    fast = generate(m, prompts, max_new_tokens=10, temperature=0.0)
+    assert fast == generate(m, prompts, max_new_tokens=10, temperature=0.0, fast=False)
+    return fast
+
+
 @pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3], [4, 5]]])  # one row; batched: (in, out) weights
 def test_fused_weights_follow_optimizer_steps_loads_and_replacement(prompts):
     m = Quark(PRESETS["test"]).init_weights(seed=9).eval()
 
     def same_as_plain():
-        fast = generate(m, prompts, max_new_tokens=10, temperature=0.0)
-        assert fast == generate(m, prompts, max_new_tokens=10, temperature=0.0, fast=False)
-        return fast
+        return _fast_equals_plain(m, prompts)
 
     before = same_as_plain()
     opt = torch.optim.SGD(m.parameters(), lr=5.0)  # a real optimizer step, in place
@@ -402,7 +407,6 @@ def test_compiled_cpu_step_attends_the_slots_in_use(model, monkeypatch, compiled
         longer = _decode_logits(FastDecoder(model, FusedWeights(model), 1, 40), idx)  # compiled here (or before)
         graphs = counters["stats"]["unique_graphs"]
         got = _decode_logits(FastDecoder(model, FusedWeights(model), 1, 16), idx)  # the last span is the cache
-        longer = _decode_logits(FastDecoder(model, FusedWeights(model), 1, 40), idx)
         assert counters["stats"]["unique_graphs"] == graphs  # neither the cache's length nor the span recompiled
         padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), idx], 1)
         mask = torch.ones(1, 20, dtype=torch.bool)
@@ -440,9 +444,7 @@ def test_cpu_batches_run_onednn_and_follow_weight_changes(compiled_cpu):
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
 
     def same_as_plain():
-        fast = generate(m, prompts, max_new_tokens=10, temperature=0.0)
-        assert fast == generate(m, prompts, max_new_tokens=10, temperature=0.0, fast=False)
-        return fast
+        return _fast_equals_plain(m, prompts)
 
     before = same_as_plain()
     head = decoder_for(m, len(prompts), 20).w.lm_head
@@ -482,8 +484,9 @@ def test_compiled_cpu_step_takes_batches_of_quantized_rows(model, monkeypatch, c
             out.append(dec.step(idx[:b, t], torch.full((b,), t), t + 1))
         return torch.stack(out)
 
-    calls, real = [], FastDecoder._cpu_step
-    monkeypatch.setattr(FastDecoder, "_cpu_step", lambda self, idx, *a: calls.append(idx.shape[0]) or real(self, idx, *a))
+    calls = []
+    monkeypatch.setattr(FastDecoder, "_cpu_step",
+                        lambda self, idx, *a: calls.append(idx.shape[0]) or _real_cpu_step(self, idx, *a))
     with torch.no_grad():
         got = logits(True, 3)
         graphs = counters["stats"]["unique_graphs"]
