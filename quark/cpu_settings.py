@@ -14,16 +14,18 @@ Choices:
   llama.cpp (llama-cpp-python's build also uses libgomp) opens one parallel region per token with barriers
   between ops, so it meets the same trade-off; by default llama-cpp-python uses half the cores (1 of 2 here).
 - `ThreadTuner` (spin-then-settle at the level of thread counts): decode steps alternate short probes of each
-  candidate count (one, half, all cores), take the median of each probe (its first step, which wakes sleeping
-  workers, is dropped) and run the fastest until the next probe. One thread goes first and sets the reference: a
-  probe step 3x slower than the best so far ends that probe at once (two spinning threads on a shared core can be
-  10x slower, and a chat turn is a few hundred steps). The tuner is kept per model (quark/fast.py), so later
-  generations start from what earlier ones learned. A probe the winner beats by 2x or more is
-  repeated less often (up to every `MAX_INTERVAL` steps), so a loaded machine does not pay for probing
-  all-cores often; any change of winner resets the interval. A sample is the time from one step's start to the
-  next's, so the sampling and the caller's work between steps (which run at the same count: torch's count is
-  left set between steps) are measured too; `release()` restores the count the runner found (the decoder calls it
-  before a prefill and when a generation lets it go).
+  candidate count (one, half, all cores), take the median of each probe's PROBE_SAMPLES steps and run the fastest
+  until the next probe. A probe's first step is not measured when it pays for something once: waking sleeping
+  workers (more threads than the step before) or, the first time at a count, compiling quark/fast.py's CPU step
+  (guarded on the thread count). One thread goes first and sets the reference. A measured probe step CUT (1.5x)
+  slower than the best median so far ends that probe at once: on an idle machine a losing probe of one thread
+  costs one step, and two spinning threads on a shared core (up to 10x slower) cost two. The tuner is kept per
+  model (quark/fast.py), so later generations start from what earlier ones learned. A probe the winner beats by
+  2x or more is repeated less often (up to every `MAX_INTERVAL` steps), so a loaded machine does not pay for
+  probing all-cores often; any change of winner resets the interval. A sample is the time from one step's start
+  to the next's, so the sampling and the caller's work between steps (which run at the same count: torch's count
+  is left set between steps) are measured too; `release()` restores the count the runner found (the decoder calls
+  it before a prefill and when a generation lets it go).
 - `QUARK_THREADS`: unset or "auto" tunes; an integer N pins decode steps to N threads (what tests and
   benchmarks use to compare fixed settings).
 """
@@ -38,7 +40,8 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
-PROBE_STEPS = 4
+PROBE_SAMPLES = 3  # measured steps per probe
+CUT = 1.5  # a probe step this much slower than the best median so far ends the probe
 FIRST_INTERVAL, MAX_INTERVAL = 48, 768
 
 
@@ -68,6 +71,8 @@ class ThreadTuner:
         self.samples: list[float] = []
         self.best = self.current = self.cands[0]
         self.queue = self.cands[1:]  # still to probe in this round
+        self.ran: set[int] = set()  # counts that have run a step (compiled there)
+        self.skip = True  # the current probe's first step is not measured
         self.probing = True
         self.interval, self.until_probe = FIRST_INTERVAL, 0
         self.last: float | None = None  # when the previous step started
@@ -80,6 +85,7 @@ class ThreadTuner:
         self.last = now
         if torch.get_num_threads() != self.current:
             torch.set_num_threads(self.current)
+        self.ran.add(self.current)
         return step()
 
     def release(self) -> None:
@@ -90,7 +96,7 @@ class ThreadTuner:
     def _record(self, dt: float) -> None:
         self.samples.append(dt)
         if not self.probing:  # running the winner; its last steps are its next measurement
-            self.samples = self.samples[-PROBE_STEPS:]
+            self.samples = self.samples[-PROBE_SAMPLES:]
             self.until_probe -= 1
             if self.until_probe > 0 or len(self.cands) == 1:
                 return
@@ -99,14 +105,15 @@ class ThreadTuner:
             self._next(self.queue.pop(0))
             self.probing = True
             return
-        ref = min(self.median.values(), default=None)
-        # clearly losing: end this probe now; never on its first step, which pays for waking the workers and, the
-        # first time at this count, for compiling quark/fast.py's CPU step (guarded on the thread count)
-        if ref is not None and dt > 3 * ref and len(self.samples) > 1:
-            self.samples = [dt] * PROBE_STEPS
-        if len(self.samples) < PROBE_STEPS:
+        measured = self.samples[1:] if self.skip else self.samples
+        if not measured:
             return
-        self.median[self.current] = _median(self.samples[1:])  # the first step pays for waking sleeping workers
+        ref = min(self.median.values(), default=None)
+        if ref is not None and measured[-1] > CUT * ref:  # clearly losing: end this probe now
+            measured = measured[-1:]
+        elif len(measured) < PROBE_SAMPLES:
+            return
+        self.median[self.current] = _median(measured)
         if self.queue:
             self._next(self.queue.pop(0))
             return
@@ -120,6 +127,8 @@ class ThreadTuner:
         self._next(winner)
 
     def _next(self, n: int) -> None:
+        """Run count n from the next step; its first step is not measured if it wakes workers or compiles."""
+        self.skip = n not in self.ran or n > self.current
         self.current, self.samples = n, []
 
 

@@ -54,15 +54,18 @@ def test_tuner_settles_follows_contention_and_backs_off(two_threads):
     assert torch.get_num_threads() == 2  # the count it found
     assert tuner.best == 2 and m.seen[-40:].count(2) >= 36
     assert tuner.interval == FIRST_INTERVAL  # 1.6x slower: not clearly beaten, probed at the first interval
+    # after the first round, a probe of one thread ends after its first step (1.6x > CUT: no wake-up to skip)
+    later = "".join(map(str, m.seen[8:]))
+    assert later.count("1") >= 3 and "11" not in later
     m.cost = {2: 4.0, 1: 1.0}  # a competing process holds a core: spinning workers collapse
     m.seen.clear()
     for _ in range(FIRST_INTERVAL + 10):
         tuner.run(m.step)
-    assert tuner.best == 1 and m.seen[-4:] == [1, 1, 1, 1]
+    assert tuner.best == 1 and m.seen[-FIRST_INTERVAL:].count(1) >= FIRST_INTERVAL - 2
     for _ in range(3000):
         tuner.run(m.step)
     assert tuner.interval == MAX_INTERVAL  # two threads keep losing 4x: probed ever more rarely
-    assert m.seen[-3000:].count(2) < 3000 * 0.01  # and each probe stops after two 4x steps (the first is free)
+    assert m.seen[-3000:].count(2) < 3000 * 0.01  # each probe stops after two 4x steps (the first, waking workers, is not measured)
 
 
 def test_a_slow_first_step_at_a_count_does_not_disqualify_it(two_threads):
