@@ -18,13 +18,16 @@ Choices:
   count is marked dynamic, so a model compiles one kernel per input size (and thread count). With it the float
   copies stay (out, in), as nn.Linear keeps them; without it (`QUARK_CPU_COMPILE=0`, or when compiling fails,
   e.g. no C++ compiler: one warning) they are stored (in, out) and `x @ W` runs MKL (1.5x F.linear at one row).
-- CPU, one row, fp32, int8 or int4 weights of such a model: each layer of a decode step is one compiled call
-  (`_layer_step`: `layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 rows dequantized
-  inside them, int4 through torch's int4 kernel as an extern call), so the ~30 small eager ops per layer cost
-  one call; every layer runs the same graph, and so does every cache length and attended span (both dynamic;
-  a step attends over the slots in use rounded up to SPAN_STEP, not the whole cache of `quark chat`/`serve`):
-  ~9 s to compile on a fresh machine, ~4 s from inductor's disk cache, then quark-72m decodes 1.2x (one thread)
-  to 1.6x (two) faster than eagerly (dev/LOG.md 2026-12-03). Prefill and batches of several rows run eagerly.
+- CPU, one row, fp32, int8 or int4 weights of such a model: a decode step is one compiled call (`_token_step`),
+  each layer a nested compile region (`torch.compiler.nested_compile_region`) over `_layer_step`
+  (`layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 rows dequantized inside them, int4
+  through torch's int4 kernel as an extern call), so the ~30 small eager ops per layer cost nothing apart and
+  the 14 layers one call: every layer runs the same subgraph, compiled once, and every cache length and
+  attended span the same graph (both dynamic; a step attends over the slots in use rounded up to SPAN_STEP, not
+  the whole cache of `quark chat`/`serve`). Compiling (once per thread count) takes 10-24 s on a fresh machine
+  and 4-7 s from inductor's disk cache (2-3.5 s per layer call before: dynamo traces the token); quark-72m decodes 1.2x (one thread) to 1.6x (two) faster than eagerly, and one call per token instead of
+  one per layer was +12-14% more for int8/int4 at two threads (dev/LOG.md 2026-12-03/04). A torch without nested
+  regions compiles `_layer_step` alone and calls it per layer. Prefill and fp32 batches run eagerly.
 - CPU, fp32, several rows (batched decode steps, prefill): oneDNN's linear (`dnnl_linear`), decode batches of up
   to DNNL_PACK_ROWS rows on a packed copy built at first use: MKL's sgemm read the weights at 5-7 GB/s there on an
   AMD EPYC, oneDNN's packed linear at 17-18 (batch-8 decoding 2.2x; dev/LOG.md 2026-12-03).
@@ -120,7 +123,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
     """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales, bf16 scales) dequantized
-    inside the reduction, or int4 (nibbles, scales_and_zeros (K/group, N, 2), packed) through torch's int4
+    inside the reduction, or int4 (nibbles, scales_and_zeros (K/group, N, 2), packed, group size) through torch's int4
     kernel (`int4_linear`, an extern call in the compiled graph): the projections of the compiled CPU step.
     Several rows (quantized models' batched steps) run `int8_linear` / `int4_linear`."""
     if isinstance(w, tuple) and w[1].dim() == 3:  # int4: quantize.py's kernel call (an extern call here)
@@ -160,12 +163,28 @@ def _span(span: torch.Tensor, n_keys: int) -> torch.Tensor:
     return view
 
 
-_STEP: list = []  # [compiled _layer_step], or [None] once compiling failed
+_STEP: list = []  # [compiled token step], or [None] once compiling failed
+# where torch has it, a layer is a nested compile region: one graph per token runs every layer's call of the same
+# compiled subgraph (compiled once, as the per-layer step was), so a token is one compiled call, not one per layer
+_LAYER = getattr(torch.compiler, "nested_compile_region", lambda f: None)(_layer_step)
 
 
-def compiled_layer_step() -> Callable | None:
+def _token_step(x: torch.Tensor, layers: list[tuple[tuple, tuple]], kvs: list[tuple[torch.Tensor, torch.Tensor]],
+                tables: tuple[torch.Tensor, torch.Tensor], where: tuple, layer: Callable | None = None) -> torch.Tensor:
+    """Every layer's `_layer_step` for one token of each row (`layers`: each layer's `FusedLayer.step_args`)."""
+    for (weights, consts), kv in zip(layers, kvs):
+        x = (layer or _LAYER)(x, weights, kv, tables, where, consts)
+    return x
+
+
+def compiled_token_step() -> Callable | None:
+    """The compiled `_token_step`: one graph per token, or without nested regions (older torch) a loop over the
+    compiled `_layer_step`."""
     if not _STEP:
-        _STEP.append(torch.compile(_layer_step, fullgraph=True, dynamic=False))
+        if _LAYER is not None:
+            _STEP.append(torch.compile(_token_step, fullgraph=True, dynamic=False))
+        else:
+            _STEP.append(functools.partial(_token_step, layer=torch.compile(_layer_step, fullgraph=True, dynamic=False)))
     return _STEP[0]
 
 
@@ -218,6 +237,7 @@ class FusedLinear:
             self.weight = mods[0].qweight if one else torch.cat([m.qweight for m in mods])
             self.sz = mods[0].scales_and_zeros if one else torch.cat([m.scales_and_zeros for m in mods], dim=1)
             self.packed = mods[0].packed if one else int4_pack_for_kernel(self.weight)
+            self.group = torch.tensor(self.weight.shape[1] * 2 // self.sz.shape[0])  # `int4_linear`'s graph operand
             return
         self.weight = self._stack("weight")
         if self.transposed:
@@ -307,10 +327,11 @@ class FusedLayer:
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
         # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy, int8 (rows, scales, bf16
-        # scales) or int4 (nibbles, scales_and_zeros, packed), `_row_mm`'s operands; the copies are refreshed in
-        # place, so these references stay valid
-        mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.weight, lin.sz, lin.packed)
-                if lin.int4 else lin.weight for lin in self.linears]
+        # scales) or int4 (nibbles, scales_and_zeros, packed, group size), `_row_mm`'s operands; the copies are refreshed in
+        # place, so these references stay valid. A float matrix is passed as an alias without `matvec`'s
+        # dynamic-size hint: the layer graph is static (a hinted size also breaks dynamo's nested regions)
+        mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.weight, lin.sz, lin.packed, lin.group)
+                if lin.int4 else lin.weight.view(lin.weight.shape) for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -343,6 +364,7 @@ class FusedWeights:
         self.lm_head = FusedLinear([model.lm_head], transposed)
         self.tables = (model.rope_cos, model.rope_sin)
         self.linears = [lin for layer in self.layers for lin in layer.linears] + [self.lm_head]
+        self.step_layers = [layer.step_args for layer in self.layers]  # `_token_step`'s operands
         self.ptrs = self._ptrs(model)
         self.seen = _STALE[0]
 
@@ -419,7 +441,7 @@ class FastDecoder(Decoder):
         """One token of each row (one row, or several for quantized layers) through the compiled per-layer step,
         attending over the first `n_keys` slots (rounded up; all without it); None if it cannot compile here
         (warned once; the caller's eager path reruns the token, rewriting the same cache slots)."""
-        step = compiled_layer_step()
+        step = compiled_token_step()
         if step is None:
             return None
         B = idx.shape[0]
@@ -433,9 +455,7 @@ class FastDecoder(Decoder):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         where = (slots, key_mask, _span(self.span, n_keys or self.max_len))
         try:
-            for layer, kv in zip(self.w.layers, kvs):
-                weights, consts = layer.step_args
-                x = step(x, weights, kv, self.w.tables, where, consts)
+            x = step(x, self.w.step_layers, kvs, self.w.tables, where)
         except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
             warnings.warn(f"compiled CPU decode step unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "
                           "eagerly (set QUARK_CPU_COMPILE=0 to skip the attempt)", stacklevel=3)

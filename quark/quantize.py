@@ -144,6 +144,7 @@ class Int8Embedding(nn.Module):
 # ---- int4 ----------------------------------------------------------------------------------------------------------
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 _INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+_INT4_GROUP_TENSOR = hasattr(torch.ops.quantized, "int4mm_packed_weight_cpu")  # the same kernel, group size a tensor
 
 
 def quantize_int4_tensor(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,14 +178,20 @@ def int4_pack_for_kernel(qweight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1)
 
 
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor,
-                packed: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(qweight).T in x's dtype; qweight (N, K/2) plain nibbles, sz (K/g, N, 2) bf16."""
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, packed: torch.Tensor | None = None,
+                group: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(qweight).T in x's dtype; qweight (N, K/2) plain nibbles, sz (K/g, N, 2) bf16. `group`, the
+    group size as a 0-d tensor, is for compiled graphs (quark/fast.py): torch's int4 op then takes it as an input
+    (inductor turns an int into a constant tensor, which dynamo's nested compile regions cannot take)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    N, group = qweight.shape[0], shape[-1] // sz.shape[0]
+    N, g = qweight.shape[0], shape[-1] // sz.shape[0]
     if packed is not None and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, group, sz)
+        xb = x2.to(torch.bfloat16).contiguous()
+        if group is not None and _INT4_GROUP_TENSOR:
+            y = torch.ops.quantized.int4mm_packed_weight_cpu(xb, packed, group, sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, g, sz)
     else:
         y = F.linear(x2, int4_dequantize(qweight, sz, x.dtype))
     return y.to(x.dtype).view(*shape[:-1], N)
