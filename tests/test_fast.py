@@ -1,6 +1,7 @@
 """The fast decoder (quark/fast.py) against the plain model.forward + KVCache path and full-sequence logits."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -416,6 +417,36 @@ def test_compiled_cpu_step_attends_the_slots_in_use(model, monkeypatch, compiled
     assert [len(s) for s in spans[8:16]] == [12, 12, 12, 12, 16, 16, 16, 16]
     assert (got - ref).abs().max().item() < 1e-4 and (longer - ref).abs().max().item() < 1e-4
     assert max((x[:, -9:] - ref).abs().max().item() for x in left) < 1e-4
+
+
+def test_compiled_cpu_step_is_one_call_per_token_and_per_layer_without_nested_regions(model, monkeypatch,
+                                                                                     compiled_cpu):
+    """A decode step runs every layer in one compiled call (each layer a nested compile region of the one layer
+    graph); a torch without nested regions compiles the layer step alone and calls it once per layer. Both give
+    the plain forward's logits."""
+    if compiled_cpu._LAYER is None:
+        pytest.skip("this torch has no torch.compiler.nested_compile_region")
+    idx = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = model(idx)[:, 5:]
+
+    def decode_counting(step):
+        calls = []
+        monkeypatch.setattr(compiled_cpu, "_STEP", [lambda *a: calls.append(1) or step(*a)])
+        with torch.no_grad():
+            got = _decode_logits(decoder_for(model, 1, 20), idx)
+        assert (got - ref).abs().max().item() < 1e-4
+        return len(calls)
+
+    monkeypatch.setattr(compiled_cpu, "_STEP", [])
+    assert decode_counting(compiled_cpu.compiled_token_step()) == 6  # 6 steps, one call each
+    monkeypatch.setattr(compiled_cpu, "_LAYER", None)
+    monkeypatch.setattr(compiled_cpu, "_STEP", [])
+    fallback = compiled_cpu.compiled_token_step()  # what an older torch gets: a loop over the compiled layer
+    assert isinstance(fallback, functools.partial) and fallback.func is compiled_cpu._token_step
+    layer, layer_calls = fallback.keywords["layer"], []
+    counted = functools.partial(fallback.func, layer=lambda *a: layer_calls.append(1) or layer(*a))
+    assert decode_counting(counted) == 6 and len(layer_calls) == 6 * model.config.n_layers
 
 
 def test_compiled_cpu_step_takes_int4_weights(model, compiled_cpu):
