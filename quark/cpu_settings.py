@@ -15,17 +15,19 @@ Choices:
   between ops, so it meets the same trade-off; by default llama-cpp-python uses half the cores (1 of 2 here).
 - `ThreadTuner` (spin-then-settle at the level of thread counts): decode steps alternate short probes of each
   candidate count (one, half, all cores), take the median of each probe's PROBE_SAMPLES steps and run the fastest
-  until the next probe. A probe's first step is not measured when it pays for something once: waking sleeping
-  workers (more threads than the step before) or, the first time at a count, compiling quark/fast.py's CPU step
-  (guarded on the thread count). One thread goes first and sets the reference. A measured probe step CUT (1.5x)
-  slower than the best median so far ends that probe at once: on an idle machine a losing probe of one thread
-  costs one step, and two spinning threads on a shared core (up to 10x slower) cost two. The tuner is kept per
-  model (quark/fast.py), so later generations start from what earlier ones learned. A probe the winner beats by
-  2x or more is repeated less often (up to every `MAX_INTERVAL` steps), so a loaded machine does not pay for
-  probing all-cores often; any change of winner resets the interval. A sample is the time from one step's start
-  to the next's, so the sampling and the caller's work between steps (which run at the same count: torch's count
-  is left set between steps) are measured too; `release()` restores the count the runner found (the decoder calls
-  it before a prefill and when a generation lets it go).
+  until the next probe. The first step ever at a count is not measured: it compiles quark/fast.py's CPU step for
+  that count (guarded on the thread count). One thread goes first and sets the reference. Two probe steps in a
+  row CUT (1.5x) slower than the best median so far end that probe at once (one slow step alone can be a
+  hiccup: 80 ms among 5 ms steps on an idle machine), so a losing probe costs two steps; that includes the
+  step that wakes sleeping workers, which on a core another process holds can stall for ~0.2 s (measured on a
+  2-core machine: 185 ms, against 11 ms steps). While the winner keeps winning, the probes are
+  spaced ever further apart (FIRST_INTERVAL steps, doubling up to MAX_INTERVAL); a change of winner resets the
+  spacing, and so does the winner's own steps turning CUT slower than when it won (another process arriving
+  while all cores run): that starts a probe at once. The tuner is kept per model (quark/fast.py), so later
+  generations start from what earlier ones learned. A sample is the time from one step's start to the next's,
+  so the sampling and the caller's work between steps (which run at the same count: torch's count is left set
+  between steps) are measured too; `release()` restores the count the runner found (the decoder calls it
+  before a prefill and when a generation lets it go).
 - `QUARK_THREADS`: unset or "auto" tunes; an integer N pins decode steps to N threads (what tests and
   benchmarks use to compare fixed settings).
 """
@@ -98,8 +100,11 @@ class ThreadTuner:
         if not self.probing:  # running the winner; its last steps are its next measurement
             self.samples = self.samples[-PROBE_SAMPLES:]
             self.until_probe -= 1
-            if self.until_probe > 0 or len(self.cands) == 1:
+            slower = len(self.samples) == PROBE_SAMPLES and _median(self.samples) > CUT * self.median[self.best]
+            if (self.until_probe > 0 and not slower) or len(self.cands) == 1:
                 return
+            if slower:
+                self.interval = FIRST_INTERVAL
             self.median[self.best] = _median(self.samples)
             self.queue = [c for c in self.cands if c != self.best]
             self._next(self.queue.pop(0))
@@ -109,8 +114,8 @@ class ThreadTuner:
         if not measured:
             return
         ref = min(self.median.values(), default=None)
-        if ref is not None and measured[-1] > CUT * ref:  # clearly losing: end this probe now
-            measured = measured[-1:]
+        if ref is not None and len(measured) >= 2 and min(measured[-2:]) > CUT * ref:  # clearly losing: end now
+            measured = measured[-2:]
         elif len(measured) < PROBE_SAMPLES:
             return
         self.median[self.current] = _median(measured)
@@ -118,17 +123,13 @@ class ThreadTuner:
             self._next(self.queue.pop(0))
             return
         winner = min(self.median, key=self.median.get)
-        others = [t for c, t in self.median.items() if c != winner]
-        if winner != self.best:
-            self.interval = FIRST_INTERVAL
-        elif others and min(others) >= 2 * self.median[winner]:
-            self.interval = min(2 * self.interval, MAX_INTERVAL)
+        self.interval = FIRST_INTERVAL if winner != self.best else min(2 * self.interval, MAX_INTERVAL)
         self.best, self.until_probe, self.probing = winner, self.interval, False
         self._next(winner)
 
     def _next(self, n: int) -> None:
-        """Run count n from the next step; its first step is not measured if it wakes workers or compiles."""
-        self.skip = n not in self.ran or n > self.current
+        """Run count n from the next step; its first step is not measured if it is the first at that count."""
+        self.skip = n not in self.ran
         self.current, self.samples = n, []
 
 
