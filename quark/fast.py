@@ -25,9 +25,11 @@ Choices:
   the 14 layers one call: every layer runs the same subgraph, compiled once, and every cache length and
   attended span the same graph (both dynamic; a step attends over the slots in use rounded up to SPAN_STEP, not
   the whole cache of `quark chat`/`serve`). Compiling (once per thread count) takes 10-24 s on a fresh machine
-  and 4-7 s from inductor's disk cache (2-3.5 s per layer call before: dynamo traces the token); quark-72m decodes 1.2x (one thread) to 1.6x (two) faster than eagerly, and one call per token instead of
-  one per layer was +12-14% more for int8/int4 at two threads (dev/LOG.md 2026-12-03/04). A torch without nested
-  regions compiles `_layer_step` alone and calls it per layer. Prefill and fp32 batches run eagerly.
+  and 4-7 s from inductor's disk cache (8-17 s and 2-3.5 s for the per-layer step before: dynamo now traces the
+  whole token); quark-72m decodes 1.2x (one thread) to 1.6x (two) faster than eagerly, and one call per token
+  instead of one per layer made int8/int4 12-14% faster again at two threads (dev/LOG.md 2026-12-03, third
+  session). A torch without nested regions compiles `_layer_step` alone and calls it per layer. Prefill and fp32
+  batches run eagerly.
 - CPU, fp32, several rows (batched decode steps, prefill): oneDNN's linear (`dnnl_linear`), decode batches of up
   to DNNL_PACK_ROWS rows on a packed copy built at first use: MKL's sgemm read the weights at 5-7 GB/s there on an
   AMD EPYC, oneDNN's packed linear at 17-18 (batch-8 decoding 2.2x; dev/LOG.md 2026-12-03).
@@ -123,8 +125,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
     """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales, bf16 scales) dequantized
-    inside the reduction, or int4 (nibbles, scales_and_zeros (K/group, N, 2), packed, group size) through torch's int4
-    kernel (`int4_linear`, an extern call in the compiled graph): the projections of the compiled CPU step.
+    inside the reduction, or int4 (nibbles, scales_and_zeros (K/group, N, 2), packed, group size) through torch's
+    int4 kernel (`int4_linear`, an extern call in the compiled graph): the projections of the compiled CPU step.
     Several rows (quantized models' batched steps) run `int8_linear` / `int4_linear`."""
     if isinstance(w, tuple) and w[1].dim() == 3:  # int4: quantize.py's kernel call (an extern call here)
         return int4_linear(x, *w)
@@ -184,7 +186,8 @@ def compiled_token_step() -> Callable | None:
         if _LAYER is not None:
             _STEP.append(torch.compile(_token_step, fullgraph=True, dynamic=False))
         else:
-            _STEP.append(functools.partial(_token_step, layer=torch.compile(_layer_step, fullgraph=True, dynamic=False)))
+            layer = torch.compile(_layer_step, fullgraph=True, dynamic=False)
+            _STEP.append(functools.partial(_token_step, layer=layer))
     return _STEP[0]
 
 
@@ -327,9 +330,9 @@ class FusedLayer:
         self.down = FusedLinear([m.down_proj], transposed)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
         # (tensors, constants) of `_layer_step`: a matrix is the float (out, in) copy, int8 (rows, scales, bf16
-        # scales) or int4 (nibbles, scales_and_zeros, packed, group size), `_row_mm`'s operands; the copies are refreshed in
-        # place, so these references stay valid. A float matrix is passed as an alias without `matvec`'s
-        # dynamic-size hint: the layer graph is static (a hinted size also breaks dynamo's nested regions)
+        # scales) or int4 (nibbles, scales_and_zeros, packed, group size), `_row_mm`'s operands; the copies are
+        # refreshed in place, so these references stay valid. A float matrix is passed as an alias without
+        # `matvec`'s dynamic-size hint: the layer graph is static (a hinted size also breaks dynamo's nested regions)
         mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.weight, lin.sz, lin.packed, lin.group)
                 if lin.int4 else lin.weight.view(lin.weight.shape) for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
@@ -438,7 +441,7 @@ class FastDecoder(Decoder):
 
     def _cpu_step(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor,
                   key_mask: torch.Tensor | None, n_keys: int | None) -> torch.Tensor | None:
-        """One token of each row (one row, or several for quantized layers) through the compiled per-layer step,
+        """One token of each row (one row, or several for quantized layers) through the compiled token step,
         attending over the first `n_keys` slots (rounded up; all without it); None if it cannot compile here
         (warned once; the caller's eager path reruns the token, rewriting the same cache slots)."""
         step = compiled_token_step()

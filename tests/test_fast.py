@@ -370,7 +370,7 @@ def test_compiled_cpu_step_in_the_engine_and_with_a_longer_cache(model, monkeypa
 
 
 def test_compiled_cpu_step_takes_int8_weights(model, compiled_cpu):
-    """An int8 model's one-row steps run the compiled per-layer step too (each int8 row dequantized inside the
+    """An int8 model's one-row steps run the compiled step too (each int8 row dequantized inside the
     reduction: weight-only numerics): its logits track the model with the dequantized weights in fp32 (the
     lm_head, outside the step, is fbgemm's kernel, which quantizes the activation row: ~1%)."""
     from quark.quantize import Int8Linear, quantize_int8
@@ -450,7 +450,7 @@ def test_compiled_cpu_step_is_one_call_per_token_and_per_layer_without_nested_re
 
 
 def test_compiled_cpu_step_takes_int4_weights(model, compiled_cpu):
-    """An int4 model's one-row steps run the compiled per-layer step too, torch's int4 kernel called from the
+    """An int4 model's one-row steps run the compiled step too, torch's int4 kernel called from the
     graph: the same logits as its eager steps (which call that kernel directly)."""
     from quark.quantize import quantize_int4
 
