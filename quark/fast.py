@@ -249,7 +249,7 @@ class FusedLinear:
             self.weight = mods[0].qweight if one else torch.cat([m.qweight for m in mods])
             self.sz = mods[0].scales_and_zeros if one else torch.cat([m.scales_and_zeros for m in mods], dim=1)
             self.packed = mods[0].packed if one else int4_pack_for_kernel(self.weight)
-            self.group = torch.tensor(self.weight.shape[1] * 2 // self.sz.shape[0])  # `int4_linear`'s graph operand
+            self.group = torch.tensor(mods[0].group_size)  # `int4_linear`'s graph operand (fused modules share it)
             return
         self.weight = self._stack("weight")
         if self.transposed:
