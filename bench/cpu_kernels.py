@@ -38,13 +38,8 @@ def time_token(fns: list, xs: list[torch.Tensor], rounds: int) -> float:
 
 def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]]:
     """name -> (one callable per matrix, weight bytes read per token), built lazily so a missing op is skipped."""
-    from quark.quantize import (
-        int4_pack_for_kernel,
-        int8_pack_dynamic,
-        pack_nibbles,
-        quantize_int4_tensor,
-        quantize_tensor,
-    )
+    from quark import kernels as quark_kernels
+    from quark.quantize import int8_pack_dynamic, pack_nibbles, quantize_int4_tensor, quantize_tensor
 
     out = {}
     out["fp32 F.linear (out, in)"] = ([lambda x, w=w: F.linear(x, w) for w in ws], 4)
@@ -71,22 +66,33 @@ def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]
     bf = [w.bfloat16() for w in ws]
     out["bf16 F.linear"] = ([lambda x, w=w: F.linear(x.bfloat16(), w) for w in bf], 2)
     q8 = [quantize_tensor(w) for w in ws]
-    out["int8 _weight_int8pack_mm, bf16 act" + (" [quark int8]" if rows > 1 else "")] = (
+    ours = quark_kernels.available()  # quark's VNNI kernels (quark/kernels.py) where this CPU has them
+    if ours:
+        out["int8 quark int8_gemv (VNNI) [quark int8]"] = (
+            [lambda x, q=q: quark_kernels.int8_gemv(x, q[0], q[1]) for q in q8], 1 + 4 / 512)
+    out["int8 _weight_int8pack_mm, bf16 act" + (" [quark int8]" if rows > 1 and not ours else "")] = (
         [lambda x, q=q: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q[0], q[1].bfloat16()) for q in q8], 1)
     dyn = [int8_pack_dynamic(q, s) for q, s in q8]
     if all(p is not None for p in dyn) and rows == 1:
-        out["int8 fbgemm dynamic [quark int8, 1 row]"] = (
+        out["int8 fbgemm dynamic" + ("" if ours else " [quark int8, 1 row]")] = (
             [lambda x, p=p: torch.ops.quantized.linear_dynamic(x, p, True) for p in dyn], 1)
     q4 = [quantize_int4_tensor(w, 32) for w in ws[:-1]]  # the tied head stays int8, as quantize_int4 keeps it
-    p4 = [(int4_pack_for_kernel(pack_nibbles(q)), sz) for q, sz in q4]
-    if all(p is not None for p, _ in p4) and (dyn[-1] is not None or rows > 1):
-        n_layer, n_head = sum(w.numel() for w in ws[:-1]), ws[-1].numel()
-        q, s = q8[-1]  # the int8 head: fbgemm for one row, _weight_int8pack_mm for several (as quark/quantize.py)
+    n_layer, n_head = sum(w.numel() for w in ws[:-1]), ws[-1].numel()
+    int4_bytes = ((0.5 + 4 / 32) * n_layer + n_head) / (n_layer + n_head)  # nibbles, bf16 (scale, zero) / 32
+    q, s = q8[-1]
+    if ours:
+        t4 = [(pack_nibbles(q4i), quark_kernels.int4_table(sz, 32)) for q4i, sz in q4]
+        out["int4 quark int4_gemv (VNNI) + int8 head [quark int4]"] = (
+            [lambda x, t=t: quark_kernels.int4_gemv(x, *t) for t in t4]
+            + [lambda x: quark_kernels.int8_gemv(x, q, s)], int4_bytes)
+    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and (dyn[-1] is not None or rows > 1):
+        p4 = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4i.to(torch.int32), 1), sz) for q4i, sz in q4]
+        # the int8 head: fbgemm for one row, _weight_int8pack_mm for several (as quark/quantize.py without its kernels)
         head = (lambda x, p=dyn[-1]: torch.ops.quantized.linear_dynamic(x, p, True)) if rows == 1 else (
             lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()))
-        out["int4 _weight_int4pack_mm_for_cpu + int8 head [quark int4]"] = (
+        out["int4 _weight_int4pack_mm_for_cpu + int8 head" + ("" if ours else " [quark int4]")] = (
             [lambda x, p=p: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p[0], 32, p[1]) for p in p4]
-            + [head], ((0.5 + 4 / 32) * n_layer + n_head) / (n_layer + n_head))
+            + [head], int4_bytes)
     return out
 
 

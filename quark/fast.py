@@ -20,8 +20,9 @@ Choices:
   e.g. no C++ compiler: one warning) they are stored (in, out) and `x @ W` runs MKL (1.5x F.linear at one row).
 - CPU, one row, fp32, int8 or int4 weights of such a model: a decode step is one compiled call (`_token_step`),
   each layer a nested compile region (`torch.compiler.nested_compile_region`) over `_layer_step`
-  (`layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 rows dequantized inside them, int4
-  through torch's int4 kernel as an extern call), so the ~30 small eager ops per layer cost nothing apart and
+  (`layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 through quark's VNNI kernel
+  (quark/kernels.py) or where it is missing dequantized inside the reductions, int4 through torch's int4 kernel;
+  the kernels are extern calls), so the ~30 small eager ops per layer cost nothing apart and
   the 14 layers one call: every layer runs the same subgraph, compiled once, and every cache length and
   attended span the same graph (both dynamic; a step attends over the slots in use rounded up to SPAN_STEP, not
   the whole cache of `quark chat`/`serve`). Compiling (once per thread count) takes 10-24 s on a fresh machine
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import kernels
 from .cpu_settings import Pinned, ThreadTuner, step_runner, threads_setting
 from .generate import Decoder, register_fast_decoder
 from .model import Block, Context, KVCache, Quark, layer_forward
@@ -124,13 +126,14 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
-    """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales, bf16 scales) dequantized
-    inside the reduction, or int4 (nibbles, scales_and_zeros (K/group, N, 2), packed, group size) through torch's
-    int4 kernel (`int4_linear`, an extern call in the compiled graph): the projections of the compiled CPU step.
-    Several rows (quantized models' batched steps) run `int8_linear` / `int4_linear`."""
+    """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales, bf16 scales) or int4
+    (nibbles, scales_and_zeros (K/group, N, 2), packed, group size): the projections of the compiled CPU step.
+    Quantized matrices run `int8_linear` / `int4_linear` (extern kernel calls in the compiled graph: quark's int8
+    kernel, torch's int4 one), except int8 at one row where quark's kernel is unavailable: dequantized inside
+    inductor's reduction. Several rows (quantized models' batched steps) always run the quantize.py kernels."""
     if isinstance(w, tuple) and w[1].dim() == 3:  # int4: quantize.py's kernel call (an extern call here)
         return int4_linear(x, *w)
-    if isinstance(w, tuple) and x.numel() != x.shape[-1]:  # several int8 rows: its kernel, each row its own
+    if isinstance(w, tuple) and (x.numel() != x.shape[-1] or kernels.available()):  # quantize.py's int8 kernels
         return int8_linear(x, *w)
     x1 = x.reshape(1, -1)
     if isinstance(w, tuple):
@@ -248,7 +251,7 @@ class FusedLinear:
             one = len(mods) == 1
             self.weight = mods[0].qweight if one else torch.cat([m.qweight for m in mods])
             self.sz = mods[0].scales_and_zeros if one else torch.cat([m.scales_and_zeros for m in mods], dim=1)
-            self.packed = mods[0].packed if one else int4_pack_for_kernel(self.weight)
+            self.packed = mods[0].packed if one else int4_pack_for_kernel(self.weight, self.sz)
             self.group = torch.tensor(mods[0].group_size)  # `int4_linear`'s graph operand (fused modules share it)
             return
         self.weight = self._stack("weight")
@@ -268,6 +271,8 @@ class FusedLinear:
 
     def _pack(self) -> object | None:
         """fbgemm's copy for one-row int8 matmuls (quark/quantize.py); a single module's own copy is shared."""
+        if kernels.available():  # quark's own kernel takes the plain rows
+            return None
         return self.mods[0].packed() if len(self.mods) == 1 else int8_pack_dynamic(self.weight, self.scale)
 
     def _stack(self, name: str) -> torch.Tensor:
@@ -286,7 +291,7 @@ class FusedLinear:
                 self.weight.copy_(torch.cat([m.qweight for m in self.mods]))
                 self.sz.copy_(torch.cat([m.scales_and_zeros for m in self.mods], dim=1))
                 if self.packed is not None:
-                    self.packed.copy_(int4_pack_for_kernel(self.weight))
+                    self.packed.copy_(int4_pack_for_kernel(self.weight, self.sz))
             return
         self._dnnl_packed = None
         if self.transposed:

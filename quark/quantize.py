@@ -7,7 +7,11 @@ Choices (int8):
   the same model; `copy.deepcopy` it first to keep the float model. Norm weights and RoPE tables stay as they are,
   so `model.dtype` (the norms' dtype) remains the compute dtype; activations and the KV cache keep it.
 - The int8 buffer is named `weight` (device and shape read as before) with a float `scale` beside it.
-- One row on CPU (batch-1 decode, what `quark chat` runs) goes through fbgemm's dynamic int8 linear
+- Up to SMALL_BATCH_ROWS rows on a CPU with AVX512-VNNI (decode steps, what `quark chat` runs) go through quark's
+  own kernel (quark/kernels.py): each row quantized in blocks of 32 as llama.cpp's q8_0 does, int8 dot products,
+  1.3-1.9x `_weight_int8pack_mm` below and 1.1-1.2x fbgemm's one-row linear, and callable from compiled graphs.
+  Other CPUs (or no compiler) take the torch kernels of the next two points.
+- One row on CPU (batch-1 decode) goes through fbgemm's dynamic int8 linear
   (`torch.ops.quantized.linear_dynamic`, the kernel of `torch.ao.quantization.quantize_dynamic`): the row is
   quantized on the fly to 8 bits (7-bit range, fbgemm's `reduce_range`, so no int16 saturation) and multiplied
   with int8 dot products, as llama.cpp's q8_0 quantizes activations; 1.8x the decode speed of the bf16-activation
@@ -44,6 +48,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quark import kernels
 
 _INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 SMALL_BATCH_ROWS = 32  # up to this many rows the int8 kernel beats dequantize + matmul on CPU (measured)
@@ -82,7 +88,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scal
     `int8_pack_dynamic(weight, scale)` for the one-row CPU kernel."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if packed is not None and x2.shape[0] == 1 and x.device.type == "cpu":
+    if x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS and kernels.available():
+        y = kernels.int8_gemv(x2, weight, scale)
+    elif packed is not None and x2.shape[0] == 1 and x.device.type == "cpu":
         y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), packed, True)
     elif _INT8PACK and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
         s = scale_bf16 if scale_bf16 is not None else scale.to(torch.bfloat16)
@@ -120,7 +128,7 @@ class Int8Linear(nn.Module):
         return cls(q.to(w.device), s.to(w.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_row = x.device.type == "cpu" and x.numel() == x.shape[-1]
+        one_row = x.device.type == "cpu" and x.numel() == x.shape[-1] and not kernels.available()
         return int8_linear(x, self.weight, self.scale, self.scale_bf16, self.packed() if one_row else None)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -171,9 +179,14 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-def int4_pack_for_kernel(qweight: torch.Tensor) -> torch.Tensor | None:
-    """The CPU kernel's packed weight from plain nibbles (None off the CPU or without the kernel)."""
-    if not _INT4PACK or qweight.device.type != "cpu":
+def int4_pack_for_kernel(qweight: torch.Tensor, sz: torch.Tensor) -> torch.Tensor | None:
+    """The CPU kernel's second operand beside the plain nibbles: quark's (N, K/32, 2) (scale, zero) table where its
+    kernel runs (quark/kernels.py), else torch's packed weight; None off the CPU or without either kernel."""
+    if qweight.device.type != "cpu":
+        return None
+    if kernels.available():
+        return kernels.int4_table(sz, qweight.shape[1] * 2 // sz.shape[0])
+    if not _INT4PACK:
         return None
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1)
 
@@ -186,7 +199,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, packed
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     N, g = qweight.shape[0], shape[-1] // sz.shape[0]
-    if packed is not None and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
+    if packed is not None and packed.dim() == 3 and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
+        y = kernels.int4_gemv(x2, qweight, packed)  # quark's kernel: `packed` is its (scale, zero) table
+    elif packed is not None and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
         xb = x2.to(torch.bfloat16).contiguous()
         if group is not None and _INT4_GROUP_TENSOR:
             y = torch.ops.quantized.int4mm_packed_weight_cpu(xb, packed, group, sz)
@@ -210,7 +225,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.register_buffer("packed", int4_pack_for_kernel(qweight), persistent=False)
+        self.register_buffer("packed", int4_pack_for_kernel(qweight, scales_and_zeros), persistent=False)
         self.in_features, self.out_features = qweight.shape[1] * 2, qweight.shape[0]
         self.group_size = self.in_features // scales_and_zeros.shape[0]
         self.register_load_state_dict_post_hook(Int4Linear._repack)  # `packed` is derived, not saved
@@ -218,7 +233,7 @@ class Int4Linear(nn.Module):
     @staticmethod
     def _repack(module: Int4Linear, _incompatible: object) -> None:
         """Recompute the kernel's packed copy of freshly loaded nibbles, in place (holders keep the pointer)."""
-        packed = int4_pack_for_kernel(module.qweight)
+        packed = int4_pack_for_kernel(module.qweight, module.scales_and_zeros)
         if module.packed is not None and packed is not None and packed.shape == module.packed.shape:
             module.packed.copy_(packed)
         else:

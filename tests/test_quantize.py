@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from quark import Quark
+from quark import Quark, kernels
 from quark.config import PRESETS
 from quark.generate import generate
 from quark.quantize import (
@@ -78,9 +78,11 @@ def test_int8_linear_kernel_and_dequant_paths_agree(rows):
     assert ((got - ref).norm() / ref.norm()).item() < 0.01  # bf16 activations on the kernel path
 
 
-def test_int8_one_row_kernel_close_to_dequantized_weights():
-    """One row on CPU goes through fbgemm's dynamic int8 linear (the row quantized on the fly, 7-bit range): within
-    3% of x @ dequantized W; more rows keep the row-independent kernel (a row's result is the same in any batch)."""
+def test_int8_one_row_kernel_close_to_dequantized_weights(monkeypatch):
+    """Without quark's kernel (another CPU), one row on CPU goes through fbgemm's dynamic int8 linear (the row
+    quantized on the fly, 7-bit range): within 3% of x @ dequantized W; more rows keep the row-independent kernel
+    (a row's result is the same in any batch)."""
+    monkeypatch.setattr(kernels, "_LOADED", [False])
     w = torch.randn(96, 64) * 0.05
     q, s = quantize_tensor(w)
     packed = int8_pack_dynamic(q, s)
@@ -193,14 +195,17 @@ def test_int4_tensor_error_bound_and_nibbles_round_trip():
         quantize_int4_tensor(torch.randn(4, 48), 32)
 
 
+@pytest.mark.parametrize("ours", [True, False])  # quark's kernel where this CPU runs it, else torch's int4 kernel
 @pytest.mark.parametrize("rows", [1, 5, 100])
-def test_int4_linear_kernel_and_dequant_paths_agree(rows):
+def test_int4_linear_kernel_and_dequant_paths_agree(rows, ours, monkeypatch):
+    if not ours:
+        monkeypatch.setattr(kernels, "_LOADED", [False])
     w = torch.randn(96, 128) * 0.05
     q, sz = quantize_int4_tensor(w, 32)
     qw = pack_nibbles(q)
     x = torch.randn(rows, 128)
     ref = x @ int4_dequantize(qw, sz).T
-    got = int4_linear(x, qw, sz, int4_pack_for_kernel(qw))
+    got = int4_linear(x, qw, sz, int4_pack_for_kernel(qw, sz))
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
     assert ((got - ref).norm() / ref.norm()).item() < 0.01  # bf16 activations and scales on the kernel path
 
