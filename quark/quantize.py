@@ -31,10 +31,13 @@ Choices (int4, `quantize_int4`), gpt-fast's int4 path:
   columns; q in [0, 15] and `w ~= (q - 8) * scale + zero` with scale = (max - min) / 15, zero = min + 8 * scale,
   the convention of `torch.ops.aten._weight_int4pack_mm_for_cpu`, which runs the matmul with bf16 activations and
   bf16 scales/zeros ((K/g, N, 2), stored as such: the dequantizing path uses the same values).
+- Up to SMALL_BATCH_ROWS rows on a CPU with AVX512-VNNI run quark's int4 kernel (quark/kernels.py: the plain
+  nibbles, a (scale, zero) table per 32 columns, int8 activations per 32, 1.27x torch's int4 kernel at two
+  threads in bench/cpu_kernels.py, even at one); elsewhere torch's int4 kernel. `packed` holds whichever second
+  operand the kernel in use takes (`int4_pack_for_kernel`): quark's (N, K/32, 2) table or torch's packed weight.
 - The module keeps its nibbles in a plain layout (`qweight` (N, K/2) uint8: column 2j in the low nibble, 2j+1 in
-  the high one) beside the kernel's packed copy, because the kernel's packing is not row-separable (rows are
-  interleaved in blocks of 64): the fast path (quark/fast.py) fuses q/k/v by concatenating plain nibbles and
-  packing once.
+  the high one), because torch's kernel packing is not row-separable (rows are interleaved in blocks of 64): the
+  fast path (quark/fast.py) fuses q/k/v by concatenating plain nibbles and packing once.
 - A layer whose input size is not a multiple of `group_size` (the tiny preset's d_ff=688) stays int8, and the
   embedding / tied lm_head are int8 (as llama.cpp keeps the output matrix at higher precision in its 4-bit types).
 - Batches above SMALL_BATCH_ROWS and other devices dequantize and run an ordinary matmul.

@@ -8,7 +8,8 @@
 // the first sum with vpdpbusd (unsigned nibbles times signed activations), the second with the block's sum of
 // d * xq. A 64-byte load holds 128 columns: low nibbles are the even columns, high ones the odd, so x is stored
 // split the same way; lane j of the dot products covers columns 8j..8j+7, four lanes one block of 32.
-// Four weight rows at a time, every row of x reusing them from L1, weights and table prefetched ahead.
+// Four weight rows at a time: each 128-column chunk of them is unpacked once for up to MAX_ROWS rows of x;
+// weights and table prefetched ahead.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,11 +18,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t PREFETCH = 1024;
+constexpr int64_t MAX_ROWS = 8;  // rows of x per pass over a tile (their accumulators stay in L1)
 
 struct Row {  // one row of x, prepared: per 128-column chunk 64 even + 64 odd int8, 16 lane scales, 16 lane sums
   std::vector<int8_t> even, odd;
@@ -52,18 +55,26 @@ void prepare(const float* x, int64_t K, Row& r) {
   }
 }
 
-inline __m512 block_dot(__m512 acc, __m512i bytes, __m256i sz_bf16, const Row& x, int64_t c) {
+struct Chunk {  // one weight row's 128 columns, unpacked: even / odd columns' nibbles, scale and zero - 8 * scale
+  __m512i lo, hi;
+  __m512 scale, offset;
+};
+
+inline Chunk unpack(__m512i bytes, __m256i sz_bf16) {
   const __m512i low = _mm512_set1_epi8(0x0F);
-  const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
-  __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x.even.data() + c * 64));
-  p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512(x.odd.data() + c * 64));
   // (scale, zero) of 4 blocks as bf16 -> f32 (a bf16 is the top half of an f32), spread to each block's 4 lanes
   const __m512 sz = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sz_bf16), 16));
   const __m512 scale = _mm512_permutexvar_ps(_mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0), sz);
   const __m512 zero = _mm512_permutexvar_ps(_mm512_set_epi32(7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1), sz);
-  const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  // zero - 8 * scale
-  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(scale, _mm512_loadu_ps(x.d.data() + c * 16)), acc);
-  return _mm512_fmadd_ps(offset, _mm512_loadu_ps(x.xsum.data() + c * 16), acc);
+  return {_mm512_and_si512(bytes, low), _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low), scale,
+          _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero)};
+}
+
+inline __m512 chunk_dot(__m512 acc, const Chunk& w, const Row& x, int64_t c) {
+  __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.lo, _mm512_loadu_si512(x.even.data() + c * 64));
+  p = _mm512_dpbusd_epi32(p, w.hi, _mm512_loadu_si512(x.odd.data() + c * 64));
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(w.scale, _mm512_loadu_ps(x.d.data() + c * 16)), acc);
+  return _mm512_fmadd_ps(w.offset, _mm512_loadu_ps(x.xsum.data() + c * 16), acc);
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& table) {
@@ -97,27 +108,40 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
         w[i] = wp + n * (K / 2);
         s[i] = tp + n * nb * 2;
       }
-      for (int64_t m = 0; m < M; ++m) {
-        const Row& xr = rows[m];
-        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t c = 0; c < full; ++c) {
-          if (m == 0) {
-            const char* p = reinterpret_cast<const char*>(wp + n0 * (K / 2) + c * 256 + PREFETCH);
-            for (int i = 0; i < 4; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(tp + n0 * nb * 2 + c * 32) + PREFETCH / 4, _MM_HINT_T0);
+      // each 128-column chunk of the 4 rows is unpacked once and used for every row of x in a pass (R rows at a
+      // time; R = 1 is its own instance, so its accumulators stay in registers)
+      auto pass = [&](auto rows_per_pass, int64_t m0) {
+        constexpr int64_t R = decltype(rows_per_pass)::value;
+        const int64_t mn = std::min<int64_t>(R, M - m0);
+        __m512 acc[R][4];
+        for (int64_t m = 0; m < R; ++m)
+          for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < nc; ++c) {
+          Chunk wc[4];
+          if (c < full) {
+            if (m0 == 0) {
+              const char* p = reinterpret_cast<const char*>(wp + n0 * (K / 2) + c * 256 + PREFETCH);
+              for (int i = 0; i < 4; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(tp + n0 * nb * 2 + c * 32) + PREFETCH / 4, _MM_HINT_T0);
+            }
+            for (int i = 0; i < 4; ++i)
+              wc[i] = unpack(_mm512_loadu_si512(w[i] + c * 64),
+                             _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s[i] + c * 8))));
+          } else {  // the tail, masked: missing nibbles are 0, missing (scale, zero) pairs 0
+            for (int i = 0; i < 4; ++i)
+              wc[i] = unpack(_mm512_maskz_loadu_epi8(wmask, w[i] + c * 64),
+                             _mm256_castsi128_si256(_mm_maskz_loadu_epi16(tmask, s[i] + c * 8)));
           }
-          for (int i = 0; i < 4; ++i)
-            a[i] = block_dot(a[i], _mm512_loadu_si512(w[i] + c * 64),
-                             _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s[i] + c * 8))),
-                             xr, c);
+          for (int64_t m = 0; m < (R == 1 ? 1 : mn); ++m)
+            for (int i = 0; i < 4; ++i) acc[m][i] = chunk_dot(acc[m][i], wc[i], rows[m0 + m], c);
         }
-        if (tail_cols) {  // masked: missing nibbles are 0, missing (scale, zero) pairs 0
-          for (int i = 0; i < 4; ++i)
-            a[i] = block_dot(a[i], _mm512_maskz_loadu_epi8(wmask, w[i] + full * 64),
-                             _mm256_castsi128_si256(_mm_maskz_loadu_epi16(tmask, s[i] + full * 8)), xr, full);
-        }
-        for (int64_t i = 0; i < n_rows; ++i) yp[m * N + n0 + i] = _mm512_reduce_add_ps(a[i]);
-      }
+        for (int64_t m = 0; m < mn; ++m)
+          for (int64_t i = 0; i < n_rows; ++i) yp[(m0 + m) * N + n0 + i] = _mm512_reduce_add_ps(acc[m][i]);
+      };
+      if (M == 1)
+        pass(std::integral_constant<int64_t, 1>{}, 0);
+      else
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) pass(std::integral_constant<int64_t, MAX_ROWS>{}, m0);
     }
   });
   return y;
