@@ -382,6 +382,7 @@ class FusedWeights:
         self.tables = (model.rope_cos, model.rope_sin)
         self.linears = [lin for layer in self.layers for lin in layer.linears] + [self.lm_head]
         self.step_layers = [layer.step_args for layer in self.layers]  # `_token_step`'s operands
+        self.warm: set[bool] = set()  # step kinds (several rows or one) compiled at every tuner count
         self.ptrs = self._ptrs(model)
         self.seen = _STALE[0]
 
@@ -472,6 +473,7 @@ class FastDecoder(Decoder):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         where = (slots, key_mask, _span(self.span, n_keys or self.max_len))
         try:
+            self._compile_every_count(step, (x, self.w.step_layers, kvs, self.w.tables, where), B > 1)
             x = step(x, self.w.step_layers, kvs, self.w.tables, where)
         except Exception as e:  # noqa: BLE001 -- a missing compiler must not break decoding
             warnings.warn(f"compiled CPU decode step unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "
@@ -479,6 +481,23 @@ class FastDecoder(Decoder):
             _STEP[:] = [None]
             return None
         return self.w.lm_head(self.w.norm(x[:, -1])).float()
+
+    def _compile_every_count(self, step: Callable, args: tuple, rows: bool) -> None:
+        """The first one-row (or several-row) step of this model under a thread tuner runs the step once at each
+        count the tuner may try: dynamo compiles a graph per thread count, so the tuner's first probe of a count
+        would otherwise stall a later token for the whole compile (seconds, measured: 4-8 s from the disk cache;
+        batch-8 streams lost a third of their speed in bench/llamacpp.py). Rerunning a step writes the same
+        cache slots with the same values."""
+        if not isinstance(self.runner, ThreadTuner) or rows in self.w.warm:
+            return
+        self.w.warm.add(rows)
+        current = torch.get_num_threads()
+        for n in self.runner.cands:
+            if n != current:
+                torch.set_num_threads(n)
+                step(*args)
+        torch.set_num_threads(current)
+        self.runner.ran.update(self.runner.cands)  # compiled there: the tuner measures their first steps too
 
     def prefill_forward(self, *args) -> torch.Tensor:
         """Prefill at torch's own thread count; on CUDA through the compiled forward (eager if compiling fails)."""

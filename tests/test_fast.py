@@ -528,3 +528,31 @@ def test_compiled_cpu_step_takes_batches_of_quantized_rows(model, monkeypatch, c
     assert calls == [3] * 7 + [2] * 7
     assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()  # bf16 activations in both paths
     assert (got2 - want[:, :2]).abs().max().item() <= 2e-2 * want.abs().max().item()
+
+
+def test_a_tuned_compiled_step_compiles_every_thread_count_at_its_first_token(model, compiled_cpu, monkeypatch):
+    """Under the thread tuner, the first one-row step and the first several-row step of a model run the compiled
+    step at every candidate count (dynamo compiles per count), so no later probe of the tuner stalls a token on a
+    compile; the tokens are those of a decoder pinned to one count."""
+    from quark.cpu_settings import Pinned, ThreadTuner
+    from quark.quantize import quantize_int8
+
+    q = quantize_int8(copy.deepcopy(model))
+    counts = []
+    step = compiled_cpu.compiled_token_step()
+    monkeypatch.setattr(compiled_cpu, "_STEP", [lambda *a: counts.append(torch.get_num_threads()) or step(*a)])
+    idx = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(11))
+    tuner = ThreadTuner(max_threads=2)
+    dec = decoder_for(q, 1, 20)
+    weights = dec.w
+    with torch.no_grad():
+        got = _decode_logits(FastDecoder(q, weights, 1, 20, runner=tuner), idx[:1])
+        assert sorted(counts[:2]) == [1, 2] and weights.warm == {False}  # the first token: both counts
+        assert tuner.ran == {1, 2}
+        n_one = len(counts)
+        rows = _decode_logits(FastDecoder(q, weights, 2, 20, runner=tuner), idx)
+        assert sorted(counts[n_one:n_one + 2]) == [1, 2] and weights.warm == {False, True}
+        assert len(counts) == n_one + 2 + (idx.shape[1] - 5 - 1)  # once more for the first batched step only
+        want = _decode_logits(FastDecoder(q, weights, 1, 20, runner=Pinned(1)), idx[:1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[:1], want, rtol=1e-4, atol=1e-4)
