@@ -20,9 +20,9 @@ Choices:
   e.g. no C++ compiler: one warning) they are stored (in, out) and `x @ W` runs MKL (1.5x F.linear at one row).
 - CPU, one row, fp32, int8 or int4 weights of such a model: a decode step is one compiled call (`_token_step`),
   each layer a nested compile region (`torch.compiler.nested_compile_region`) over `_layer_step`
-  (`layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 through quark's VNNI kernel
-  (quark/kernels.py) or where it is missing dequantized inside the reductions, int4 through torch's int4 kernel;
-  the kernels are extern calls), so the ~30 small eager ops per layer cost nothing apart and
+  (`layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 and int4 through quark's VNNI
+  kernels (quark/kernels.py; where they are missing int8 rows are dequantized inside the reductions and int4 runs
+  torch's int4 kernel), extern calls in the graph), so the ~30 small eager ops per layer cost nothing apart and
   the 14 layers one call: every layer runs the same subgraph, compiled once, and every cache length and
   attended span the same graph (both dynamic; a step attends over the slots in use rounded up to SPAN_STEP, not
   the whole cache of `quark chat`/`serve`). Compiling (once per thread count) takes 10-24 s on a fresh machine
@@ -128,8 +128,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 def _row_mm(x: torch.Tensor, w: torch.Tensor | tuple) -> torch.Tensor:
     """x (..., K) holding one row times a float (N, K) matrix, int8 (rows, scales, bf16 scales) or int4
     (nibbles, scales_and_zeros (K/group, N, 2), packed, group size): the projections of the compiled CPU step.
-    Quantized matrices run `int8_linear` / `int4_linear` (extern kernel calls in the compiled graph: quark's int8
-    kernel, torch's int4 one), except int8 at one row where quark's kernel is unavailable: dequantized inside
+    Quantized matrices run `int8_linear` / `int4_linear` (extern kernel calls in the compiled graph: quark's
+    kernels, or torch's), except int8 at one row where quark's kernel is unavailable: dequantized inside
     inductor's reduction. Several rows (quantized models' batched steps) always run the quantize.py kernels."""
     if isinstance(w, tuple) and w[1].dim() == 3:  # int4: quantize.py's kernel call (an extern call here)
         return int4_linear(x, *w)

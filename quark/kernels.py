@@ -1,23 +1,25 @@
 """Quark's hand-written CPU kernels: int8 and int4 weights times a few float rows (`quark::int8_gemv`,
-`quark::int4_gemv`, quark/csrc), the matmuls of batch-1..8 decoding.
+`quark::int4_gemv`, quark/csrc), the matmuls of decode steps (1..32 rows a call).
 
 Why it exists: batch-1 decoding reads every weight once a token, so its speed is the int8 matmul's memory
 bandwidth. torch has no one-row int8 kernel that a compiled graph can call at that speed: inductor's fused
 dequantize-and-reduce keeps one accumulator chain a row (~10 GB/s on one AMD EPYC core), fbgemm's dynamic linear
 takes a ScriptObject dynamo cannot trace, oneDNN's int8 linear needs frozen weights and costs ~20 us a call. This
 kernel quantizes each activation row in blocks of 32 (llama.cpp q8_0's scheme) and multiplies with AVX512-VNNI
-int8 dot products, prefetching the weights: 18 GB/s on one core, 23 on two (dev/LOG.md 2026-12-03, fourth session).
+int8 dot products, prefetching the weights: 16-18 GB/s on one core, 23-30 on two where a plain read of memory runs
+at 21-23 and 27-37 (dev/LOG.md 2026-12-03, fourth session).
 The int4 kernel does the same over quark's int4 layout (plain nibbles, a (scale, zero) pair per 32 columns), where
 torch's int4 kernel (bf16 activations) is the alternative.
 
 Choices:
-- Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; ~10 s once, then loaded from
+- Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; ~15 s once, then loaded from
   torch's extension cache, TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in a folder per torch version),
-  registered as torch operators (`torch.ops.quark.int8_gemv`, `.int4_gemv`) with fake (shape-only) implementations, so
-  `torch.compile` graphs call it as an extern kernel. torch's build lock is a file that a killed build leaves
-  behind, and every later build would wait on it forever: a lock older than STALE_LOCK_S is removed.
-- Only on CPUs that report avx512_vnni, avx512bw and avx512vl; elsewhere, when the build fails (warned once) or with
-  QUARK_CPU_KERNELS=0, `available()` is False and quark/quantize.py runs torch's kernels instead.
+  registered as torch operators (`torch.ops.quark.int8_gemv`, `.int4_gemv`) with fake (shape-only)
+  implementations, so `torch.compile` graphs call them as extern kernels. torch's build lock is a file that a
+  killed build leaves behind, and every later build would wait on it forever: a lock older than STALE_LOCK_S is
+  removed.
+- Only on CPUs that report avx512_vnni, avx512bw and avx512vl; elsewhere, when the build fails (warned once) or
+  with QUARK_CPU_KERNELS=0, `available()` is False and quark/quantize.py runs torch's kernels instead.
 - Threads: torch's own OpenMP pool (`at::parallel_for`), so `torch.set_num_threads` and the thread tuner apply.
 - Accuracy: per-32 activation blocks keep the relative error of a product near 0.5% (fbgemm's per-tensor 7-bit
   activations: ~1.4%); tests compare it with the float product of the dequantized weights.
@@ -33,7 +35,8 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemv.cpp", "int4_gemv.cpp")]
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]  # OpenMP: torch's libgomp
+# -fopenmp: `at::parallel_for` is OpenMP in torch's headers; the extension links the libgomp torch already loaded
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
 _LOADED: list[bool] = []  # [whether the torch.ops.quark kernels are usable], once decided in this process
 STALE_LOCK_S = 600  # a build takes ~10 s; a lock this old was left by a killed one
 

@@ -1,6 +1,6 @@
 // quark::int4_gemv(x, qweight, table) -> y: a few float rows x (M, K) times int4 weights, y (M, N) float32, for
-// batch-1..8 decoding on CPUs with AVX512-VNNI. The weights are quark/quantize.py's: qweight (N, K/2) uint8 plain
-// nibbles (column 2j low, 2j+1 high), q in [0, 15], w = (q - 8) * scale + zero per group; `table` (N, K/32, 2)
+// decode steps (1..32 rows) on CPUs with AVX512-VNNI. The weights are quark/quantize.py's: qweight (N, K/2) uint8
+// plain nibbles (column 2j low, 2j+1 high), q in [0, 15], w = (q - 8) * scale + zero per group; `table` (N, K/32, 2)
 // bf16 holds (scale, zero) for every 32 columns (a group of 64..256 repeats its pair).
 //
 // Each row of x is quantized to int8 in blocks of 32 (q8_0's blocks, scale d); per block of a weight row,
