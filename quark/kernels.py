@@ -13,7 +13,7 @@ torch's int4 kernel (bf16 activations) is the alternative.
 
 Choices:
 - Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; ~15 s once, then loaded from
-  torch's extension cache, TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in a folder per torch version),
+  torch's extension cache, TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, a folder per torch version and sources),
   registered as torch operators (`torch.ops.quark.int8_gemv`, `.int4_gemv`) with fake (shape-only)
   implementations, so `torch.compile` graphs call them as extern kernels. torch's build lock is a file that a
   killed build leaves behind, and every later build would wait on it forever: a lock older than STALE_LOCK_S is
@@ -27,6 +27,7 @@ Choices:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import warnings
@@ -42,9 +43,12 @@ STALE_LOCK_S = 600  # a build takes ~10 s; a lock this old was left by a killed 
 
 
 def build_directory() -> Path:
+    """One folder per torch version and per copy of the sources (their path and content): two checkouts or
+    versions of quark on one machine would otherwise rebuild over each other at every process start."""
     from torch.utils import cpp_extension
 
-    tag = f"quark_cpu_kernels-torch{torch.__version__.split('+')[0]}"
+    digest = hashlib.sha256(b"".join(str(f).encode() + f.read_bytes() for f in SOURCES)).hexdigest()[:12]
+    tag = f"quark_cpu_kernels-torch{torch.__version__.split('+')[0]}-{digest}"
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / tag
 
 

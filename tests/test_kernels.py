@@ -139,3 +139,16 @@ def test_int4_gemv_rejects_bad_operands_with_a_clear_error():
         kernels.int4_gemv(x, qw, table.float())
     with pytest.raises(RuntimeError, match="multiple of 32"):
         kernels.int4_gemv(torch.randn(1, 48), qw[:, :24].contiguous(), table)
+
+
+def test_build_folder_follows_torch_and_the_sources(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
+    a.write_text("int x;")
+    b.write_text("int x;")
+    monkeypatch.setattr(kernels, "SOURCES", [a])
+    first = kernels.build_directory()
+    assert first == kernels.build_directory() and torch.__version__.split("+")[0] in first.name
+    a.write_text("int y;")  # another version of the sources
+    assert kernels.build_directory() != first
+    monkeypatch.setattr(kernels, "SOURCES", [b])  # the same text in another checkout
+    assert kernels.build_directory() != first
