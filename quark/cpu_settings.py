@@ -90,6 +90,10 @@ class ThreadTuner:
         self.ran.add(self.current)
         return step()
 
+    def compiled_at(self, counts: list[int]) -> None:
+        """The step was run (compiled) at these counts outside `run`: their first probe steps are measured too."""
+        self.ran.update(counts)
+
     def release(self) -> None:
         """Back to the count found at creation; the next step starts a new interval."""
         self.last = None

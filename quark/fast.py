@@ -497,7 +497,7 @@ class FastDecoder(Decoder):
                 torch.set_num_threads(n)
                 step(*args)
         torch.set_num_threads(current)
-        self.runner.ran.update(self.runner.cands)  # compiled there: the tuner measures their first steps too
+        self.runner.compiled_at(self.runner.cands)
 
     def prefill_forward(self, *args) -> torch.Tensor:
         """Prefill at torch's own thread count; on CUDA through the compiled forward (eager if compiling fails)."""
