@@ -370,9 +370,9 @@ def test_compiled_cpu_step_in_the_engine_and_with_a_longer_cache(model, monkeypa
 
 
 def test_compiled_cpu_step_takes_int8_weights(model, compiled_cpu):
-    """An int8 model's one-row steps run the compiled step too (each int8 row dequantized inside the
-    reduction: weight-only numerics): its logits track the model with the dequantized weights in fp32 (the
-    lm_head, outside the step, is fbgemm's kernel, which quantizes the activation row: ~1%)."""
+    """An int8 model's one-row steps run the compiled step too (quark's int8 kernel, or where it is missing each
+    int8 row dequantized inside the reduction): its logits track the model with the dequantized weights in fp32
+    (quark's kernel and fbgemm's, which runs the lm_head without it, quantize the activation rows: ~1%)."""
     from quark.quantize import Int8Linear, quantize_int8
 
     q = quantize_int8(copy.deepcopy(model))
@@ -450,8 +450,8 @@ def test_compiled_cpu_step_is_one_call_per_token_and_per_layer_without_nested_re
 
 
 def test_compiled_cpu_step_takes_int4_weights(model, compiled_cpu):
-    """An int4 model's one-row steps run the compiled step too, torch's int4 kernel called from the
-    graph: the same logits as its eager steps (which call that kernel directly)."""
+    """An int4 model's one-row steps run the compiled step too, the int4 kernel (quark's, or torch's) called from
+    the graph: the same logits as its eager steps (which call that kernel directly)."""
     from quark.quantize import quantize_int4
 
     q = quantize_int4(copy.deepcopy(model))
@@ -494,8 +494,8 @@ def test_cpu_batches_run_onednn_and_follow_weight_changes(compiled_cpu):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compiled_cpu_step_takes_batches_of_quantized_rows(model, monkeypatch, compiled_cpu, bits):
-    """Quantized models run batched decode steps through the compiled step too (torch's int8 / int4 kernels take
-    the rows), with per-row slots as the engine steps them: the logits of the eager steps, and one graph for every
+    """Quantized models run batched decode steps through the compiled step too (quark's or torch's int8 / int4
+    kernels take the rows), with per-row slots as the engine steps them: the logits of the eager steps, and one graph for every
     batch size above one."""
     from torch._dynamo.utils import counters
 
@@ -526,7 +526,7 @@ def test_compiled_cpu_step_takes_batches_of_quantized_rows(model, monkeypatch, c
     assert compiled_cpu._STEP[0] is not None  # compiled, not the warned eager fallback
     assert counters["stats"]["unique_graphs"] == graphs  # batch 2 reused batch 3's graph
     assert calls == [3] * 7 + [2] * 7
-    assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()  # bf16 activations in both paths
+    assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()  # quantized activations in both paths
     assert (got2 - want[:, :2]).abs().max().item() <= 2e-2 * want.abs().max().item()
 
 
