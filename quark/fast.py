@@ -350,6 +350,12 @@ class FusedLayer:
         mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.weight, lin.sz, lin.packed, lin.group)
                 if lin.int4 else lin.weight.view(lin.weight.shape) for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
+        # quark::decode_layer's operands (quark/kernels.py) where every matrix is int8 or int4 in quark's layout
+        self.kernel_args = None
+        if kernels.available() and all(lin.int8 or (lin.int4 and lin.packed is not None and lin.packed.dim() == 3)
+                                       for lin in self.linears):
+            mats = [[lin.weight, lin.scale if lin.int8 else lin.packed] for lin in self.linears]
+            self.kernel_args = (self.ln1.detach(), self.ln2.detach(), self.eps, *mats)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_p(x).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)  # heads of q, k, v
@@ -382,6 +388,9 @@ class FusedWeights:
         self.tables = (model.rope_cos, model.rope_sin)
         self.linears = [lin for layer in self.layers for lin in layer.linears] + [self.lm_head]
         self.step_layers = [layer.step_args for layer in self.layers]  # `_token_step`'s operands
+        # each layer's quark::decode_layer operands, if every layer has them and the activations are float32
+        self.kernel_layers = ([layer.kernel_args for layer in self.layers] if model.dtype == torch.float32 and all(
+            layer.kernel_args is not None for layer in self.layers) else None)
         self.warm: set[bool] = set()  # step kinds (several rows or one) compiled at every tuner count
         self.ptrs = self._ptrs(model)
         self.seen = _STALE[0]
@@ -420,6 +429,8 @@ class FastDecoder(Decoder):
         # batched steps too for int8/int4 layers (their kernels take rows; fp32 batches run oneDNN eagerly)
         self.cpu_step_rows = self.cpu_step and all(lin.int8 or lin.int4 for layer in weights.layers
                                                    for lin in layer.linears)
+        # CPU int8/int4 layers with quark's kernels: a step is one quark::decode_layer call a layer, any row count
+        self.kernel_step = model.device.type == "cpu" and not use_graph and weights.kernel_layers is not None
         if self.cpu_step:
             for t in self.cache.k + self.cache.v:  # any cache length runs the same compiled code
                 torch._dynamo.maybe_mark_dynamic(t, 2)
@@ -443,6 +454,8 @@ class FastDecoder(Decoder):
 
     def forward(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor, key_mask: torch.Tensor | None,
                 n_keys: int | None, last: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel_step and idx.shape[1] == 1:
+            return self._kernel_step(idx, cache, slots, key_mask, n_keys)
         if self.cpu_step and idx.shape[1] == 1 and (idx.shape[0] == 1 or self.cpu_step_rows):
             out = self._cpu_step(idx, cache, slots, key_mask, n_keys)
             if out is not None:
@@ -452,6 +465,18 @@ class FastDecoder(Decoder):
         for i, layer in enumerate(self.w.layers):
             x = layer_forward(layer, x, ctx, i)
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        return self.w.lm_head(self.w.norm(x)).float()
+
+    def _kernel_step(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor,
+                     key_mask: torch.Tensor | None, n_keys: int | None) -> torch.Tensor:
+        """One token of each row through quark::decode_layer, a call a layer (`layer_forward`'s math in C++,
+        quark/csrc/decode_layer.cpp), attending over the first `n_keys` slots (all without it)."""
+        B = idx.shape[0]
+        x = self.w.embed(idx).reshape(B, -1).contiguous()  # (B, D), updated in place by every layer
+        slots = torch.full((B,), slots) if isinstance(slots, int) else slots.reshape(B).long()
+        n = n_keys or cache.max_len
+        for args, k, v in zip(self.w.kernel_layers, cache.k, cache.v):
+            kernels.decode_layer(x, *args, k, v, *self.w.tables, slots, key_mask, n)
         return self.w.lm_head(self.w.norm(x)).float()
 
     def _cpu_step(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor,

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemv.cpp", "int4_gemv.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemv.cpp", "int4_gemv.cpp", "decode_layer.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "gemv.h"]
 # -fopenmp: `at::parallel_for` is OpenMP in torch's headers; the extension links the libgomp torch already loaded
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
 _LOADED: list[bool] = []  # [whether the torch.ops.quark kernels are usable], once decided in this process
@@ -47,7 +48,7 @@ def build_directory() -> Path:
     versions of quark on one machine would otherwise rebuild over each other at every process start."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(b"".join(str(f).encode() + f.read_bytes() for f in SOURCES)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(str(f).encode() + f.read_bytes() for f in SOURCES + HEADERS)).hexdigest()[:12]
     tag = f"quark_cpu_kernels-torch{torch.__version__.split('+')[0]}-{digest}"
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / tag
 
@@ -127,3 +128,14 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor) -> to
     """x (M, K) float @ dequant(qweight).T -> (M, N) float32; qweight (N, K/2) plain nibbles, `table` from
     `int4_table`. Requires `available()`."""
     return torch.ops.quark.int4_gemv(x, qweight, table)
+
+
+def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: float, qkv: list, o: list,
+                 gate_up: list, down: list, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, slots: torch.Tensor, key_mask: torch.Tensor | None, n_keys: int) -> None:
+    """One decoder layer (`quark.model.layer_forward`) for one new token of each row of x (B, D) float32, in place:
+    each matrix [int8 weight, fp32 scale] or [int4 nibbles, `int4_table`]; the new keys and values written into
+    the caches (B, n_kv, L, hd) at `slots` (B,); attention over the first `n_keys` slots under
+    `quark.model.attention_mask`'s rule with `key_mask` (B, >= n_keys) bool or None. Requires `available()`."""
+    torch.ops.quark.decode_layer(x, ln1, ln2, eps, qkv, o, gate_up, down, k_cache, v_cache, cos, sin, slots,
+                                 key_mask, n_keys)

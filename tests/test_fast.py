@@ -494,14 +494,16 @@ def test_cpu_batches_run_onednn_and_follow_weight_changes(compiled_cpu):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compiled_cpu_step_takes_batches_of_quantized_rows(model, monkeypatch, compiled_cpu, bits):
-    """Quantized models run batched decode steps through the compiled step too (quark's or torch's int8 / int4
-    kernels take the rows), with per-row slots as the engine steps them: the logits of the eager steps, and one graph for every
-    batch size above one."""
+    """Without quark's kernels, quantized models run batched decode steps through the compiled step too (torch's
+    int8 / int4 kernels take the rows), with per-row slots as the engine steps them: the logits of the eager steps,
+    and one graph for every batch size above one."""
     from torch._dynamo.utils import counters
 
+    from quark import kernels
     from quark.quantize import quantize_int4, quantize_int8
 
     monkeypatch.setenv("QUARK_THREADS", "1")
+    monkeypatch.setattr(kernels, "_LOADED", [False])  # with quark's kernels these steps run quark::decode_layer
     q = (quantize_int8 if bits == 8 else quantize_int4)(copy.deepcopy(model))
     weights = FusedWeights(q)
     idx = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(11))
@@ -534,9 +536,11 @@ def test_a_tuned_compiled_step_compiles_every_thread_count_at_its_first_token(mo
     """Under the thread tuner, the first one-row step and the first several-row step of a model run the compiled
     step at every candidate count (dynamo compiles per count), so no later probe of the tuner stalls a token on a
     compile; the tokens are those of a decoder pinned to one count."""
+    from quark import kernels
     from quark.cpu_settings import Pinned, ThreadTuner
     from quark.quantize import quantize_int8
 
+    monkeypatch.setattr(kernels, "_LOADED", [False])  # with quark's kernels these steps run quark::decode_layer
     q = quantize_int8(copy.deepcopy(model))
     counts = []
     step = compiled_cpu.compiled_token_step()

@@ -16,6 +16,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "gemv.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -76,6 +78,10 @@ inline __m512 chunk_dot(__m512 acc, const Chunk& w, const Row& x, int64_t c) {
   acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(w.scale, _mm512_loadu_ps(x.d.data() + c * 16)), acc);
   return _mm512_fmadd_ps(w.offset, _mm512_loadu_ps(x.xsum.data() + c * 16), acc);
 }
+
+}  // namespace
+
+namespace quark {
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& table) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && table.device().is_cpu(),
@@ -147,7 +153,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y;
 }
 
-}  // namespace
+}  // namespace quark
 
 TORCH_LIBRARY_FRAGMENT(quark, m) { m.def("int4_gemv(Tensor x, Tensor qweight, Tensor table) -> Tensor"); }
-TORCH_LIBRARY_IMPL(quark, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
+TORCH_LIBRARY_IMPL(quark, CPU, m) { m.impl("int4_gemv", &quark::int4_gemv); }

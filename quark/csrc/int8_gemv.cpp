@@ -14,6 +14,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "gemv.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -50,6 +52,10 @@ inline __m512 dot_chunk(__m512 acc, __m512i w, __m512i xv, __m512 d) {
   const __m512i u = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv)), d, acc);
 }
+
+}  // namespace
+
+namespace quark {
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "int8_gemv: CPU tensors only");
@@ -110,7 +116,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
-}  // namespace
+}  // namespace quark
 
 TORCH_LIBRARY(quark, m) { m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor"); }
-TORCH_LIBRARY_IMPL(quark, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
+TORCH_LIBRARY_IMPL(quark, CPU, m) { m.impl("int8_gemv", &quark::int8_gemv); }
