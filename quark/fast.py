@@ -18,11 +18,17 @@ Choices:
   count is marked dynamic, so a model compiles one kernel per input size (and thread count). With it the float
   copies stay (out, in), as nn.Linear keeps them; without it (`QUARK_CPU_COMPILE=0`, or when compiling fails,
   e.g. no C++ compiler: one warning) they are stored (in, out) and `x @ W` runs MKL (1.5x F.linear at one row).
-- CPU, one row, fp32, int8 or int4 weights of such a model: a decode step is one compiled call (`_token_step`),
+- CPU, int8 or int4 weights where quark's kernels run (quark/kernels.py), any number of rows: a decode step is
+  one `quark::decode_layer` call a layer (`_kernel_step`; quark/csrc/decode_layer.cpp): `layer_forward`'s math
+  in C++ around the int8/int4 matmuls (tested against it on the same weights), rows at their own slots under the
+  key mask. The compiled step below spent as long between its matmuls (Python wrapper, guards, ~60 small
+  kernels) as in them; one call a layer made quark-72m's int8 batch-1 step 1.3x faster and needs no compile
+  (dev/LOG.md 2026-12-03, fifth session).
+- CPU, one row, fp32 weights of such a model, or int8/int4 without quark's kernels: a decode step is one compiled
+  call (`_token_step`),
   each layer a nested compile region (`torch.compiler.nested_compile_region`) over `_layer_step`
-  (`layer_forward` over plain tensors, its matmuls `_matvec` reductions, int8 and int4 through quark's VNNI
-  kernels (quark/kernels.py; where they are missing int8 rows are dequantized inside the reductions and int4 runs
-  torch's int4 kernel), extern calls in the graph), so the ~30 small eager ops per layer cost nothing apart and
+  (`layer_forward` over plain tensors, its matmuls `_matvec` reductions; int8 rows dequantized inside the
+  reductions, int4 through torch's int4 kernel, an extern call in the graph), so the ~30 small eager ops per layer cost nothing apart and
   the 14 layers one call: every layer runs the same subgraph, compiled once, and every cache length and
   attended span the same graph (both dynamic; a step attends over the slots in use rounded up to SPAN_STEP, not
   the whole cache of `quark chat`/`serve`). Compiling (once per thread count) takes 10-24 s on a fresh machine
@@ -476,7 +482,7 @@ class FastDecoder(Decoder):
         slots = torch.full((B,), slots) if isinstance(slots, int) else slots.reshape(B).long()
         n = n_keys or cache.max_len
         for args, k, v in zip(self.w.kernel_layers, cache.k, cache.v):
-            kernels.decode_layer(x, *args, k, v, *self.w.tables, slots, key_mask, n)
+            kernels.decode_layer(x, args, (k, v), self.w.tables, slots, key_mask=key_mask, n_keys=n)
         return self.w.lm_head(self.w.norm(x)).float()
 
     def _cpu_step(self, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor,

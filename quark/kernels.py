@@ -10,6 +10,9 @@ int8 dot products, prefetching the weights: 16-18 GB/s on one core, 23-30 on two
 at 21-23 and 27-37 (dev/LOG.md 2026-12-03, fourth session).
 The int4 kernel does the same over quark's int4 layout (plain nibbles, a (scale, zero) pair per 32 columns), where
 torch's int4 kernel (bf16 activations) is the alternative.
+`quark::decode_layer` (quark/csrc/decode_layer.cpp) runs a whole decoder layer of an int8/int4 model for one token
+of each row around those matmuls: quark/fast.py's CPU decode step, one call a layer instead of a compiled graph
+whose Python wrapper, guards and ~60 small kernels cost as much as the matmuls.
 
 Choices:
 - Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; ~15 s once, then loaded from
@@ -130,12 +133,12 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor) -> to
     return torch.ops.quark.int4_gemv(x, qweight, table)
 
 
-def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: float, qkv: list, o: list,
-                 gate_up: list, down: list, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, slots: torch.Tensor, key_mask: torch.Tensor | None, n_keys: int) -> None:
-    """One decoder layer (`quark.model.layer_forward`) for one new token of each row of x (B, D) float32, in place:
-    each matrix [int8 weight, fp32 scale] or [int4 nibbles, `int4_table`]; the new keys and values written into
-    the caches (B, n_kv, L, hd) at `slots` (B,); attention over the first `n_keys` slots under
-    `quark.model.attention_mask`'s rule with `key_mask` (B, >= n_keys) bool or None. Requires `available()`."""
-    torch.ops.quark.decode_layer(x, ln1, ln2, eps, qkv, o, gate_up, down, k_cache, v_cache, cos, sin, slots,
-                                 key_mask, n_keys)
+def decode_layer(x: torch.Tensor, layer: tuple, kv: tuple[torch.Tensor, torch.Tensor],
+                 tables: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, *, key_mask: torch.Tensor | None,
+                 n_keys: int) -> None:
+    """One decoder layer (`quark.model.layer_forward`) for one new token of each row of x (B, D) float32, in place.
+    `layer` (ln1, ln2, eps, qkv, o, gate_up, down), each matrix [int8 weight, fp32 scale] or [int4 nibbles,
+    `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,); attention
+    over the first `n_keys` slots under `quark.model.attention_mask`'s rule with `key_mask` (B, >= n_keys) bool or
+    None; `tables` the RoPE cos/sin (positions, hd). Requires `available()`."""
+    torch.ops.quark.decode_layer(x, *layer, *kv, *tables, slots, key_mask, n_keys)

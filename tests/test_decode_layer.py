@@ -59,7 +59,8 @@ def test_decode_layer_is_layer_forward(model, bits, rows):
             ctx = Context.build(w.tables, 1, cache=ref_cache, slots=slots, key_mask=key_mask, n_keys=n_keys)
             want = layer_forward(w.layers[i], x, ctx, i)
             got = x.reshape(rows, -1).clone()
-            kernels.decode_layer(got, *w.kernel_layers[i], cache.k[i], cache.v[i], *w.tables, slot_t, key_mask, n_keys)
+            kernels.decode_layer(got, w.kernel_layers[i], (cache.k[i], cache.v[i]), w.tables, slot_t,
+                                 key_mask=key_mask, n_keys=n_keys)
             assert (got - want.reshape(rows, -1)).abs().max() <= 1e-4 * want.abs().max()
             torch.testing.assert_close(cache.k[i], ref_cache.k[i], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(cache.v[i], ref_cache.v[i], rtol=1e-5, atol=1e-5)
@@ -74,7 +75,7 @@ def test_decoder_steps_run_decode_layer_and_match_eager_steps(model, monkeypatch
     idx = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(11))
     calls = []
     real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(kernels, "decode_layer", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
 
     def logits(kernel: bool, b: int) -> torch.Tensor:
         dec = FastDecoder(q, weights, 3, 20)
@@ -101,12 +102,12 @@ def test_decode_layer_rejects_bad_operands_with_a_clear_error(model):
     w = FusedWeights(q)
     cache = KVCache(q.config, 1, 10)
     x = torch.randn(1, q.config.d_model)
-    args = w.kernel_layers[0]
+    args, kv = w.kernel_layers[0], (cache.k[0], cache.v[0])
     with pytest.raises(RuntimeError, match=r"slot 10 of row 0 outside \[0, 10\)"):
-        kernels.decode_layer(x, *args, cache.k[0], cache.v[0], *w.tables, torch.tensor([10]), None, 10)
+        kernels.decode_layer(x, args, kv, w.tables, torch.tensor([10]), key_mask=None, n_keys=10)
     with pytest.raises(RuntimeError, match="caches must be contiguous float32"):
-        kernels.decode_layer(x, *args, cache.k[0].bfloat16(), cache.v[0], *w.tables, torch.tensor([1]), None, 10)
+        kernels.decode_layer(x, args, (kv[0].bfloat16(), kv[1]), w.tables, torch.tensor([1]), key_mask=None, n_keys=10)
     with pytest.raises(RuntimeError, match=r"x must be a contiguous float32 CPU \(B, D\)"):
-        kernels.decode_layer(x.double(), *args, cache.k[0], cache.v[0], *w.tables, torch.tensor([1]), None, 10)
+        kernels.decode_layer(x.double(), args, kv, w.tables, torch.tensor([1]), key_mask=None, n_keys=10)
     with pytest.raises(RuntimeError, match=r"n_keys must be in \[1, 10\]"):
-        kernels.decode_layer(x, *args, cache.k[0], cache.v[0], *w.tables, torch.tensor([1]), None, 11)
+        kernels.decode_layer(x, args, kv, w.tables, torch.tensor([1]), key_mask=None, n_keys=11)

@@ -559,4 +559,5 @@ def test_a_tuned_compiled_step_compiles_every_thread_count_at_its_first_token(mo
         assert len(counts) == n_one + 2 + (idx.shape[1] - 5 - 1)  # once more for the first batched step only
         want = _decode_logits(FastDecoder(q, weights, 1, 20, runner=Pinned(1)), idx[:1])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rows[:1], want, rtol=1e-4, atol=1e-4)
+    # several rows run torch's int8 kernel on bf16 activations, one row dequantizes in fp32
+    assert (rows[:1] - want).abs().max() <= 2e-2 * want.abs().max()
