@@ -320,6 +320,8 @@ class FusedLinear:
         if self.transposed:
             return x @ self.weight
         rows = x.numel() // x.shape[-1]
+        if self.dnnl and rows == 1 and x.dtype == torch.float32 and kernels.available():  # nothing to compile
+            return kernels.f32_gemv(x.reshape(1, -1), self.weight).view(*x.shape[:-1], -1)
         if self.matvec and rows == 1 and x.dtype == torch.float32:
             y = matvec(x, self.weight)
             if y is not None:
@@ -356,12 +358,16 @@ class FusedLayer:
         mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.weight, lin.sz, lin.packed, lin.group)
                 if lin.int4 else lin.weight.view(lin.weight.shape) for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
-        # quark::decode_layer's operands (quark/kernels.py) where every matrix is int8 or int4 in quark's layout
+        # quark::decode_layer's operands (quark/kernels.py) where every matrix is int8, int4 in quark's layout or
+        # fp32 (out, in)
         self.kernel_args = None
         if kernels.available() and all(lin.int8 or (lin.int4 and lin.packed is not None and lin.packed.dim() == 3)
                                        for lin in self.linears):
             mats = [[lin.weight, lin.scale if lin.int8 else lin.packed] for lin in self.linears]
             self.kernel_args = (self.ln1.detach(), self.ln2.detach(), self.eps, *mats)
+        elif kernels.available() and all(not (lin.int8 or lin.int4 or lin.transposed)
+                                         and lin.weight.dtype == torch.float32 for lin in self.linears):
+            self.kernel_args = (self.ln1.detach(), self.ln2.detach(), self.eps, *([lin.weight] for lin in self.linears))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_p(x).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)  # heads of q, k, v
@@ -435,8 +441,11 @@ class FastDecoder(Decoder):
         # batched steps too for int8/int4 layers (their kernels take rows; fp32 batches run oneDNN eagerly)
         self.cpu_step_rows = self.cpu_step and all(lin.int8 or lin.int4 for layer in weights.layers
                                                    for lin in layer.linears)
-        # CPU int8/int4 layers with quark's kernels: a step is one quark::decode_layer call a layer, any row count
-        self.kernel_step = model.device.type == "cpu" and not use_graph and weights.kernel_layers is not None
+        # CPU int8/int4 layers with quark's kernels, and fp32 ones of a model larger than the caches: a step is one
+        # quark::decode_layer call a layer, any row count
+        quantized = all(lin.int8 or lin.int4 for layer in weights.layers for lin in layer.linears)
+        self.kernel_step = (model.device.type == "cpu" and not use_graph and weights.kernel_layers is not None
+                            and (quantized or _big(model)))
         if self.cpu_step:
             for t in self.cache.k + self.cache.v:  # any cache length runs the same compiled code
                 torch._dynamo.maybe_mark_dynamic(t, 2)

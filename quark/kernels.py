@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemv.cpp", "int4_gemv.cpp", "decode_layer.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemv.cpp", "int4_gemv.cpp", "f32_gemv.cpp", "decode_layer.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "gemv.h"]
 # -fopenmp: `at::parallel_for` is OpenMP in torch's headers; the extension links the libgomp torch already loaded
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
@@ -142,3 +142,9 @@ def decode_layer(x: torch.Tensor, layer: tuple, kv: tuple[torch.Tensor, torch.Te
     over the first `n_keys` slots under `quark.model.attention_mask`'s rule with `key_mask` (B, >= n_keys) bool or
     None; `tables` the RoPE cos/sin (positions, hd). Requires `available()`."""
     torch.ops.quark.decode_layer(x, *layer, *kv, *tables, slots, key_mask, n_keys)
+
+
+def f32_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float @ weight float32 (N, K).T -> (M, N) float32 (reads the weight once for all rows). Requires
+    `available()`."""
+    return torch.ops.quark.f32_gemv(x, weight)

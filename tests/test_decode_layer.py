@@ -1,4 +1,4 @@
-"""quark::decode_layer (quark/csrc/decode_layer.cpp): one int8 / int4 decoder layer in C++ against
+"""quark::decode_layer (quark/csrc/decode_layer.cpp): one fp32 / int8 / int4 decoder layer in C++ against
 `quark.model.layer_forward` on the same weights (one row and several rows with per-row slots and padding), the
 fast decoder's steps through it against its eager steps, and bad operands."""
 
@@ -28,10 +28,10 @@ def model():
 
 
 def _quantized(model, bits):
-    return (quantize_int8 if bits == 8 else quantize_int4)(copy.deepcopy(model))
+    return {32: copy.deepcopy, 8: quantize_int8, 4: quantize_int4}[bits](copy.deepcopy(model))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [32, 8, 4])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_decode_layer_is_layer_forward(model, bits, rows):
     """The same layer output and the same cache contents as `layer_forward` over the fused layer, for one row at
@@ -66,10 +66,14 @@ def test_decode_layer_is_layer_forward(model, bits, rows):
             torch.testing.assert_close(cache.v[i], ref_cache.v[i], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [32, 8, 4])
 def test_decoder_steps_run_decode_layer_and_match_eager_steps(model, monkeypatch, bits):
-    """A quantized model's decode steps (one row, and three rows at their own slots as the serving engine steps
-    them) are one quark::decode_layer call a layer, with the logits of the decoder's eager steps."""
+    """A quantized model's decode steps, and a float model's larger than the caches (one row, and three rows at
+    their own slots as the serving engine steps them), are one quark::decode_layer call a layer, with the logits
+    of the decoder's eager steps."""
+    import quark.fast as fast
+
+    monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)  # the test model counts as large
     q = _quantized(model, bits)
     weights = FusedWeights(q)
     idx = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(11))
@@ -93,7 +97,8 @@ def test_decoder_steps_run_decode_layer_and_match_eager_steps(model, monkeypatch
             calls.clear()
             want = logits(False, b)
             assert not calls
-            assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # quantized activations in both paths
+            tol = 1e-4 if bits == 32 else 2e-2  # quantized activations in both paths
+            assert (got - want).abs().max() <= tol * want.abs().max()
             assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 

@@ -291,12 +291,16 @@ def test_cuda_graph_step_traces_as_one_graph_on_cpu(model):
 
 @pytest.fixture
 def compiled_cpu(monkeypatch):
-    """quark.fast's compiled CPU paths, on for the small test models (as for models larger than the caches)."""
+    """quark.fast's compiled CPU paths, on for the small test models (as for models larger than the caches), as
+    on a CPU without quark's kernels (where they run, decode steps are quark::decode_layer calls instead:
+    tests/test_decode_layer.py)."""
     import quark.fast as fast
+    from quark import kernels
 
     if not fast.cpu_matvec_enabled():
         pytest.skip("QUARK_CPU_COMPILE=0 or compiling failed in this process")
     monkeypatch.setattr(fast, "MATVEC_MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "_LOADED", [False])
     return fast
 
 
@@ -370,9 +374,9 @@ def test_compiled_cpu_step_in_the_engine_and_with_a_longer_cache(model, monkeypa
 
 
 def test_compiled_cpu_step_takes_int8_weights(model, compiled_cpu):
-    """An int8 model's one-row steps run the compiled step too (quark's int8 kernel, or where it is missing each
-    int8 row dequantized inside the reduction): its logits track the model with the dequantized weights in fp32
-    (quark's kernel and fbgemm's, which runs the lm_head without it, quantize the activation rows: ~1%)."""
+    """Without quark's kernels, an int8 model's one-row steps run the compiled step too (each int8 row dequantized
+    inside the reduction): its logits track the model with the dequantized weights in fp32 (fbgemm's kernel, which
+    runs the lm_head, quantizes the activation rows: ~1%)."""
     from quark.quantize import Int8Linear, quantize_int8
 
     q = quantize_int8(copy.deepcopy(model))
@@ -450,8 +454,8 @@ def test_compiled_cpu_step_is_one_call_per_token_and_per_layer_without_nested_re
 
 
 def test_compiled_cpu_step_takes_int4_weights(model, compiled_cpu):
-    """An int4 model's one-row steps run the compiled step too, the int4 kernel (quark's, or torch's) called from
-    the graph: the same logits as its eager steps (which call that kernel directly)."""
+    """Without quark's kernels, an int4 model's one-row steps run the compiled step too, torch's int4 kernel called
+    from the graph: the same logits as its eager steps (which call that kernel directly)."""
     from quark.quantize import quantize_int4
 
     q = quantize_int4(copy.deepcopy(model))
@@ -499,11 +503,9 @@ def test_compiled_cpu_step_takes_batches_of_quantized_rows(model, monkeypatch, c
     and one graph for every batch size above one."""
     from torch._dynamo.utils import counters
 
-    from quark import kernels
     from quark.quantize import quantize_int4, quantize_int8
 
     monkeypatch.setenv("QUARK_THREADS", "1")
-    monkeypatch.setattr(kernels, "_LOADED", [False])  # with quark's kernels these steps run quark::decode_layer
     q = (quantize_int8 if bits == 8 else quantize_int4)(copy.deepcopy(model))
     weights = FusedWeights(q)
     idx = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(11))
@@ -536,11 +538,9 @@ def test_a_tuned_compiled_step_compiles_every_thread_count_at_its_first_token(mo
     """Under the thread tuner, the first one-row step and the first several-row step of a model run the compiled
     step at every candidate count (dynamo compiles per count), so no later probe of the tuner stalls a token on a
     compile; the tokens are those of a decoder pinned to one count."""
-    from quark import kernels
     from quark.cpu_settings import Pinned, ThreadTuner
     from quark.quantize import quantize_int8
 
-    monkeypatch.setattr(kernels, "_LOADED", [False])  # with quark's kernels these steps run quark::decode_layer
     q = quantize_int8(copy.deepcopy(model))
     counts = []
     step = compiled_cpu.compiled_token_step()

@@ -152,3 +152,20 @@ def test_build_folder_follows_torch_and_the_sources(tmp_path, monkeypatch):
     assert kernels.build_directory() != first
     monkeypatch.setattr(kernels, "SOURCES", [b])  # the same text in another checkout
     assert kernels.build_directory() != first
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 512, 512), (1, 97, 1344), (3, 5, 688), (8, 2688, 512), (5, 7, 33),
+                                   (32, 64, 100), (1, 1, 16), (6, 3, 7)])
+def test_f32_gemv_is_the_float_product(m, n, k):
+    """quark::f32_gemv (float decode steps of quark::decode_layer) equals x @ w.T for any row count, output size
+    (short tiles) and input size (masked tails), each row on its own."""
+    g = torch.Generator().manual_seed(m * n + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    y = kernels.f32_gemv(x, w)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-5 * k ** 0.5)
+    for i in range(m):  # one row alone takes another summation order
+        torch.testing.assert_close(y[i:i + 1], kernels.f32_gemv(x[i:i + 1], w), rtol=1e-5, atol=1e-5 * k ** 0.5)
+    with pytest.raises(RuntimeError, match=r"x must be \(M, "):
+        kernels.f32_gemv(torch.randn(1, k + 1), w)

@@ -26,7 +26,9 @@
 namespace {
 
 at::Tensor matmul(const at::Tensor& x, at::TensorList w) {
-  TORCH_CHECK(w.size() == 2, "decode_layer: a matrix is [int8 weight, fp32 scale] or [uint8 nibbles, bf16 table]");
+  TORCH_CHECK((w.size() == 1 && w[0].scalar_type() == at::kFloat) || w.size() == 2,
+              "decode_layer: a matrix is [fp32 weight], [int8 weight, fp32 scale] or [uint8 nibbles, bf16 table]");
+  if (w.size() == 1) return quark::f32_gemv(x, w[0]);
   return w[0].scalar_type() == at::kChar ? quark::int8_gemv(x, w[0], w[1]) : quark::int4_gemv(x, w[0], w[1]);
 }
 
