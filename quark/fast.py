@@ -18,25 +18,26 @@ Choices:
   count is marked dynamic, so a model compiles one kernel per input size (and thread count). With it the float
   copies stay (out, in), as nn.Linear keeps them; without it (`QUARK_CPU_COMPILE=0`, or when compiling fails,
   e.g. no C++ compiler: one warning) they are stored (in, out) and `x @ W` runs MKL (1.5x F.linear at one row).
-- CPU, int8 or int4 weights where quark's kernels run (quark/kernels.py), any number of rows: a decode step is
-  one `quark::decode_layer` call a layer (`_kernel_step`; quark/csrc/decode_layer.cpp): `layer_forward`'s math
-  in C++ around the int8/int4 matmuls (tested against it on the same weights), rows at their own slots under the
-  key mask. The compiled step below spent as long between its matmuls (Python wrapper, guards, ~60 small
-  kernels) as in them; one call a layer made quark-72m's int8 batch-1 step 1.3x faster and needs no compile
-  (dev/LOG.md 2026-12-03, fifth session).
-- CPU, one row, fp32 weights of such a model, or int8/int4 without quark's kernels: a decode step is one compiled
-  call (`_token_step`),
-  each layer a nested compile region (`torch.compiler.nested_compile_region`) over `_layer_step`
-  (`layer_forward` over plain tensors, its matmuls `_matvec` reductions; int8 rows dequantized inside the
-  reductions, int4 through torch's int4 kernel, an extern call in the graph), so the ~30 small eager ops per layer cost nothing apart and
-  the 14 layers one call: every layer runs the same subgraph, compiled once, and every cache length and
-  attended span the same graph (both dynamic; a step attends over the slots in use rounded up to SPAN_STEP, not
-  the whole cache of `quark chat`/`serve`). Compiling (once per thread count) takes 10-24 s on a fresh machine
-  and 4-7 s from inductor's disk cache (8-17 s and 2-3.5 s for the per-layer step before: dynamo now traces the
-  whole token); quark-72m decodes 1.2x (one thread) to 1.6x (two) faster than eagerly, and one call per token
-  instead of one per layer made int8/int4 12-14% faster again at two threads (dev/LOG.md 2026-12-03, third
-  session). A torch without nested regions compiles `_layer_step` alone and calls it per layer. Prefill and fp32
-  batches run eagerly.
+- CPU where quark's kernels run (quark/kernels.py), int8 or int4 weights, or fp32 weights of a model larger than
+  the caches, any number of rows: a decode step is one `quark::decode_layer` call a layer (`_kernel_step`;
+  quark/csrc/decode_layer.cpp): `layer_forward`'s math in C++ around quark's matmuls (tested against it on the
+  same weights), rows at their own slots under the key mask. The compiled step below spent as long between its
+  int8 matmuls (Python wrapper, guards, ~60 small kernels) as in them: one call a layer made quark-72m's int8
+  batch-1 step ~1.3x faster; fp32 runs as fast as compiled. Nothing compiles: the first request of a process
+  takes 0.03 s (int8) / 0.29 s (fp32) instead of ~10 s (dev/LOG.md 2026-12-03, fifth session). One-row fp32
+  matmuls of the fused weights (the lm_head after a prefill) run quark's `f32_gemv` there too.
+- CPU without quark's kernels, one row, fp32, int8 or int4 weights of a model larger than the caches: a decode step is
+  one compiled call (`_token_step`), each layer a nested compile region (`torch.compiler.nested_compile_region`) over
+  `_layer_step` (`layer_forward` over plain tensors, its matmuls `_matvec` reductions; int8 rows dequantized inside
+  the reductions, int4 through torch's int4 kernel, an extern call in the graph), so the ~30 small eager ops per layer
+  cost nothing apart and the 14 layers one call: every layer runs the same subgraph, compiled once, and every cache
+  length and attended span the same graph (both dynamic; a step attends over the slots in use rounded up to SPAN_STEP,
+  not the whole cache of `quark chat`/`serve`). Compiling (once per thread count) takes 10-24 s on a fresh machine and
+  4-7 s from inductor's disk cache (8-17 s and 2-3.5 s for the per-layer step before: dynamo now traces the whole
+  token); quark-72m decodes 1.2x (one thread) to 1.6x (two) faster than eagerly, and one call per token instead of one
+  per layer made int8/int4 12-14% faster again at two threads (dev/LOG.md 2026-12-03, third session). A torch without
+  nested regions compiles `_layer_step` alone and calls it per layer. Prefill and fp32 batches without quark's kernels
+  run eagerly.
 - CPU, fp32, several rows (batched decode steps, prefill): oneDNN's linear (`dnnl_linear`), decode batches of up
   to DNNL_PACK_ROWS rows on a packed copy built at first use: MKL's sgemm read the weights at 5-7 GB/s there on an
   AMD EPYC, oneDNN's packed linear at 17-18 (batch-8 decoding 2.2x; dev/LOG.md 2026-12-03).
