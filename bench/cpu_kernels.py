@@ -42,7 +42,10 @@ def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]
     from quark.quantize import int8_pack_dynamic, pack_nibbles, quantize_int4_tensor, quantize_tensor
 
     out = {}
+    ours = quark_kernels.available()  # quark's kernels (quark/kernels.py) where this CPU has AVX512-VNNI
     out["fp32 F.linear (out, in)"] = ([lambda x, w=w: F.linear(x, w) for w in ws], 4)
+    if ours:
+        out["fp32 quark f32_gemv [quark fp32]"] = ([lambda x, w=w: quark_kernels.f32_gemv(x, w) for w in ws], 4)
     wt = [w.t().contiguous() for w in ws]
     out["fp32 x @ W (in, out) MKL [QUARK_CPU_COMPILE=0]"] = ([lambda x, w=w: x @ w for w in wt], 4)
     del wt
@@ -51,12 +54,13 @@ def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]
     if rows == 1:
         for w in ws:
             torch._dynamo.maybe_mark_dynamic(w, 0)  # as quark/fast.py does: one kernel per input size
-        out["fp32 inductor (x * W).sum(-1) [quark fp32]"] = ([lambda x, w=w: matvec(x, w) for w in ws], 4)
+        out["fp32 inductor (x * W).sum(-1)" + ("" if ours else " [quark fp32]")] = (
+            [lambda x, w=w: matvec(x, w) for w in ws], 4)
     if dnnl_linear(torch.zeros(2, 4), torch.zeros(3, 4)) is not None:
         out["fp32 oneDNN linear" + (" [quark fp32, prefill]" if rows > DNNL_PACK_ROWS else "")] = (
             [lambda x, w=w: dnnl_linear(x, w) for w in ws], 4)
         packed = [dnnl_pack(w) for w in ws]
-        out["fp32 oneDNN linear, packed" + (" [quark fp32]" if 1 < rows <= DNNL_PACK_ROWS else "")] = (
+        out["fp32 oneDNN linear, packed" + (" [quark fp32]" if 1 < rows <= DNNL_PACK_ROWS and not ours else "")] = (
             [lambda x, w=w: dnnl_linear(x, w) for w in packed], 4)
         del packed
     if hasattr(torch.ops.mkl, "_mkl_linear"):
@@ -66,7 +70,6 @@ def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]
     bf = [w.bfloat16() for w in ws]
     out["bf16 F.linear"] = ([lambda x, w=w: F.linear(x.bfloat16(), w) for w in bf], 2)
     q8 = [quantize_tensor(w) for w in ws]
-    ours = quark_kernels.available()  # quark's VNNI kernels (quark/kernels.py) where this CPU has them
     if ours:
         out["int8 quark int8_gemv (VNNI) [quark int8]"] = (
             [lambda x, q=q: quark_kernels.int8_gemv(x, q[0], q[1]) for q in q8], 1 + 4 / 512)
