@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from quark import kernels
-from quark.config import PRESETS
 from quark.fast import FastDecoder, FusedWeights
-from quark.model import Context, KVCache, Quark, layer_forward
+from quark.model import Context, KVCache, layer_forward
 from quark.quantize import quantize_int4, quantize_int8
+from tests.test_fast import noisy_test_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="quark's CPU kernels need a CPU with AVX512-VNNI "
                                 "(and -BW, -VL) and a C++ compiler (g++) with ninja (pip install ninja)")
@@ -19,12 +19,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="quark's CPU ker
 
 @pytest.fixture(scope="module")
 def model():
-    m = Quark(PRESETS["test"]).init_weights(seed=5).eval()
-    with torch.no_grad():  # non-trivial norms so a misplaced norm weight would show
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
+    return noisy_test_model()
 
 
 def _quantized(model, bits):

@@ -12,15 +12,20 @@ from quark.fast import FastDecoder, FusedWeights, decoder_for, refresh
 from quark.generate import generate, generate_text
 
 
-@pytest.fixture(scope="module")
-def model():
+def noisy_test_model() -> Quark:
+    """The test preset with non-trivial norms, so a misplaced norm weight would show."""
     torch.manual_seed(0)
     m = Quark(PRESETS["test"]).init_weights(seed=5).eval()
-    with torch.no_grad():  # non-trivial norms so a misplaced norm weight would show
+    with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return noisy_test_model()
 
 
 def _decode_logits(dec, idx, key_mask=None):
