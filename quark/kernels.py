@@ -10,17 +10,17 @@ int8 dot products, prefetching the weights: 16-18 GB/s on one core, 23-30 on two
 at 21-23 and 27-37 (dev/LOG.md 2026-12-03, fourth session).
 The int4 kernel does the same over quark's int4 layout (plain nibbles, a (scale, zero) pair per 32 columns), where
 torch's int4 kernel (bf16 activations) is the alternative.
-`quark::decode_layer` (quark/csrc/decode_layer.cpp) runs a whole decoder layer of an int8/int4 model for one token
-of each row around those matmuls: quark/fast.py's CPU decode step, one call a layer instead of a compiled graph
-whose Python wrapper, guards and ~60 small kernels cost as much as the matmuls.
+`quark::decode_layer` (quark/csrc/decode_layer.cpp) runs a whole decoder layer (fp32, int8 or int4 weights; fp32
+through `quark::f32_gemv`) for one token of each row around those matmuls: quark/fast.py's CPU decode step, one call
+a layer instead of a compiled graph whose Python wrapper, guards and ~60 small kernels cost as much as the matmuls.
 
 Choices:
-- Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; ~15 s once, then loaded from
-  torch's extension cache, TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, a folder per torch version and sources),
-  registered as torch operators (`torch.ops.quark.int8_gemv`, `.int4_gemv`) with fake (shape-only)
-  implementations, so `torch.compile` graphs call them as extern kernels. torch's build lock is a file that a
-  killed build leaves behind, and every later build would wait on it forever: a lock older than STALE_LOCK_S is
-  removed.
+- Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; ~15 s once, then loaded from torch's
+  extension cache, TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, a folder per torch version and sources),
+  registered as torch operators: `torch.ops.quark.int8_gemv` and `.int4_gemv` with fake (shape-only) implementations,
+  so `torch.compile` graphs call them as extern kernels; `.f32_gemv` and `.decode_layer`, called eagerly. torch's
+  build lock is a file that a killed build leaves behind, and every later build would wait on it forever: a lock
+  older than STALE_LOCK_S is removed.
 - Only on CPUs that report avx512_vnni, avx512bw and avx512vl; elsewhere, when the build fails (warned once) or
   with QUARK_CPU_KERNELS=0, `available()` is False and quark/quantize.py runs torch's kernels instead.
 - Threads: torch's own OpenMP pool (`at::parallel_for`), so `torch.set_num_threads` and the thread tuner apply.
@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemv.cpp", "int4_gemv.cpp", "f32_gemv.cpp", "decode_layer.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / f
+           for f in ("int8_gemv.cpp", "int4_gemv.cpp", "f32_gemv.cpp", "decode_layer.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "gemv.h"]
 # -fopenmp: `at::parallel_for` is OpenMP in torch's headers; the extension links the libgomp torch already loaded
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
@@ -137,10 +138,10 @@ def decode_layer(x: torch.Tensor, layer: tuple, kv: tuple[torch.Tensor, torch.Te
                  tables: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, *, key_mask: torch.Tensor | None,
                  n_keys: int) -> None:
     """One decoder layer (`quark.model.layer_forward`) for one new token of each row of x (B, D) float32, in place.
-    `layer` (ln1, ln2, eps, qkv, o, gate_up, down), each matrix [int8 weight, fp32 scale] or [int4 nibbles,
-    `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,); attention
-    over the first `n_keys` slots under `quark.model.attention_mask`'s rule with `key_mask` (B, >= n_keys) bool or
-    None; `tables` the RoPE cos/sin (positions, hd). Requires `available()`."""
+    `layer` (ln1, ln2, eps, qkv, o, gate_up, down), each matrix [fp32 weight], [int8 weight, fp32 scale] or [int4
+    nibbles, `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,);
+    attention over the first `n_keys` slots under `quark.model.attention_mask`'s rule with `key_mask`
+    (B, >= n_keys) bool or None; `tables` the RoPE cos/sin (positions, hd). Requires `available()`."""
     torch.ops.quark.decode_layer(x, *layer, *kv, *tables, slots, key_mask, n_keys)
 
 

@@ -1,5 +1,5 @@
 // quark::decode_layer: one decoder layer (quark/model.py `layer_forward`) for one new token of each of B rows, with
-// int8 or int4 weights, in one call: RMSNorm, the fused q/k/v matmul, RoPE, the new key and value written into
+// fp32, int8 or int4 weights, in one call: RMSNorm, the fused q/k/v matmul, RoPE, the new key and value written into
 // the layer's cache at each row's slot, grouped-query attention over the first n_keys slots, the output matmul
 // and residual, RMSNorm, the fused gate/up matmul, SiLU(gate) * up, the down matmul and residual. x (B, D) is
 // updated in place.
@@ -7,8 +7,8 @@
 // Why: a decode step of a small quantized model spends as long in the framework between its matmuls (a compiled
 // graph's Python wrapper, dynamo's guards, ~60 small kernels) as in the matmuls themselves; this is one call a
 // layer. The math is `layer_forward`'s, operation for operation, and tests compare the two on the same weights.
-// Matrices are [int8 weight (N, K), fp32 scale (N,)] or [uint8 nibbles (N, K/2), bf16 table (N, K/32, 2)]
-// (gemv.h). Attention: a key slot j is seen by row b when j <= slot_b and (no key_mask, key_mask[b, j] or
+// Matrices are [fp32 weight (N, K)], [int8 weight (N, K), fp32 scale (N,)] or [uint8 nibbles (N, K/2), bf16
+// table (N, K/32, 2)] (gemv.h). Attention: a key slot j is seen by row b when j <= slot_b and (no key_mask, key_mask[b, j] or
 // j == slot_b), as `quark.model.attention_mask`. Threads: the matmuls' and the attention's at::parallel_for
 // (over rows x KV heads), torch's OpenMP pool.
 #include <ATen/Parallel.h>
