@@ -282,6 +282,17 @@ class FusedLinear:
             return None
         return self.mods[0].packed() if len(self.mods) == 1 else int8_pack_dynamic(self.weight, self.scale)
 
+    def kernel_operands(self) -> list[torch.Tensor] | None:
+        """This matrix as quark::decode_layer takes it: [int8 rows, scales], [int4 nibbles, quark's (scale, zero)
+        table] or [fp32 (out, in) weight]; None where quark's kernels do not run or the layout is another."""
+        if not kernels.available():
+            return None
+        if self.int8:
+            return [self.weight, self.scale]
+        if self.int4:
+            return [self.weight, self.packed] if self.packed is not None and self.packed.dim() == 3 else None
+        return [self.weight] if not self.transposed and self.weight.dtype == torch.float32 else None
+
     def _stack(self, name: str) -> torch.Tensor:
         ts = [getattr(m, name).detach() for m in self.mods]
         return ts[0] if len(ts) == 1 else torch.cat(ts)
@@ -359,16 +370,11 @@ class FusedLayer:
         mats = [(lin.weight, lin.scale, lin.scale_bf16) if lin.int8 else (lin.weight, lin.sz, lin.packed, lin.group)
                 if lin.int4 else lin.weight.view(lin.weight.shape) for lin in self.linears]
         self.step_args = (self.ln1, self.ln2, *mats), (self.eps, self.hd, tuple(self.split))
-        # quark::decode_layer's operands (quark/kernels.py) where every matrix is int8, int4 in quark's layout or
-        # fp32 (out, in)
-        self.kernel_args = None
-        if kernels.available() and all(lin.int8 or (lin.int4 and lin.packed is not None and lin.packed.dim() == 3)
-                                       for lin in self.linears):
-            mats = [[lin.weight, lin.scale if lin.int8 else lin.packed] for lin in self.linears]
-            self.kernel_args = (self.ln1.detach(), self.ln2.detach(), self.eps, *mats)
-        elif kernels.available() and all(not (lin.int8 or lin.int4 or lin.transposed)
-                                         and lin.weight.dtype == torch.float32 for lin in self.linears):
-            self.kernel_args = (self.ln1.detach(), self.ln2.detach(), self.eps, *([lin.weight] for lin in self.linears))
+        # quark::decode_layer's operands (quark/kernels.py) where every matrix has them, all quantized or all fp32
+        mats = [lin.kernel_operands() for lin in self.linears]
+        one_kind = len({lin.int8 or lin.int4 for lin in self.linears}) == 1
+        self.kernel_args = ((self.ln1.detach(), self.ln2.detach(), self.eps, *mats)
+                            if one_kind and all(m is not None for m in mats) else None)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_p(x).view(*x.shape[:2], -1, self.hd).split(self.split, dim=2)  # heads of q, k, v
@@ -439,12 +445,11 @@ class FastDecoder(Decoder):
         self.graph = None
         # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
         self.runner = (runner or step_runner()) if self.device.type == "cpu" else None
+        quantized = all(lin.int8 or lin.int4 for layer in weights.layers for lin in layer.linears)
         # batched steps too for int8/int4 layers (their kernels take rows; fp32 batches run oneDNN eagerly)
-        self.cpu_step_rows = self.cpu_step and all(lin.int8 or lin.int4 for layer in weights.layers
-                                                   for lin in layer.linears)
+        self.cpu_step_rows = self.cpu_step and quantized
         # CPU int8/int4 layers with quark's kernels, and fp32 ones of a model larger than the caches: a step is one
         # quark::decode_layer call a layer, any row count
-        quantized = all(lin.int8 or lin.int4 for layer in weights.layers for lin in layer.linears)
         self.kernel_step = (model.device.type == "cpu" and not use_graph and weights.kernel_layers is not None
                             and (quantized or _big(model)))
         if self.cpu_step:
