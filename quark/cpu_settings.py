@@ -15,19 +15,24 @@ Choices:
   between ops, so it meets the same trade-off; by default llama-cpp-python uses half the cores (1 of 2 here).
 - `ThreadTuner` (spin-then-settle at the level of thread counts): decode steps alternate short probes of each
   candidate count (one, half, all cores), take the median of each probe's PROBE_SAMPLES steps and run the fastest
-  until the next probe. The first step ever at a count is not measured: it compiles quark/fast.py's CPU step for
-  that count (guarded on the thread count). One thread goes first and sets the reference. Two probe steps in a
-  row CUT (1.5x) slower than the best median so far end that probe at once (one slow step alone can be a
-  hiccup: 80 ms among 5 ms steps on an idle machine), so a losing probe costs two steps; that includes the
-  step that wakes sleeping workers, which on a core another process holds can stall for ~0.2 s (measured on a
-  2-core machine: 185 ms, against 11 ms steps). While the winner keeps winning, the probes are
-  spaced ever further apart (FIRST_INTERVAL steps, doubling up to MAX_INTERVAL); a change of winner resets the
-  spacing, and so does the winner's own steps turning CUT slower than when it won (another process arriving
-  while all cores run): that starts a probe at once. The tuner is kept per model (quark/fast.py), so later
-  generations start from what earlier ones learned. A sample is the time from one step's start to the next's,
-  so the sampling and the caller's work between steps (which run at the same count: torch's count is left set
-  between steps) are measured too; `release()` restores the count the runner found (the decoder calls it
-  before a prefill and when a generation lets it go).
+  until the next probe. A count needs free cores: `CpuLoad` reads how many cores other processes kept busy since
+  the last look (Linux /proc/stat idle time of the cores this process may run on, less this process's own CPU time;
+  measured on a 2-core machine: 0.00-0.07 idle, 1.00-1.05 beside one CPU-bound process, over 0.1-0.5 s), and a
+  count n is run only while others leave n - 1 cores beside ours (up to half a core of slack). A probe of two
+  threads on a core another process holds costs a fresh stream its wake-up stall (one step of 0.2 s among 5 ms
+  steps; a 64-token stream fell from ~170 to 81-136 tok/s); now it is not run. Without the reading (another OS, a
+  window under MIN_WINDOW) every count is probed. A round starts at the most threads the free cores allow (idle:
+  all cores at once) and probes the others; the first step ever at a count is not measured when it compiles
+  quark/fast.py's CPU step for that count (guarded on the thread count; quark's C++ decode layer compiles nothing).
+  Two probe steps in a row CUT (1.5x) slower than the best median so far end that probe at once (one slow step
+  alone can be a hiccup: 80 ms among 5 ms steps on an idle machine), so a losing probe costs two steps. While the
+  winner keeps winning, the probes are spaced ever further apart (FIRST_INTERVAL steps, doubling up to
+  MAX_INTERVAL); a change of winner resets the spacing, and so does the winner's own steps turning CUT slower than
+  when it won (another process arriving while all cores run): that starts a round at once. The tuner is kept per
+  model (quark/fast.py), so later generations start from what earlier ones learned. A sample is the time from one
+  step's start to the next's, so the sampling and the caller's work between steps (which run at the same count:
+  torch's count is left set between steps) are measured too; `release()` restores the count the runner found (the
+  decoder calls it before a prefill and when a generation lets it go).
 - `QUARK_THREADS`: unset or "auto" tunes; an integer N pins decode steps to N threads (what tests and
   benchmarks use to compare fixed settings).
 """
@@ -45,6 +50,8 @@ T = TypeVar("T")
 PROBE_SAMPLES = 3  # measured steps per probe
 CUT = 1.5  # a probe step this much slower than the best median so far ends the probe
 FIRST_INTERVAL, MAX_INTERVAL = 48, 768
+MIN_WINDOW = 0.1  # seconds: the shortest window CpuLoad answers for (idle time is kept in clock ticks)
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def threads_setting() -> int | None:
@@ -62,22 +69,58 @@ def candidates(max_threads: int) -> list[int]:
     return sorted({max_threads, max(1, max_threads // 2), 1})
 
 
+class CpuLoad:
+    """How many cores other processes kept busy lately, on the cores this process may run on (see the module
+    docstring). `others()` answers for the time since the previous answer (the first: since quark was imported)."""
+
+    def __init__(self, since: tuple[float, float, float] | None = None):
+        self.cpus = _affinity()
+        self.last = since or self._read()
+
+    def _read(self) -> tuple[float, float, float] | None:
+        """(wall clock, idle seconds of our cores, this process's CPU seconds), or None where /proc/stat is not."""
+        try:
+            with open("/proc/stat") as f:
+                lines = [ln.split() for ln in f if ln.startswith("cpu") and ln[3:4].isdigit()]
+            idle = sum(int(x[4]) + int(x[5]) for x in lines if int(x[0][3:]) in self.cpus)
+            return time.perf_counter(), idle / _TICKS, time.process_time()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def others(self) -> float | None:
+        """Cores busy with other processes since the last answer; None if unknown or under MIN_WINDOW ago."""
+        now = self._read()
+        if now is None or self.last is None or now[0] - self.last[0] < MIN_WINDOW:
+            return None
+        (t0, idle0, own0), (t1, idle1, own1) = self.last, now
+        self.last = now
+        wall = t1 - t0
+        return max(0.0, (len(self.cpus) * wall - (idle1 - idle0) - (own1 - own0)) / wall)
+
+
+def _affinity() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
 class ThreadTuner:
     """Runs decode steps at the thread count measured fastest lately (see the module docstring)."""
 
-    def __init__(self, max_threads: int | None = None, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, max_threads: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 load: Callable[[], float | None] | None = None):
         self.restore_to = torch.get_num_threads()
         self.cands = candidates(max_threads or self.restore_to)
         self.clock = clock
+        self.load = load if load is not None else CpuLoad(since=_IMPORTED.last).others
         self.median: dict[int, float] = {}
         self.samples: list[float] = []
-        self.best = self.current = self.cands[0]
-        self.queue = self.cands[1:]  # still to probe in this round
         self.ran: set[int] = set()  # counts that have run a step (compiled there)
-        self.skip = True  # the current probe's first step is not measured
-        self.probing = True
         self.interval, self.until_probe = FIRST_INTERVAL, 0
         self.last: float | None = None  # when the previous step started
+        self.best = self.current = 1
+        self._round(first=True)
 
     def run(self, step: Callable[[], T]) -> T:
         """Run one decode step at the chosen count (left set for what follows until the next step)."""
@@ -91,7 +134,7 @@ class ThreadTuner:
         return step()
 
     def compiled_at(self, counts: list[int]) -> None:
-        """The step was run (compiled) at these counts outside `run`: their first probe steps are measured too."""
+        """The step was run (compiled) at these counts outside `run`, or compiles nothing: first steps are measured."""
         self.ran.update(counts)
 
     def release(self) -> None:
@@ -99,34 +142,55 @@ class ThreadTuner:
         self.last = None
         torch.set_num_threads(self.restore_to)
 
+    def allowed(self) -> list[int]:
+        """The candidate counts the cores that other processes leave free can run (all of them if unknown)."""
+        busy = self.load()
+        cores = max(self.cands)
+        return [c for c in self.cands if busy is None or c == 1 or busy <= cores - c + 0.5]
+
+    def _round(self, first: bool = False) -> None:
+        """Start a round of probes over the allowed counts: the first round from the most threads, later ones from
+        the others than the winner (the winner's latest steps are its measurement)."""
+        allowed = self.allowed()
+        self.queue = sorted(allowed, reverse=True) if first else [c for c in allowed if c != self.best]
+        # this round's medians: the winner's latest and each probe's (a count left out keeps no old figure)
+        self.scores = {} if first or self.best not in self.median else {self.best: self.median[self.best]}
+        self.probing = bool(self.queue)
+        if self.probing:
+            self._next(self.queue.pop(0))
+        else:  # nothing else to try (the other cores are busy): run the winner for another interval
+            self.until_probe, self.samples = self.interval, []
+
     def _record(self, dt: float) -> None:
         self.samples.append(dt)
         if not self.probing:  # running the winner; its last steps are its next measurement
             self.samples = self.samples[-PROBE_SAMPLES:]
             self.until_probe -= 1
-            slower = len(self.samples) == PROBE_SAMPLES and _median(self.samples) > CUT * self.median[self.best]
+            full = len(self.samples) == PROBE_SAMPLES
+            if full and self.best not in self.median:  # a winner chosen without a probe: its first measurement
+                self.median[self.best] = _median(self.samples)
+            slower = full and _median(self.samples) > CUT * self.median[self.best]
             if (self.until_probe > 0 and not slower) or len(self.cands) == 1:
                 return
             if slower:
                 self.interval = FIRST_INTERVAL
-            self.median[self.best] = _median(self.samples)
-            self.queue = [c for c in self.cands if c != self.best]
-            self._next(self.queue.pop(0))
-            self.probing = True
+            if full:
+                self.median[self.best] = _median(self.samples)
+            self._round()
             return
         measured = self.samples[1:] if self.skip else self.samples
         if not measured:
             return
-        ref = min(self.median.values(), default=None)
+        ref = min(self.scores.values(), default=None)
         if ref is not None and len(measured) >= 2 and min(measured[-2:]) > CUT * ref:  # clearly losing: end now
             measured = measured[-2:]
         elif len(measured) < PROBE_SAMPLES:
             return
-        self.median[self.current] = _median(measured)
+        self.median[self.current] = self.scores[self.current] = _median(measured)
         if self.queue:
             self._next(self.queue.pop(0))
             return
-        winner = min(self.median, key=self.median.get)
+        winner = min(self.scores, key=self.scores.get)
         self.interval = FIRST_INTERVAL if winner != self.best else min(2 * self.interval, MAX_INTERVAL)
         self.best, self.until_probe, self.probing = winner, self.interval, False
         self._next(winner)
@@ -139,6 +203,9 @@ class ThreadTuner:
 
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
+
+
+_IMPORTED = CpuLoad()  # a tuner's first round sees the machine since quark was imported
 
 
 class Pinned:

@@ -452,6 +452,8 @@ class FastDecoder(Decoder):
         # quark::decode_layer call a layer, any row count
         self.kernel_step = (model.device.type == "cpu" and not use_graph and weights.kernel_layers is not None
                             and (quantized or _big(model)))
+        if self.kernel_step and isinstance(self.runner, ThreadTuner):  # nothing to compile: first steps are measured
+            self.runner.compiled_at(self.runner.cands)
         if self.cpu_step:
             for t in self.cache.k + self.cache.v:  # any cache length runs the same compiled code
                 torch._dynamo.maybe_mark_dynamic(t, 2)

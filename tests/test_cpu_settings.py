@@ -1,12 +1,19 @@
 """The decode thread tuner: it settles on the count whose steps are fastest, follows a change of conditions (a
-competing process), backs off probing a clearly slower count, restores torch's count, and never changes tokens."""
+competing process), backs off probing a clearly slower count, does not probe counts other processes leave no cores
+for, restores torch's count, and never changes tokens."""
+
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from quark import Quark
 from quark.config import PRESETS
-from quark.cpu_settings import FIRST_INTERVAL, MAX_INTERVAL, Pinned, ThreadTuner, candidates, threads_setting
+from quark.cpu_settings import (FIRST_INTERVAL, MAX_INTERVAL, CpuLoad, Pinned, ThreadTuner, candidates,
+                                 threads_setting)
 from quark.generate import generate
 
 
@@ -24,6 +31,10 @@ class FakeMachine:
         self.seen.append(n)
         self.now += self.cost[n]
         return n
+
+
+def unknown_load():
+    return None  # no /proc/stat reading: every count is probed
 
 
 @pytest.fixture
@@ -47,7 +58,7 @@ def test_setting_and_candidates(monkeypatch):
 
 def test_tuner_settles_follows_contention_and_backs_off(two_threads):
     m = FakeMachine({2: 1.0, 1: 1.6})  # idle: two threads win
-    tuner = ThreadTuner(2, clock=m.clock)
+    tuner = ThreadTuner(2, clock=m.clock, load=unknown_load)
     for _ in range(200):
         assert tuner.run(m.step) in (1, 2)
     tuner.release()
@@ -86,7 +97,7 @@ def test_a_slow_first_step_at_a_count_does_not_disqualify_it(two_threads):
             return out
 
     m = Compiling({2: 1.0, 1: 1.6})
-    tuner = ThreadTuner(2, clock=m.clock)
+    tuner = ThreadTuner(2, clock=m.clock, load=unknown_load)
     for _ in range(40):
         tuner.run(m.step)
     assert tuner.best == 2 and m.seen[-20:].count(2) >= 19
@@ -99,15 +110,72 @@ def test_one_slow_step_does_not_end_a_probe(two_threads):
     class Hiccup(FakeMachine):
         def step(self):
             out = super().step()
-            if len(self.seen) == 7:  # the second step of the first probe of two threads (after its compile step)
+            if len(self.seen) == 7:  # the second step of the probe of one thread (after its compile step)
                 self.now += 50.0
             return out
 
-    m = Hiccup({2: 1.0, 1: 1.6})
-    tuner = ThreadTuner(2, clock=m.clock)
+    m = Hiccup({2: 1.6, 1: 1.0})
+    tuner = ThreadTuner(2, clock=m.clock, load=unknown_load)
     for _ in range(30):
         tuner.run(m.step)
-    assert m.seen[:5] == [1, 1, 1, 1, 2] and tuner.best == 2 and m.seen[-20:].count(2) == 20
+    assert m.seen[:5] == [2, 2, 2, 2, 1] and tuner.best == 1 and m.seen[-20:].count(1) == 20
+
+
+def test_counts_other_processes_leave_no_cores_for_are_not_probed(two_threads):
+    """A round starts at the most threads the free cores allow; while another process keeps the second core busy,
+    two threads are never run (a probe there costs a stream its wake-up stall), whatever they measured before;
+    when the core frees up, the next round probes them again."""
+    busy = [0.0]
+    m = FakeMachine({2: 1.0, 1: 1.6})
+    tuner = ThreadTuner(2, clock=m.clock, load=lambda: busy[0])
+    for _ in range(20):
+        tuner.run(m.step)
+    assert m.seen[:4] == [2, 2, 2, 2] and tuner.best == 2  # idle: all cores from the first step
+    busy[0] = 1.0
+    m.cost = {2: 4.0, 1: 1.0}
+    m.seen.clear()
+    for _ in range(2000):
+        tuner.run(m.step)
+    assert tuner.best == 1 and m.seen.count(2) <= 3  # the steps that found the winner slower, then never again
+    m.seen.clear()
+    m.cost = {2: 1.0, 1: 1.6}  # 2 is faster again, but the reading says the core is still busy
+    for _ in range(2000):
+        tuner.run(m.step)
+    assert m.seen.count(2) == 0
+    busy[0] = 0.1  # the other process is gone: the next round probes two threads, and they win
+    for _ in range(MAX_INTERVAL + 10):
+        tuner.run(m.step)
+    assert tuner.best == 2
+    fresh = ThreadTuner(2, clock=m.clock, load=lambda: 0.9)  # a new tuner on a busy machine: one thread only
+    m.seen.clear()
+    for _ in range(100):
+        fresh.run(m.step)
+    assert set(m.seen) == {1}
+
+
+def test_cpu_load_counts_other_processes_not_ours():
+    """CpuLoad on the real machine: a CPU-bound process beside us shows as about one busy core; our own busy
+    thread does not count."""
+    if not os.path.exists("/proc/stat") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux /proc/stat and two cores")
+
+    def ours_busy(load: CpuLoad) -> float:
+        load.others()
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.3:
+            sum(range(1000))
+        return load.others()
+
+    load = CpuLoad()
+    alone = ours_busy(load)
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        beside = ours_busy(load)
+    finally:
+        p.kill()
+        p.wait()
+    assert beside - alone > 0.6, (alone, beside)
 
 
 def test_pinned_restores_count(two_threads):
