@@ -12,8 +12,7 @@ import torch
 
 from quark import Quark
 from quark.config import PRESETS
-from quark.cpu_settings import (FIRST_INTERVAL, MAX_INTERVAL, CpuLoad, Pinned, ThreadTuner, candidates,
-                                 threads_setting)
+from quark.cpu_settings import FIRST_INTERVAL, MAX_INTERVAL, CpuLoad, Pinned, ThreadTuner, candidates, threads_setting
 from quark.generate import generate
 
 
