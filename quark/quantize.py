@@ -7,7 +7,7 @@ Choices (int8):
   the same model; `copy.deepcopy` it first to keep the float model. Norm weights and RoPE tables stay as they are,
   so `model.dtype` (the norms' dtype) remains the compute dtype; activations and the KV cache keep it.
 - The int8 buffer is named `weight` (device and shape read as before) with a float `scale` beside it.
-- Up to SMALL_BATCH_ROWS rows on a CPU with AVX512-VNNI (decode steps, what `quark chat` runs) go through quark's
+- Up to KERNEL_ROWS rows on a CPU with AVX512-VNNI (decode steps and prompts up to 256 tokens) go through quark's
   own kernel (quark/kernels.py): each row quantized in blocks of 32 as llama.cpp's q8_0 does, int8 dot products,
   1.3-1.9x `_weight_int8pack_mm` below and 1.1-1.2x fbgemm's one-row linear, and callable from compiled graphs.
   Other CPUs (or no compiler) take the torch kernels of the next two points.
@@ -31,7 +31,7 @@ Choices (int4, `quantize_int4`), gpt-fast's int4 path:
   columns; q in [0, 15] and `w ~= (q - 8) * scale + zero` with scale = (max - min) / 15, zero = min + 8 * scale,
   the convention of `torch.ops.aten._weight_int4pack_mm_for_cpu`, which runs the matmul with bf16 activations and
   bf16 scales/zeros ((K/g, N, 2), stored as such: the dequantizing path uses the same values).
-- Up to SMALL_BATCH_ROWS rows on a CPU with AVX512-VNNI run quark's int4 kernel (quark/kernels.py: the plain
+- Up to KERNEL_ROWS rows on a CPU with AVX512-VNNI run quark's int4 kernel (quark/kernels.py: the plain
   nibbles, a (scale, zero) table per 32 columns, int8 activations per 32, 1.27x torch's int4 kernel at two
   threads in bench/cpu_kernels.py, even at one); elsewhere torch's int4 kernel. `packed` holds whichever second
   operand the kernel in use takes (`int4_pack_for_kernel`): quark's (N, K/32, 2) table or torch's packed weight.
@@ -40,7 +40,8 @@ Choices (int4, `quantize_int4`), gpt-fast's int4 path:
   fast path (quark/fast.py) fuses q/k/v by concatenating plain nibbles and packing once.
 - A layer whose input size is not a multiple of `group_size` (the tiny preset's d_ff=688) stays int8, and the
   embedding / tied lm_head are int8 (as llama.cpp keeps the output matrix at higher precision in its 4-bit types).
-- Batches above SMALL_BATCH_ROWS and other devices dequantize and run an ordinary matmul.
+- Batches above KERNEL_ROWS (quark's kernel) or SMALL_BATCH_ROWS (torch's) and other devices dequantize and run an
+  ordinary matmul.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ from torch import nn
 from quark import kernels
 
 _INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-SMALL_BATCH_ROWS = 32  # up to this many rows the int8 kernel beats dequantize + matmul on CPU (measured)
+SMALL_BATCH_ROWS = 32  # up to this many rows torch's int8/int4 kernels beat dequantize + matmul on CPU (measured)
+# up to this many rows quark's kernels do (two threads, AMD EPYC, dev/LOG.md 2026-12-03 sixth session: a 2688x512
+# matrix at 256 rows int8 3.1 vs 5.5 ms, int4 4.4 vs 14.5; at 512 rows a 768x512 int4 one lost, 3.1 vs 2.9):
+# decode batches and the prefill of prompts up to this long
+KERNEL_ROWS = 256
 
 
 def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +96,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scal
     `int8_pack_dynamic(weight, scale)` for the one-row CPU kernel."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS and kernels.available():
+    if x.device.type == "cpu" and x2.shape[0] <= KERNEL_ROWS and kernels.available():
         y = kernels.int8_gemv(x2, weight, scale)
     elif packed is not None and x2.shape[0] == 1 and x.device.type == "cpu":
         y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), packed, True)
@@ -202,7 +207,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, packed
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     N, g = qweight.shape[0], shape[-1] // sz.shape[0]
-    if packed is not None and packed.dim() == 3 and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
+    if packed is not None and packed.dim() == 3 and x.device.type == "cpu" and x2.shape[0] <= KERNEL_ROWS:
         y = kernels.int4_gemv(x2, qweight, packed)  # quark's kernel: `packed` is its (scale, zero) table
     elif packed is not None and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
         xb = x2.to(torch.bfloat16).contiguous()

@@ -28,7 +28,7 @@ def _case(m: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 @needs_kernel
 @pytest.mark.parametrize("m,n,k", [(1, 512, 512), (1, 97, 1344), (3, 5, 688), (8, 2688, 512), (2, 7, 33),
-                                   (32, 64, 100), (1, 1, 64)])
+                                   (32, 64, 100), (1, 1, 64), (200, 96, 512)])  # 200 rows: a short prefill
 def test_int8_gemv_matches_dequantized_product(m, n, k):
     x, q, s, ref = _case(m, n, k)
     y = kernels.int8_gemv(x, q, s)
@@ -108,7 +108,7 @@ def _case4(m: int, n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Ten
 
 @needs_kernel
 @pytest.mark.parametrize("m,n,k,group", [(1, 512, 512, 32), (1, 97, 1344, 32), (3, 5, 1344, 64), (8, 2688, 512, 128),
-                                         (2, 7, 96, 32), (1, 9, 160, 32), (32, 64, 256, 256)])
+                                         (2, 7, 96, 32), (1, 9, 160, 32), (32, 64, 256, 256), (200, 40, 512, 32)])
 def test_int4_gemv_matches_dequantized_product(m, n, k, group):
     x, qw, table, ref = _case4(m, n, k, group)
     assert table.shape == (n, k // 32, 2) and table.dtype == torch.bfloat16
@@ -169,3 +169,19 @@ def test_f32_gemv_is_the_float_product(m, n, k):
         torch.testing.assert_close(y[i:i + 1], kernels.f32_gemv(x[i:i + 1], w), rtol=1e-5, atol=1e-5 * k ** 0.5)
     with pytest.raises(RuntimeError, match=r"x must be \(M, "):
         kernels.f32_gemv(torch.randn(1, k + 1), w)
+
+
+
+@needs_kernel
+def test_linears_take_the_kernels_up_to_kernel_rows():
+    """A prompt of up to KERNEL_ROWS tokens runs quark's kernels (faster than dequantizing there, quantize.py);
+    above that, dequantize + matmul."""
+    from quark.quantize import KERNEL_ROWS
+
+    x, q, s, ref = _case(KERNEL_ROWS + 1, 64, 256)
+    m = KERNEL_ROWS
+    torch.testing.assert_close(int8_linear(x[:m], q, s), kernels.int8_gemv(x[:m], q, s), rtol=0, atol=0)
+    torch.testing.assert_close(int8_linear(x, q, s), ref, rtol=1e-5, atol=1e-4)  # dequantized: x not rounded
+    mod = Int4Linear.from_float(torch.randn(48, 256), group_size=32)
+    torch.testing.assert_close(mod(x[:m]), kernels.int4_gemv(x[:m], mod.qweight, mod.packed), rtol=0, atol=0)
+    torch.testing.assert_close(mod(x), x @ mod.dequantized().T, rtol=1e-5, atol=1e-4)

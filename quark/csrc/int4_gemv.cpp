@@ -1,7 +1,8 @@
 // quark::int4_gemv(x, qweight, table) -> y: a few float rows x (M, K) times int4 weights, y (M, N) float32, for
-// decode steps (1..32 rows) on CPUs with AVX512-VNNI. The weights are quark/quantize.py's: qweight (N, K/2) uint8
-// plain nibbles (column 2j low, 2j+1 high), q in [0, 15], w = (q - 8) * scale + zero per group; `table` (N, K/32, 2)
-// bf16 holds (scale, zero) for every 32 columns (a group of 64..256 repeats its pair).
+// decode steps and short prefills (1..256 rows, quantize.KERNEL_ROWS) on CPUs with AVX512-VNNI. The weights are
+// quark/quantize.py's: qweight (N, K/2) uint8 plain nibbles (column 2j low, 2j+1 high), q in [0, 15],
+// w = (q - 8) * scale + zero per group; `table` (N, K/32, 2) bf16 holds (scale, zero) for every 32 columns (a group
+// of 64..256 repeats its pair).
 //
 // Each row of x is quantized to int8 in blocks of 32 (q8_0's blocks, scale d); per block of a weight row,
 //   sum_k w_k x_k ~= scale * d * sum_k q_k xq_k + (zero - 8 * scale) * sum_k x_k,

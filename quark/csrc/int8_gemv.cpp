@@ -1,5 +1,6 @@
 // quark::int8_gemv(x, w, scale) -> y: a few float rows x (M, K) times int8 weights w (N, K) with per-row scales
-// (N,), y (M, N) float32 = x @ (w * scale[:, None]).T, for decode steps (1..32 rows) on CPUs with AVX512-VNNI.
+// (N,), y (M, N) float32 = x @ (w * scale[:, None]).T, for decode steps and short prefills (1..256 rows,
+// quantize.KERNEL_ROWS) on CPUs with AVX512-VNNI.
 //
 // Each row of x is quantized to int8 in blocks of 32 (llama.cpp q8_0's blocks: scale d = max|x| / 127), and the
 // products are int8 dot products (vpdpbusd, 64 weights an instruction). vpdpbusd multiplies unsigned by signed
