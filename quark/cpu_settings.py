@@ -20,10 +20,13 @@ Choices:
   measured on a 2-core machine: 0.00-0.07 idle, 1.00-1.05 beside one CPU-bound process, over 0.1-0.5 s), and a
   count n is run only while others leave n - 1 cores beside ours (up to half a core of slack). A probe of two
   threads on a core another process holds costs a fresh stream its wake-up stall (one step of 0.2 s among 5 ms
-  steps; a 64-token stream fell from ~170 to 81-136 tok/s); now it is not run. Without the reading (another OS, a
-  window under MIN_WINDOW) every count is probed. A round starts at the most threads the free cores allow (idle:
-  all cores at once) and probes the others; the first step ever at a count is not measured when it compiles
-  quark/fast.py's CPU step for that count (guarded on the thread count; quark's C++ decode layer compiles nothing).
+  steps; a 64-token stream fell from ~170 to 81-136 tok/s); now it is not run. While the load keeps counts out, it
+  is looked at again every RECHECK steps (a window of at least MIN_WINDOW), and a count it lets back in is probed
+  at once (a reading since import can include a passing burst, such as the kernel's work while the weights load:
+  1.48 cores once on an idle machine). Without a reading (another OS, no window yet) every count is probed. A
+  round starts at the most threads the free cores allow (idle: all cores at once) and probes the others; the first
+  step ever at a count is not measured when it compiles quark/fast.py's CPU step for that count (guarded on the
+  thread count; quark's C++ decode layer compiles nothing).
   Two probe steps in a row CUT (1.5x) slower than the best median so far end that probe at once (one slow step
   alone can be a hiccup: 80 ms among 5 ms steps on an idle machine), so a losing probe costs two steps. While the
   winner keeps winning, the probes are spaced ever further apart (FIRST_INTERVAL steps, doubling up to
@@ -51,6 +54,7 @@ PROBE_SAMPLES = 3  # measured steps per probe
 CUT = 1.5  # a probe step this much slower than the best median so far ends the probe
 FIRST_INTERVAL, MAX_INTERVAL = 48, 768
 MIN_WINDOW = 0.1  # seconds: the shortest window CpuLoad answers for (idle time is kept in clock ticks)
+RECHECK = 8  # steps between looks at the load while it keeps the tuner from counts it could run
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -76,6 +80,7 @@ class CpuLoad:
     def __init__(self, since: tuple[float, float, float] | None = None):
         self.cpus = _affinity()
         self.last = since or self._read()
+        self.value: float | None = None  # the last answer
 
     def _read(self) -> tuple[float, float, float] | None:
         """(wall clock, idle seconds of our cores, this process's CPU seconds), or None where /proc/stat is not."""
@@ -88,14 +93,18 @@ class CpuLoad:
             return None
 
     def others(self) -> float | None:
-        """Cores busy with other processes since the last answer; None if unknown or under MIN_WINDOW ago."""
+        """Cores busy with other processes since the last answer; under MIN_WINDOW after it, that answer again (None
+        before the first, or where /proc/stat is not)."""
         now = self._read()
-        if now is None or self.last is None or now[0] - self.last[0] < MIN_WINDOW:
+        if now is None or self.last is None:
             return None
+        if now[0] - self.last[0] < MIN_WINDOW:
+            return self.value
         (t0, idle0, own0), (t1, idle1, own1) = self.last, now
         self.last = now
         wall = t1 - t0
-        return max(0.0, (len(self.cpus) * wall - (idle1 - idle0) - (own1 - own0)) / wall)
+        self.value = max(0.0, (len(self.cpus) * wall - (idle1 - idle0) - (own1 - own0)) / wall)
+        return self.value
 
 
 def _affinity() -> set[int]:
@@ -152,6 +161,7 @@ class ThreadTuner:
         """Start a round of probes over the allowed counts: the first round from the most threads, later ones from
         the others than the winner (the winner's latest steps are its measurement)."""
         allowed = self.allowed()
+        self.n_allowed = len(allowed)  # fewer than all: the load is looked at again every RECHECK steps
         self.queue = sorted(allowed, reverse=True) if first else [c for c in allowed if c != self.best]
         # this round's medians: the winner's latest and each probe's (a count left out keeps no old figure)
         self.scores = {} if first or self.best not in self.median else {self.best: self.median[self.best]}
@@ -170,7 +180,10 @@ class ThreadTuner:
             if full and self.best not in self.median:  # a winner chosen without a probe: its first measurement
                 self.median[self.best] = _median(self.samples)
             slower = full and _median(self.samples) > CUT * self.median[self.best]
-            if (self.until_probe > 0 and not slower) or len(self.cands) == 1:
+            # cores freed (or a busy reading that was a passing burst, e.g. the kernel's work loading the weights)
+            freed = (self.n_allowed < len(self.cands) and self.until_probe % RECHECK == 0
+                     and len(self.allowed()) > self.n_allowed)
+            if (self.until_probe > 0 and not slower and not freed) or len(self.cands) == 1:
                 return
             if slower:
                 self.interval = FIRST_INTERVAL

@@ -12,7 +12,17 @@ import torch
 
 from quark import Quark
 from quark.config import PRESETS
-from quark.cpu_settings import FIRST_INTERVAL, MAX_INTERVAL, CpuLoad, Pinned, ThreadTuner, candidates, threads_setting
+from quark.cpu_settings import (
+    FIRST_INTERVAL,
+    MAX_INTERVAL,
+    PROBE_SAMPLES,
+    RECHECK,
+    CpuLoad,
+    Pinned,
+    ThreadTuner,
+    candidates,
+    threads_setting,
+)
 from quark.generate import generate
 
 
@@ -141,10 +151,11 @@ def test_counts_other_processes_leave_no_cores_for_are_not_probed(two_threads):
     for _ in range(2000):
         tuner.run(m.step)
     assert m.seen.count(2) == 0
-    busy[0] = 0.1  # the other process is gone: the next round probes two threads, and they win
-    for _ in range(MAX_INTERVAL + 10):
+    busy[0] = 0.1  # the other process is gone: within RECHECK steps a round probes two threads, and they win
+    m.seen.clear()
+    for _ in range(RECHECK + 2 * PROBE_SAMPLES + 2):
         tuner.run(m.step)
-    assert tuner.best == 2
+    assert tuner.best == 2 and m.seen[-2:] == [2, 2]
     fresh = ThreadTuner(2, clock=m.clock, load=lambda: 0.9)  # a new tuner on a busy machine: one thread only
     m.seen.clear()
     for _ in range(100):
@@ -167,6 +178,7 @@ def test_cpu_load_counts_other_processes_not_ours():
 
     load = CpuLoad()
     alone = ours_busy(load)
+    assert load.others() == alone  # asked again within MIN_WINDOW: the same answer
     p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.2)
