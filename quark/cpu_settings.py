@@ -18,7 +18,8 @@ Choices:
   until the next probe. A count needs free cores: `CpuLoad` reads how many cores other processes kept busy since
   the last look (Linux /proc/stat idle time of the cores this process may run on, less this process's own CPU time;
   measured on a 2-core machine: 0.00-0.07 idle, 1.00-1.05 beside one CPU-bound process, over 0.1-0.5 s), and a
-  count n is run only while others leave n - 1 cores beside ours (up to half a core of slack). A probe of two
+  count n is run only while others leave n - 1 cores beside ours (up to SLACK of a core short: beside a
+  CPU-bound process, windows of ~0.1 s read 0.63-1.0 while our own threads also ran there). A probe of two
   threads on a core another process holds costs a fresh stream its wake-up stall (one step of 0.2 s among 5 ms
   steps; a 64-token stream fell from ~170 to 81-136 tok/s); now it is not run. While the load keeps counts out, it
   is looked at again every RECHECK steps (a window of at least MIN_WINDOW), and a count it lets back in is probed
@@ -54,6 +55,7 @@ PROBE_SAMPLES = 3  # measured steps per probe
 CUT = 1.5  # a probe step this much slower than the best median so far ends the probe
 FIRST_INTERVAL, MAX_INTERVAL = 48, 768
 MIN_WINDOW = 0.1  # seconds: the shortest window CpuLoad answers for (idle time is kept in clock ticks)
+SLACK = 0.3  # cores: other processes may use this much of the cores a count needs (idle readings: 0.00-0.07)
 RECHECK = 8  # steps between looks at the load while it keeps the tuner from counts it could run
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -155,7 +157,7 @@ class ThreadTuner:
         """The candidate counts the cores that other processes leave free can run (all of them if unknown)."""
         busy = self.load()
         cores = max(self.cands)
-        return [c for c in self.cands if busy is None or c == 1 or busy <= cores - c + 0.5]
+        return [c for c in self.cands if busy is None or c == 1 or busy <= cores - c + SLACK]
 
     def _round(self, first: bool = False) -> None:
         """Start a round of probes over the allowed counts: the first round from the most threads, later ones from
