@@ -178,9 +178,7 @@ class ThreadTuner:
         if not self.probing:  # running the winner; its last steps are its next measurement
             self.samples = self.samples[-PROBE_SAMPLES:]
             self.until_probe -= 1
-            full = len(self.samples) == PROBE_SAMPLES
-            if full and self.best not in self.median:  # a winner chosen without a probe: its first measurement
-                self.median[self.best] = _median(self.samples)
+            full = len(self.samples) == PROBE_SAMPLES  # (every round probes: the winner always has a median)
             slower = full and _median(self.samples) > CUT * self.median[self.best]
             # cores freed (or a busy reading that was a passing burst, e.g. the kernel's work loading the weights)
             freed = (self.n_allowed < len(self.cands) and self.until_probe % RECHECK == 0
