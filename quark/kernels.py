@@ -1,5 +1,5 @@
 """Quark's hand-written CPU kernels: int8 and int4 weights times a few float rows (`quark::int8_gemv`,
-`quark::int4_gemv`, quark/csrc), the matmuls of decode steps (1..256 rows a call: decode steps and short prefills).
+`quark::int4_gemv`, quark/csrc), the matmuls of decode steps and short prefills (1..256 rows a call).
 
 Why it exists: batch-1 decoding reads every weight once a token, so its speed is the int8 matmul's memory
 bandwidth. torch has no one-row int8 kernel that a compiled graph can call at that speed: inductor's fused

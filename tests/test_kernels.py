@@ -171,7 +171,6 @@ def test_f32_gemv_is_the_float_product(m, n, k):
         kernels.f32_gemv(torch.randn(1, k + 1), w)
 
 
-
 @needs_kernel
 def test_linears_take_the_kernels_up_to_kernel_rows():
     """A prompt of up to KERNEL_ROWS tokens runs quark's kernels (faster than dequantizing there, quantize.py);
