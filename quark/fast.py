@@ -434,9 +434,16 @@ class FastDecoder(Decoder):
 
     def __init__(self, model: Quark, weights: FusedWeights, batch_size: int, max_len: int, *, use_graph: bool = False,
                  use_compile: bool = False, runner: ThreadTuner | Pinned | None = None):
-        # CPU, one row, fp32 (out, in), int8 or int4 weights: each layer of a step is one compiled call (`_layer_step`)
-        self.cpu_step = model.device.type == "cpu" and not use_graph and cpu_matvec_enabled() and _big(model) and all(
-            lin.matvec or lin.int8 or (lin.int4 and lin.packed is not None) for lin in weights.linears)
+        quantized = all(lin.int8 or lin.int4 for layer in weights.layers for lin in layer.linears)
+        # CPU int8/int4 layers with quark's kernels, and fp32 ones of a model larger than the caches: a step is one
+        # quark::decode_layer call a layer, any row count
+        self.kernel_step = (model.device.type == "cpu" and not use_graph and weights.kernel_layers is not None
+                            and (quantized or _big(model)))
+        # otherwise CPU, one row, fp32 (out, in), int8 or int4 weights: each layer of a step is one compiled call
+        # (`_layer_step`)
+        self.cpu_step = (not self.kernel_step and model.device.type == "cpu" and not use_graph and cpu_matvec_enabled()
+                         and _big(model) and all(lin.matvec or lin.int8 or (lin.int4 and lin.packed is not None)
+                                                 for lin in weights.linears))
         # the compiled step attends over `_span` slots <= max_len; with a spare slot that is always fewer than the
         # cache holds (the first compile would otherwise specialize on equal lengths, and a second one follow)
         super().__init__(model, batch_size, max_len, spare_slots=int(self.cpu_step))
@@ -445,13 +452,8 @@ class FastDecoder(Decoder):
         self.graph = None
         # CPU decode steps run at a thread count tuned from their own timings (quark/cpu_settings.py)
         self.runner = (runner or step_runner()) if self.device.type == "cpu" else None
-        quantized = all(lin.int8 or lin.int4 for layer in weights.layers for lin in layer.linears)
         # batched steps too for int8/int4 layers (their kernels take rows; fp32 batches run oneDNN eagerly)
         self.cpu_step_rows = self.cpu_step and quantized
-        # CPU int8/int4 layers with quark's kernels, and fp32 ones of a model larger than the caches: a step is one
-        # quark::decode_layer call a layer, any row count
-        self.kernel_step = (model.device.type == "cpu" and not use_graph and weights.kernel_layers is not None
-                            and (quantized or _big(model)))
         if self.kernel_step and isinstance(self.runner, ThreadTuner):  # nothing to compile: first steps are measured
             self.runner.compiled_at(self.runner.cands)
         if self.cpu_step:
