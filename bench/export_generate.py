@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     cfg = PRESETS[args.preset]
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))[:200]]
-    tok = train_tokenizer(texts, vocab_size=cfg.base_vocab_size, show_progress=False)
+    tok = train_tokenizer(texts, vocab_size=(cfg.vocab_size - 2), show_progress=False)
     model = Quark(cfg.replace(init_std=0.1)).init_weights(seed=0).eval()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="quark-bench-"))
     save_model(model, tmp / "ck")

@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     if args.prompt_len + n > cfg.context_length or P + 1 > cfg.context_length:
         raise SystemExit(f"prompt/prefill lengths exceed context_length={cfg.context_length}")
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(1, cfg.base_vocab_size, (1, args.prompt_len), generator=g)
-    long_prompt = torch.randint(1, cfg.base_vocab_size, (1, P), generator=g)
+    prompt = torch.randint(1, (cfg.vocab_size - 2), (1, args.prompt_len), generator=g)
+    long_prompt = torch.randint(1, (cfg.vocab_size - 2), (1, P), generator=g)
     print(f"# bench/generate.py  preset={args.preset} ({cfg.n_params() / 1e6:.1f}M params) {args.dtype}, batch 1, "
           f"{n} new tokens greedy, prompt {args.prompt_len}; prefill {P}")
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"

@@ -109,8 +109,8 @@ def bench_train(a, dev, cfg: QuarkConfig, results: dict):
     T, B = a.train_ctx, a.train_batch
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.base_vocab_size, (B, T), generator=g).to(dev)
-    y = torch.randint(0, cfg.base_vocab_size, (B, T), generator=g).to(dev)
+    x = torch.randint(0, (cfg.vocab_size - 2), (B, T), generator=g).to(dev)
+    y = torch.randint(0, (cfg.vocab_size - 2), (B, T), generator=g).to(dev)
     flops_tok = cfg.replace(context_length=max(T, cfg.context_length)).flops_per_token(T)
     peak = peak_tflops(dev)
     out = results.setdefault("train", {"ctx": T, "batch": B, "flops_per_token": flops_tok})
@@ -224,7 +224,7 @@ def bench_decode(a, dev, cfg: QuarkConfig, results: dict, clock: Clock):
         if clock.left() < a.decode_min_s:
             out[f"bs{bs}"] = {"skipped": "time budget"}
             continue
-        prompts = torch.randint(1, cfg.base_vocab_size, (bs, 16), generator=g)
+        prompts = torch.randint(1, (cfg.vocab_size - 2), (bs, 16), generator=g)
         row = out.setdefault(f"bs{bs}", {})
         t0 = time.perf_counter()
         first = generate(model, prompts, max_new_tokens=n, temperature=0.0)  # compile + capture on CUDA

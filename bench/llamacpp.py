@@ -63,8 +63,8 @@ def prepare(work: Path, preset: str, model: str | None) -> tuple[Path, dict[str,
         cfg = QuarkConfig.from_name(preset)
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.rglob("*.py"))]
-        print(f"# training a {cfg.base_vocab_size}-token tokenizer on the stdlib for the random {preset}", flush=True)
-        tok = train_tokenizer(texts, vocab_size=cfg.base_vocab_size, show_progress=False)
+        print(f"# training a {(cfg.vocab_size - 2)}-token tokenizer on the stdlib for the random {preset}", flush=True)
+        tok = train_tokenizer(texts, vocab_size=(cfg.vocab_size - 2), show_progress=False)
         save_model(Quark(cfg).init_weights(seed=0), folder)
         tok.save(folder)
     ggufs = {}
@@ -105,7 +105,7 @@ def worker_ours(spec: dict) -> dict:
     for threads in spec["threads"]:
         os.environ["QUARK_THREADS"] = str(threads)  # "auto": the tuner; N: decode steps pinned to N
         for batch in spec["batches"]:
-            prompts = _prompts(batch, spec["prompt_len"], model.config.base_vocab_size)
+            prompts = _prompts(batch, spec["prompt_len"], (model.config.vocab_size - 2))
             # the engine: as quark.load(...).generate, `quark chat` and `quark serve` decode
             engine = Engine(model, stop_ids=[], max_batch=batch) if spec.get("path", "engine") == "engine" else None
             _decode_ours(model, engine, prompts, 8)

@@ -62,7 +62,7 @@ def make_model(folder: Path, preset: str) -> Path:
     cfg = QuarkConfig.from_name(preset)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.rglob("*.py"))[:1500]]
-    tok = train_tokenizer(texts, vocab_size=cfg.base_vocab_size, show_progress=False)
+    tok = train_tokenizer(texts, vocab_size=(cfg.vocab_size - 2), show_progress=False)
     save_model(Quark(cfg).init_weights(0), folder)
     tok.save(folder)
     return folder

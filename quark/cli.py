@@ -61,14 +61,13 @@ def _as_os_error(e: BaseException) -> OSError | None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from .config import QuarkConfig
-    from .weights import config_from_folder
+    from .weights import config_for
 
-    cfg = config_from_folder(args.model) if args.model else QuarkConfig.from_name(args.preset)
+    cfg = config_for(args.model) if args.model else QuarkConfig.from_name(args.preset)
     n = cfg.n_params()
     print(f"{'preset' if not args.model else 'model'}: {args.model or args.preset}")
     for k, v in cfg.to_dict().items():
         print(f"  {k:16s} {v}")
-    print(f"  {'head_dim':16s} {cfg.head_dim}")
     print(f"parameters: {n:,} ({n / 1e6:.1f}M; embedding rows {cfg.vocab_size:,}, tied={cfg.tie_embeddings})")
     print(f"KV cache per token: {cfg.kv_cache_bytes_per_token(2):,} bytes (bf16), "
           f"{cfg.kv_cache_bytes_per_token(4):,} bytes (fp32); "
@@ -79,7 +78,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a preset's or model folder's architecture, parameter count, KV-cache size")
     p.add_argument("--preset", default="quark-72m", help="named preset (default quark-72m)")
-    p.add_argument("--model", help="a model folder or checkpoint instead of a preset")
+    p.add_argument("--model", help="a model folder, checkpoint or .gguf file instead of a preset")
     p.set_defaults(func=cmd_info)
 
 

@@ -2,8 +2,11 @@
 
 Choices:
 - A plain dataclass, validated on construction, so a bad value fails at once naming the field.
-- `vocab_size` counts embedding rows: the BPE base vocabulary plus the two ChatML control tokens
-  (65,536 + 2 = 65,538 for quark-72m). `base_vocab_size` is derived.
+- `vocab_size` counts embedding rows (quark-72m: its 65,536-token BPE plus the two ChatML control tokens). Which
+  ids are special is the tokenizer's to say (quark/tokenizer.py), never derived from the config.
+- `head_dim` defaults to d_model / n_heads (0 in a file means that); Llama-family models that set it otherwise
+  keep theirs. `rope_scaling` is None or one of the RoPE frequency rules Llama checkpoints use ("linear",
+  "llama3"), with HF's parameter names.
 - Presets live in one registry (`PRESETS`); `from_name` and `from_dict` are the ways in (reading a file:
   quark/weights.py `config_from_file`, so this file stays torch- and package-free for the HF export),
   and `to_dict`/`save` write the `config.json` that sits beside every checkpoint.
@@ -16,7 +19,9 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-N_CHAT_TOKENS = 2  # <|im_start|>, <|im_end|>
+N_CHAT_TOKENS = 2  # <|im_start|>, <|im_end|> in Quark's own tokenizers
+ROPE_SCALING_KEYS = {"linear": {"factor"},
+                     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class QuarkConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    head_dim: int = 0
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         def need(ok: bool, field: str, msg: str):
@@ -41,35 +48,31 @@ class QuarkConfig:
         for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "context_length"):
             need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
                  and getattr(self, name) > 0, name, "must be a positive integer")
-        need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
+        need(isinstance(self.head_dim, int) and self.head_dim >= 0, "head_dim", "must be 0 (d_model / n_heads) or > 0")
+        if self.head_dim == 0:
+            need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model} (or set head_dim)")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
         need(self.head_dim % 2 == 0, "n_heads", f"head_dim={self.head_dim} must be even for RoPE")
-        need(self.vocab_size > 256 + N_CHAT_TOKENS, "vocab_size", f"must exceed 256 bytes + {N_CHAT_TOKENS} chat tokens")
+        need(self.vocab_size > 256, "vocab_size", "must exceed 256 (the byte alphabet)")
         need(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, "rope_theta", "must be > 0")
         need(isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1, "norm_eps", "must be in (0, 1)")
         need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false")
+        rs = self.rope_scaling
+        kind = rs.get("rope_type") if isinstance(rs, dict) else None
+        need(rs is None or kind in ROPE_SCALING_KEYS, "rope_scaling",
+             f"must be null or an object with rope_type in {sorted(ROPE_SCALING_KEYS)}")
+        if rs is not None:
+            missing = ROPE_SCALING_KEYS[kind] - set(rs)
+            need(not missing, "rope_scaling", f"rope_type {kind!r} needs {sorted(missing)}")
+            need(all(isinstance(rs[k], (int, float)) and rs[k] > 0 for k in ROPE_SCALING_KEYS[kind]), "rope_scaling",
+                 f"{sorted(ROPE_SCALING_KEYS[kind])} must be positive numbers")
 
     # derived sizes
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def base_vocab_size(self) -> int:
-        return self.vocab_size - N_CHAT_TOKENS
-
-    @property
-    def im_start_id(self) -> int:
-        return self.base_vocab_size
-
-    @property
-    def im_end_id(self) -> int:
-        return self.base_vocab_size + 1
-
     def n_params(self) -> int:
         """Parameter count (tied embeddings counted once), computed from the shapes alone."""
-        d, kv = self.d_model, self.n_kv_heads * self.head_dim
-        attn = d * d * 2 + d * kv * 2
+        d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attn = d * q * 2 + d * kv * 2
         mlp = 3 * d * self.d_ff
         per_layer = attn + mlp + 2 * d
         emb = self.vocab_size * d
@@ -91,6 +94,8 @@ class QuarkConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> QuarkConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object of model settings, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -107,6 +112,9 @@ class QuarkConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def replace(self, **kw) -> QuarkConfig:
+        """A copy with `kw` changed; a derived head_dim is derived again from a new d_model / n_heads."""
+        if "head_dim" not in kw and self.head_dim * self.n_heads == self.d_model:
+            kw["head_dim"] = 0
         return dataclasses.replace(self, **kw)
 
 

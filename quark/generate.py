@@ -173,10 +173,11 @@ def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def stream_tokens(model: Quark, prompts: Prompts, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
-                  rep_penalty: float = 1.0, eos_token_id: int | None = None, seed: int | None = None,
+                  rep_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
                   generator: torch.Generator | None = None,
                   fast: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yields (tokens (B,), finished (B,) bool) once per decode step. Rows that finished earlier yield eos.
+    """Yields (tokens (B,), finished (B,) bool) once per decode step. Rows that finished earlier yield their
+    first eos again; `eos_token_id` is one stop id or several (a model's `Tokenizer.stop_ids`).
     `fast` (default: when the model supports it) decodes with quark.fast's FastDecoder (fused weights; on CUDA a
     static cache and a CUDA-graph step); False keeps the reference `Decoder` (model.hidden over a KVCache)."""
     check_sampling_args(temperature, top_p, rep_penalty, max_new_tokens)
@@ -197,28 +198,41 @@ def stream_tokens(model: Quark, prompts: Prompts, max_new_tokens: int = 200, *, 
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
+    stops = stop_tensor(eos_token_id, device)
     dec = make_decoder(model, B, T + max_new_tokens, fast)
     dec.busy = True
     try:
         logits = dec.prefill(idx, key_mask)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        last = None
         # On CUDA the "all rows finished?" check is a host sync: do it every few steps, not every token.
         check_every = 16 if device.type == "cuda" else 1
         for i in range(max_new_tokens):
             tok = sample_next(logits, seen, temperature, top_p, rep_penalty, generator)
-            if eos_token_id is not None:
-                tok = torch.where(finished, torch.full_like(tok, eos_token_id), tok)
-                finished = finished | (tok == eos_token_id)
+            if stops is not None:
+                tok = tok if last is None else torch.where(finished, last, tok)
+                finished = finished | torch.isin(tok, stops)
+                last = tok
             yield tok, finished
             if i == max_new_tokens - 1:
                 return
-            if eos_token_id is not None and (i + 1) % check_every == 0 and bool(finished.all()):
+            if stops is not None and (i + 1) % check_every == 0 and bool(finished.all()):
                 return
             if seen is not None:
                 seen[torch.arange(B, device=device), tok] = True
             logits = dec.step(tok)
     finally:
         dec.busy = False
+
+
+def stop_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    return [] if eos_token_id is None else [int(eos_token_id)] if isinstance(eos_token_id, int) \
+        else [int(i) for i in eos_token_id]
+
+
+def stop_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    ids = stop_ids(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
 def _device_dtype(model: Quark) -> tuple[torch.device, torch.dtype]:
@@ -229,7 +243,7 @@ def _device_dtype(model: Quark) -> tuple[torch.device, torch.dtype]:
 
 
 def generate(model: Quark, prompts: Prompts, max_new_tokens: int = 200, *, temperature: float = 0.7, top_p: float = 0.9,
-             rep_penalty: float = 1.0, eos_token_id: int | None = None, seed: int | None = None,
+             rep_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
              generator: torch.Generator | None = None, fast: bool | None = None) -> list[list[int]]:
     """New tokens for each prompt (a list of id lists), each cut after its eos (eos included).
     Tokens stay on the device until the end (one host transfer, no per-token sync)."""
@@ -239,16 +253,15 @@ def generate(model: Quark, prompts: Prompts, max_new_tokens: int = 200, *, tempe
     steps = [tok for tok, _ in stream_tokens(model, prompts, max_new_tokens, **kw)]
     if not steps:
         return [[] for _ in range(n_rows)]
-    out = []
+    out, stops = [], set(stop_ids(eos_token_id))
     for row in torch.stack(steps, 1).tolist():
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[:row.index(eos_token_id) + 1]
-        out.append(row)
+        end = next((j for j, t in enumerate(row) if t in stops), None)
+        out.append(row if end is None else row[:end + 1])
     return out
 
 
 def generate_text(model: Quark, input_ids: torch.Tensor, max_new_tokens: int = 200, *, temperature: float = 0.7,
-                  top_p: float = 0.9, rep_penalty: float = 1.0, eos_token_id: int | None = None,
+                  top_p: float = 0.9, rep_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
                   attention_mask: torch.Tensor | None = None,
                   seed: int | None = None, generator: torch.Generator | None = None,
                   fast: bool | None = None) -> torch.Tensor:
@@ -263,7 +276,7 @@ def generate_text(model: Quark, input_ids: torch.Tensor, max_new_tokens: int = 2
     new = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, rep_penalty=rep_penalty,
                    eos_token_id=eos_token_id, seed=seed, generator=generator, fast=fast)
     n = max((len(r) for r in new), default=0)
-    fill = eos_token_id if eos_token_id is not None else 0
+    fill = (stop_ids(eos_token_id) or [0])[0]
     tail = torch.full((input_ids.shape[0], n), fill, dtype=input_ids.dtype, device=input_ids.device)
     for b, r in enumerate(new):
         tail[b, :len(r)] = torch.tensor(r, dtype=input_ids.dtype)
@@ -272,9 +285,9 @@ def generate_text(model: Quark, input_ids: torch.Tensor, max_new_tokens: int = 2
 
 def stream_text_ids(model: Quark, prompt: Sequence[int], **kw) -> Iterator[int]:
     """Streaming for one prompt: yields each new token id as soon as it is sampled (eos included)."""
-    eos = kw.get("eos_token_id")
+    stops = set(stop_ids(kw.get("eos_token_id")))
     for tok, _ in stream_tokens(model, [list(prompt)], **kw):
         t = int(tok[0])
         yield t
-        if t == eos:
+        if t in stops:
             return

@@ -107,7 +107,7 @@ class LLM:
     def _engine_for(self, batch: int) -> Engine:
         if self._engine is None or self._engine.max_batch < batch:
             tok = self.tokenizer
-            self._engine = Engine(self.model, [tok.im_end_id, tok.eot_id], max_batch=max(batch, 1))
+            self._engine = Engine(self.model, tok.stop_ids, max_batch=max(batch, 1))
         return self._engine
 
     def __repr__(self) -> str:

@@ -49,9 +49,30 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE's (head_dim / 2,) inverse frequencies, with a checkpoint's `rope_scaling` rule applied as HF Llama
+    does: "linear" divides every frequency by `factor`; "llama3" divides the low frequencies by `factor`, keeps
+    the high ones and blends between them."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type")
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        return torch.where((wavelen >= old_len / hi) & (wavelen <= old_len / lo), blended, out)
+    return inv
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | str | None = None,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_len, head_dim) in fp32, Llama's half-split layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, device)
     t = torch.arange(max_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -293,7 +314,8 @@ class Quark(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta,
+                               scaling=config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -314,7 +336,8 @@ class Quark(nn.Module):
     def reset_rope(self) -> None:
         """Recompute the RoPE tables (after loading on the `meta` device or a dtype change)."""
         c = self.config
-        cos, sin = rope_tables(c.head_dim, c.context_length, c.rope_theta, device=self.lm_head.weight.device)
+        cos, sin = rope_tables(c.head_dim, c.context_length, c.rope_theta, device=self.lm_head.weight.device,
+                               scaling=c.rope_scaling)
         self.rope_cos, self.rope_sin = cos, sin
 
     def n_params(self) -> int:

@@ -34,6 +34,7 @@ from .tokenizer import Tokenizer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HASH_KEY = "quark_sha256"
+TOKENIZER_KEY = "quark_tokenizer_sha256"
 NO_VERIFY_ENV = "QUARK_NO_VERIFY"
 
 
@@ -87,14 +88,20 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_model(model: Quark, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `config.json` + `model.safetensors` into folder (created if needed)."""
+def save_model(model: Quark, folder: str | Path, dtype: torch.dtype | None = None,
+               tokenizer: Tokenizer | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` into folder (created if needed); with `tokenizer`, its files
+    too, and its hash in the weights' metadata (checked when the folder is loaded)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict_for_save(model)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    save_safetensors(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    meta = {"format": "pt"}
+    if tokenizer is not None:
+        tokenizer.save(folder, model_max_length=model.config.context_length)
+        meta[TOKENIZER_KEY] = tokenizer.sha256()
+    save_safetensors(sd, folder / "model.safetensors", metadata=meta)
     atomic_write_text(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
     return folder
 
@@ -147,31 +154,69 @@ def config_from_file(path: str | Path) -> QuarkConfig:
         raise IntegrityError(f"{path}: not valid JSON ({e})") from None
     except ValueError as e:  # not UTF-8
         raise IntegrityError(str(e)) from None
+    if not isinstance(d, dict):
+        raise IntegrityError(f"{path}: expected a JSON object of model settings, got {type(d).__name__}")
     if "quark" in d:
-        return QuarkConfig.from_dict(d["quark"], source=str(path))
-    if d.get("model_type") == "llama" or "LlamaForCausalLM" in d.get("architectures", []):
+        return QuarkConfig.from_dict(d["quark"], source=f"{path} 'quark'")
+    if "model_type" in d or "architectures" in d:
         return config_from_llama(d, str(path))
     return QuarkConfig.from_dict(d, source=str(path))
 
 
+LLAMA_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def llama_rope_scaling(d: dict, source: str) -> dict | None:
+    """The rope_scaling rule of an HF Llama config (`rope_scaling` or transformers 5's `rope_parameters`), as
+    QuarkConfig keeps it: None, or {"rope_type": "linear" | "llama3", ...its parameters}."""
+    rs = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(rs, dict):
+        raise ValueError(f"{source}: field rope_scaling={rs!r} is not an object")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "llama3"):
+        raise ValueError(f"{source}: field rope_scaling.rope_type={kind!r} is not supported by Quark "
+                         "(supported: default, linear, llama3)")
+    keys = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                              "original_max_position_embeddings")}[kind]
+    return {"rope_type": kind, **{k: rs.get(k) for k in keys}}
+
+
 def config_from_llama(d: dict, source: str) -> QuarkConfig:
-    """A QuarkConfig for a Llama-architecture config.json, or a ValueError naming what does not fit."""
+    """A QuarkConfig for an HF Llama config.json, or a ValueError naming the one field Quark cannot run (another
+    architecture, attention/MLP bias, sliding windows, experts, another activation or RoPE rule), read before
+    any weights load."""
+    arch = d.get("architectures") or []
+    if d.get("model_type", "llama") != "llama" or (arch and "LlamaForCausalLM" not in arch):
+        raise ValueError(f"{source}: model_type={d.get('model_type')!r} architectures={arch} is not supported: "
+                         "Quark runs Llama-architecture models (LlamaForCausalLM)")
     for field, ok in (("hidden_act", d.get("hidden_act", "silu") == "silu"),
                       ("attention_bias", not d.get("attention_bias", False)),
                       ("mlp_bias", not d.get("mlp_bias", False)),
-                      ("rope_scaling", not d.get("rope_scaling"))):
+                      ("sliding_window", d.get("sliding_window") is None),
+                      ("num_local_experts", not d.get("num_local_experts")),
+                      ("num_experts", not d.get("num_experts"))):
         if not ok:
             raise ValueError(f"{source}: field {field}={d.get(field)!r} is not supported by Quark")
+    missing = [k for k in LLAMA_REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"{source}: a Llama config needs {', '.join(missing)}; this file has none of them")
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    rope_theta = d.get("rope_theta") or params.get("rope_theta") or 10000.0
     n_heads = d["num_attention_heads"]
-    head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
-    if head_dim * n_heads != d["hidden_size"]:
-        raise ValueError(f"{source}: head_dim={head_dim} * num_attention_heads={n_heads} != hidden_size")
-    rope_theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return QuarkConfig(n_layers=d["num_hidden_layers"], d_model=d["hidden_size"], n_heads=n_heads,
-                       n_kv_heads=d.get("num_key_value_heads", n_heads), d_ff=d["intermediate_size"],
-                       vocab_size=d["vocab_size"], context_length=d.get("max_position_embeddings", 2048),
-                       rope_theta=float(rope_theta), norm_eps=d.get("rms_norm_eps", 1e-5),
-                       tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+    head_dim = d.get("head_dim") or 0
+    if isinstance(head_dim, int) and isinstance(n_heads, int) and head_dim * n_heads == d["hidden_size"]:
+        head_dim = 0  # derived: d_model / n_heads
+    try:
+        return QuarkConfig(n_layers=d["num_hidden_layers"], d_model=d["hidden_size"], n_heads=n_heads,
+                           n_kv_heads=d.get("num_key_value_heads") or n_heads, d_ff=d["intermediate_size"],
+                           vocab_size=d["vocab_size"], context_length=d.get("max_position_embeddings", 2048),
+                           rope_theta=float(rope_theta), norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), head_dim=head_dim,
+                           rope_scaling=llama_rope_scaling(d, source))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def load_state_into(model: Quark, sd: dict[str, torch.Tensor], source: str) -> Quark:
@@ -210,53 +255,119 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Quark:
-    """Load a Quark model from a folder (our checkpoint, an HF export, a Llama folder, or a run folder's newest
-    checkpoint) or a .safetensors file with a config.json beside it. Never unpickles."""
+def is_gguf(path: Path) -> bool:
+    return path.suffix == ".gguf" and path.is_file()
+
+
+def config_for(path: str | Path) -> QuarkConfig:
+    """The QuarkConfig of a model folder, checkpoint, run folder or .gguf file, read without loading weights;
+    what Quark cannot run is a ValueError naming the field."""
     path = resolve_model_path(path)
+    if is_gguf(path):
+        from .hf.gguf_import import gguf_llama_config
+
+        return config_from_llama(gguf_llama_config(path), str(path))
+    return config_from_folder(path if path.is_dir() else path.parent)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: model.safetensors, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if not (folder / "model.safetensors").exists() and index.exists():
+        try:
+            shards = sorted(set(json.loads(read_utf8(index))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise IntegrityError(f"{index}: not a safetensors index (weight_map of tensor -> file): {e}") from None
+        return [folder / s for s in shards]
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        pickles = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ValueError(f"{folder}: only pickle weights {pickles} found; Quark loads safetensors only "
+                             "because unpickling can run arbitrary code")
+        raise FileNotFoundError(f"{weights}: missing model weights")
+    return [weights]
+
+
+def read_weights(path: Path, config: QuarkConfig, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a model (a folder's safetensors files, one .safetensors file, or a .gguf file)."""
+    if is_gguf(path):
+        from .hf.export import llama_config_dict
+        from .hf.gguf_import import read_gguf_tensors
+
+        sd = read_gguf_tensors(path, llama_config_dict(config))
+        check_finite(sd, path)
+        return sd if str(device) == "cpu" else {k: v.to(device) for k, v in sd.items()}
     if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
-            read_safetensors(path)  # raises the pickle refusal
-        folder, weights = path.parent, path
-    else:
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such model folder")
-        folder, weights = path, path / "model.safetensors"
-        if not weights.exists():
-            pickles = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES]
-            if pickles:
-                raise ValueError(f"{path}: only pickle weights {pickles} found; Quark loads safetensors only "
-                                 "because unpickling can run arbitrary code")
-            raise FileNotFoundError(f"{weights}: missing model weights")
-    config = config_from_folder(folder)
+        return read_safetensors(path, device=device)
+    sd = {}
+    for f in weight_files(path):
+        sd.update(read_safetensors(f, device=device))
+    return sd
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Quark:
+    """Load a model from a folder (our checkpoint, an HF export, an HF Llama folder, sharded or not, or a run
+    folder's newest checkpoint), a .safetensors file with a config.json beside it, or a llama-architecture
+    .gguf file (dequantized to float32). Never unpickles."""
+    path = resolve_model_path(path)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        read_safetensors(path)  # raises the pickle refusal
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    files = weight_files(path) if path.is_dir() else [path]  # a missing or pickle-only folder fails first
+    config = config_for(path)
     with torch.device("meta"):
         model = Quark(config)
     model = model.to_empty(device=device)
     model.reset_rope()
-    sd = read_safetensors(weights, device=device)
-    load_state_into(model, sd, str(weights))
+    load_state_into(model, read_weights(path, config, device), str(files[0] if len(files) == 1 else path))
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(dtype).eval()
 
 
+def recorded_tokenizer_sha256(path: Path) -> str | None:
+    """The tokenizer hash a model folder's weights were saved with (safetensors metadata), if recorded."""
+    try:
+        with safe_open(str(weight_files(path)[0]), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get(TOKENIZER_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None  # unreadable weights fail later, at load, with their own message
+
+
 def load_tokenizer_for(path: str | Path) -> Tokenizer:
-    """The tokenizer of a model folder (or run / checkpoint), checked against the model's embedding rows
-    without loading the weights."""
-    folder = resolve_model_path(path)
-    folder = folder.parent if folder.is_file() else folder
+    """The tokenizer of a model folder, run, checkpoint or .gguf file, checked against the model without
+    loading the weights: the ids fit the embedding rows, and it is the tokenizer the weights were saved with
+    where the folder records that."""
+    path = resolve_model_path(path)
+    cfg = config_for(path)
+    if is_gguf(path):
+        import tempfile
+
+        from .hf.gguf_import import gguf_tokenizer_files
+
+        with tempfile.TemporaryDirectory(prefix="quark-gguf-tok-") as tmp:
+            for name, text in gguf_tokenizer_files(path).items():
+                Path(tmp, name).write_text(text, encoding="utf-8")
+            return Tokenizer.load(tmp)
+    folder = path.parent if path.is_file() else path
     tok = Tokenizer.load(folder)
-    cfg = config_from_folder(folder)
-    if tok.vocab_size != cfg.vocab_size:
+    if tok.vocab_size > cfg.vocab_size or (tok.quark_layout and tok.vocab_size != cfg.vocab_size):
         raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} ids but the model has {cfg.vocab_size} "
                          "embedding rows (vocab_size); they must come from the same run")
+    want = recorded_tokenizer_sha256(folder) if folder.is_dir() else None
+    if want and want != tok.sha256():
+        raise ValueError(f"{folder}/tokenizer.json: sha256 {tok.sha256()[:12]}... is not the tokenizer these weights "
+                         f"were trained with ({want[:12]}..., recorded in the weights' metadata); restore that "
+                         "tokenizer.json")
     return tok
 
 
 def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu",
                              dtype: torch.dtype = torch.float32) -> tuple[Quark, Tokenizer]:
-    """(model, tokenizer) from one folder; fails before loading weights when the tokenizer is missing or its
-    vocabulary disagrees with the model's embedding rows."""
+    """(model, tokenizer) from one folder or .gguf file; fails before loading weights when the tokenizer is
+    missing or does not fit the model."""
     tok = load_tokenizer_for(path)
     return load_model(path, device=device, dtype=dtype), tok
 
@@ -270,13 +381,33 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@torch.no_grad()
+def check_activations(model: Quark, source: str | Path) -> None:
+    """One short forward pass; weights that are finite but overflow the activations (e.g. 3e38) are refused
+    here, naming the first layer whose output is not finite, instead of chatting empty replies."""
+    idx = torch.arange(min(8, model.config.vocab_size), device=model.device)[None] % model.config.vocab_size
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen.append((i, bool(torch.isfinite(out).all()))))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        logits = model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not bool(torch.isfinite(logits).all()):
+        where = next((f"layer {i}" for i, ok in seen if not ok), "the output head")
+        raise IntegrityError(f"{source}: the weights overflow in {where} (activations reach Inf/NaN on a test "
+                             "input, in this dtype): these weights are broken; use an earlier checkpoint")
+
+
 def load_for_inference(path: str | Path, device: str = "auto",
                        quantize: str | None = None) -> tuple[Quark, Tokenizer]:
     """(model, tokenizer) ready for generation: eval mode, on the device (bf16 on CUDA, fp32 on the CPU),
-    optionally with int8 weight-only linears."""
+    checked to give finite activations, optionally with int8 weight-only linears."""
     device = resolve_device(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype)
+    check_activations(model, path)
     if quantize is not None:
         if quantize != "int8":
             raise ValueError(f"quantize={quantize!r}: allowed: int8")

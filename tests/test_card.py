@@ -113,7 +113,7 @@ def test_parameters_and_architecture_come_from_weights_and_config(card, runs):
                 f"| KV heads | {cfg.n_kv_heads} (Grouped-Query Attention, {cfg.n_heads // cfg.n_kv_heads}:1 ratio) |",
                 f"| Head dimension | {cfg.head_dim} |", f"| Feed-forward | SwiGLU, d_ff = {cfg.d_ff} |",
                 f"| Context length | {cfg.context_length} tokens |",
-                f"| Vocabulary size | {cfg.base_vocab_size} (+ 2 chat tokens) = {cfg.vocab_size} embedding rows |"):
+                f"| Vocabulary size | {cfg.vocab_size - 2} (+ 2 chat tokens) = {cfg.vocab_size} embedding rows |"):
         assert row in card, row
 
 

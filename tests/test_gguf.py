@@ -50,7 +50,7 @@ def test_metadata_and_vocabulary(gguf_file, checkpoint, tiny_tokenizer):
               "llama.attention.head_count": c.n_heads, "llama.attention.head_count_kv": c.n_kv_heads,
               "llama.rope.dimension_count": c.head_dim, "llama.vocab_size": c.vocab_size,
               "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
-              "tokenizer.ggml.bos_token_id": tiny_tokenizer.eot_id, "tokenizer.ggml.eos_token_id": c.im_end_id,
+              "tokenizer.ggml.bos_token_id": tiny_tokenizer.eot_id, "tokenizer.ggml.eos_token_id": tiny_tokenizer.im_end_id,
               "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.add_bos_token": False,
               "tokenizer.chat_template": CHAT_TEMPLATE, "general.file_type": 0}
     assert {k: _field(r, k) for k in expect} == expect
@@ -62,7 +62,7 @@ def test_metadata_and_vocabulary(gguf_file, checkpoint, tiny_tokenizer):
     assert len(tokens) == c.vocab_size and all(vocab[t] == i for i, t in enumerate(tokens))
     types = _field(r, "tokenizer.ggml.token_type")
     control = {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL}
-    assert control == {tiny_tokenizer.eot_id, c.im_start_id, c.im_end_id}
+    assert control == {tiny_tokenizer.eot_id, tiny_tokenizer.im_start_id, tiny_tokenizer.im_end_id}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     assert _field(r, "tokenizer.ggml.merges") == merges
 

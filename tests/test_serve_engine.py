@@ -74,7 +74,7 @@ def prompts(n, seed=0):
 def test_batched_greedy_matches_one_at_a_time(model, rep, fast, monkeypatch):
     ps = prompts(7)
     # fewer slots than requests: rows get reused
-    engine = make_engine(model, fast, monkeypatch, stop_ids=[CFG.im_end_id], max_batch=3)
+    engine = make_engine(model, fast, monkeypatch, stop_ids=[CFG.vocab_size - 1], max_batch=3)
     reqs = [engine.submit(p, SamplingParams(12 + i, 0.0, 1.0, rep)) for i, p in enumerate(ps)]
     outs = run_all(engine, reqs)
     for i, (p, out, r) in enumerate(zip(ps, outs, reqs)):

@@ -33,7 +33,7 @@ def folder(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(folder):
-    e = ProcessEngine(folder, "cpu", stop_ids=[CFG.im_end_id], max_batch=4).start()
+    e = ProcessEngine(folder, "cpu", stop_ids=[CFG.vocab_size - 1], max_batch=4).start()
     yield e
     e.stop()
 
@@ -60,7 +60,7 @@ def test_same_tokens_as_the_thread_engine(engine, folder):
     params = [SamplingParams(10 + i, 0.0, 1.0, 1.2) if i % 2 else SamplingParams(12, 0.8, 0.9, 1.1, seed=i)
               for i in range(len(ps))]  # greedy and seeded sampling, more requests than slots
     toks, finish, reqs = collect(engine, ps, params)
-    local = Engine(load_model(folder), stop_ids=[CFG.im_end_id], max_batch=4)
+    local = Engine(load_model(folder), stop_ids=[CFG.vocab_size - 1], max_batch=4)
     want = run_all(local, [local.submit(p, prm) for p, prm in zip(ps, params)])
     assert toks == want
     assert all(f[0] == "done" for f in finish) and all(r.finish_reason in ("stop", "length") for r in reqs)
@@ -153,7 +153,7 @@ def test_kill_the_worker_under_load(folder, caplog):
     restarted, requests that arrive meanwhile wait for it, and service resumes."""
     from quark.serve.server import ServerThread, create_app
 
-    engine = ProcessEngine(folder, "cpu", stop_ids=[CFG.im_end_id], max_batch=4, max_restarts=2, backoff_s=0.1)
+    engine = ProcessEngine(folder, "cpu", stop_ids=[CFG.vocab_size - 1], max_batch=4, max_restarts=2, backoff_s=0.1)
     app = create_app(engine, _tokenizer(folder), "m", restart_wait=60)
     results, stop = [], threading.Event()
 

@@ -72,7 +72,7 @@ def test_sft_refuses_a_base_of_another_architecture(tmp_path, tiny_tokenizer):
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64}))
     tiny_tokenizer.save(gpt2)
     cfg = dict(kind="sft", data=str(data), out=str(tmp_path / "run"), max_steps=2)
-    with pytest.raises(ValueError, match=r"base checkpoint .*gpt2 is not a Quark model: .*unknown field.*n_layer"):
+    with pytest.raises(ValueError, match=r"base checkpoint .*gpt2 is not a Quark model: .*model_type='gpt2'.*not supported"):
         train(TrainConfig(base=str(gpt2), **cfg))
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         train(TrainConfig(base=str(tmp_path / "nope"), **cfg))

@@ -65,7 +65,7 @@ def make_model(dst: Path, preset: str = "test", seed: int = 0, context_length: i
         cfg = cfg.replace(context_length=context_length)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))[:tokenizer_texts]]
-    tok = train_tokenizer(texts, vocab_size=cfg.base_vocab_size, show_progress=False)
+    tok = train_tokenizer(texts, vocab_size=(cfg.vocab_size - 2), show_progress=False)
     ours = dst / "model"
     save_model(Quark(cfg).init_weights(seed), ours)
     tok.save(ours)

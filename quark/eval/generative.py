@@ -176,7 +176,7 @@ def _cut(text: str, until: tuple[str, ...]) -> str:
 def greedy_until(model: torch.nn.Module, tok: Tokenizer, prompts: list[list[int]], max_gen: int,
                  until: tuple[str, ...], *, batch_size: int = 16,
                  progress: Callable[[int], object] | None = None) -> list[str]:
-    """Greedy continuations of token prompts, each stopped at <|im_end|> or the first `until` string (cut there).
+    """Greedy continuations of token prompts, each stopped at a stop id of the tokenizer or the first `until` string (cut there).
     Prompts are left-truncated to context_length - max_gen tokens, as lm-eval does."""
     from ..generate import stream_tokens
 
@@ -185,7 +185,7 @@ def greedy_until(model: torch.nn.Module, tok: Tokenizer, prompts: list[list[int]
     rows = [p[-keep:] for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first, as lm-eval batches
     out: list[str] = [""] * len(rows)
-    eos = tok.im_end_id
+    eos = tok.stop_ids
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         toks: list[list[int]] = [[] for _ in idx]
@@ -195,7 +195,7 @@ def greedy_until(model: torch.nn.Module, tok: Tokenizer, prompts: list[list[int]
             for r, t in enumerate(tok_b.tolist()):
                 if not done[r]:
                     toks[r].append(t)
-                    done[r] = t == eos
+                    done[r] = t in eos
             if step % 8 == 7:
                 for r in range(len(idx)):
                     if not done[r] and any(u in tok.decode(toks[r], skip_special_tokens=True) for u in until):
@@ -203,7 +203,7 @@ def greedy_until(model: torch.nn.Module, tok: Tokenizer, prompts: list[list[int]
                 if all(done):
                     break
         for r, i in enumerate(idx):
-            ids = toks[r][:toks[r].index(eos)] if eos in toks[r] else toks[r]
+            ids = next((toks[r][:j] for j, t in enumerate(toks[r]) if t in eos), toks[r])
             out[i] = _cut(tok.decode(ids, skip_special_tokens=True), until)
         if progress is not None:
             progress(len(idx))

@@ -1,9 +1,10 @@
-"""`quark export`: a checkpoint (model folder or run folder) as an HF remote-code folder, a Llama folder or a
+"""`quark import`: a Llama-family checkpoint from elsewhere as a Quark folder. `quark export`: a checkpoint (model folder or run folder) as an HF remote-code folder, a Llama folder or a
 GGUF file. Heavy imports happen inside the command."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -23,7 +24,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({args.format})")
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from .importer import import_model
+
+    out = import_model(args.src, args.out, overwrite=args.force)
+    cfg = json.loads((out / "config.json").read_text())["quark"]
+    print(f"wrote {out}: {cfg['n_layers']} layers, d_model {cfg['d_model']}, {cfg['n_heads']}/{cfg['n_kv_heads']} "
+          f"heads, vocab {cfg['vocab_size']:,}, context {cfg['context_length']:,}")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import a Llama-family checkpoint (HF LlamaForCausalLM folder or llama "
+                                      ".gguf file) as a Quark model folder")
+    p.add_argument("src", help="an HF folder (config.json + safetensors + tokenizer files) or a .gguf file")
+    p.add_argument("--out", required=True, help="the Quark model folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.set_defaults(func=cmd_import)
     p = sub.add_parser("export", help="export a checkpoint as a Hugging Face folder (remote code), a Llama folder "
                                       "or a GGUF file, with a generated model card")
     p.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or run folder (newest step)")

@@ -69,7 +69,7 @@ class QuarkConfig(PretrainedConfig):
         self.head_dim = core.head_dim
         self.hidden_act = "silu"
         kwargs.setdefault("bos_token_id", None)
-        kwargs.setdefault("eos_token_id", core.im_end_id)
+        kwargs.setdefault("eos_token_id", None)
         kwargs.setdefault("pad_token_id", 0)
         super().__init__(**kwargs)
         self.tie_word_embeddings = core.tie_embeddings  # some transformers versions reset it in __init__

@@ -29,8 +29,14 @@ import torch
 from ..config import QuarkConfig
 from ..io import atomic_write_text, write_error
 from ..sampling import RECOMMENDED as SAMPLING_RECOMMENDED
-from ..tokenizer import CHAT_TEMPLATE
-from ..weights import load_model_and_tokenizer, resolve_model_path, save_safetensors, state_dict_for_save
+from ..tokenizer import Tokenizer
+from ..weights import (
+    TOKENIZER_KEY,
+    load_model_and_tokenizer,
+    resolve_model_path,
+    save_safetensors,
+    state_dict_for_save,
+)
 from .remote_code import remote_code_files
 
 # Only the model is remote code: config.json is a LlamaConfig (see configuration_quark.py), so AutoConfig and
@@ -50,14 +56,23 @@ def _transformers_version() -> str | None:
         return None
 
 
-def hf_config_dict(cfg: QuarkConfig) -> dict:
+def hf_config_dict(cfg: QuarkConfig, tok: Tokenizer | None = None) -> dict:
     """config.json for the remote-code folder: a Llama config (what the architecture is, so every tool reads it
     without custom code) plus Quark's own config under "quark" and the `auto_map` to `QuarkForCausalLM`."""
-    return {**llama_config_dict(cfg), "auto_map": dict(AUTO_MAP), "quark": cfg.to_dict()}
+    return {**llama_config_dict(cfg, tok), "auto_map": dict(AUTO_MAP), "quark": cfg.to_dict()}
 
 
-def llama_config_dict(cfg: QuarkConfig) -> dict:
+def eos_ids(tok: Tokenizer | None) -> int | list[int] | None:
+    """generation's eos_token_id: the tokenizer's stop ids less the end-of-text id (one id stays an int)."""
+    if tok is None:
+        return None
+    ids = [i for i in tok.stop_ids if i != tok.eot_id] or tok.stop_ids
+    return ids[0] if len(ids) == 1 else ids
+
+
+def llama_config_dict(cfg: QuarkConfig, tok: Tokenizer | None = None) -> dict:
     """config.json that `transformers.LlamaForCausalLM` reads as exactly this model."""
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
     d = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -70,8 +85,8 @@ def llama_config_dict(cfg: QuarkConfig) -> dict:
         "intermediate_size": cfg.d_ff,
         "max_position_embeddings": cfg.context_length,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_scaling": None,
+        "rope_parameters": rope,
+        "rope_scaling": cfg.rope_scaling,
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
@@ -80,9 +95,9 @@ def llama_config_dict(cfg: QuarkConfig) -> dict:
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "pretraining_tp": 1,
-        "bos_token_id": None,
-        "eos_token_id": cfg.im_end_id,
-        "pad_token_id": 0,
+        "bos_token_id": tok.bos_id if tok else None,
+        "eos_token_id": eos_ids(tok),
+        "pad_token_id": tok.eot_id if tok else 0,
         "dtype": "float32",
         "use_cache": True,
     }
@@ -91,13 +106,13 @@ def llama_config_dict(cfg: QuarkConfig) -> dict:
     return d
 
 
-def generation_config_dict(cfg: QuarkConfig) -> dict:
+def generation_config_dict(cfg: QuarkConfig, tok: Tokenizer) -> dict:
     """The card's recommended sampling for `generate()`. Its max_new_tokens=200 stays `generate_text()`'s default
     only: in generation_config.json it would override every caller's `max_length` (lm-evaluation-harness
     passes max_length), so the file caps generation at the context length instead."""
     sampling = {k: v for k, v in RECOMMENDED.items() if k != "max_new_tokens"}
-    return {"do_sample": True, **sampling, "max_length": cfg.context_length, "bos_token_id": None,
-            "eos_token_id": cfg.im_end_id, "pad_token_id": 0}
+    return {"do_sample": True, **sampling, "max_length": cfg.context_length, "bos_token_id": tok.bos_id,
+            "eos_token_id": eos_ids(tok), "pad_token_id": tok.eot_id}
 
 
 def _staging_dir(out: Path, overwrite: bool) -> Path:
@@ -141,15 +156,15 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
     tmp = _staging_dir(out, overwrite)
     try:
         sd = {k: v.to(torch.float32) for k, v in state_dict_for_save(model).items()}
-        save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = hf_config_dict(cfg) if fmt == "hf" else llama_config_dict(cfg)
+        save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt", TOKENIZER_KEY: tok.sha256()})
+        config = hf_config_dict(cfg, tok) if fmt == "hf" else llama_config_dict(cfg, tok)
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-        atomic_write_text(tmp / "generation_config.json", json.dumps(generation_config_dict(cfg), indent=2) + "\n")
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation_config_dict(cfg, tok), indent=2) + "\n")
         if fmt == "hf":
             for dst, src in remote_code_files().items():
                 shutil.copyfile(src, tmp / dst)
         tok.save(tmp, model_max_length=cfg.context_length)
-        _check_tokenizer_config(tmp, cfg)
+        _check_tokenizer_config(tmp, tok)
         atomic_write_text(tmp / "README.md", render_model_card(facts, fmt=fmt))
         atomic_write_text(tmp / "LICENSE", MIT_LICENSE.format(year=facts["year"]))
         _move_into_place(tmp, out)
@@ -161,12 +176,12 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
     return out
 
 
-def _check_tokenizer_config(folder: Path, cfg: QuarkConfig) -> None:
-    """The exported tokenizer must carry the ChatML template and the chat tokens at the model's ids."""
+def _check_tokenizer_config(folder: Path, tok: Tokenizer) -> None:
+    """The exported tokenizer must carry the model's chat template and its special tokens at their ids."""
     tc = json.loads((folder / "tokenizer_config.json").read_text())
-    if tc.get("chat_template") != CHAT_TEMPLATE:
-        raise RuntimeError(f"{folder / 'tokenizer_config.json'}: chat_template missing or not Quark's ChatML")
-    added = {v["content"]: int(k) for k, v in tc.get("added_tokens_decoder", {}).items()}
-    if added.get("<|im_start|>") != cfg.im_start_id or added.get("<|im_end|>") != cfg.im_end_id:
-        raise RuntimeError(f"{folder / 'tokenizer_config.json'}: chat tokens are {added}, the model expects "
-                           f"<|im_start|>={cfg.im_start_id}, <|im_end|>={cfg.im_end_id}")
+    if tc.get("chat_template") != tok.chat_template:
+        raise RuntimeError(f"{folder / 'tokenizer_config.json'}: chat_template missing or not the model's")
+    back = Tokenizer.load(folder)
+    if back.special != tok.special or back.stop_ids != tok.stop_ids:
+        raise RuntimeError(f"{folder / 'tokenizer_config.json'}: special tokens {back.special} / stop ids "
+                           f"{back.stop_ids}, the model has {tok.special} / {tok.stop_ids}")

@@ -60,11 +60,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         tokenizer = load_tokenizer_for(args.model)
         engine = ProcessEngine(args.model, resolve_device(args.device), args.quantize,
-                               stop_ids=[tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch,
+                               stop_ids=tokenizer.stop_ids, max_batch=args.max_batch,
                                max_restarts=args.max_restarts)
     else:
         model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
-        engine = Engine(model, [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
+        engine = Engine(model, tokenizer.stop_ids, max_batch=args.max_batch)
     app = create_app(engine, tokenizer, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      max_request_seqs=args.max_request_seqs, max_queue=args.max_queue,
                      max_request_tokens=args.max_request_tokens or None, bound_host=args.host,

@@ -74,7 +74,7 @@ def _worker(conn: Connection, spec: WorkerSpec) -> None:
         return
     try:
         model, tokenizer = load_for_inference(spec.model_path, spec.device, spec.quantize)
-        stops = list(spec.stop_ids) if spec.stop_ids is not None else [tokenizer.im_end_id, tokenizer.eot_id]
+        stops = list(spec.stop_ids) if spec.stop_ids is not None else tokenizer.stop_ids
         engine = Engine(model, stops, max_batch=spec.max_batch, seed=spec.seed)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))

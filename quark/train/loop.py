@@ -334,7 +334,7 @@ class Trainer:
 
         texts = (cfg.sample_prompts or (PRETRAIN_PROMPTS if cfg.kind == "pretrain" else SFT_PROMPTS))[:cfg.samples]
         if cfg.kind == "sft":
-            prompts, eos = [tok.render_prompt([{"role": "user", "content": t}]) for t in texts], tok.im_end_id
+            prompts, eos = [tok.render_prompt([{"role": "user", "content": t}]) for t in texts], tok.stop_ids
         else:
             prompts, eos = [tok.encode(t) or [tok.eot_id] for t in texts], tok.eot_id
         n = min(cfg.sample_tokens, self.mc.context_length - max(len(p) for p in prompts))

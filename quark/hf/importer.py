@@ -1,0 +1,92 @@
+"""`quark import`: a Llama-family checkpoint from elsewhere (an HF `LlamaForCausalLM` folder or a llama-architecture
+GGUF file) as a Quark model folder.
+
+Choices:
+- The folder written is at once a Quark model folder and a plain HF Llama folder: `model.safetensors` with
+  Llama's tensor names (the tied head left out) and Quark's SHA-256 plus the tokenizer's hash in its metadata,
+  `config.json` = the Llama config with Quark's own config under "quark" and `quark_source` (what it was imported
+  from: path, format, the source file's SHA-256, when), the model's own tokenizer files (its chat template and
+  special tokens) and `generation_config.json` (its stop ids).
+- Everything Quark cannot run is refused from the config alone, before any weights load
+  (`weights.config_from_llama` names the field). The weights are read through `weights.read_weights`, the one
+  reader `quark.load` uses too, so an imported folder and the source load to the same tensors.
+- Assembled in a temporary sibling folder and renamed into place; the source is never written to, and an
+  existing non-empty `out` is replaced only with `overwrite`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write_text, write_error
+from ..model import Quark
+from ..weights import (
+    TOKENIZER_KEY,
+    config_for,
+    is_gguf,
+    load_state_into,
+    load_tokenizer_for,
+    read_weights,
+    resolve_model_path,
+    save_safetensors,
+)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the model at `src` (HF Llama folder or .gguf file) as a Quark model folder at `out`."""
+    from .export import generation_config_dict, llama_config_dict
+
+    src_path, out = resolve_model_path(src), Path(out)
+    if out.resolve() == src_path.resolve() or out.resolve() in src_path.resolve().parents:
+        raise ValueError(f"--out {out} is the source itself; choose a new folder")
+    cfg = config_for(src_path)  # refuses what Quark cannot run, before any weights load
+    tok = load_tokenizer_for(src_path)
+    sd = read_weights(src_path, cfg)
+    with torch.device("meta"):
+        model = Quark(cfg)
+    load_state_into(model.to_empty(device="cpu"), sd, str(src_path))  # names and shapes checked
+    keep = {k: v.float().contiguous() for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    source = {"path": str(Path(src).resolve()), "format": "gguf" if is_gguf(src_path) else "hf",
+              "imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if src_path.is_file():
+        source["sha256"] = file_sha256(src_path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        save_safetensors(keep, tmp / "model.safetensors", metadata={"format": "pt", TOKENIZER_KEY: tok.sha256()})
+        config = {**llama_config_dict(cfg, tok), "quark": cfg.to_dict(), "quark_source": source}
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(tmp / "generation_config.json",
+                          json.dumps(generation_config_dict(cfg, tok), indent=2) + "\n")
+        tok.save(tmp, model_max_length=cfg.context_length)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (err := write_error(e, out)) is not None:
+            raise err from None
+        raise
+    return out
