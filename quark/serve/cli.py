@@ -2,6 +2,8 @@
 
 Choices:
 - Defaults are the model card's recommended configuration, read from `quark.sampling.RECOMMENDED`. The server binds 127.0.0.1 unless --host says otherwise, and warns when it is public.
+- The port is bound before the model loads and the socket handed to uvicorn: a port in use is one line naming it
+  (exit 2) within a second, not uvicorn's log after the load; `--port 0` takes a free port, printed in the banner.
 - `--device auto` picks CUDA when present (weights in bf16 there), else the CPU in fp32.
 - `--quantize int8` calls `quark.quantize.quantize_int8(model)`, imported only when asked for.
 - The API key may come from --api-key or QUARK_API_KEY; it is never printed.
@@ -13,7 +15,9 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 from pathlib import Path
 
 from ..sampling import RECOMMENDED as CARD
@@ -44,13 +48,38 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    with listen(args.host, args.port) as sock:  # before the model loads: a port in use fails at once
+        _serve(args, sock)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) as uvicorn binds one; a port in use or an address not on this machine is a
+    ValueError naming it (uvicorn would log the OS error and exit 1)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT port is free; a listening one is not
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        what = {errno.EADDRINUSE: f"port {port} on {host} is in use (another server, or an earlier quark serve); "
+                                  "stop it or choose another --port",
+                errno.EACCES: f"port {port} on {host} needs privileges (ports below 1024); choose --port 1024 or above",
+                errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine; use 127.0.0.1 or one of its "
+                                     "addresses"}.get(e.errno)
+        if what is None:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; check --host and --port") from None
+        raise ValueError(what) from None
+    return sock
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     import uvicorn
 
     from .engine import Engine
     from .server import create_app
 
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key or os.environ.get("QUARK_API_KEY") or None
     name = args.model_name or Path(args.model).resolve().name
     hosts, origins = _split(args.allowed_hosts), _split(args.allowed_origins)
@@ -70,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                      max_request_tokens=args.max_request_tokens or None, bound_host=args.host,
                      allowed_hosts=hosts, allowed_origins=origins)
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"quark serve: model '{name}' on http://{host_shown}:{args.port}/ (OpenAI API under /v1, chat page at /; "
+    print(f"quark serve: model '{name}' on http://{host_shown}:{sock.getsockname()[1]}/ (OpenAI API under /v1, chat page at /; "
           f"batch up to {args.max_batch}, max_tokens limit {args.max_tokens_limit}; "
           f"API key {'required' if api_key else 'not required'})", flush=True)
     if args.host not in LOOPBACK:
@@ -80,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                            timeout_graceful_shutdown=5))
     if hasattr(engine, "on_failed"):
         engine.on_failed.append(lambda: setattr(server, "should_exit", True))
-    server.run()
+    server.run(sockets=[sock])
     if engine.state == "failed":
         raise RuntimeError(f"the engine process {engine.last_exit}; it failed {args.max_restarts + 1} time(s) in a "
                            f"row (--max-restarts {args.max_restarts}), so the server stopped")
