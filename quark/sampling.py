@@ -73,8 +73,10 @@ def _finite_rows(logits: torch.Tensor, sync: bool = True) -> tuple[torch.Tensor,
 
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits / temperature with each row's maximum subtracted first: the same softmax, and no overflow for any
-    finite temperature > 0 (5.0 / 1e-40 is inf in float32; (5.0 - 5.0) / 1e-40 is 0). logits (B, V), no NaN."""
-    return (logits - logits.amax(-1, keepdim=True)).div_(temperature)
+    finite temperature > 0 (5.0 / 1e-40 is inf in float32; (5.0 - 5.0) / 1e-40 is 0). A temperature below the
+    dtype's smallest normal number (float32: 1.2e-38; 5e-324 would round to 0 and give 0 / 0) is taken as that
+    number, where sampling is already greedy up to exact ties. logits (B, V), no NaN."""
+    return (logits - logits.amax(-1, keepdim=True)).div_(max(temperature, torch.finfo(logits.dtype).tiny))
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor | None = None, temperature: float = 0.7, top_p: float = 0.9,
