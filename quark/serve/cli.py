@@ -6,7 +6,9 @@ Choices:
 - `--quantize int8` calls `quark.quantize.quantize_int8(model)`, imported only when asked for.
 - The API key may come from --api-key or QUARK_API_KEY; it is never printed.
 - The engine worker is supervised (`quark.serve.worker.ProcessEngine`): once it has failed --max-restarts times
-  in a row, the server stops and the command exits non-zero, for a supervisor or orchestrator to act on.
+  in a row, the server stops and the command exits non-zero, for a supervisor or orchestrator to act on. A worker
+  silent (no heartbeat) for --hang-timeout seconds, or making no progress on its requests for --stall-timeout,
+  is killed and restarted the same way.
 - Browser safety: --allowed-hosts / --allowed-origins widen `quark.serve.guard.BrowserGuard`'s allow-lists.
 """
 
@@ -61,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer_for(args.model)
         engine = ProcessEngine(args.model, resolve_device(args.device), args.quantize,
                                stop_ids=[tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch,
-                               max_restarts=args.max_restarts)
+                               max_restarts=args.max_restarts, hang_timeout=args.hang_timeout,
+                               stall_timeout=args.stall_timeout)
     else:
         model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
         engine = Engine(model, [tokenizer.im_end_id, tokenizer.eot_id], max_batch=args.max_batch)
@@ -118,6 +121,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="sequences that may wait for a batch slot; beyond it requests get 429 (default 128)")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="engine worker restarts in a row before the server exits non-zero (default 5)")
+    p.add_argument("--hang-timeout", type=float, default=30.0,
+                   help="seconds without a heartbeat from the engine worker (stopped or frozen) before it is killed "
+                        "and restarted, failing its requests; /health says 'unresponsive' after 3 s (default 30)")
+    p.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="seconds the engine worker may go without progress on requests in flight before it is "
+                        "killed and restarted (default 120: room for a first compile)")
     p.add_argument("--allowed-hosts", action="append", metavar="NAMES",
                    help="Host names to answer besides the bound address and localhost (comma-separated; '*' = any)")
     p.add_argument("--allowed-origins", action="append", metavar="ORIGINS",

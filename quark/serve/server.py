@@ -18,9 +18,11 @@ Choices:
   400. Sequences submitted and not yet finished are counted here (released by their final engine event, so a
   client that vanishes cannot leak them); a request that would take them over `max_batch + max_queue` gets 429
   with `Retry-After`. /health only reads counters, so it answers at once however busy the engine is.
-- Engine state: while a supervised worker restarts (`ProcessEngine.state == "restarting"`), a request waits up
-  to `restart_wait` seconds for it, then gets 503 with `Retry-After`; /health says "ok" (200), "restarting" or
-  "failed" (503), so a load balancer or orchestrator can act.
+- Engine state: while a supervised worker restarts or is unresponsive (`ProcessEngine.state`: no heartbeat for a
+  few seconds), a request waits up to `restart_wait` seconds for it, then gets 503 with `Retry-After`; /health
+  says "ok" (200), "unresponsive", "restarting" or "failed" (503, with the engine's `problem` in words), so a
+  load balancer or orchestrator can act. A request the worker lost by dying (`engine_lost`) gets 503 with
+  `Retry-After` too (a stream: that error as its last event), never a 500.
 - Browser safety (Host allow-list, Origin check, CORS) is `quark.serve.guard.BrowserGuard`, in front of it all.
 - HEAD is answered wherever GET is.
 """
@@ -60,6 +62,7 @@ from .guard import BrowserGuard, check_origin
 from .text import IncrementalDecoder, StopMatcher
 
 STATIC = Path(__file__).parent / "static"
+RECOVERING = ("restarting", "unresponsive")  # engine states that may end by themselves: wait, Retry-After: 1
 
 
 class _Dispatcher:
@@ -126,6 +129,9 @@ class _Choice:
             out = self.stopper.push(self.decoder.flush())
             out += self.stopper.flush()
             self.finish = "length" if value == "length" and not self.stopper.stopped else "stop"
+        elif getattr(self.req, "engine_lost", False):  # its worker died: a new one is on its way
+            raise APIError(503, f"generation failed: {value}; retry in a moment", type_="server_error",
+                           code="engine_unavailable", retry_after=1)
         else:
             raise APIError(500, f"generation failed: {value}", type_="server_error", code="engine_error")
         self.text.append(out)
@@ -257,7 +263,7 @@ class _Server:
                 "in_flight": self.dispatcher.outstanding, "capacity": self.capacity}
         if state == "ok":
             return body
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"} if state == "restarting" else None)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"} if state in RECOVERING else None)
 
     async def models(self, request: Request):
         self.authorize(request)
@@ -291,14 +297,16 @@ class _Server:
 
     # ---- admission ----------------------------------------------------------------------------------------------
     async def engine_ready(self) -> None:
-        """Wait (briefly) while the engine restarts; 503 with Retry-After if it is not back in time."""
+        """Wait (briefly) while the engine restarts or is unresponsive; 503 with Retry-After if it is not back in
+        time."""
         engine = self.engine
         deadline = time.monotonic() + self.limits.restart_wait
-        while engine.state == "restarting" and time.monotonic() < deadline:
+        while engine.state in RECOVERING and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if engine.state != "ok":
-            raise APIError(503, f"the engine is {engine.state}; try again shortly", type_="server_error",
-                           code="engine_unavailable", retry_after=1 if engine.state == "restarting" else 10)
+            problem = getattr(engine, "problem", lambda: None)() or f"the engine is {engine.state}"
+            raise APIError(503, f"{problem}; try again shortly", type_="server_error", code="engine_unavailable",
+                           retry_after=1 if engine.state in RECOVERING else 10)
 
     def busy(self, seqs: int) -> APIError:
         return APIError(429, f"the server is busy: {self.dispatcher.outstanding} sequences are running or queued "
