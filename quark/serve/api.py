@@ -38,13 +38,17 @@ MAX_STOPS = 4
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error", retry_after: int | None = None):
+                 type_: str = "invalid_request_error", retry_after: int | None = None, close: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
         self.retry_after = retry_after  # seconds, sent as the Retry-After header (429, 503)
+        self.close = close  # end the connection after this answer (the rest of the request was not read)
 
     def headers(self) -> dict[str, str] | None:
-        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        out = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        if self.close:
+            out["Connection"] = "close"
+        return out or None
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

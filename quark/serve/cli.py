@@ -50,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .engine import Engine
     from .server import create_app
+    from .wire import uvicorn_config
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
@@ -79,8 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in LOOPBACK:
         print(f"quark serve: warning: listening on {args.host}, reachable from other machines"
               + ("" if api_key else " without an API key (set --api-key)"), flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level, timeout_graceful_shutdown=5))
     if hasattr(engine, "on_failed"):
         engine.on_failed.append(lambda: setattr(server, "should_exit", True))
     server.run()

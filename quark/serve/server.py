@@ -11,6 +11,8 @@ Choices:
   task on disconnect), which frees the engine slot at the next step. A non-streaming request checks for a
   departed client every 0.25 s while it waits.
 - Bodies are capped (`max_body_bytes`, default 1 MiB) before parsing: a bigger body is a 413, read no further.
+  A body not complete within `body_timeout` (default 10 s; a client that declares more bytes than it sends)
+  is a 408 and the connection is closed. Requests uvicorn cannot parse get a JSON 400 (quark/serve/wire.py).
 - With `api_key`, every /v1 route needs `Authorization: Bearer <key>` (compared in constant time); /health
   and the page itself stay open (the page asks for the key). The key is never logged or echoed.
 - Admission control, before any engine work: a request may ask for at most `max_request_seqs` sequences
@@ -148,6 +150,7 @@ class Limits:
     max_queue: int = 128
     max_request_tokens: int | None = None  # None: the engine's whole cache (max_batch x context length)
     restart_wait: float = 10.0
+    body_timeout: float = 10.0
 
     def check(self, engine: Engine) -> Limits:
         """These limits, checked against the engine, with `max_request_tokens` filled in."""
@@ -155,6 +158,8 @@ class Limits:
                         ("max_request_tokens", self.max_request_tokens or 1)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not self.body_timeout > 0:
+            raise ValueError(f"body_timeout must be > 0 s, got {self.body_timeout!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
         capacity = engine.max_batch + self.max_queue  # sequences decoding or waiting for a row
@@ -167,12 +172,12 @@ class Limits:
 def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, api_key: str | None = None,
                max_tokens_limit: int = 1024, max_body_bytes: int = 1 << 20, max_request_seqs: int = 64,
                max_queue: int = 128, max_request_tokens: int | None = None, restart_wait: float = 10.0,
-               bound_host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
+               body_timeout: float = 10.0, bound_host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
                allowed_origins: tuple[str, ...] = ()) -> FastAPI:
     """The app. The engine is started and stopped with the app's lifespan. `max_request_tokens` defaults to
     the engine's whole cache (max_batch x context length)."""
     limits = Limits(max_tokens_limit, max_body_bytes, max_request_seqs, max_queue, max_request_tokens,
-                    restart_wait).check(engine)
+                    restart_wait, body_timeout).check(engine)
     allowed_origins = tuple(check_origin(o) for o in allowed_origins)  # a bad one is an error now, not at startup
     server = _Server(engine, tokenizer, model_name, api_key, limits)
     app = FastAPI(title="Quark", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -246,10 +251,19 @@ class _Server:
             raise APIError(413, f"request body of {length} bytes is over the {limit}-byte limit",
                            code="request_too_large")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise APIError(413, f"request body is over the {limit}-byte limit", code="request_too_large")
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                raw.extend(chunk)
+                if len(raw) > limit:
+                    raise APIError(413, f"request body is over the {limit}-byte limit", code="request_too_large")
+
+        try:
+            await asyncio.wait_for(read(), self.limits.body_timeout)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s ({len(raw)} "
+                           f"of {length or 'an unknown number of'} bytes); send the whole body at once",
+                           code="request_timeout", close=True) from None
         return parse_json(bytes(raw))
 
     def model_card(self) -> dict:
@@ -463,12 +477,14 @@ class ServerThread:
 
         import uvicorn
 
+        from .wire import uvicorn_config
+
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
         # serve() rather than run(): the same server, and a test may stand in for `uvicorn.Server.run` (quark serve)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), name="quark-uvicorn",
                                        daemon=True)
