@@ -38,7 +38,7 @@ MAX_STOPS = 4
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error", retry_after: int | None = None, close: bool = False):
+                 type_: str = "invalid_request_error", retry_after: int | None = None, *, close: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
         self.retry_after = retry_after  # seconds, sent as the Retry-After header (429, 503)
