@@ -54,6 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.hang_timeout >= 3 or not args.stall_timeout > 0:  # 3 s: when /health starts saying "unresponsive"
+        raise ValueError(f"--hang-timeout must be >= 3 and --stall-timeout > 0 (seconds), got {args.hang_timeout:g} "
+                         f"and {args.stall_timeout:g}")
     api_key = args.api_key or os.environ.get("QUARK_API_KEY") or None
     name = args.model_name or Path(args.model).resolve().name
     hosts, origins = _split(args.allowed_hosts), _split(args.allowed_origins)
