@@ -1,7 +1,11 @@
 """Turning logits into the next token: repetition penalty, temperature, top-p, and the NaN/Inf guard.
 
 Choices (the card's `generate_text` semantics):
-- `temperature == 0.0` is greedy. `top_p` in (0, 1]; `rep_penalty` > 0 (1.0 = off).
+- `temperature == 0.0` is greedy. `top_p` in (0, 1]; `rep_penalty` > 0 (1.0 = off); all finite (NaN and inf
+  are refused, naming the field).
+- Any finite temperature > 0 works, however small: logits are divided by it after subtracting each row's
+  maximum (`scale_logits`), so the top token scales to 0 and the rest to finite negatives or -inf, never inf or
+  NaN. As T -> 0 that tends to greedy (ties split evenly), which is what T = 1e-40 gives.
 - The repetition penalty applies to every distinct token already seen (prompt or output), CTRL-style:
   positive logits are divided by it, negative ones multiplied.
 - A row whose logits are not all finite falls back to greedy over its finite entries for that step.
@@ -13,6 +17,8 @@ Choices (the card's `generate_text` semantics):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,13 +27,17 @@ import torch.nn.functional as F
 RECOMMENDED = {"temperature": 0.2, "top_p": 0.9, "rep_penalty": 1.15, "max_new_tokens": 200}
 
 
+def _real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_sampling_args(temperature: float, top_p: float, rep_penalty: float, max_new_tokens: int | None = None) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
+    if not _real(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not _real(top_p) or not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(rep_penalty, (int, float)) or rep_penalty <= 0:
-        raise ValueError(f"rep_penalty must be > 0 (1.0 = off), got {rep_penalty!r}")
+    if not _real(rep_penalty) or rep_penalty <= 0:
+        raise ValueError(f"rep_penalty must be a finite number > 0 (1.0 = off), got {rep_penalty!r}")
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
@@ -61,6 +71,14 @@ def _finite_rows(logits: torch.Tensor, sync: bool = True) -> tuple[torch.Tensor,
     return finite, all_finite, safe
 
 
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature with each row's maximum subtracted first: the same softmax, and no overflow for any
+    finite temperature > 0 (5.0 / 1e-40 is inf in float32; (5.0 - 5.0) / 1e-40 is 0). A temperature below the
+    dtype's smallest normal number (float32: 1.2e-38; 5e-324 would round to 0 and give 0 / 0) is taken as that
+    number, where sampling is already greedy up to exact ties. logits (B, V), no NaN."""
+    return (logits - logits.amax(-1, keepdim=True)).div_(max(temperature, torch.finfo(logits.dtype).tiny))
+
+
 def sample_next(logits: torch.Tensor, seen: torch.Tensor | None = None, temperature: float = 0.7, top_p: float = 0.9,
                 rep_penalty: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). `seen` (B, V) bool enables the repetition penalty."""
@@ -71,7 +89,7 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None = None, temperat
     greedy = safe.argmax(-1)
     if temperature == 0.0:
         return greedy
-    probs = top_p_filter(safe / temperature, top_p).softmax(-1)
+    probs = top_p_filter(scale_logits(safe, temperature), top_p).softmax(-1)
     probs = torch.where(finite[:, None], probs, torch.zeros_like(probs))
     probs[:, 0] += (~finite).float()  # keep rows valid for multinomial; replaced by greedy below
     sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -100,7 +118,7 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
     finite, all_finite, safe = _finite_rows(logits)
     if temperature == 0.0:
         return safe.argmax(-1)
-    probs = (safe / temperature).softmax(-1)  # (B, V)
+    probs = scale_logits(safe, temperature).softmax(-1)  # (B, V)
     B, V = probs.shape
     cdf = probs.cumsum(-1)
 

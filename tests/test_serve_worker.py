@@ -77,14 +77,29 @@ def test_bad_requests_fail_in_the_parent(engine):
         engine.submit([1, 2], SamplingParams(4, temperature=-1.0), lambda *a: None)
 
 
-def test_cancel_frees_the_slot(engine):
-    q = queue.SimpleQueue()
-    req = engine.submit([5, 6, 7], SamplingParams(CFG.context_length - 3, 0.7, 1.0, 1.0), lambda k, v: q.put((k, v)))
-    assert q.get(timeout=60)[0] == "token"
-    engine.cancel(req)
+def test_cancel_frees_the_slot(engine, folder):
+    """A running request, cancelled: it ends "cancelled" and its row is freed. It is greedy and its reply (checked
+    against quark.generate) holds no stop token, so it cannot end on its own before its ~125 tokens (it once
+    sampled <|im_end|> first); the cancel goes out from the reader thread as the first token arrives, so the
+    worker is a token or two further on, not 125."""
+    from quark.generate import generate
+    from quark.weights import load_model
+
+    prompt, n = [5, 6, 7], CFG.context_length - 3
+    assert CFG.im_end_id not in generate(load_model(folder), [prompt], n, temperature=0.0)[0]
+    q, box = queue.SimpleQueue(), queue.SimpleQueue()
+
+    def sink(kind, value):
+        if kind == "token" and q.empty():  # the request is running: the state the cancel must meet
+            engine.cancel(box.get(timeout=10))  # (the handle, once submit has returned it)
+        q.put((kind, value))
+
+    req = engine.submit(prompt, SamplingParams(n, 0.0, 1.0, 1.0), sink)
+    box.put(req)
+    tokens = 0
     while (event := q.get(timeout=60))[0] == "token":
-        pass
-    assert event == ("done", "cancelled") and req.finish_reason == "cancelled"
+        tokens += 1
+    assert event == ("done", "cancelled") and req.finish_reason == "cancelled" and 1 <= tokens < n
     deadline = time.monotonic() + 10
     while engine.load()["active"] and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -7,6 +7,10 @@ Choices:
   not OpenAI's temperature 1.0 / top_p 1.0: that is what this model needs to stay coherent.
 - `max_tokens` (or `max_completion_tokens`) is capped by the room left in the context and by the server-wide
   limit; a prompt that leaves no room at all is a 400 `context_length_exceeded`.
+- Fields this server does not implement are refused (400 `unsupported_parameter`), never silently ignored:
+  `logprobs`, `tools`, ... when set; `presence_penalty` / `frequency_penalty` other than 0 (they must still be
+  numbers in OpenAI's [-2, 2]; `repetition_penalty` is this server's penalty); `response_format` other than
+  `{"type": "text"}` (JSON mode is not implemented yet).
 - The OpenAI `developer` role is the `system` role; any other role outside system/user/assistant is a 400.
 - Malformed bodies are 400s too: JSON nested deeper than the parser's recursion limit, and strings holding a
   lone UTF-16 surrogate (`"x\\ud800y"` is valid JSON but not Unicode, and the tokenizer cannot take it); the
@@ -34,13 +38,17 @@ MAX_STOPS = 4
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error", retry_after: int | None = None):
+                 type_: str = "invalid_request_error", retry_after: int | None = None, *, close: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
         self.retry_after = retry_after  # seconds, sent as the Retry-After header (429, 503)
+        self.close = close  # end the connection after this answer (the rest of the request was not read)
 
     def headers(self) -> dict[str, str] | None:
-        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        out = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        if self.close:
+            out["Connection"] = "close"
+        return out or None
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -178,6 +186,14 @@ def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_
     if body.get("best_of") not in (None, 1):
         raise APIError(400, "'best_of' other than 1 is not supported by this server", param="best_of",
                        code="unsupported_parameter")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise APIError(400, f"'{name}' is not supported by this server (only 0); use 'repetition_penalty' "
+                           "(> 0, 1.0 = off) to discourage repeats", param=name, code="unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise APIError(400, "'response_format' is not supported yet: only {\"type\": \"text\"} (plain text) is "
+                       f"accepted, got {json.dumps(fmt)[:60]}", param="response_format", code="unsupported_parameter")
     temperature = _number(body, "temperature", DEFAULTS["temperature"], 0.0, 2.0)
     top_p = _number(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0, lo_open=True)
     rep = _number(body, "repetition_penalty", DEFAULTS["repetition_penalty"], 0.0, 10.0, lo_open=True)

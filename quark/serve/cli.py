@@ -8,7 +8,9 @@ Choices:
 - `--quantize int8` calls `quark.quantize.quantize_int8(model)`, imported only when asked for.
 - The API key may come from --api-key or QUARK_API_KEY; it is never printed.
 - The engine worker is supervised (`quark.serve.worker.ProcessEngine`): once it has failed --max-restarts times
-  in a row, the server stops and the command exits non-zero, for a supervisor or orchestrator to act on.
+  in a row, the server stops and the command exits non-zero, for a supervisor or orchestrator to act on. A worker
+  silent (no heartbeat) for --hang-timeout seconds, or making no progress on its requests for --stall-timeout,
+  is killed and restarted the same way.
 - Browser safety: --allowed-hosts / --allowed-origins widen `quark.serve.guard.BrowserGuard`'s allow-lists.
 """
 
@@ -50,6 +52,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.hang_timeout >= 3 or not args.stall_timeout > 0:  # 3 s: when /health starts saying "unresponsive"
+        raise ValueError(f"--hang-timeout must be >= 3 and --stall-timeout > 0 (seconds), got {args.hang_timeout:g} "
+                         f"and {args.stall_timeout:g}")
     with listen(args.host, args.port) as sock:  # before the model loads: a port in use fails at once
         _serve(args, sock)
 
@@ -79,6 +84,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
 
     from .engine import Engine
     from .server import create_app
+    from .wire import uvicorn_config
 
     api_key = args.api_key or os.environ.get("QUARK_API_KEY") or None
     name = args.model_name or Path(args.model).resolve().name
@@ -90,7 +96,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
         tokenizer = load_tokenizer_for(args.model)
         engine = ProcessEngine(args.model, resolve_device(args.device), args.quantize,
                                stop_ids=tokenizer.stop_ids, max_batch=args.max_batch,
-                               max_restarts=args.max_restarts)
+                               max_restarts=args.max_restarts, hang_timeout=args.hang_timeout,
+                               stall_timeout=args.stall_timeout)
     else:
         model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
         engine = Engine(model, tokenizer.stop_ids, max_batch=args.max_batch)
@@ -105,8 +112,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     if args.host not in LOOPBACK:
         print(f"quark serve: warning: listening on {args.host}, reachable from other machines"
               + ("" if api_key else " without an API key (set --api-key)"), flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level, timeout_graceful_shutdown=5))
     if hasattr(engine, "on_failed"):
         engine.on_failed.append(lambda: setattr(server, "should_exit", True))
     server.run(sockets=[sock])
@@ -147,6 +153,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="sequences that may wait for a batch slot; beyond it requests get 429 (default 128)")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="engine worker restarts in a row before the server exits non-zero (default 5)")
+    p.add_argument("--hang-timeout", type=float, default=30.0,
+                   help="seconds without a heartbeat from the engine worker (stopped or frozen) before it is killed "
+                        "and restarted, failing its requests; /health says 'unresponsive' after 3 s (default 30)")
+    p.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="seconds the engine worker may go without progress on requests in flight before it is "
+                        "killed and restarted (default 120: room for a first compile)")
     p.add_argument("--allowed-hosts", action="append", metavar="NAMES",
                    help="Host names to answer besides the bound address and localhost (comma-separated; '*' = any)")
     p.add_argument("--allowed-origins", action="append", metavar="ORIGINS",

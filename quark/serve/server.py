@@ -11,6 +11,8 @@ Choices:
   task on disconnect), which frees the engine slot at the next step. A non-streaming request checks for a
   departed client every 0.25 s while it waits.
 - Bodies are capped (`max_body_bytes`, default 1 MiB) before parsing: a bigger body is a 413, read no further.
+  A body not complete within `body_timeout` (default 10 s; a client that declares more bytes than it sends)
+  is a 408 and the connection is closed. Requests uvicorn cannot parse get a JSON 400 (quark/serve/wire.py).
 - With `api_key`, every /v1 route needs `Authorization: Bearer <key>` (compared in constant time); /health
   and the page itself stay open (the page asks for the key). The key is never logged or echoed.
 - Admission control, before any engine work: a request may ask for at most `max_request_seqs` sequences
@@ -18,9 +20,11 @@ Choices:
   400. Sequences submitted and not yet finished are counted here (released by their final engine event, so a
   client that vanishes cannot leak them); a request that would take them over `max_batch + max_queue` gets 429
   with `Retry-After`. /health only reads counters, so it answers at once however busy the engine is.
-- Engine state: while a supervised worker restarts (`ProcessEngine.state == "restarting"`), a request waits up
-  to `restart_wait` seconds for it, then gets 503 with `Retry-After`; /health says "ok" (200), "restarting" or
-  "failed" (503), so a load balancer or orchestrator can act.
+- Engine state: while a supervised worker restarts or is unresponsive (`ProcessEngine.state`: no heartbeat for a
+  few seconds), a request waits up to `restart_wait` seconds for it, then gets 503 with `Retry-After`; /health
+  says "ok" (200), "unresponsive", "restarting" or "failed" (503, with the engine's `problem` in words), so a
+  load balancer or orchestrator can act. A request the worker lost by dying (`engine_lost`) gets 503 with
+  `Retry-After` too (a stream: that error as its last event), never a 500.
 - Browser safety (Host allow-list, Origin check, CORS) is `quark.serve.guard.BrowserGuard`, in front of it all.
 - HEAD is answered wherever GET is.
 """
@@ -60,6 +64,7 @@ from .guard import BrowserGuard, check_origin
 from .text import IncrementalDecoder, StopMatcher
 
 STATIC = Path(__file__).parent / "static"
+RECOVERING = ("restarting", "unresponsive")  # engine states that may end by themselves: wait, Retry-After: 1
 
 
 class _Dispatcher:
@@ -126,6 +131,9 @@ class _Choice:
             out = self.stopper.push(self.decoder.flush())
             out += self.stopper.flush()
             self.finish = "length" if value == "length" and not self.stopper.stopped else "stop"
+        elif getattr(self.req, "engine_lost", False):  # its worker died: a new one is on its way
+            raise APIError(503, f"generation failed: {value}; retry in a moment", type_="server_error",
+                           code="engine_unavailable", retry_after=1)
         else:
             raise APIError(500, f"generation failed: {value}", type_="server_error", code="engine_error")
         self.text.append(out)
@@ -142,6 +150,7 @@ class Limits:
     max_queue: int = 128
     max_request_tokens: int | None = None  # None: the engine's whole cache (max_batch x context length)
     restart_wait: float = 10.0
+    body_timeout: float = 10.0
 
     def check(self, engine: Engine) -> Limits:
         """These limits, checked against the engine, with `max_request_tokens` filled in."""
@@ -149,6 +158,8 @@ class Limits:
                         ("max_request_tokens", self.max_request_tokens or 1)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not self.body_timeout > 0:
+            raise ValueError(f"body_timeout must be > 0 s, got {self.body_timeout!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
         capacity = engine.max_batch + self.max_queue  # sequences decoding or waiting for a row
@@ -161,12 +172,12 @@ class Limits:
 def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, api_key: str | None = None,
                max_tokens_limit: int = 1024, max_body_bytes: int = 1 << 20, max_request_seqs: int = 64,
                max_queue: int = 128, max_request_tokens: int | None = None, restart_wait: float = 10.0,
-               bound_host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
+               body_timeout: float = 10.0, bound_host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
                allowed_origins: tuple[str, ...] = ()) -> FastAPI:
     """The app. The engine is started and stopped with the app's lifespan. `max_request_tokens` defaults to
     the engine's whole cache (max_batch x context length)."""
     limits = Limits(max_tokens_limit, max_body_bytes, max_request_seqs, max_queue, max_request_tokens,
-                    restart_wait).check(engine)
+                    restart_wait, body_timeout).check(engine)
     allowed_origins = tuple(check_origin(o) for o in allowed_origins)  # a bad one is an error now, not at startup
     server = _Server(engine, tokenizer, model_name, api_key, limits)
     app = FastAPI(title="Quark", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -240,10 +251,19 @@ class _Server:
             raise APIError(413, f"request body of {length} bytes is over the {limit}-byte limit",
                            code="request_too_large")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise APIError(413, f"request body is over the {limit}-byte limit", code="request_too_large")
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                raw.extend(chunk)
+                if len(raw) > limit:
+                    raise APIError(413, f"request body is over the {limit}-byte limit", code="request_too_large")
+
+        try:
+            await asyncio.wait_for(read(), self.limits.body_timeout)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s ({len(raw)} "
+                           f"of {length or 'an unknown number of'} bytes); send the whole body at once",
+                           code="request_timeout", close=True) from None
         return parse_json(bytes(raw))
 
     def model_card(self) -> dict:
@@ -257,7 +277,7 @@ class _Server:
                 "in_flight": self.dispatcher.outstanding, "capacity": self.capacity}
         if state == "ok":
             return body
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"} if state == "restarting" else None)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"} if state in RECOVERING else None)
 
     async def models(self, request: Request):
         self.authorize(request)
@@ -291,14 +311,16 @@ class _Server:
 
     # ---- admission ----------------------------------------------------------------------------------------------
     async def engine_ready(self) -> None:
-        """Wait (briefly) while the engine restarts; 503 with Retry-After if it is not back in time."""
+        """Wait (briefly) while the engine restarts or is unresponsive; 503 with Retry-After if it is not back in
+        time."""
         engine = self.engine
         deadline = time.monotonic() + self.limits.restart_wait
-        while engine.state == "restarting" and time.monotonic() < deadline:
+        while engine.state in RECOVERING and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if engine.state != "ok":
-            raise APIError(503, f"the engine is {engine.state}; try again shortly", type_="server_error",
-                           code="engine_unavailable", retry_after=1 if engine.state == "restarting" else 10)
+            problem = getattr(engine, "problem", lambda: None)() or f"the engine is {engine.state}"
+            raise APIError(503, f"{problem}; try again shortly", type_="server_error", code="engine_unavailable",
+                           retry_after=1 if engine.state in RECOVERING else 10)
 
     def busy(self, seqs: int) -> APIError:
         return APIError(429, f"the server is busy: {self.dispatcher.outstanding} sequences are running or queued "
@@ -455,12 +477,14 @@ class ServerThread:
 
         import uvicorn
 
+        from .wire import uvicorn_config
+
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
         # serve() rather than run(): the same server, and a test may stand in for `uvicorn.Server.run` (quark serve)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), name="quark-uvicorn",
                                        daemon=True)

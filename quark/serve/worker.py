@@ -24,11 +24,22 @@ Choices:
   torch._dynamo (which the first module built imports lazily: ~4 of the ~8 s of a start on 2 busy cores) and
   waits for ("load",), so recovery costs only the model load (measured in dev/LOG.md: 2.3 s, was 7.7-11 s). It
   holds no weights (and no CUDA context) while it waits; it is replaced after each restart.
+- Liveness: a thread in the worker writes the time (`time.monotonic()`, one clock for every process) into a
+  shared double every `BEAT_S` (0.5 s); the reader thread checks it every 0.25 s. With no heartbeat and no
+  message for `heartbeat_timeout` (3 s) the worker is "unresponsive" (stopped, e.g. SIGSTOP, or frozen holding
+  the GIL): submits raise RuntimeError (the server answers 503 + Retry-After) and /health says so; it is "ok"
+  again if it recovers. Silent for `hang_timeout` (30 s), or busy with requests in flight that got no event for
+  `stall_timeout` (120 s: its main loop is wedged though the heartbeat thread runs; long enough for a first
+  compile), it is killed and handled as any dead worker: its requests fail naming why, and it is restarted.
+- A request the worker dropped by dying (in flight, or sent to it just as it died) is marked `engine_lost`, so
+  the server can answer 503 + Retry-After (retry: a new worker is coming) rather than a 500; a submit that finds
+  the pipe already broken raises RuntimeError at once.
 - If the parent dies, the worker sees the pipe close and exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import multiprocessing as mp
@@ -45,6 +56,8 @@ from pathlib import Path
 from .engine import SamplingParams, check_request
 
 log = logging.getLogger("quark.serve")
+BEAT_S = 0.5  # the worker's heartbeat period
+WATCH_S = 0.25  # how often the reader thread checks the heartbeat while no message comes
 CUMULATIVE = ("steps", "tokens", "requests", "row_steps", "errors", "busy_s")
 
 
@@ -60,7 +73,14 @@ class WorkerSpec:
     seed: int | None
 
 
-def _worker(conn: Connection, spec: WorkerSpec) -> None:
+def _beat(beat: ctypes.c_double) -> None:
+    while True:
+        beat.value = time.monotonic()
+        time.sleep(BEAT_S)
+
+
+def _worker(conn: Connection, spec: WorkerSpec, beat: ctypes.c_double) -> None:
+    threading.Thread(target=_beat, args=(beat,), name="quark-heartbeat", daemon=True).start()
     import torch
     import torch._dynamo  # noqa: F401 - imported lazily by the first module built under a device context (~4 s)
 
@@ -144,6 +164,7 @@ class RemoteRequest:
         self.prompt, self.params, self.sink, self.engine = list(prompt), params, sink, engine
         self.cancelled = False
         self.finish_reason: str | None = None
+        self.engine_lost = False  # failed because its worker died or was killed (the server answers 503)
 
     def cancel(self) -> None:
         if not self.cancelled and self.finish_reason is None:
@@ -158,17 +179,24 @@ class ProcessEngine:
     def __init__(self, model_path: str | Path, device: str = "cpu", quantize: str | None = None, *,
                  stop_ids: Sequence[int] | None = None, max_batch: int = 32, seed: int | None = None,
                  start_timeout: float = 600.0, max_restarts: int = 5, backoff_s: float = 0.5,
-                 stable_s: float = 60.0):
+                 stable_s: float = 60.0, heartbeat_timeout: float = 3.0, hang_timeout: float = 30.0,
+                 stall_timeout: float = 120.0):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an integer >= 0, got {max_restarts!r}")
+        if not BEAT_S < heartbeat_timeout <= hang_timeout:
+            raise ValueError(f"heartbeat_timeout must be in ({BEAT_S}, hang_timeout={hang_timeout}] s, "
+                             f"got {heartbeat_timeout}")
+        if not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be > 0 s, got {stall_timeout}")
+        self.heartbeat_timeout, self.hang_timeout, self.stall_timeout = heartbeat_timeout, hang_timeout, stall_timeout
         self.model_path, self.start_timeout = str(model_path), start_timeout
         self._spec = WorkerSpec(str(model_path), device, quantize, None if stop_ids is None else tuple(stop_ids),
                                 max_batch, seed)
         self.max_batch, self.max_restarts, self.backoff_s, self.stable_s = max_batch, max_restarts, backoff_s, stable_s
-        self._standby = None  # (process, connection) of a worker that has imported torch and waits
-        self.proc, self.conn = self._launch()
+        self._standby = None  # (process, connection, heartbeat) of a worker that has imported torch and waits
+        self.proc, self.conn, self.beat = self._launch()
         info = self._activate(self.proc, self.conn)  # the first start is not retried: a bad model is an error now
         self.context_length, self.vocab_size = info["context_length"], info["vocab_size"]
         self.after_step: list[Callable[[], None]] = []
@@ -182,22 +210,26 @@ class ProcessEngine:
         self._stopping = threading.Event()
         self._started_at = time.monotonic()
         self._failures = 0  # consecutive failed workers
-        self.state = "ok"  # "ok" | "restarting" | "failed"
+        self.state = "ok"  # "ok" | "unresponsive" | "restarting" | "failed" (| "stopped")
         self.restarts = 0
         self.last_exit: str | None = None
+        self._progress_at = time.monotonic()  # the last message from the worker, or the submit that woke it
+        self._kill_cause: str | None = None  # why the reader killed the worker, if it did
 
     def _idle_load(self) -> dict:
         return {"active": 0, "pending": 0, "max_batch": self.max_batch, "steps": 0, "tokens": 0, "requests": 0,
                 "peak_batch": 0, "row_steps": 0, "errors": 0, "busy_s": 0.0}
 
     def _launch(self):
-        """Start a worker process, which imports what it needs and waits for ("load",): (process, connection)."""
+        """Start a worker process, which imports what it needs and waits for ("load",): (process, connection,
+        heartbeat), the last a shared double the worker keeps setting to `time.monotonic()`."""
         ctx = mp.get_context("spawn")  # never fork a process that holds threads (uvicorn, torch)
         conn, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, name="quark-engine", args=(child, self._spec), daemon=True)
+        beat = ctx.RawValue("d", time.monotonic())
+        proc = ctx.Process(target=_worker, name="quark-engine", args=(child, self._spec, beat), daemon=True)
         proc.start()
         child.close()
-        return proc, conn
+        return proc, conn, beat
 
     def _activate(self, proc: mp.Process, conn: Connection) -> dict:
         """Tell a launched worker to load the model and wait until it has: its info; RuntimeError if it cannot."""
@@ -229,7 +261,7 @@ class ProcessEngine:
 
     def _drop_standby(self) -> None:
         if self._standby is not None:
-            proc, conn = self._standby
+            proc, conn, _ = self._standby
             self._standby = None
             conn.close()
             proc.kill()  # it holds nothing yet, and may be busy importing for seconds
@@ -237,7 +269,7 @@ class ProcessEngine:
 
     def _send(self, msg: tuple) -> None:
         with self._lock:
-            if self.state == "ok":
+            if self.state in ("ok", "unresponsive"):  # an unresponsive worker reads it if it recovers
                 try:
                     self.conn.send(msg)
                 except (BrokenPipeError, OSError):
@@ -250,13 +282,25 @@ class ProcessEngine:
         req = RemoteRequest(self, prompt, params, sink)
         with self._lock:
             if self.state != "ok":
-                raise RuntimeError(f"the engine is {self.state}: the engine process {self.last_exit}")
-            self._requests[req.id] = req
+                raise RuntimeError(self.problem())
+            if not self._requests:
+                self._progress_at = time.monotonic()  # an idle worker owes no events until now
             try:
                 self.conn.send(("submit", req.id, req.prompt, params))
-            except (BrokenPipeError, OSError):
-                pass  # as in _send: failed by the reader with the real cause
+            except (BrokenPipeError, OSError):  # it died a moment ago: the reader is about to restart it
+                raise RuntimeError("the engine process has just exited; it is being restarted") from None
+            self._requests[req.id] = req
         return req
+
+    def problem(self) -> str | None:
+        """Why the engine cannot take requests now, in one line; None while it can."""
+        if self.state == "ok":
+            return None
+        if self.state == "unresponsive":
+            silent = time.monotonic() - max(self.beat.value, self._progress_at)
+            return (f"the engine is unresponsive: the engine process (pid {self.proc.pid}) has not answered for "
+                    f"{silent:.1f} s (stopped or frozen); it is killed and restarted after {self.hang_timeout:g} s")
+        return f"the engine is {self.state}: the engine process {self.last_exit}"
 
     def cancel(self, req: RemoteRequest) -> None:
         req.cancel()
@@ -266,7 +310,8 @@ class ProcessEngine:
         live = dict(self._load)
         for k in CUMULATIVE:
             live[k] = live.get(k, 0) + self._totals[k]
-        return {**live, "restarts": self.restarts, "last_exit": self.last_exit, "worker_pid": self.proc.pid}
+        return {**live, "restarts": self.restarts, "last_exit": self.last_exit, "worker_pid": self.proc.pid,
+                "problem": self.problem()}
 
     def start(self) -> ProcessEngine:
         if self._reader is None:
@@ -281,7 +326,7 @@ class ProcessEngine:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
-        if self.state == "ok":
+        if self.state in ("ok", "unresponsive"):
             self.state = "stopped"
         self.conn.close()
         if self._reader is not None:
@@ -300,7 +345,7 @@ class ProcessEngine:
             if self.proc.is_alive():  # the pipe closed but the process hangs on
                 self.proc.kill()
                 self.proc.join(5)
-            cause = describe_exit(self.proc.exitcode)
+            cause, self._kill_cause = self._kill_cause or describe_exit(self.proc.exitcode), None
             if time.monotonic() - self._started_at >= self.stable_s:
                 self._failures = 0
             self._fail_in_flight(cause)
@@ -312,9 +357,15 @@ class ProcessEngine:
     def _read(self, conn: Connection) -> None:
         while True:
             try:
+                if not conn.poll(WATCH_S):
+                    self._watch()
+                    continue
                 events, load = conn.recv()
             except (EOFError, OSError):
                 return
+            self._progress_at = time.monotonic()
+            if self.state == "unresponsive":
+                self._responding_again()
             self._load = load
             for rid, kind, value in events:
                 req = self._requests.get(rid)
@@ -327,6 +378,33 @@ class ProcessEngine:
             for hook in self.after_step:
                 hook()
 
+    def _watch(self) -> None:
+        """The heartbeat check (reader thread, while no message comes): see the module docstring."""
+        if self._kill_cause is not None or self._stopping.is_set():
+            return  # killed already (its pipe closes in a moment), or stopping
+        now = time.monotonic()
+        silent = now - max(self.beat.value, self._progress_at)
+        stalled = now - self._progress_at if self._requests else 0.0
+        if silent > self.hang_timeout or stalled > self.stall_timeout:
+            self._kill_cause = (f"stopped responding (no heartbeat for {silent:.0f} s), so it was killed"
+                                if silent > self.hang_timeout else f"made no progress on its requests for "
+                                f"{stalled:.0f} s (wedged), so it was killed")
+            log.error("quark serve: the engine process (pid %s) %s", self.proc.pid, self._kill_cause)
+            self.proc.kill()  # works on a stopped process too; the reader then sees the pipe close
+        elif silent > self.heartbeat_timeout and self.state == "ok":
+            with self._lock:
+                self.state = "unresponsive"
+            log.warning("quark serve: the engine process (pid %s) has not answered for %.1f s; it is killed after "
+                        "%g s", self.proc.pid, silent, self.hang_timeout)
+        elif silent <= self.heartbeat_timeout and self.state == "unresponsive":
+            self._responding_again()
+
+    def _responding_again(self) -> None:
+        with self._lock:
+            if self.state == "unresponsive":
+                self.state = "ok"
+        log.warning("quark serve: the engine process (pid %s) is responding again", self.proc.pid)
+
     def _fail_in_flight(self, cause: str) -> None:
         with self._lock:
             self.state, self.last_exit = "restarting", cause
@@ -338,7 +416,7 @@ class ProcessEngine:
     def _fail_in_flight_locked(self, cause: str) -> None:
         failed, self._requests = list(self._requests.values()), {}
         for req in failed:
-            req.finish_reason = "error"
+            req.finish_reason, req.engine_lost = "error", True
             req.sink("error", f"the engine process {cause}")
         if failed:
             for hook in self.after_step:
@@ -360,7 +438,7 @@ class ProcessEngine:
                         self.proc.pid, cause, delay, self._failures, self.max_restarts)
             if self._stopping.wait(delay):
                 break
-            proc, conn = self._standby if self._standby and self._standby[0].is_alive() else self._launch()
+            proc, conn, beat = self._standby if self._standby and self._standby[0].is_alive() else self._launch()
             if self._standby is not None and self._standby[0] is not proc:
                 self._drop_standby()  # it died while it waited
             self._standby = None
@@ -377,7 +455,8 @@ class ProcessEngine:
                 break
             with self._lock:
                 self.conn.close()
-                self.proc, self.conn, self.state = proc, conn, "ok"
+                self.proc, self.conn, self.beat, self.state = proc, conn, beat, "ok"
+                self._progress_at = time.monotonic()
                 self.restarts += 1
                 self._started_at = time.monotonic()
             log.warning("quark serve: the engine process is back (pid %s)", proc.pid)
