@@ -86,7 +86,7 @@ def test_cancel_frees_the_slot(engine, folder):
     from quark.weights import load_model
 
     prompt, n = [5, 6, 7], CFG.context_length - 3
-    assert CFG.im_end_id not in generate(load_model(folder), [prompt], n, temperature=0.0)[0]
+    assert CFG.vocab_size - 1 not in generate(load_model(folder), [prompt], n, temperature=0.0)[0]
     q, box = queue.SimpleQueue(), queue.SimpleQueue()
 
     def sink(kind, value):
