@@ -1,0 +1,88 @@
+"""Probe cases of issue 36 ("Trust, round two"), findings 4 (SFT data) and 6 (training state): each test repeats
+one probe and checks the fix: one line naming the file, line or field and what to do, exit 2, nothing written lost;
+`--skip-bad` skips and counts what it should; memory for one JSONL record is bounded before it is parsed."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+
+from quark.cli import main
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "Ciao"}, {"role": "assistant", "content": "Ciao!"}]})
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    return rc, cap.err.strip(), cap.out
+
+
+def prepare_sft(tmp_path, capsys, bad_line: bytes):
+    """`quark prepare --sft` on good lines around `bad_line` (line 2): (rc, stderr) without --skip-bad, then the
+    manifest's source record of a --skip-bad run (which must succeed)."""
+    f = tmp_path / "chat.jsonl"
+    with open(f, "wb") as fh:
+        fh.write((GOOD + "\n").encode())
+        fh.write(bad_line)
+        fh.write(b"\n")
+        fh.write(((GOOD + "\n") * 5).encode())
+    base = ["prepare", "--sft", f, "--tokenizer", tmp_path / "tok", "--seq-len", "64", "--quiet", "--no-dedup"]
+    rc, err, _ = run(capsys, *base, "--out", tmp_path / "o1")
+    assert not (tmp_path / "o1" / "manifest.json").exists()
+    rc2, err2, out2 = run(capsys, *base, "--out", tmp_path / "o2", "--skip-bad")
+    assert rc2 == 0, err2
+    assert "bad skipped 1" in out2
+    src = json.loads((tmp_path / "o2" / "manifest.json").read_text())["sources"][0]
+    assert (src["bad_skipped"], src["documents"]) == (1, 6)
+    return f, rc, err
+
+
+@pytest.fixture
+def sft_dir(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save(tmp_path / "tok")
+    return tmp_path
+
+
+# ---- finding 4: SFT data ------------------------------------------------------------------------------------------
+def test_probe_sft_lone_surrogate(sft_dir, capsys):
+    """4: a JSON \\ud800 escape in a message crashed `quark prepare --sft` with a traceback, also under --skip-bad."""
+    bad = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ab\\ud800c"}]}'
+    f, rc, err = prepare_sft(sft_dir, capsys, bad)
+    assert rc == 2
+    assert err == (f"quark prepare: error: {f}:2: messages[1].content holds an unpaired surrogate (\\ud800 at "
+                   "character 3); fix the text (each \\ud800-\\udbff escape must be followed by one of \\udc00-\\udfff) "
+                   "(use --skip-bad to skip and count such records)")
+
+
+def test_probe_sft_deep_nesting(sft_dir, capsys):
+    """4: a deeply nested line's error named no file:line, and --skip-bad did not skip it."""
+    bad = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    f, rc, err = prepare_sft(sft_dir, capsys, bad)
+    assert rc == 2
+    assert err == (f"quark prepare: error: {f}:2: JSON nested too deeply to read (arrays or objects inside each "
+                   "other beyond Python's recursion limit); flatten the record (use --skip-bad to skip and count "
+                   "such records)")
+
+
+def test_probe_sft_60mb_line(sft_dir, capsys):
+    """4: one 60 MB line took 9.16 GB of RAM before being dropped as too long: now it is refused by its length
+    while reading, never parsed nor held whole (Python's peak allocation stays under 3x the 2 MiB limit)."""
+    from quark.data.sources import MAX_CHAT_RECORD_BYTES as LIMIT
+
+    bad = GOOD[:-1].encode() + b', "meta": "' + b"x" * (60 << 20) + b'"}'  # a valid record, 60 MB long
+    n = len(bad) + 1
+    tracemalloc.start()  # Python's allocations from here on (the line above is not counted)
+    try:
+        f, rc, err = prepare_sft(sft_dir, capsys, bad)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rc == 2
+    assert err == (f"quark prepare: error: {f}:2: a line of {n:,} bytes, over the limit of {LIMIT:,} bytes "
+                   "for one conversation (not read); split or shorten it (use --skip-bad to skip and count such "
+                   "records)")
+    assert peak < 3 * LIMIT, f"peak {peak / 2**20:.0f} MiB"  # readline's pieces and their join: ~2x
