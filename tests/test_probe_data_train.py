@@ -10,6 +10,7 @@ import tracemalloc
 import pytest
 
 from quark.cli import main
+from tests.test_train import train_cfg, write_pretrain_data
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "Ciao"}, {"role": "assistant", "content": "Ciao!"}]})
 
@@ -86,3 +87,38 @@ def test_probe_sft_60mb_line(sft_dir, capsys):
                    "for one conversation (not read); split or shorten it (use --skip-bad to skip and count such "
                    "records)")
     assert peak < 3 * LIMIT, f"peak {peak / 2**20:.0f} MiB"  # readline's pieces and their join: ~2x
+
+
+# ---- finding 6: training state ------------------------------------------------------------------------------------
+@pytest.fixture
+def pretrain_data(tmp_path, tiny_tokenizer):
+    return write_pretrain_data(tmp_path / "data", tiny_tokenizer, n_files=10)
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def test_probe_train_state_edited(tmp_path, pretrain_data, capsys):
+    """6: train_state.json was not covered by the hash: its step edited from 4 to 3 resumed at the wrong step with
+    rc 0. Now the edit fails verification naming the file, the checkpoint is set aside (kept), and the run falls
+    back to the older checkpoint, saying so, and repeats the first run's losses."""
+    from quark.train.loop import train
+
+    run = tmp_path / "run"
+    cfg = train_cfg(pretrain_data, run, max_steps=4, save_every=2, keep_last=3)
+    train(cfg)
+    before = losses(run)
+    edited = run / "checkpoints" / "step_000004" / "train_state.json"
+    edited.write_text(edited.read_text().replace('"step": 4,', '"step": 3,'))
+    capsys.readouterr()
+    train(cfg)
+    out, err = capsys.readouterr()
+    corrupt = run / "checkpoints" / "corrupt-step_000004"
+    assert f"warning: skipping checkpoint {edited.parent}: {edited}: content hash mismatch (sha256 " in err
+    assert f"the file was edited or is corrupt; restore it or use an earlier checkpoint; moved it to {corrupt}; " \
+           "trying the next older checkpoint" in err
+    assert f"resuming from {run / 'checkpoints' / 'step_000002'} (step 2," in out
+    assert (corrupt / "train_state.json").read_text().count('"step": 3,') == 1  # nothing lost
+    assert losses(run) == before

@@ -223,8 +223,8 @@ class Trainer:
                 break
             except (IntegrityError, FileNotFoundError) as e:  # other errors (settings that differ) stop the run
                 if self.d.is_main:
-                    print(f"warning: skipping checkpoint {cand}: {e}; moved it to {ckpt.set_aside(cand)}",
-                          file=sys.stderr, flush=True)
+                    print(f"warning: skipping checkpoint {cand}: {e}; moved it to {ckpt.set_aside(cand)}; trying "
+                          "the next older checkpoint", file=sys.stderr, flush=True)
         else:
             raise ValueError(f"{self.run_dir / 'checkpoints'}: no checkpoint passes verification (see the warnings "
                              "above); use a new --out folder to start afresh")
