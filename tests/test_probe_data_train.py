@@ -122,3 +122,21 @@ def test_probe_train_state_edited(tmp_path, pretrain_data, capsys):
     assert f"resuming from {run / 'checkpoints' / 'step_000002'} (step 2," in out
     assert (corrupt / "train_state.json").read_text().count('"step": 3,') == 1  # nothing lost
     assert losses(run) == before
+
+
+def test_probe_tokens_per_step_not_a_multiple(tmp_path, pretrain_data, capsys):
+    """6: `--set tokens_per_step=1000` silently ran 2,048 tokens per step. Now one line says what runs instead (the
+    packaged SFT config relies on running at least one micro-batch: 131,072 < one micro-batch on 8 GPUs)."""
+    from quark.train.loop import train
+
+    run = tmp_path / "run"
+    info = train(train_cfg(pretrain_data, run, max_steps=1, batch_size=16, seq_len=128, tokens_per_step=1000))
+    out, err = capsys.readouterr()
+    assert err.count("tokens_per_step") == 1
+    assert ("warning: train config: tokens_per_step=1,000 is not a whole number of micro-batches of 2,048 tokens "
+            "(batch_size=16 x seq_len=128 x 1 process(es)); running 2,048 tokens per step instead; nearest exact "
+            "values: 2,048 (set one, or change batch_size)") in err
+    assert info["tokens"] == 2048
+    capsys.readouterr()
+    train(train_cfg(pretrain_data, tmp_path / "run2", max_steps=1, batch_size=16, seq_len=128, tokens_per_step=4096))
+    assert "tokens_per_step" not in capsys.readouterr().err  # a whole number of micro-batches: no warning
