@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tracemalloc
 
+import numpy as np
 import pytest
 
 from quark.cli import main
@@ -140,3 +141,61 @@ def test_probe_tokens_per_step_not_a_multiple(tmp_path, pretrain_data, capsys):
     capsys.readouterr()
     train(train_cfg(pretrain_data, tmp_path / "run2", max_steps=1, batch_size=16, seq_len=128, tokens_per_step=4096))
     assert "tokens_per_step" not in capsys.readouterr().err  # a whole number of micro-batches: no warning
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_probe_shard_rewritten_with_valid_ids(tmp_path, tiny_tokenizer, capsys, kind):
+    """6: a shard rewritten with valid ids trained silently (the manifest recorded no content hash). Now `quark
+    prepare` records each shard's SHA-256 and training stops at once, naming the shard and the manifest field."""
+    from quark.data import prepare as prep
+    from quark.data.mixture import mixture_from_dict
+
+    src = tmp_path / "src"
+    src.mkdir()
+    if kind == "pretrain":
+        (src / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    else:
+        (src / "a.jsonl").write_text("\n".join(json.dumps({"messages": [
+            {"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]})
+            for i in range(60)) + "\n")
+    mix = mixture_from_dict({"kind": kind, "sources": [{"name": "s", "type": "files", "paths": [str(src)],
+                                                        "license": "CC0", "chat": kind == "sft"}]}, "test")
+    data = tmp_path / "data"
+    m = prep.prepare(mix, tiny_tokenizer, data, tokens=3000 if kind == "pretrain" else None, seq_len=64,
+                     progress=False, dedup=False)
+    tiny_tokenizer.save(data)
+    if kind == "sft":
+        from quark.config import PRESETS
+        from quark.model import Quark
+        from quark.weights import save_model
+
+        tiny_tokenizer.save(save_model(Quark(PRESETS["test"]).init_weights(0), tmp_path / "base"))
+    train_split = m["splits"]["train"]
+    assert len(train_split["sha256"]) == len(train_split["shards"])
+    f = data / "train" / train_split["shards"][0]
+    ids = np.load(f)
+    np.save(f, ids[::-1].copy() if kind == "pretrain" else np.roll(ids, 1, axis=0))  # same ids, same size
+    rc, err, _ = run(capsys, "sft" if kind == "sft" else "pretrain", "--data", data, "--out", tmp_path / "run",
+                     *(["--from", tmp_path / "base"] if kind == "sft" else []), "--set", "model=test",
+                     "--set", "max_steps=1", "--set", "batch_size=2", "--set", "seq_len=64", "--set", "samples=0",
+                     "--set", "plot=false", "--set", "tensorboard=false")
+    assert rc == 2
+    assert err.startswith(f"quark {kind}: error: {f}: sha256 ")
+    assert err.endswith(f"differs from {data / 'manifest.json'} sha256[0] ({train_split['sha256'][0][:12]}...): the "
+                        "file changed after `quark prepare` wrote it; restore it or prepare the data again")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_probe_old_manifest_without_hashes_warns_once(tmp_path, pretrain_data, capsys):
+    """6 (compatibility): data prepared before shard hashes were recorded still trains, with one warning line."""
+    from quark.train.loop import train
+
+    manifest = json.loads((pretrain_data / "manifest.json").read_text())
+    for info in manifest["splits"].values():
+        del info["sha256"]
+    (pretrain_data / "manifest.json").write_text(json.dumps(manifest))
+    train(train_cfg(pretrain_data, tmp_path / "run", max_steps=1))
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert (f"warning: {pretrain_data / 'manifest.json'} records no shard hashes (prepared by an older quark), so "
+            "changed shards are not detected; prepare the data again to add them") in err

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.loader import unhashed_warning
 from ..model import Quark
 from ..weights import IntegrityError, first_nonfinite, load_model
 from . import checkpoint as ckpt
@@ -141,6 +142,8 @@ class Trainer:
         self.cfg, self.d, self.dev = cfg, d, d.device
         self.run_dir = Path(cfg.out)
         self.manifest = load_data_manifest(cfg)
+        if d.is_main and (warning := unhashed_warning(cfg.data, self.manifest)):
+            print(warning, file=sys.stderr, flush=True)
         self.tok = load_tokenizer(cfg, self.manifest)
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
         if cfg.kind == "pretrain":
