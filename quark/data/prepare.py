@@ -55,6 +55,13 @@ def npy_bytes(arr: np.ndarray) -> tuple[bytes, str]:
     return buf.getvalue(), hashlib.sha256(buf.getbuffer()).hexdigest()
 
 
+def save_npy(path: Path, arr: np.ndarray) -> str:
+    """Write `arr` as .npy atomically; returns its SHA-256."""
+    data, digest = npy_bytes(arr)
+    atomic_write_bytes(path, data)
+    return digest
+
+
 def _is_val(key: str, seed: int, val_fraction: float) -> bool:
     if val_fraction <= 0:
         return False
@@ -253,8 +260,7 @@ class _ShardWriter:
                 continue
             name = f"shard_{len(state.shards[split]):05d}.npy"
             arr = np.concatenate(p.arrays).astype(np.uint16)
-            data, digest = npy_bytes(arr)
-            atomic_write_bytes(self.job.out / split / name, data)
+            digest = save_npy(self.job.out / split / name, arr)
             state.shards[split].append({"file": name, "source": self.src.name, "tokens": p.tokens,
                                         "bytes": p.bytes, "max_id": int(arr.max()), "sha256": digest})
             self.st.add(split, p.tokens, p.bytes)
