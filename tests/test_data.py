@@ -96,7 +96,7 @@ def test_deterministic_and_resumable(tmp_path, tiny_tokenizer, monkeypatch):
         calls.append(path)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        real_save(path, arr)
+        return real_save(path, arr)
 
     monkeypatch.setattr(prep, "save_npy", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -107,7 +107,7 @@ def test_deterministic_and_resumable(tmp_path, tiny_tokenizer, monkeypatch):
     assert written
     monkeypatch.setattr(prep, "save_npy", real_save)
     rewritten = []
-    monkeypatch.setattr(prep, "save_npy", lambda p, arr: (rewritten.append(Path(p)), real_save(p, arr)))
+    monkeypatch.setattr(prep, "save_npy", lambda p, arr: (rewritten.append(Path(p)), real_save(p, arr))[1])
     prep.prepare(mix, tiny_tokenizer, tmp_path / "c", **kw)
     assert files(tmp_path / "c") == a
     assert not set(written) & set(rewritten)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from quark.data.loader import file_sha256
 from quark.train.config import TrainConfig, load_config
 from quark.train.optim import lr_at
 
@@ -26,7 +27,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def write_pretrain_data(folder: pathlib.Path, tok, n_files: int = 40, n_train_shards: int = 2) -> pathlib.Path:
-    """A pre-training data folder: stdlib sources -> token ids + <|endoftext|>, uint16 shards, manifest."""
+    """A pre-training data folder: stdlib sources -> token ids + <|endoftext|>, uint16 shards, manifest (with the
+    shards' SHA-256, as `quark prepare` records them)."""
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(encoding="utf-8", errors="replace")[:6000] for p in sorted(stdlib.glob("*.py"))[60:60 + n_files]]
     val_texts, train_texts = texts[:4], texts[4:]
@@ -39,7 +41,8 @@ def write_pretrain_data(folder: pathlib.Path, tok, n_files: int = 40, n_train_sh
         for i, part in enumerate(np.array_split(ids, n_shards)):
             names.append(f"shard_{i:05d}.npy")
             np.save(folder / split / names[-1], part)
-        splits[split] = {"shards": names, "tokens": len(ids), "bytes": sum(len(t.encode()) for t in docs)}
+        splits[split] = {"shards": names, "tokens": len(ids), "bytes": sum(len(t.encode()) for t in docs),
+                         "sha256": [file_sha256(folder / split / n) for n in names]}
     manifest = {"kind": "pretrain", "tokenizer_sha256": tok.sha256(), "vocab_size": tok.base_vocab_size, "seed": 0,
                 "dtype": "uint16", "sources": [{"name": "stdlib", "weight": 1.0, "license": "PSF", "documents":
                                                 len(texts), "tokens": 0, "bytes": 0}],
@@ -65,7 +68,10 @@ def write_sft_data(folder: pathlib.Path, tok, conversations: list, seq_len: int,
         (folder / split).mkdir(exist_ok=True)
         np.save(folder / split / "sft_00000.ids.npy", ids[sl])
         np.save(folder / split / "sft_00000.mask.npy", mask[sl])
-        splits[split] = {"shards": ["sft_00000.ids.npy"], "tokens": int(mask[sl].sum()), "bytes": 0}
+        splits[split] = {"shards": ["sft_00000.ids.npy"], "tokens": int(mask[sl].sum()), "bytes": 0,
+                         "sha256": [file_sha256(folder / split / "sft_00000.ids.npy")],
+                         "mask_shards": ["sft_00000.mask.npy"],
+                         "mask_sha256": [file_sha256(folder / split / "sft_00000.mask.npy")]}
     manifest = {"kind": "sft", "tokenizer_sha256": tok.sha256(), "vocab_size": tok.base_vocab_size, "seed": 0,
                 "seq_len": seq_len, "dtype": "int32", "sources": [], "splits": splits, "eval_dedup_removed": 0,
                 "created": "2026-01-01T00:00:00Z"}

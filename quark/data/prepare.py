@@ -17,7 +17,7 @@ Choices:
 - Resumable: `.prepare_state.json` (`quark.data.prepare_state`) records the shards written and each source's
   cursor (epoch, documents read); a rerun with the same inputs continues from there, a different preparation in
   the same folder is refused. Shards and the manifest are written to a temp file and renamed, so none is ever
-  half-written.
+  half-written. The manifest records each shard file's SHA-256 (hashed as written), which the loader checks.
 - Bad input: a malformed record stops the run naming file and line, or with `skip_bad` is counted; empty
   documents are skipped and counted; documents containing evaluation items are removed (`quark.data.dedup`).
 """
@@ -48,10 +48,18 @@ from .sources import BadRecord, Source, flatten_chat
 BATCH_DOCS, BATCH_CHARS = 512, 4_000_000
 
 
-def save_npy(path: Path, arr: np.ndarray) -> None:
+def npy_bytes(arr: np.ndarray) -> tuple[bytes, str]:
+    """The .npy file of `arr` and its SHA-256 (hex), which the manifest records."""
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue(), hashlib.sha256(buf.getbuffer()).hexdigest()
+
+
+def save_npy(path: Path, arr: np.ndarray) -> str:
+    """Write `arr` as .npy atomically; returns its SHA-256."""
+    data, digest = npy_bytes(arr)
+    atomic_write_bytes(path, data)
+    return digest
 
 
 def _is_val(key: str, seed: int, val_fraction: float) -> bool:
@@ -252,9 +260,9 @@ class _ShardWriter:
                 continue
             name = f"shard_{len(state.shards[split]):05d}.npy"
             arr = np.concatenate(p.arrays).astype(np.uint16)
-            save_npy(self.job.out / split / name, arr)
+            digest = save_npy(self.job.out / split / name, arr)
             state.shards[split].append({"file": name, "source": self.src.name, "tokens": p.tokens,
-                                        "bytes": p.bytes, "max_id": int(arr.max())})
+                                        "bytes": p.bytes, "max_id": int(arr.max()), "sha256": digest})
             self.st.add(split, p.tokens, p.bytes)
             self.pending[split] = _Pending()
         self.st.done = final
@@ -420,11 +428,12 @@ def _write_sft_split(job: _Job, split: str, items: list) -> None:
         stem = f"sft_{n:05d}"
         fi, fm = job.out / split / f"{stem}.ids.npy", job.out / split / f"{stem}.mask.npy"
         part = ids[start:start + rows_per_shard]
-        if f"{stem}.ids.npy" not in done or not fi.exists() or not fm.exists():
-            save_npy(fi, part)
-            save_npy(fm, mask[start:start + rows_per_shard])
+        (data_ids, sha_ids), (data_mask, sha_mask) = npy_bytes(part), npy_bytes(mask[start:start + rows_per_shard])
+        if f"{stem}.ids.npy" not in done or not fi.exists() or not fm.exists():  # kept ones are the same bytes
+            atomic_write_bytes(fi, data_ids)
+            atomic_write_bytes(fm, data_mask)
         shards.append({"file": f"{stem}.ids.npy", "mask": f"{stem}.mask.npy", "rows": len(part),
-                       "max_id": int(part.max()) if part.size else -1})
+                       "max_id": int(part.max()) if part.size else -1, "sha256": sha_ids, "mask_sha256": sha_mask})
     state.shards[split] = shards
     state.sft_rows[split] = SplitRows(len(ids), int((ids != 0).sum()) if len(ids) else 0, int(mask.sum()))
     state.save()
@@ -472,6 +481,10 @@ def _split_record(job: _Job, split: str) -> dict:
                "shard_rows": [s["rows"] for s in shards]}
     if all("max_id" in s for s in shards):  # checked against the model's vocabulary before training
         rec["max_ids"] = [s["max_id"] for s in shards]
+    if all("sha256" in s for s in shards):  # checked by the loader before training (quark.data.loader)
+        rec["sha256"] = [s["sha256"] for s in shards]
+        if job.mixture.kind == "sft":
+            rec["mask_sha256"] = [s["mask_sha256"] for s in shards]
     return rec
 
 

@@ -5,7 +5,10 @@ A source is a dict from a mixture file (`name`, `type`, `weight`, type-specific 
 Types:
 - `files`: `paths` = files, folders (searched recursively) or globs. txt/md/rst/html and code files are one
   document each; `.jsonl` is one document per line (field `field`, default "text"; conversations: "messages");
-  `.parquet` one per row of column `field`.
+  `.parquet` one per row of column `field`. A JSONL line over 8 MiB (2 MiB for a conversation) is a bad record,
+  measured as it is read and never parsed, so memory stays bounded; so is a line nested too deeply for `json`, and
+  text holding an unpaired surrogate (a lone JSON `\\ud800` escape, which no tokenizer takes). Bad records name
+  file:line (and the field), and `--skip-bad` skips and counts them.
 - `hf`: a Hugging Face dataset streamed with `datasets.load_dataset(dataset, config, split=..., streaming=True)`;
   `dataset` may also be a local folder of parquet/jsonl files (how the tests exercise this path offline). The text
   of a row is `field` when given, else `text`/`content`, else a `conversations`/`messages` list, else the row's
@@ -30,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
 from pathlib import Path
+from typing import BinaryIO
 
 from ..textio import utf8_line, utf8_problem
 from . import offline
@@ -41,6 +45,9 @@ CODE_EXTS = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".j
 BUILTIN = {"python_stdlib", "site_packages", "math", "handbook", "fortunes", "bible", "chatterbot", "instructions"}
 TYPES = BUILTIN | {"files", "hf"}
 CHAT_TYPES = {"chatterbot", "instructions"}
+# The longest JSONL line read (longer ones are refused unread): tokenizing takes ~170 bytes of RAM per byte of text
+# (`encode_batch_fast`) and ~300 per byte of a conversation (`render_chat`); a 60 MB line once took 9 GB.
+MAX_TEXT_RECORD_BYTES, MAX_CHAT_RECORD_BYTES = 8 << 20, 2 << 20
 HF_LICENSES = {  # the card's datasets, for users with internet
     "open-web-math/open-web-math": "ODC-By-1.0",
     "bigcode/the-stack-smol": "The Stack terms of use (permissively licensed source files)",
@@ -276,10 +283,31 @@ def file_documents(paths: list[str], text_field: str | None = None, chat: bool =
                 yield BadRecord(f"{f}:{utf8_line(raw, e.start)}", utf8_problem(e, raw))
 
 
+def jsonl_lines(fh: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, line) of a binary file, or (line number, its length in bytes) for a line over `limit` bytes,
+    which is read through in 1 MiB pieces and never held: memory stays under ~2x `limit` whatever the file holds."""
+    lineno = 0
+    while raw := fh.readline(limit + 1):
+        lineno += 1
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield lineno, raw
+            continue
+        n = len(raw)
+        del raw
+        while (piece := fh.readline(1 << 20)) and not piece.endswith(b"\n"):
+            n += len(piece)
+        yield lineno, n + len(piece)
+
+
 def jsonl_documents(f: Path, text_field: str | None, chat: bool) -> Iterator:
+    limit = MAX_CHAT_RECORD_BYTES if chat else MAX_TEXT_RECORD_BYTES
     with open(f, "rb") as fh:  # decoded line by line, so a bad byte names its line and the others still load
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in jsonl_lines(fh, limit):
             where = f"{f}:{lineno}"
+            if isinstance(raw, int):
+                yield BadRecord(where, f"a line of {raw:,} bytes, over the limit of {limit:,} bytes for one "
+                                f"{'conversation' if chat else 'document'} (not read); split or shorten it")
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -291,6 +319,10 @@ def jsonl_documents(f: Path, text_field: str | None, chat: bool) -> Iterator:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 yield BadRecord(where, f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            except RecursionError:
+                yield BadRecord(where, "JSON nested too deeply to read (arrays or objects inside each other "
+                                "beyond Python's recursion limit); flatten the record")
                 continue
             try:
                 yield row_document(row, text_field, chat, where)
@@ -317,12 +349,16 @@ def row_document(row: object, text_field: str | None, chat: bool, where: str) ->
     if not isinstance(row, dict):
         raise BadRecord(where, f"expected a JSON object, got {type(row).__name__}")
     if chat:
-        msgs = row.get(text_field or "messages")
+        key = text_field or "messages"
+        msgs = row.get(key)
         if msgs is None and "conversations" in row:
-            msgs = row["conversations"]
+            key, msgs = "conversations", row["conversations"]
         if not isinstance(msgs, list):
             raise BadRecord(where, f"field {text_field or 'messages'!r} must be a list of messages")
         conv = Conversation(_message(m) for m in msgs)
+        for i, (m, orig) in enumerate(zip(conv, msgs)):
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                _check_surrogates(m["content"], where, f"{key}[{i}].{'content' if 'content' in orig else 'value'}")
         conv.where = where
         return conv
     if text_field:
@@ -334,13 +370,26 @@ def row_document(row: object, text_field: str | None, chat: bool, where: str) ->
         if value is None:
             for k in ("messages", "conversations"):
                 if isinstance(row.get(k), list):
-                    return flatten_chat([_message(m) for m in row[k]])
-            value = "\n\n".join(v for v in row.values() if isinstance(v, str) and v.strip())
+                    value = flatten_chat([_message(m) for m in row[k]])
+                    break
+            else:
+                value = "\n\n".join(v for v in row.values() if isinstance(v, str) and v.strip())
     if isinstance(value, list):
-        return flatten_chat([_message(m) for m in value])
+        value = flatten_chat([_message(m) for m in value])
     if not isinstance(value, str):
         raise BadRecord(where, f"field {text_field!r} must be a string, got {type(value).__name__}")
+    _check_surrogates(value, where, text_field or "the text")
     return value
+
+
+def _check_surrogates(text: str, where: str, field_name: str) -> None:
+    """JSON's \\ud800 escape reads as half a UTF-16 pair, which is no character: no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRecord(where, f"{field_name} holds an unpaired surrogate (\\u{ord(text[e.start]):04x} at character "
+                        f"{e.start + 1}); fix the text (each \\ud800-\\udbff escape must be followed by one of "
+                        "\\udc00-\\udfff)") from None
 
 
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}

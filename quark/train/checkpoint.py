@@ -10,16 +10,21 @@ Choices:
 - The step folder is written under a temporary name and renamed into place only when complete, so a crash or a
   full disk during a save leaves the previous checkpoints untouched (and at most a `.tmp-*` folder, removed by
   the next run).
-- Both safetensors files record their SHA-256 (`quark.weights`) and are verified when read. Resuming tries the
-  newest checkpoint first and falls back to older ones: a checkpoint that fails verification (corrupt, truncated,
-  NaN/Inf weights) is renamed to `corrupt-step_NNNNNN` with a warning, so it is neither loaded nor counted by
-  `keep_last` again. "Last good checkpoint" means `latest_good_checkpoint`, which verifies.
+- Both safetensors files record their SHA-256 (`quark.weights`) and are verified when read; the SHA-256 of
+  train_state.json's bytes is a tensor (`sha256.train_state_json`) of train_state.safetensors, so that file's hash
+  covers the JSON state too (step, loader position, schedule): an edited or damaged train_state.json fails
+  verification like a flipped byte in the weights (checkpoints written before it was recorded load unchecked).
+- Resuming tries the newest checkpoint first and falls back to older ones: a checkpoint that fails verification
+  (corrupt, truncated, NaN/Inf weights, an edited train_state.json) is renamed to `corrupt-step_NNNNNN` with a
+  warning saying so, so it is neither loaded nor counted by `keep_last` again, and is kept for inspection.
+  "Last good checkpoint" means `latest_good_checkpoint`, which verifies.
 - Optimizer tensors are keyed by parameter name (`exp_avg.model.norm.weight`), so a checkpoint is readable with
   any safetensors tool and a mismatch names the parameter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +38,7 @@ from ..textio import read_utf8
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
+STATE_JSON_HASH = "sha256.train_state_json"  # a uint8 tensor in STATE_TENSORS, so that file's own hash covers it
 
 
 def step_dir_name(step: int) -> str:
@@ -61,13 +67,26 @@ def read_state_json(ckpt: Path) -> dict:
         raise weights.IntegrityError(str(e)) from None
 
 
+def check_state_json(ckpt: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise IntegrityError when train_state.json's bytes do not hash to what train_state.safetensors records."""
+    want = tensors.get(STATE_JSON_HASH)
+    if want is None:  # written before the hash was recorded
+        return
+    want = bytes(want.tolist()).hex()
+    got = hashlib.sha256((ckpt / STATE_JSON).read_bytes()).hexdigest()
+    if got != want:
+        raise weights.IntegrityError(f"{ckpt / STATE_JSON}: content hash mismatch (sha256 {got[:12]}..., "
+                                     f"{STATE_TENSORS} records {want[:12]}...): the file was edited or is corrupt; "
+                                     "restore it or use an earlier checkpoint")
+
+
 def verify_checkpoint(ckpt: str | Path) -> None:
     """Raise IntegrityError (or FileNotFoundError) naming the file when a checkpoint is incomplete or corrupt."""
     ckpt = Path(ckpt)
     read_state_json(ckpt)
     weights.config_from_folder(ckpt)
-    for name in ("model.safetensors", STATE_TENSORS):
-        weights.read_safetensors(ckpt / name)
+    weights.read_safetensors(ckpt / "model.safetensors")
+    check_state_json(ckpt, weights.read_safetensors(ckpt / STATE_TENSORS))
 
 
 def latest_good_checkpoint(run_dir: str | Path) -> Path | None:
@@ -150,9 +169,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available() and next(model.parameters()).is_cuda:
             tensors["rng.cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
+        text = json.dumps(dict(state, optimizer={"param_groups": groups}), indent=2) + "\n"
+        tensors[STATE_JSON_HASH] = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8)
         weights.save_safetensors(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
-        full = dict(state, optimizer={"param_groups": groups})
-        atomic_write_text(tmp / STATE_JSON, json.dumps(full, indent=2) + "\n")
+        atomic_write_text(tmp / STATE_JSON, text)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. the end of a resumed run): swap, then drop the old one
             old = ckpts / f".tmp-old-{final.name}-{os.getpid()}"
@@ -182,6 +202,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
     with torch.no_grad():
         weights.load_state_into(model, sd, str(ckpt / "model.safetensors"))
     tensors = weights.read_safetensors(ckpt / STATE_TENSORS)
+    check_state_json(ckpt, tensors)
     if optimizer is not None:
         names = optimizer_param_names(model, optimizer)
         idx_of = {n: i for i, n in names.items()}
@@ -191,7 +212,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
             raise ValueError(f"{ckpt}: optimizer parameter groups do not match the model")
         opt_state: dict[int, dict] = {}
         for key, t in tensors.items():
-            if key.startswith("rng."):
+            if key.startswith(("rng.", "sha256.")):
                 continue
             stat, name = key.split(".", 1)
             if name not in idx_of:

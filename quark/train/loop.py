@@ -2,7 +2,9 @@
 
 Choices:
 - Every optimizer step covers a fixed global batch: `batch_size` rows per micro-batch per process, times the
-  world size, times `accum` micro-batches (from `tokens_per_step`). The loss of a micro-batch is a *sum* over its
+  world size, times `accum` micro-batches (`tokens_per_step` / one micro-batch's tokens, rounded, at least 1; a
+  value that is not a whole number of micro-batches runs the nearest one, with a warning naming both: the packaged
+  SFT config's 131,072 is less than one micro-batch on 8 GPUs, so refusing it would stop `speedrun --nproc 8`). The loss of a micro-batch is a *sum* over its
   target tokens, scaled by world_size / (targets in the global step), so the gradient is exactly the mean over
   all target tokens of the step, whatever the split across processes and micro-batches (SFT masks included).
 - CUDA: bf16 autocast, `torch.compile` on the loss module, fused AdamW. CPU: fp32 (bf16 backward is ~50x slower).
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.loader import unhashed_warning
 from ..model import Quark
 from ..weights import IntegrityError, first_nonfinite, load_model
 from . import checkpoint as ckpt
@@ -139,6 +142,8 @@ class Trainer:
         self.cfg, self.d, self.dev = cfg, d, d.device
         self.run_dir = Path(cfg.out)
         self.manifest = load_data_manifest(cfg)
+        if d.is_main and (warning := unhashed_warning(cfg.data, self.manifest)):
+            print(warning, file=sys.stderr, flush=True)
         self.tok = load_tokenizer(cfg, self.manifest)
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
         if cfg.kind == "pretrain":
@@ -203,6 +208,14 @@ class Trainer:
         rows_micro = cfg.batch_size * d.world_size
         tokens_micro = rows_micro * self.seq_len
         self.accum = max(1, round(cfg.tokens_per_step / tokens_micro)) if cfg.tokens_per_step else 1
+        if cfg.tokens_per_step and cfg.tokens_per_step != tokens_micro * self.accum and d.is_main:
+            valid = sorted({max(1, cfg.tokens_per_step // tokens_micro), cfg.tokens_per_step // tokens_micro + 1})
+            print(f"warning: train config: tokens_per_step={cfg.tokens_per_step:,} is not a whole number of "
+                  f"micro-batches of {tokens_micro:,} tokens (batch_size={cfg.batch_size} x seq_len={self.seq_len} x "
+                  f"{d.world_size} process(es)); running {tokens_micro * self.accum:,} tokens per step instead; "
+                  f"nearest exact values: {' or '.join(f'{n * tokens_micro:,}' for n in valid)} (set one, or change "
+                  "batch_size)",
+                  file=sys.stderr, flush=True)
         rows_step = self.train_loader.batch_size * d.world_size * self.accum  # SFT rows (pretrain_mix aside)
         limits = {}  # budget -> (steps, what it means)
         if cfg.max_steps:
@@ -223,8 +236,8 @@ class Trainer:
                 break
             except (IntegrityError, FileNotFoundError) as e:  # other errors (settings that differ) stop the run
                 if self.d.is_main:
-                    print(f"warning: skipping checkpoint {cand}: {e}; moved it to {ckpt.set_aside(cand)}",
-                          file=sys.stderr, flush=True)
+                    print(f"warning: skipping checkpoint {cand}: {e}; moved it to {ckpt.set_aside(cand)}; trying "
+                          "the next older checkpoint", file=sys.stderr, flush=True)
         else:
             raise ValueError(f"{self.run_dir / 'checkpoints'}: no checkpoint passes verification (see the warnings "
                              "above); use a new --out folder to start afresh")
