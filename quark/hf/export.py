@@ -115,6 +115,14 @@ def generation_config_dict(cfg: QuarkConfig, tok: Tokenizer) -> dict:
             "eos_token_id": eos_ids(tok), "pad_token_id": tok.eot_id}
 
 
+def check_not_source(out: Path, source: Path) -> None:
+    """An export (or import) never replaces what it reads: `out` may be neither the source nor a folder holding it."""
+    o, src = out.resolve(), source.resolve()
+    if o == src or o in src.parents:
+        raise ValueError(f"--out {out} is {'the source itself' if o == src else 'a folder holding the source ' + str(source)}"
+                         "; exporting there would replace the model being read: choose another --out")
+
+
 def _staging_dir(out: Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a folder")
@@ -149,6 +157,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
 
     out = Path(out)
     folder = resolve_model_path(checkpoint)
+    check_not_source(out, Path(checkpoint))
     model, tok = load_model_and_tokenizer(folder)
     cfg = model.config
     facts = card_facts(folder, run=run, eval_results=eval_results, name=name or out.name, repo_id=repo_id,

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..io import atomic_write_text, write_error
-from ..tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, SPLIT_REGEX
+from ..tokenizer import SPLIT_REGEX
 from ..weights import load_model_and_tokenizer, resolve_model_path, state_dict_for_save
+from .export import check_not_source
 
 if TYPE_CHECKING:  # gguf is imported where it is used (an optional extra)
     import gguf
@@ -63,15 +64,37 @@ def unpermute_from_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+SMOLLM_PRE = [{"type": "Digits", "individual_digits": True},
+              {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]
+
+
+def gguf_pre(tok: Tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: the one a GGUF import recorded, "llama-bpe" for Quark's
+    Llama-3 split, "smollm" for SmolLM's digits + GPT-2 split, "gpt-2" for GPT-2's; anything else is refused (llama.cpp would split
+    text differently from the model's own tokenizer)."""
+    if tok.config.get("quark_gguf_pre"):
+        return tok.config["quark_gguf_pre"]
+    pre = json.loads(tok.tk.to_str()).get("pre_tokenizer") or {}
+    if json.dumps(SPLIT_REGEX)[1:-1] in json.dumps(pre):
+        return GGUF_PRE
+    keys = ("type", "individual_digits", "add_prefix_space", "use_regex", "trim_offsets")
+    parts = [{k: v for k, v in p.items() if k in keys} for p in pre.get("pretokenizers", [pre])]
+    if parts == SMOLLM_PRE:
+        return "smollm"
+    if parts == SMOLLM_PRE[1:]:
+        return "gpt-2"
+    raise ValueError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}...) has no known llama.cpp name, so "
+                     "a GGUF would tokenize differently; export --format llama and convert it with llama.cpp's "
+                     "convert_hf_to_gguf.py")
+
+
 def vocab_for_gguf(tok: Tokenizer) -> tuple[list[str], list[int], list[str]]:
-    """(token strings by id, token types, merges as "a b") from the HF tokenizer.json."""
+    """(token strings by id, token types, merges as "a b") from the HF tokenizer.json; special tokens are
+    CONTROL."""
     import gguf
 
     data = json.loads(tok.tk.to_str())
-    pre = json.dumps(data.get("pre_tokenizer"))
-    if json.dumps(SPLIT_REGEX)[1:-1] not in pre:
-        raise ValueError(f"tokenizer pre-tokenizer is not Quark's Llama-3 split regex, so llama.cpp's '{GGUF_PRE}' "
-                         "would tokenize differently; retrain the tokenizer with `quark tokenizer train`")
+    gguf_pre(tok)
     vocab = tok.tk.get_vocab(with_added_tokens=True)
     n = tok.vocab_size
     tokens = [None] * n
@@ -81,8 +104,8 @@ def vocab_for_gguf(tok: Tokenizer) -> tuple[list[str], list[int], list[str]]:
         tokens[i] = t
     if None in tokens:
         raise ValueError(f"tokenizer has no token for id {tokens.index(None)}")
-    special = {EOT, IM_START, IM_END}
-    # llama.cpp's llama-bpe takes a pre-token found in the vocabulary whole (ignore_merges); HF's BPE merges it.
+    special = set(tok.special)
+    # llama.cpp's BPE takes a pre-token found in the vocabulary whole (ignore_merges); HF's BPE merges it.
     # The two agree exactly when every vocabulary string merges back to its own token.
     differ = [t for t, i in vocab.items() if t not in special and [x.id for x in tok.tk.model.tokenize(t)] != [i]]
     if differ:
@@ -127,6 +150,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, dtype: str = "f32", 
         raise ValueError(f"GGUF quant {quant!r}: allowed values are {', '.join(QUANT_TYPES)}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: file exists (pass --force to replace it)")
+    check_not_source(out, Path(checkpoint))
     model, tok = load_model_and_tokenizer(resolve_model_path(checkpoint))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -170,16 +194,17 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: QuarkConfig, tok: Tokenizer, name: st
         quant, gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
     tokens, types, merges = vocab_for_gguf(tok)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(GGUF_PRE)
+    w.add_tokenizer_pre(gguf_pre(tok))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(tok.eot_id)
-    w.add_eos_token_id(tok.im_end_id)
+    w.add_bos_token_id(tok.bos_id if tok.bos_id is not None else tok.eot_id)
+    w.add_eos_token_id(tok.stop_ids[0])
     w.add_pad_token_id(tok.eot_id)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
 
 
 def _add_tensors(w: gguf.GGUFWriter, model: Quark, dtype: str, quant: str | None, amx_safe: bool) -> None:

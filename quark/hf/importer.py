@@ -49,11 +49,10 @@ def file_sha256(path: Path) -> str:
 
 def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the model at `src` (HF Llama folder or .gguf file) as a Quark model folder at `out`."""
-    from .export import generation_config_dict, llama_config_dict
+    from .export import check_not_source, generation_config_dict, llama_config_dict
 
     src_path, out = resolve_model_path(src), Path(out)
-    if out.resolve() == src_path.resolve() or out.resolve() in src_path.resolve().parents:
-        raise ValueError(f"--out {out} is the source itself; choose a new folder")
+    check_not_source(out, src_path)
     cfg = config_for(src_path)  # refuses what Quark cannot run, before any weights load
     tok = load_tokenizer_for(src_path)
     sd = read_weights(src_path, cfg)

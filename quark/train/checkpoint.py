@@ -162,8 +162,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        weights.save_model(model, tmp)
-        tokenizer.save(tmp, model_max_length=model.config.context_length)
+        weights.save_model(model, tmp, tokenizer=tokenizer)  # the tokenizer's hash goes into the weights' metadata
         names = optimizer_param_names(model, optimizer)
         tensors, groups = optimizer_tensors(optimizer, names)
         tensors["rng.cpu"] = torch.get_rng_state()
