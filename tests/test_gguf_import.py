@@ -253,6 +253,22 @@ def test_tiny_dequantize_only_types(tmp_path, qtype):
         assert np.isfinite(want).all() and np.array_equal(got[hf].numpy(), want), gname
 
 
+def test_header_parse_matches_gguf_reader(tmp_path):
+    """Our struct walk over the header against gguf's own GGUFReader: every metadata value and the tensor table."""
+    from quark.hf.gguf_import import _reader
+
+    kv = {"add_token_list": ["<s>", "a", "é", "🙂"], "add_token_types": [3, 1, 1, 1], "add_token_scores": [0.0, -1.5, 2.0, 3.25],
+          "add_token_merges": ["a b", "é x"], "add_add_bos_token": True, "add_chat_template": "{{ x }}",
+          "add_pad_token_id": 0}
+    path = _write(tmp_path / "h.gguf", _tiny_weights(n_layers=1), kv=kv, qtype=T.Q8_0)
+    ours, theirs = _reader(path), gguf.GGUFReader(str(path))
+    want = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields == want
+    assert [(t.name, t.shape, t.type_id, t.start) for t in ours.tensors] == [
+        (t.name, tuple(int(n) for n in reversed(t.shape.tolist())), int(t.tensor_type), int(t.data_offset))
+        for t in theirs.tensors]
+
+
 # ---- rope scaling ----
 
 def _llama_cpp_rope_freqs(theta, dim, factor, low, high, context=8192):
