@@ -27,7 +27,9 @@ Choices:
   back, so the files are what transformers users get. Added to them: `chat_template`, `added_tokens_decoder` and
   `tokenizer_class: PreTrainedTokenizerFast` in tokenizer_config.json (transformers 5 writes the template to
   chat_template.jinja, omits the added tokens, and names a class transformers 4 lacks), a special_tokens_map.json and a
-  generation_config.json. transformers ignores `tokenizer.ggml.pre`, so its split regex is GPT-2's byte-level one.
+  generation_config.json. transformers ignores `tokenizer.ggml.pre` (it splits as GPT-2), so the split that key names
+  is put back where it is known ("smollm": digits one by one, then GPT-2's rule, as SmolLM's own tokenizer.json;
+  "llama-bpe": Llama-3's) and the key is kept as `quark_gguf_pre` for quark's GGUF export.
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ def gguf_tokenizer_files(path: str | Path) -> dict[str, str]:
         tok_config = json.loads((Path(d) / "tokenizer_config.json").read_text(encoding="utf-8"))
     for provenance in ("is_local", "local_files_only"):  # where this load came from, not part of the tokenizer
         tok_config.pop(provenance, None)
+    pre = _reader(path).fields.get("tokenizer.ggml.pre")
+    if isinstance(pre, str):
+        tokenizer_json = with_gguf_pre(tokenizer_json, pre)
+        tok_config["quark_gguf_pre"] = pre  # what quark's GGUF export writes back
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     if tok.chat_template is not None:
         tok_config["chat_template"] = tok.chat_template
@@ -133,6 +139,27 @@ def gguf_tokenizer_files(path: str | Path) -> dict[str, str]:
     generation = {k: v for k, v in generation.items() if v is not None}
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": _dumps(tok_config),
             "special_tokens_map.json": _dumps(special), "generation_config.json": _dumps(generation)}
+
+
+def with_gguf_pre(tokenizer_json: str, pre: str) -> str:
+    """tokenizer.json with the text splitting llama.cpp's `tokenizer.ggml.pre` names, where transformers' conversion
+    (which ignores that key and splits as GPT-2) would tokenize differently: "smollm" splits digits one by one
+    before GPT-2's rule (SmolLM's own tokenizer.json), "llama-bpe" / "llama3" is Llama-3's split."""
+    from tokenizers import Regex, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ..tokenizer import SPLIT_REGEX
+
+    split = {"smollm": [pre_tokenizers.Digits(individual_digits=True),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+             "llama-bpe": [pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]}
+    split["llama3"] = split["llama-bpe"]
+    if pre not in split:
+        return tokenizer_json
+    tk = HFTokenizer.from_str(tokenizer_json)
+    tk.pre_tokenizer = pre_tokenizers.Sequence(split[pre])
+    return tk.to_str(pretty=True)
 
 
 def _dumps(d: dict) -> str:
