@@ -6,7 +6,8 @@ Choices:
   Llama's tensor names (the tied head left out) and Quark's SHA-256 plus the tokenizer's hash in its metadata,
   `config.json` = the Llama config with Quark's own config under "quark" and `quark_source` (what it was imported
   from: path, format, the source file's SHA-256, when), the model's own tokenizer files (its chat template and
-  special tokens) and `generation_config.json` (its stop ids).
+  special tokens) and `generation_config.json` (the source's own, or for a GGUF only the stop ids: no sampling
+  defaults are invented for someone else's model).
 - Everything Quark cannot run is refused from the config alone, before any weights load
   (`weights.config_from_llama` names the field). The weights are read through `weights.read_weights`, the one
   reader `quark.load` uses too, so an imported folder and the source load to the same tensors.
@@ -27,6 +28,7 @@ import torch
 
 from ..io import atomic_write_text, write_error
 from ..model import Quark
+from ..tokenizer import Tokenizer, read_json_object
 from ..weights import (
     TOKENIZER_KEY,
     config_for,
@@ -47,9 +49,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def generation_config(src: Path, tok: Tokenizer) -> dict:
+    """The source's own generation_config.json (its authors' defaults) with the stop ids Quark reads from the
+    tokenizer; for a GGUF, which has none, the ids alone (no sampling defaults of Quark's own)."""
+    from .export import eos_ids
+
+    own = read_json_object(src / "generation_config.json") if src.is_dir() else None
+    return {**(own or {}), "bos_token_id": tok.bos_id, "eos_token_id": eos_ids(tok), "pad_token_id": tok.eot_id}
+
+
 def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the model at `src` (HF Llama folder or .gguf file) as a Quark model folder at `out`."""
-    from .export import check_not_source, generation_config_dict, llama_config_dict
+    from .export import check_not_source, llama_config_dict
 
     src_path, out = resolve_model_path(src), Path(out)
     check_not_source(out, src_path)
@@ -72,8 +83,7 @@ def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -
         save_safetensors(keep, tmp / "model.safetensors", metadata={"format": "pt", TOKENIZER_KEY: tok.sha256()})
         config = {**llama_config_dict(cfg, tok), "quark": cfg.to_dict(), "quark_source": source}
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-        atomic_write_text(tmp / "generation_config.json",
-                          json.dumps(generation_config_dict(cfg, tok), indent=2) + "\n")
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation_config(src_path, tok), indent=2) + "\n")
         tok.save(tmp, model_max_length=cfg.context_length)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
