@@ -383,21 +383,28 @@ def resolve_device(device: str) -> str:
 
 @torch.no_grad()
 def check_activations(model: Quark, source: str | Path) -> None:
-    """One short forward pass; weights that are finite but overflow the activations (e.g. 3e38) are refused
-    here, naming the first layer whose output is not finite, instead of chatting empty replies."""
-    idx = torch.arange(min(8, model.config.vocab_size), device=model.device)[None] % model.config.vocab_size
+    """One short forward pass; weights that are finite but overflow the activations (e.g. 3e38) are refused here,
+    naming the first layer whose output is Inf/NaN or too large for the next RMSNorm (its mean square overflows
+    float32), instead of chatting empty replies."""
+    idx = torch.arange(min(8, model.config.vocab_size), device=model.device)[None]
     seen = []
-    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen.append((i, bool(torch.isfinite(out).all()))))
+
+    def ok(t: torch.Tensor) -> bool:
+        return bool(torch.isfinite(t.float().square().mean(-1)).all())
+
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen.append((i, ok(out))))
              for i, layer in enumerate(model.model.layers)]
     try:
         logits = model(idx)
     finally:
         for h in hooks:
             h.remove()
-    if not bool(torch.isfinite(logits).all()):
-        where = next((f"layer {i}" for i, ok in seen if not ok), "the output head")
-        raise IntegrityError(f"{source}: the weights overflow in {where} (activations reach Inf/NaN on a test "
-                             "input, in this dtype): these weights are broken; use an earlier checkpoint")
+    bad = next((f"layer {i}" for i, good in seen if not good), None)
+    if bad is None and not bool(torch.isfinite(logits).all()):
+        bad = "the output head"
+    if bad is not None:
+        raise IntegrityError(f"{source}: the weights overflow in {bad} (activations reach Inf/NaN on a test input, "
+                             "in this dtype): these weights are broken; use an earlier checkpoint")
 
 
 def load_for_inference(path: str | Path, device: str = "auto",
