@@ -292,10 +292,9 @@ def weight_files(folder: Path) -> list[Path]:
 def read_weights(path: Path, config: QuarkConfig, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a model (a folder's safetensors files, one .safetensors file, or a .gguf file)."""
     if is_gguf(path):
-        from .hf.export import llama_config_dict
-        from .hf.gguf_import import read_gguf_tensors
+        from .hf.gguf_import import gguf_llama_config, read_gguf_tensors
 
-        sd = read_gguf_tensors(path, llama_config_dict(config))
+        sd = read_gguf_tensors(path, gguf_llama_config(path))
         check_finite(sd, path)
         return sd if str(device) == "cpu" else {k: v.to(device) for k, v in sd.items()}
     if path.is_file():

@@ -42,6 +42,7 @@ from ..io import atomic_write_text, write_error
 from ..tokenizer import SPLIT_REGEX
 from ..weights import load_model_and_tokenizer, resolve_model_path, state_dict_for_save
 from .export import check_not_source
+from .gguf_import import permute_for_llama_cpp, unpermute_from_llama_cpp  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # gguf is imported where it is used (an optional extra)
     import gguf
@@ -52,16 +53,6 @@ if TYPE_CHECKING:  # gguf is imported where it is used (an optional extra)
 
 GGUF_PRE = "llama-bpe"
 QUANT_TYPES = ("q8_0", "q4_0")
-
-
-def permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Rows of a q/k projection from half-split RoPE order to llama.cpp's interleaved order, per head."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_from_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of `permute_for_llama_cpp` (used to read a GGUF back)."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 SMOLLM_PRE = [{"type": "Digits", "individual_digits": True},

@@ -22,7 +22,7 @@ Choices:
   (HF ties it to `model.embed_tokens.weight`); with `output.weight`, `lm_head.weight` is returned and the flag is False.
 - Weights are dequantized with `gguf.quants.dequantize` (the llama.cpp project's own numpy code: F32/F16/BF16, Q4_0..Q8_0,
   K-quants, IQ types, ...) into float32; a type it cannot dequantize is refused naming the tensor. q/k rows are
-  un-permuted from llama.cpp's interleaved RoPE order with `gguf_export.unpermute_from_llama_cpp`.
+  un-permuted from llama.cpp's interleaved RoPE order with `unpermute_from_llama_cpp`.
 - Tokenizer: transformers' own GGUF conversion (`AutoTokenizer.from_pretrained(folder, gguf_file=name)`), saved and read
   back, so the files are what transformers users get. Added to them: `chat_template`, `added_tokens_decoder` and
   `tokenizer_class: PreTrainedTokenizerFast` in tokenizer_config.json (transformers 5 writes the template to
@@ -69,6 +69,16 @@ BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 ATTN_BIAS_RE = re.compile(r"blk\.\d+\.attn_(q|k|v|output|qkv)\.bias")
 
 
+def permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection from half-split RoPE order to llama.cpp's interleaved order, per head."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_from_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `permute_for_llama_cpp` (used to read a GGUF back)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def gguf_llama_config(path: str | Path) -> dict:
     """The GGUF's metadata as an HF Llama config.json dict; ValueError naming the field for what Quark cannot run."""
     return _config(_reader(path), path)
@@ -79,8 +89,6 @@ def read_gguf_tensors(path: str | Path, config: dict) -> dict[str, torch.Tensor]
     import torch
 
     # imported here: gguf_export imports quark.weights, which may import this module
-    from .gguf_export import unpermute_from_llama_cpp
-
     r = _reader(path)
     _check_architecture(r, path)
     expected = _expected_shapes(config)
@@ -273,7 +281,7 @@ def _check_architecture(r: Header, path: str | Path) -> None:
                          "Quark runs llama-architecture GGUF files")
 
 
-def _config(r: Header, path: str | Path) -> dict:
+def _config(r: Header, path: str | Path) -> dict:  # shape: one flat GGUF-key -> HF-config-field mapping, checked in order
     _check_architecture(r, path)
     keys = {k[len(ARCH) + 1:]: k for k in r.fields if k.startswith(ARCH + ".")}
     for short, key in keys.items():
