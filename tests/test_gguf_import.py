@@ -255,13 +255,13 @@ def test_tiny_dequantize_only_types(tmp_path, qtype):
 
 def test_header_parse_matches_gguf_reader(tmp_path):
     """Our struct walk over the header against gguf's own GGUFReader: every metadata value and the tensor table."""
-    from quark.hf.gguf_import import _reader
+    from quark.hf.gguf_import import read_header
 
     kv = {"add_token_list": ["<s>", "a", "é", "🙂"], "add_token_types": [3, 1, 1, 1], "add_token_scores": [0.0, -1.5, 2.0, 3.25],
           "add_token_merges": ["a b", "é x"], "add_add_bos_token": True, "add_chat_template": "{{ x }}",
           "add_pad_token_id": 0}
     path = _write(tmp_path / "h.gguf", _tiny_weights(n_layers=1), kv=kv, qtype=T.Q8_0)
-    ours, theirs = _reader(path), gguf.GGUFReader(str(path))
+    ours, theirs = read_header(path), gguf.GGUFReader(str(path))
     want = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
     assert ours.fields == want
     assert [(t.name, t.shape, t.type_id, t.start) for t in ours.tensors] == [

@@ -58,6 +58,7 @@ def test_import_writes_a_quark_and_hf_folder(folder):
         (30, 576, 9, 3, 1536, 49152)
     assert q["rope_theta"] == 100000.0 and q["tie_embeddings"] and q["context_length"] == 8192
     assert cfg["quark_source"]["format"] == "gguf" and len(cfg["quark_source"]["sha256"]) == 64
+    assert cfg["quark_source"]["license"] == "apache-2.0"
     assert cfg["model_type"] == "llama" and "auto_map" not in cfg
     gen = json.loads((folder / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2  # <|im_end|>
@@ -154,3 +155,13 @@ def test_gguf_loads_directly_and_what_quark_cannot_run_is_named(tmp_path, folder
             config_from_llama({**cfg, field: value}, "config.json")
     with pytest.raises(ValueError, match="model_type='qwen2'"):
         config_from_llama({**cfg, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "config.json")
+
+
+def test_export_of_an_imported_model_keeps_its_licence(folder, tmp_path):
+    from quark.hf.export import export
+
+    out = export(folder, tmp_path / "exported", fmt="llama")
+    assert (out / "README.md").read_text().startswith("---\nlicense: apache-2.0\n")
+    assert "apache-2.0" in (out / "LICENSE").read_text() and "MIT" not in (out / "LICENSE").read_text()
+    m = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert m.config.eos_token_id == 2 and m.config.tie_word_embeddings

@@ -174,8 +174,15 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
                 shutil.copyfile(src, tmp / dst)
         tok.save(tmp, model_max_length=cfg.context_length)
         _check_tokenizer_config(tmp, tok)
-        atomic_write_text(tmp / "README.md", render_model_card(facts, fmt=fmt))
-        atomic_write_text(tmp / "LICENSE", MIT_LICENSE.format(year=facts["year"]))
+        source = (json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {})
+        if isinstance(source, dict) and "quark_source" in source:  # an imported model: its own card and licence
+            from .importer import imported_card
+
+            card, notice = imported_card(name or out.name, cfg, tok, source["quark_source"], fmt)
+        else:
+            card, notice = render_model_card(facts, fmt=fmt), MIT_LICENSE.format(year=facts["year"])
+        atomic_write_text(tmp / "README.md", card)
+        atomic_write_text(tmp / "LICENSE", notice)
         _move_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -81,7 +81,7 @@ def unpermute_from_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def gguf_llama_config(path: str | Path) -> dict:
     """The GGUF's metadata as an HF Llama config.json dict; ValueError naming the field for what Quark cannot run."""
-    return _config(_reader(path), path)
+    return _config(read_header(path), path)
 
 
 def read_gguf_tensors(path: str | Path, config: dict) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ def read_gguf_tensors(path: str | Path, config: dict) -> dict[str, torch.Tensor]
     import torch
 
     # imported here: gguf_export imports quark.weights, which may import this module
-    r = _reader(path)
+    r = read_header(path)
     _check_architecture(r, path)
     expected = _expected_shapes(config)
     out = {}
@@ -132,7 +132,7 @@ def gguf_tokenizer_files(path: str | Path) -> dict[str, str]:
         tok_config = json.loads((Path(d) / "tokenizer_config.json").read_text(encoding="utf-8"))
     for provenance in ("is_local", "local_files_only"):  # where this load came from, not part of the tokenizer
         tok_config.pop(provenance, None)
-    pre = _reader(path).fields.get("tokenizer.ggml.pre")
+    pre = read_header(path).fields.get("tokenizer.ggml.pre")
     if isinstance(pre, str):
         tokenizer_json = with_gguf_pre(tokenizer_json, pre)
         tok_config["quark_gguf_pre"] = pre  # what quark's GGUF export writes back
@@ -199,7 +199,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 
 
-def _reader(path: str | Path) -> Header:
+def read_header(path: str | Path) -> Header:
     """Parse the header: a plain struct walk over a memory map (gguf's GGUFReader builds numpy views for every part of
     every field, ~3 s for a 49k-token vocabulary; this takes ~0.2 s). Little-endian GGUF v2/v3, as llama.cpp writes."""
     path = Path(path)

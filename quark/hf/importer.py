@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import QuarkConfig
 from ..io import atomic_write_text, write_error
 from ..model import Quark
 from ..tokenizer import Tokenizer, read_json_object
@@ -58,6 +60,40 @@ def generation_config(src: Path, tok: Tokenizer) -> dict:
     return {**(own or {}), "bos_token_id": tok.bos_id, "eos_token_id": eos_ids(tok), "pad_token_id": tok.eot_id}
 
 
+def source_license(src: Path) -> str | None:
+    """The licence the source declares: a GGUF's general.license, or an HF folder's README front matter."""
+    if is_gguf(src):
+        from .gguf_import import read_header
+
+        lic = read_header(src).fields.get("general.license")
+        return lic if isinstance(lic, str) else None
+    readme = src / "README.md" if src.is_dir() else None
+    if readme is not None and readme.exists():
+        m = re.search(r"^license:\s*(\S+)", readme.read_text(encoding="utf-8", errors="replace"), re.M)
+        return m.group(1) if m else None
+    return None
+
+
+def imported_card(name: str, cfg: QuarkConfig, tok: Tokenizer, source: dict, fmt: str) -> tuple[str, str]:
+    """(README.md, LICENSE) for an export of an imported model: what it is and where it came from, under the
+    source's own licence (Quark's card describes models trained with Quark, which this one was not)."""
+    lic = source.get("license") or "unknown"
+    card = "\n".join([
+        "---", f"license: {lic}", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- llama",
+        "- quark", "---", "", f"# {name}", "",
+        f"A {cfg.n_params() / 1e6:.1f}M-parameter Llama-architecture model ({cfg.n_layers} layers, d_model "
+        f"{cfg.d_model}, {cfg.n_heads} query / {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}, SwiGLU "
+        f"{cfg.d_ff}, RoPE theta {cfg.rope_theta:g}, context {cfg.context_length:,}, vocabulary {cfg.vocab_size:,}), "
+        f"imported with `quark import` from `{Path(source.get('path', '?')).name}` ({source.get('format')}, "
+        f"sha256 {source.get('sha256', 'n/a')}) on {source.get('imported', '?')} and exported as "
+        f"{'a remote-code HF folder' if fmt == 'hf' else 'a plain Llama folder'}.",
+        "", f"Licence: the source's, `{lic}`; see the original model's terms. The tokenizer and chat template are "
+        f"the source's own ({tok.vocab_size:,} ids; stop ids {tok.stop_ids}).", ""])
+    notice = (f"This model was imported from {Path(source.get('path', '?')).name} and is distributed under its "
+              f"original licence: {lic}. See the original model's licence terms.\n")
+    return card, notice
+
+
 def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the model at `src` (HF Llama folder or .gguf file) as a Quark model folder at `out`."""
     from .export import check_not_source, llama_config_dict
@@ -75,6 +111,8 @@ def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -
               "imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if src_path.is_file():
         source["sha256"] = file_sha256(src_path)
+    if (lic := source_license(src_path)) is not None:
+        source["license"] = lic
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
