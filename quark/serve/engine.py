@@ -29,6 +29,12 @@ Choices:
 - A cancelled request (client gone) leaves the batch at the next step boundary; its slot is free at once.
 - Events go to each request's `sink(kind, value)`: ("token", id), then one ("done", "stop"|"length"|
   "cancelled") or ("error", message). Stop tokens (<|im_end|>, <|endoftext|>) end a reply and are not sent.
+  A request with `logprobs` also gets ("logprob", entry) before each token, and before the stop token that ends
+  it (so a scorer sees every sampled token); with `prompt_logprobs`, ("prompt_logprobs", entries) first (see
+  quark/serve/logprobs.py). Only "done" and "error" end a request.
+- Prompt log-probs (echo) come from the model's own forward over the prompt, as `quark eval` scores
+  (quark/serve/logprobs.py): a request for at most one new token (lm-eval's scoring requests: echo, logprobs,
+  max_tokens 0 or 1) is answered from that forward alone and never takes a cache row.
   `after_step` callbacks run once per step, so a consumer can hand a whole step's events on in one go.
 - The repetition penalty touches only the seen tokens: each row's tokens so far (prompt + output) are kept in
   `hist` (B, context + 1), and the penalty is a gather/scatter over them, the same arithmetic as
@@ -50,6 +56,7 @@ import torch
 from ..generate import check_prompts, make_decoder
 from ..model import Quark
 from ..sampling import RECOMMENDED, check_sampling_args, nucleus_sample, rep_penalty_ids, sample_next
+from .logprobs import MAX_TOP, entries, score_prompts
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,15 @@ class SamplingParams:
     top_p: float = RECOMMENDED["top_p"]
     rep_penalty: float = RECOMMENDED["rep_penalty"]
     seed: int | None = None
+    logprobs: int | None = None  # None: none; N: each sampled token's log-prob and the N likeliest (0..MAX_TOP)
+    prompt_logprobs: bool = False  # also the prompt's own tokens' log-probs (echo), `logprobs` likeliest each
 
     def check(self) -> None:
         check_sampling_args(self.temperature, self.top_p, self.rep_penalty, self.max_new_tokens)
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < (0 if self.prompt_logprobs else 1):
+            raise ValueError(f"max_new_tokens must be >= 1 (0 only to score a prompt), got {self.max_new_tokens}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP}], got {self.logprobs!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -188,6 +199,8 @@ class Engine:
                 kind, value = req.events.get()
                 if kind == "token":
                     yield value
+                elif kind in ("logprob", "prompt_logprobs"):
+                    continue
                 elif kind == "error":
                     raise RuntimeError(f"generation failed: {value}")
                 else:
@@ -273,6 +286,12 @@ class Engine:
         return True
 
     def _prefill(self, reqs: list[Request]) -> None:
+        scored = [r for r in reqs if r.params.prompt_logprobs]
+        if scored:
+            self._score(scored)
+            reqs = [r for r in reqs if not r.params.prompt_logprobs or r.params.max_new_tokens > 1]
+            if not reqs:
+                return
         n0, m = len(self.rows), len(reqs)
         T = max(len(r.prompt) for r in reqs)
         idx = torch.zeros(m, T, dtype=torch.long)
@@ -293,6 +312,34 @@ class Engine:
             self.lengths[n0 + j] = len(r.prompt)
         self.stats["requests"] += m
         self._sample_and_emit(logits, first=n0)
+
+    def _score(self, reqs: list[Request]) -> None:
+        """Prompt log-probs (echo), through the model's own forward as `quark eval` scores. A request for at most
+        one new token is then done without a cache row: its token comes from the same forward."""
+        scores, last = score_prompts(self.model, [r.prompt for r in reqs], [r.params.logprobs or 0 for r in reqs])
+        for j, r in enumerate(reqs):
+            r.sink("prompt_logprobs", scores[j])
+            p = r.params
+            if p.max_new_tokens > 1:
+                continue  # prefilled into a row next, as any request
+            self.stats["requests"] += 1
+            if p.max_new_tokens == 0:
+                self._finish_event(r, "done", "length")
+                continue
+            gen = self.generator if p.seed is None else torch.Generator(device=self.device).manual_seed(p.seed)
+            seen = None
+            if p.rep_penalty != 1.0:
+                seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
+                seen[0, torch.tensor(r.prompt, device=self.device)] = True
+            t = int(sample_next(last[j:j + 1], seen, p.temperature, p.top_p, p.rep_penalty, gen)[0])
+            r.sink("logprob", entries(last[j:j + 1], torch.tensor([t]), p.logprobs or 0)[0])
+            if t in self.stop_ids:
+                self._finish_event(r, "done", "stop")
+            else:
+                r.n_generated += 1
+                self.stats["tokens"] += 1
+                r.sink("token", t)
+                self._finish_event(r, "done", "length")
 
     def _decode(self) -> None:
         n = len(self.rows)
@@ -334,7 +381,15 @@ class Engine:
     def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
         """Sample for rows first..end, send the tokens, retire finished rows."""
         rows = self.rows[first:]
+        asked = [i for i, row in enumerate(rows) if row.req.params.logprobs is not None]
+        if asked:  # from the raw logits, before sampling touches them
+            ix = torch.tensor(asked, device=self.device)
+            raw = logits[ix].float().clone()
         tok = self._sample(logits, rows, first)
+        if asked:
+            for i, e in zip(asked, entries(raw, tok[ix], max(rows[i].req.params.logprobs for i in asked))):
+                top = e[2][:rows[i].req.params.logprobs]
+                rows[i].req.sink("logprob", (e[0], e[1], top))
         n = len(rows)
         at = torch.arange(first, first + n, device=self.device)
         self.seen[at, tok] = True

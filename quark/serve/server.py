@@ -61,6 +61,7 @@ from .api import (
 )
 from .engine import Engine
 from .guard import BrowserGuard, check_origin
+from .logprobs import chat_logprobs, completion_logprobs
 from .text import IncrementalDecoder, StopMatcher
 
 STATIC = Path(__file__).parent / "static"
@@ -93,7 +94,7 @@ class _Dispatcher:
         def put(kind: str, value: object) -> None:
             with self.lock:
                 self.events.append((queue, (k, kind, value)))
-                if kind != "token":  # every sequence ends with exactly one done or error event
+                if kind in ("done", "error"):  # every sequence ends with exactly one of them
                     self.outstanding -= 1
         return put
 
@@ -112,15 +113,31 @@ class _Dispatcher:
 
 
 class _Choice:
-    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], prompt: list[int], job: Job, chat: bool):
         self.decoder, self.stopper = IncrementalDecoder(tokenizer), StopMatcher(stops)
         self.req = None
         self.tokens, self.text, self.finish = 0, [], None
+        self.prompt, self.echo, self.chat = prompt, job.echo, chat
+        self.logprobs: list | None = None if job.logprobs is None else []  # entries (quark/serve/logprobs.py)
+        self.sent_logprobs, self.logprob_chars = 0, 0  # entries already sent, and the characters they cover
+        self.staged = None  # the entry of the token about to come
 
     def feed(self, kind: str, value: object) -> str:
         """One engine event -> newly visible text; sets `finish` when this choice is over."""
         if self.finish is not None:
             return ""
+        if kind == "logprob":
+            self.staged = value
+            return ""
+        if kind == "prompt_logprobs":  # echo: the prompt's text (and its log-probs) come first
+            if self.logprobs is not None:
+                self.logprobs += [(self.prompt[0], None, None), *value]
+            text = self.decoder.tokenizer.decode(self.prompt)
+            self.text.append(text)
+            return text
+        if self.staged is not None and self.logprobs is not None and (kind == "token" or not self.chat):
+            self.logprobs.append(self.staged)  # completions list a stop token's too, as lm-eval expects
+        self.staged = None
         if kind == "token":
             self.tokens += 1
             out = self.stopper.push(self.decoder.push(value))
@@ -298,7 +315,7 @@ class _Server:
         self.room_for(count_sequences(body, self.limits.max_request_seqs, chat=True))
         messages = parse_messages(body)
         job = parse_common(body, [self.tokenizer.render_prompt(messages)], self.context,
-                           self.limits.max_tokens_limit)
+                           self.limits.max_tokens_limit, chat=True)
         return await self.run(job, request, chat=True)
 
     async def completions(self, request: Request):
@@ -368,7 +385,7 @@ class _Completion:
         try:
             for prompt in job.prompts:
                 for i in range(job.n):
-                    c = _Choice(self.tokenizer, job.stops)
+                    c = _Choice(self.tokenizer, job.stops, prompt, job, self.chat)
                     c.req = self.engine.submit(prompt, job.params_for(i),
                                                self.dispatcher.sink(self.events, len(self.choices)))
                     self.choices.append(c)
@@ -425,19 +442,32 @@ class _Completion:
             self.cancel_all()
         if self.chat:
             out = [{"index": k, "message": {"role": "assistant", "content": "".join(c.text)},
-                    "logprobs": None, "finish_reason": c.finish} for k, c in enumerate(self.choices)]
+                    "logprobs": self.logprobs(c), "finish_reason": c.finish} for k, c in enumerate(self.choices)]
         else:
-            out = [{"index": k, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish}
+            out = [{"index": k, "text": "".join(c.text), "logprobs": self.logprobs(c), "finish_reason": c.finish}
                    for k, c in enumerate(self.choices)]
         obj = "chat.completion" if self.chat else "text_completion"
         return {**self.head, "object": obj, "choices": out, "usage": self.usage()}
 
+    def logprobs(self, c: _Choice) -> dict | None:
+        """The choice's log-probs not yet sent, in the endpoint's shape (None when the request asked for none)."""
+        if c.logprobs is None:
+            return None
+        new = c.logprobs[c.sent_logprobs:]
+        c.sent_logprobs = len(c.logprobs)
+        if self.chat:
+            return chat_logprobs(self.tokenizer, new)
+        out = completion_logprobs(self.tokenizer, new, c.logprob_chars)  # a stream's offsets go on chunk to chunk
+        c.logprob_chars += sum(len(t) for t in out["tokens"])
+        return out
+
     def chunk(self, k: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        lps = None if role else self.logprobs(self.choices[k])
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": k, "delta": delta, "logprobs": lps, "finish_reason": finish}
         else:
-            choice = {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": k, "text": text or "", "logprobs": lps, "finish_reason": finish}
         payload = {**self.head, "choices": [choice]}
         if self.job.include_usage:
             payload["usage"] = None

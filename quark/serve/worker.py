@@ -107,7 +107,7 @@ def _worker(conn: Connection, spec: WorkerSpec, beat: ctypes.c_double) -> None:
     def sink(rid: int):
         def put(kind: str, value: object) -> None:
             events.append((rid, kind, value))
-            if kind != "token":
+            if kind in ("done", "error"):
                 live.pop(rid, None)
         return put
 
@@ -371,7 +371,7 @@ class ProcessEngine:
                 req = self._requests.get(rid)
                 if req is None:
                     continue
-                if kind != "token":
+                if kind in ("done", "error"):
                     req.finish_reason = value if kind == "done" else "error"
                     self._requests.pop(rid, None)
                 req.sink(kind, value)
