@@ -95,3 +95,84 @@ def test_chat_logprobs_whole_and_streamed(server, model, tiny_tokenizer):
     assert streamed == content
     plain = post(server, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None})
     assert plain["choices"][0]["logprobs"] is None
+
+
+# ---- prefix cache ----------------------------------------------------------------------------------------------
+def shared_prompts(seed: int = 0) -> list[list[int]]:
+    """Prompts that share prefixes of many lengths (whole blocks, parts of blocks, one token, none), as chat
+    turns and shared system prompts do; some repeat exactly."""
+    import random
+
+    rng = random.Random(seed)
+    base = [rng.randrange(1, 500) for _ in range(80)]
+    cuts = [(80, 4), (40, 7), (80, 30), (17, 1), (33, 0), (80, 0), (5, 3), (64, 2), (16, 0), (48, 20), (80, 4)]
+    return [base[:n] + [rng.randrange(1, 500) for _ in range(k)] for n, k in cuts]
+
+
+def greedy_outputs(model, prompts, max_batch, prefix_cache_mb, stagger=False):
+    """Greedy replies of an engine; `stagger` submits each prompt after the one before has finished (so every
+    lookup can find the earlier ones), else all at once (admitted together, within a batch)."""
+    from quark.serve.engine import SamplingParams
+
+    e = Engine(model, [0], max_batch=max_batch, prefix_cache_mb=prefix_cache_mb, seed=0)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, rep_penalty=1.0)
+    if stagger:
+        return [list(e.iter_tokens(e.submit(p, params))) for p in prompts], e
+    reqs = [e.submit(p, params) for p in prompts]
+    return [list(e.iter_tokens(r)) for r in reqs], e
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+def test_prefix_cache_keeps_greedy_outputs(model, max_batch):
+    """The same greedy tokens with and without the prefix cache, at several batch sizes (so reused prefixes land
+    in different rows and slots), staggered and all at once, and under a budget of a few blocks (evictions)."""
+    prompts = shared_prompts()
+    ref, _ = greedy_outputs(model, prompts, max_batch, 0)
+    block_mb = model.config.n_layers * 2 * model.config.n_kv_heads * 16 * model.config.head_dim * 4 / 2**20
+    for mb, stagger in ((64, False), (64, True), (3 * block_mb, True)):
+        out, e = greedy_outputs(model, prompts, max_batch, mb, stagger)
+        assert out == ref, (mb, stagger)
+        stats = e.load()["prefix_cache"]
+        assert stats["hits"] > 0 and stats["hit_tokens"] >= 16
+        if mb < 1:
+            assert stats["evicted_blocks"] > 0 and stats["blocks"] <= 3
+
+
+def test_prefix_cache_reuses_within_a_batch(model):
+    """n choices of one long prompt, submitted together: the first is prefilled, the others wait one step and
+    reuse its blocks."""
+    prompt = shared_prompts()[2]
+    out, e = greedy_outputs(model, [prompt] * 4, 4, 64)
+    assert all(o == out[0] for o in out)
+    stats = e.load()["prefix_cache"]
+    assert stats["hits"] == 3 and stats["hit_tokens"] == 3 * ((len(prompt) - 1) // 16) * 16
+
+
+def test_prefix_cache_lru_and_exact_match():
+    """Evicts least recently used leaves first; a lookup checks every block's tokens and parent, never only a
+    hash; the prompt's last token is always left to compute."""
+    from quark.config import QuarkConfig
+    from quark.model import KVCache
+    from quark.serve.prefix_cache import BLOCK, PrefixCache
+
+    cfg = QuarkConfig.from_name("test")
+    cache = KVCache(cfg, 2, 128)
+    for t in cache.k + cache.v:
+        t.normal_()
+    pc = PrefixCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"), 0)
+    pc.capacity = 4
+    a = list(range(1, 3 * BLOCK + 1))
+    pc.insert(a, cache, 0)
+    assert pc.match(a) == PrefixCache.keys(a)[:2]  # the last block would leave no token to compute
+    assert pc.match(a + [7]) == PrefixCache.keys(a)
+    b = a[:BLOCK] + [999] * 2 * BLOCK  # shares the first block: two new ones, one leaf of `a` evicted
+    pc.insert(b, cache, 1)
+    assert pc.counts["evicted_blocks"] == 1 and len(pc.match(a + [7])) == 2 and len(pc.match(b + [7])) == 3
+    copy = KVCache(cfg, 1, 128)
+    pc.copy_in(pc.match(b + [7]), copy, 0)
+    for src, dst in zip(cache.k + cache.v, copy.k + copy.v):
+        assert torch.equal(dst[0, :, :BLOCK], src[0, :, :BLOCK]) and torch.equal(dst[0, :, BLOCK:48], src[1, :, BLOCK:48])
+    key = PrefixCache.keys(b)[1]
+    parent, toks, kv = pc.blocks[key]
+    pc.blocks[key] = (parent, (5,) * BLOCK, kv)  # as if another prefix hashed alike: not handed out
+    assert len(pc.match(b + [7])) == 1

@@ -57,6 +57,7 @@ from ..generate import check_prompts, make_decoder
 from ..model import Quark
 from ..sampling import RECOMMENDED, check_sampling_args, nucleus_sample, rep_penalty_ids, sample_next
 from .logprobs import MAX_TOP, entries, score_prompts
+from .prefix_cache import BLOCK, DEFAULT_MB, PrefixCache
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class Request:
         self.finish_reason: str | None = None
         self.n_generated = 0
         self.submitted = time.perf_counter()
+        self.block_keys: list[int] | None = None  # the prompt's prefix-cache keys, once computed
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -123,7 +125,8 @@ class Engine:
     state = "ok"  # as `ProcessEngine.state`; a failed step fails only its requests, so this engine stays "ok"
 
     def __init__(self, model: Quark, stop_ids: Sequence[int], *, max_batch: int = 32, prefill_tokens: int = 4096,
-                 seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4):
+                 seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4,
+                 prefix_cache_mb: float = DEFAULT_MB):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model.eval()
@@ -137,6 +140,11 @@ class Engine:
         self.device = model.device  # the norms' device, also after int8 weight quantization
         self.dec = make_decoder(model, max_batch, cfg.context_length)  # CUDA: a captured graph decoder
         self.dec.busy = True  # the engine owns it for good: generate() calls get their own decoders
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0: no prefix cache), got {prefix_cache_mb!r}")
+        self.prefix = PrefixCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, self.dec.dtype, self.device,
+                                  int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
+        self._now = False  # admit the next waiting request without waiting for company (see _admit)
         self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.hist = torch.zeros(max_batch, cfg.context_length + 1, dtype=torch.long, device=self.device)
         self.last_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -186,7 +194,10 @@ class Engine:
     def load(self) -> dict:
         with self.lock:
             pending = len(self.pending)
-        return {"active": len(self.rows), "pending": pending, "max_batch": self.max_batch, **self.stats}
+        out = {"active": len(self.rows), "pending": pending, "max_batch": self.max_batch, **self.stats}
+        if self.prefix is not None:
+            out["prefix_cache"] = self.prefix.stats()
+        return out
 
     def iter_tokens(self, req: Request) -> Iterator[int]:
         """Token ids of a request submitted without a sink, as they come; drives `step()` itself when no
@@ -262,12 +273,14 @@ class Engine:
             if not self.pending:
                 self._waited = 0
                 return False
-            if self.rows and len(self.pending) < min(self.admit_batch, self.max_batch - len(self.rows)):
+            if self.rows and not self._now and len(self.pending) < min(self.admit_batch,
+                                                                        self.max_batch - len(self.rows)):
                 self._waited += 1
                 if self._waited <= self.admit_wait_steps:
                     return False  # decode on; a few more arrivals will share one prefill pass
-            self._waited = 0
+            self._waited, self._now = 0, False
             budget = self.prefill_tokens
+            coming: set[int] = set()  # prefix-cache blocks the requests admitted so far will add
             while self.pending and len(self.rows) + len(new) < self.max_batch:
                 req = self.pending[0]
                 if req.cancelled:
@@ -277,6 +290,11 @@ class Engine:
                 longest = max([len(r.prompt) for r in new] + [len(req.prompt)])
                 if new and longest * (len(new) + 1) > budget:
                     break
+                if self.prefix is not None and not req.params.prompt_logprobs:
+                    if self._shares_with(req, coming):
+                        self._now = True  # next step, once the earlier one's blocks are in
+                        break
+                    coming.update(req.block_keys)
                 new.append(self.pending.popleft())
         if not new:
             return False
@@ -284,6 +302,14 @@ class Engine:
         self._prefill(new)
         self._admitting = []
         return True
+
+    def _shares_with(self, req: Request, coming: set[int]) -> bool:
+        """Whether the next block `req` would compute is one a request admitted with it computes too: then it
+        waits a step and reuses it (prefix caching within a batch)."""
+        if req.block_keys is None:
+            req.block_keys = PrefixCache.keys(req.prompt)
+        cached = len(self.prefix.match(req.prompt, req.block_keys))
+        return cached < (len(req.prompt) - 1) // BLOCK and req.block_keys[cached] in coming
 
     def _prefill(self, reqs: list[Request]) -> None:
         scored = [r for r in reqs if r.params.prompt_logprobs]
@@ -293,12 +319,27 @@ class Engine:
             if not reqs:
                 return
         n0, m = len(self.rows), len(reqs)
-        T = max(len(r.prompt) for r in reqs)
+        offsets = [0] * m  # prompt tokens whose K/V the prefix cache gives
+        if self.prefix is not None:
+            for j, r in enumerate(reqs):
+                r.block_keys = r.block_keys or PrefixCache.keys(r.prompt)
+                found = self.prefix.lookup(r.prompt, r.block_keys)
+                if found:
+                    self.prefix.copy_in(found, self.dec.cache, n0 + j)
+                    offsets[j] = len(found) * BLOCK
+        T = max(len(r.prompt) - o for r, o in zip(reqs, offsets))
         idx = torch.zeros(m, T, dtype=torch.long)
-        for j, r in enumerate(reqs):
-            idx[j, :len(r.prompt)] = torch.tensor(r.prompt)
-        lengths = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
-        logits = self.dec.prefill_rows(idx.to(self.device), lengths, n0)  # (m, V)
+        for j, (r, o) in enumerate(zip(reqs, offsets)):
+            idx[j, :len(r.prompt) - o] = torch.tensor(r.prompt[o:])
+        lengths = torch.tensor([len(r.prompt) - o for r, o in zip(reqs, offsets)], device=self.device)
+        if any(offsets):
+            logits = self.dec.prefill_rows(idx.to(self.device), lengths, n0, torch.tensor(offsets, device=self.device),
+                                           max(len(r.prompt) for r in reqs))
+        else:
+            logits = self.dec.prefill_rows(idx.to(self.device), lengths, n0)  # (m, V)
+        if self.prefix is not None:
+            for j, r in enumerate(reqs):
+                self.prefix.insert(r.prompt, self.dec.cache, n0 + j, r.block_keys)
         for j, r in enumerate(reqs):
             gen = None
             if r.params.seed is not None:
@@ -415,6 +456,8 @@ class Engine:
     def _free(self, indices: list[int]) -> None:
         """Retire rows, keeping the active rows compact: the last row moves into each hole."""
         for i in sorted(indices, reverse=True):
+            if self.prefix is not None:  # prompt + reply: a chat's next turn starts with them
+                self.prefix.insert(self.hist[i, :self.rows[i].length].tolist(), self.dec.cache, i)
             last = len(self.rows) - 1
             if i != last:
                 self.dec.move_row(last, i, self.rows[last].length)
