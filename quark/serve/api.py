@@ -13,8 +13,10 @@ Choices:
   true` and `top_logprobs: N`. Their figures are the model's raw distribution (quark/serve/logprobs.py).
 - Fields this server does not implement are refused (400 `unsupported_parameter`), never silently ignored:
   `suffix`, `tools`, ... when set (and `echo` on the chat API); `presence_penalty` / `frequency_penalty` other than 0 (they must still be
-  numbers in OpenAI's [-2, 2]; `repetition_penalty` is this server's penalty); `response_format` other than
-  `{"type": "text"}` (JSON mode is not implemented yet).
+  numbers in OpenAI's [-2, 2]; `repetition_penalty` is this server's penalty).
+- `response_format`: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
+  "schema"}} on both endpoints; the reply is then constrained to that JSON (quark/serve/grammar.py). A malformed
+  format or an invalid schema is a 400 `invalid_response_format` naming the problem.
 - The OpenAI `developer` role is the `system` role; any other role outside system/user/assistant is a 400.
 - Malformed bodies are 400s too: JSON nested deeper than the parser's recursion limit, and strings holding a
   lone UTF-16 surrogate (`"x\\ud800y"` is valid JSON but not Unicode, and the tokenizer cannot take it); the
@@ -33,6 +35,7 @@ from dataclasses import dataclass, replace
 from ..sampling import RECOMMENDED
 from ..tokenizer import Tokenizer
 from .engine import SamplingParams
+from .grammar import FormatError, schema_of
 from .logprobs import MAX_TOP
 
 DEFAULTS = {"temperature": RECOMMENDED["temperature"], "top_p": RECOMMENDED["top_p"],
@@ -214,14 +217,16 @@ def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise APIError(400, f"'{name}' is not supported by this server (only 0); use 'repetition_penalty' "
                            "(> 0, 1.0 = off) to discourage repeats", param=name, code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise APIError(400, "'response_format' is not supported yet: only {\"type\": \"text\"} (plain text) is "
-                       f"accepted, got {json.dumps(fmt)[:60]}", param="response_format", code="unsupported_parameter")
+    try:
+        schema = schema_of(body.get("response_format"))
+    except FormatError as e:
+        raise APIError(400, f"'response_format' {e}", param="response_format", code="invalid_response_format") from None
     temperature = _number(body, "temperature", DEFAULTS["temperature"], 0.0, 2.0)
     top_p = _number(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0, lo_open=True)
     rep = _number(body, "repetition_penalty", DEFAULTS["repetition_penalty"], 0.0, 10.0, lo_open=True)
     logprobs, echo = parse_logprobs(body, chat)
+    if echo and schema is not None:
+        raise APIError(400, "'echo' cannot be combined with a JSON 'response_format'", param="response_format")
     max_tokens = _integer(body, "max_tokens", 0)
     if max_tokens == 0 and not echo:
         raise APIError(400, "'max_tokens' must be >= 1 (0 only with 'echo': true, to score the prompt)",
@@ -255,7 +260,7 @@ def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_
                        f"{longest} tokens, leaving no room for a reply. Shorten the messages.",
                        param="messages", code="context_length_exceeded")
     max_new = min(max_tokens if max_tokens is not None else max_tokens_limit, room, max_tokens_limit)
-    params = SamplingParams(max_new, temperature, top_p, rep, seed, logprobs, prompt_logprobs=echo)
+    params = SamplingParams(max_new, temperature, top_p, rep, seed, logprobs, prompt_logprobs=echo, schema=schema)
     return Job(prompts, n, params, stops, stream, include_usage, logprobs, echo)
 
 

@@ -104,7 +104,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
                                stall_timeout=args.stall_timeout, prefix_cache_mb=args.prefix_cache_mb)
     else:
         model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
-        engine = Engine(model, tokenizer.stop_ids, max_batch=args.max_batch, prefix_cache_mb=args.prefix_cache_mb)
+        engine = Engine(model, tokenizer.stop_ids, max_batch=args.max_batch, prefix_cache_mb=args.prefix_cache_mb,
+                        tokenizer=tokenizer)
     app = create_app(engine, tokenizer, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      max_request_seqs=args.max_request_seqs, max_queue=args.max_queue,
                      max_request_tokens=args.max_request_tokens or None, bound_host=args.host,

@@ -56,6 +56,8 @@ import torch
 from ..generate import check_prompts, make_decoder
 from ..model import Quark
 from ..sampling import RECOMMENDED, check_sampling_args, nucleus_sample, rep_penalty_ids, sample_next
+from ..tokenizer import Tokenizer
+from .grammar import Grammars
 from .logprobs import MAX_TOP, entries, score_prompts
 from .prefix_cache import BLOCK, DEFAULT_MB, PrefixCache
 
@@ -70,6 +72,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; N: each sampled token's log-prob and the N likeliest (0..MAX_TOP)
     prompt_logprobs: bool = False  # also the prompt's own tokens' log-probs (echo), `logprobs` likeliest each
+    schema: str | None = None  # a JSON schema the reply must follow (quark/serve/grammar.py `schema_of`)
 
     def check(self) -> None:
         check_sampling_args(self.temperature, self.top_p, self.rep_penalty, self.max_new_tokens)
@@ -113,10 +116,10 @@ class Request:
 
 
 class _Row:
-    __slots__ = ("req", "length", "generator")
+    __slots__ = ("req", "length", "generator", "matcher")
 
-    def __init__(self, req: Request, generator: torch.Generator | None):
-        self.req, self.length, self.generator = req, len(req.prompt), generator
+    def __init__(self, req: Request, generator: torch.Generator | None, matcher: object = None):
+        self.req, self.length, self.generator, self.matcher = req, len(req.prompt), generator, matcher
 
 
 class Engine:
@@ -126,7 +129,7 @@ class Engine:
 
     def __init__(self, model: Quark, stop_ids: Sequence[int], *, max_batch: int = 32, prefill_tokens: int = 4096,
                  seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4,
-                 prefix_cache_mb: float = DEFAULT_MB):
+                 prefix_cache_mb: float = DEFAULT_MB, tokenizer: Tokenizer | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model.eval()
@@ -145,6 +148,7 @@ class Engine:
         self.prefix = PrefixCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, self.dec.dtype, self.device,
                                   int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
         self._now = False  # admit the next waiting request without waiting for company (see _admit)
+        self.tokenizer, self._grammars = tokenizer, None  # structured output: built at its first request
         self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.hist = torch.zeros(max_batch, cfg.context_length + 1, dtype=torch.long, device=self.device)
         self.last_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -167,6 +171,8 @@ class Engine:
                sink: Callable[[str, object], None] | None = None) -> Request:
         """Queue a prompt. ValueError if it cannot run (empty, bad ids, prompt + max_new_tokens > context)."""
         check_request(prompt, params, self.vocab_size, self.context_length)
+        if params.schema is not None and self.tokenizer is None:
+            raise ValueError("structured output (a schema) needs an engine built with its tokenizer")
         req = Request(prompt, params, sink)
         with self.lock:
             self.pending.append(req)
@@ -344,7 +350,7 @@ class Engine:
             gen = None
             if r.params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(r.params.seed)
-            self.rows.append(_Row(r, gen))
+            self.rows.append(_Row(r, gen, None if r.params.schema is None else self._grammar().matcher(r.params.schema)))
             prompt = torch.tensor(r.prompt, device=self.device)
             self.seen[n0 + j] = False
             self.seen[n0 + j, prompt] = True
@@ -381,6 +387,22 @@ class Engine:
                 self.stats["tokens"] += 1
                 r.sink("token", t)
                 self._finish_event(r, "done", "length")
+
+    def _grammar(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, sorted(self.stop_ids))
+        return self._grammars
+
+    def _constrain(self, tok: torch.Tensor, raw: torch.Tensor, rows: list[_Row], first: int) -> None:
+        """Rows with a grammar: keep a sampled token the grammar accepts, else sample again from the masked
+        logits `raw` (n, V) (quark/serve/grammar.py: the same distribution as masking first)."""
+        for i, row in enumerate(rows):
+            if row.matcher is None or row.matcher.accept_token(int(tok[i])):
+                continue
+            masked = self._grammar().mask(raw[i:i + 1], [row.matcher])
+            tok[i] = self._sample_group(masked, [row], torch.tensor([first + i], device=self.device))[0]
+            if not row.matcher.accept_token(int(tok[i])):  # nothing allowed (cannot happen with a stop token)
+                tok[i] = min(self.stop_ids)
 
     def _decode(self) -> None:
         n = len(self.rows)
@@ -423,10 +445,12 @@ class Engine:
         """Sample for rows first..end, send the tokens, retire finished rows."""
         rows = self.rows[first:]
         asked = [i for i, row in enumerate(rows) if row.req.params.logprobs is not None]
-        if asked:  # from the raw logits, before sampling touches them
+        if asked:
             ix = torch.tensor(asked, device=self.device)
-            raw = logits[ix].float().clone()
-        tok = self._sample(logits, rows, first)
+            raw = logits[ix]
+        tok = self._sample(logits, rows, first)  # sampling never writes into `logits`
+        if any(row.matcher is not None for row in rows):
+            self._constrain(tok, logits, rows, first)
         if asked:
             for i, e in zip(asked, entries(raw, tok[ix], max(rows[i].req.params.logprobs for i in asked))):
                 top = e[2][:rows[i].req.params.logprobs]

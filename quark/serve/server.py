@@ -238,6 +238,8 @@ class _Server:
         self.capacity = engine.max_batch + limits.max_queue
         self.created = int(time.time())
         self.dispatcher = _Dispatcher(engine)
+        if isinstance(engine, Engine) and engine.tokenizer is None:
+            engine.tokenizer = tokenizer  # structured output builds its grammar's vocabulary from it
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):

@@ -96,7 +96,8 @@ def _worker(conn: Connection, spec: WorkerSpec, beat: ctypes.c_double) -> None:
     try:
         model, tokenizer = load_for_inference(spec.model_path, spec.device, spec.quantize)
         stops = list(spec.stop_ids) if spec.stop_ids is not None else tokenizer.stop_ids
-        engine = Engine(model, stops, max_batch=spec.max_batch, seed=spec.seed, prefix_cache_mb=spec.prefix_cache_mb)
+        engine = Engine(model, stops, max_batch=spec.max_batch, seed=spec.seed, prefix_cache_mb=spec.prefix_cache_mb,
+                        tokenizer=tokenizer)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
