@@ -19,6 +19,13 @@ Choices:
   all free slots, are waiting), as TGI's `max_waiting_tokens` does: a prefill pass has a fixed cost (on CPU
   about what a short prompt's compute costs), so admitting arrivals in groups keeps more of the engine's time
   for decoding; an idle engine admits at once.
+- Prefix cache (quark/serve/prefix_cache.py, `prefix_cache_mb`, 0 = off): at admission a prompt's longest cached
+  run of full blocks is copied into its row and only the rest is prefilled (`prefill_rows` with per-row start
+  slots, attending over the copied slots); a prompt's blocks are kept once prefilled, a row's prompt + reply when
+  it retires. A request whose next `DEFER_BLOCKS` blocks a request admitted with it computes waits one step and
+  reuses them. Greedy tokens are the same with and without it (tests/test_serve_features.py).
+- Structured output (a request's `schema`): the row's xgrammar matcher checks each sampled token; a refused one is
+  sampled again from the masked logits (quark/serve/grammar.py).
 - Rows are grouped by (temperature, top_p, rep_penalty) and sampled together with the engine's generator. A
   request with a `seed` gets its own generator and is sampled alone by `quark.sampling.sample_next`, so its
   tokens are those of `generate(..., seed=seed)` whatever else is in the batch. Unseeded groups use quark/sampling.py
@@ -60,6 +67,8 @@ from ..tokenizer import Tokenizer
 from .grammar import Grammars
 from .logprobs import MAX_TOP, entries, score_prompts
 from .prefix_cache import BLOCK, DEFAULT_MB, PrefixCache
+
+DEFER_BLOCKS = 4  # a request waits a step to reuse the prefix of one admitted with it when they share this many
 
 
 @dataclass(frozen=True)
@@ -310,12 +319,13 @@ class Engine:
         return True
 
     def _shares_with(self, req: Request, coming: set[int]) -> bool:
-        """Whether the next block `req` would compute is one a request admitted with it computes too: then it
-        waits a step and reuses it (prefix caching within a batch)."""
+        """Whether the next `DEFER_BLOCKS` blocks `req` would compute are ones a request admitted with it computes
+        too: then it waits a step and reuses them (prefix caching within a batch). A shorter shared run is not
+        worth the step: a prefill pass has a fixed cost."""
         if req.block_keys is None:
             req.block_keys = PrefixCache.keys(req.prompt)
-        cached = len(self.prefix.match(req.prompt, req.block_keys))
-        return cached < (len(req.prompt) - 1) // BLOCK and req.block_keys[cached] in coming
+        end = len(self.prefix.match(req.prompt, req.block_keys)) + DEFER_BLOCKS  # a chain: the last one says all
+        return end <= (len(req.prompt) - 1) // BLOCK and req.block_keys[end - 1] in coming
 
     def _prefill(self, reqs: list[Request]) -> None:
         scored = [r for r in reqs if r.params.prompt_logprobs]
