@@ -370,12 +370,13 @@ def start_server(folder: Path, args, extra: list[str]) -> tuple[subprocess.Popen
            "--max-batch", str(max(args.concurrency)), "--log-level", "warning", "--device", "cpu", *extra]
     cmd += ["--max-queue", str(SATURATE_QUEUE)] if args.saturate else []
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a real model on a busy machine loads for minutes
     while True:
         try:
             return server, base, httpx.get(base + "/v1/models", timeout=2).json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError):
             if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()  # else reading its output waits for a server that is still loading
                 print(server.stdout.read())
                 raise SystemExit("the server did not start") from None
             time.sleep(0.3)
