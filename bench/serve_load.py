@@ -23,6 +23,16 @@ Overload mode: `--saturate` runs twice as many clients as the server admits (--m
 and reports what was served, what was refused (429 / 400, expected), any other error (must be none), and
 /health's latency meanwhile.
 
+Prefix-cache mode: `--chat-turns N` starts two servers on the model, one with the prefix cache (default budget)
+and one with `--prefix-cache-mb 0`, and plays the same N-turn conversation (greedy, a system prompt of notes and
+user turns of notes + a question, growing to about `--chat-tokens` tokens) on each, alternating server by
+server, `--rounds` times (each round's conversation opens differently, so its first turn is a cold start). Prints
+time to first token per turn with and without the cache, their ratio, and whether the replies were the same.
+
+    python bench/serve_load.py --model /tmp/smol_q --chat-turns 10 [--chat-tokens 1500] [--prefix-cache-mb 0]
+
+`--prefix-cache-mb MB` is passed to the server in the other modes (0: off), to compare throughput with and without.
+
 Needs aiohttp (the load generator; lighter than httpx, so it takes less CPU from the server it measures). The
 server runs faster with `uvicorn[standard]` (uvloop + httptools), which the output says whether it has.
 """
@@ -268,6 +278,110 @@ def report_kill(res: dict, args) -> int:
     return 0
 
 
+def notes(n_chars: int, seed: int) -> list[str]:
+    """Paragraphs of real English (stdlib docstrings), about `n_chars` each, in an order set by `seed`."""
+    import argparse as a
+    import collections as c
+    import json as j
+    import logging as lg
+    import random
+    import subprocess as sp
+    import textwrap as tw
+
+    text = " ".join(" ".join((m.__doc__ or "").split()) for m in (a, c, j, lg, sp, tw, asyncio, socket))
+    parts = [text[i:i + n_chars] for i in range(0, len(text) - n_chars, n_chars)]
+    random.Random(seed).shuffle(parts)
+    return parts
+
+
+async def chat_turns(base: str, model: str, turns: int, tokens: int, seed: int) -> list[dict]:
+    """One conversation of `turns` greedy streaming turns; per turn: prompt tokens, TTFT, reply."""
+    import aiohttp
+
+    per_turn = max(64, (tokens - 400) // turns * 3)  # characters of notes per user turn (~3 characters a token)
+    paras = notes(per_turn, seed)
+    msgs = [{"role": "system", "content": f"Session {seed}. You are a careful assistant. Background notes: "
+                                          + paras[0][:1200]}]
+    out = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for t in range(turns):
+            msgs.append({"role": "user", "content": f"More notes: {paras[1 + t % (len(paras) - 1)]}\n"
+                                                    f"{QUESTIONS[t % len(QUESTIONS)]}"})
+            body = {"model": model, "messages": msgs, "max_tokens": 48, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            t0, ttft, reply, usage = time.perf_counter(), None, [], None
+            async with session.post(base + "/v1/chat/completions", json=body) as r:
+                async for raw in r.content:
+                    line = raw.decode().rstrip("\n")
+                    if not line.startswith("data: {"):
+                        continue
+                    d = json.loads(line[6:])
+                    if d.get("usage"):
+                        usage = d["usage"]
+                    for ch in d["choices"]:
+                        piece = ch["delta"].get("content")
+                        if piece or ch["finish_reason"]:
+                            ttft = ttft or time.perf_counter() - t0
+                        reply.append(piece or "")
+            msgs.append({"role": "assistant", "content": "".join(reply)})
+            out.append({"turn": t + 1, "prompt_tokens": usage["prompt_tokens"], "ttft": ttft, "reply": "".join(reply)})
+    return out
+
+
+def run_chat_turns(folder: Path, args) -> int:
+    """--chat-turns: the same conversations on a server with the prefix cache and one without (module docstring)."""
+    servers = {"cache": start_server(folder, args, []), "no cache": start_server(folder, args, ["--prefix-cache-mb", "0"])}
+    runs: dict[str, list[list[dict]]] = {k: [] for k in servers}
+    try:
+        for _, base, model in servers.values():
+            asyncio.run(chat_turns(base, model, 2, 300, seed=10_000))  # warm-up: compiles, thread tuning
+        for r in range(args.rounds):
+            for name, (_, base, model) in servers.items():
+                runs[name].append(asyncio.run(chat_turns(base, model, args.chat_turns, args.chat_tokens, seed=r)))
+        stats = httpx.get(servers["cache"][1] + "/health").json().get("prefix_cache")
+    finally:
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"model {folder.name} | {args.chat_turns}-turn greedy chat, max_tokens 48, {args.rounds} rounds (median) | "
+          f"server torch threads {args.threads} | CPU cores {os.cpu_count()}")
+    print(f"{'turn':>4} {'prompt':>7} {'TTFT no cache':>14} {'TTFT cache':>11} {'ratio':>6}")
+    ratios = []
+    for t in range(args.chat_turns):
+        cold = pct([run[t]["ttft"] for run in runs["no cache"]], 0.5)
+        warm = pct([run[t]["ttft"] for run in runs["cache"]], 0.5)
+        ratios += [warm / cold] if t else []
+        print(f"{t + 1:>4} {runs['cache'][0][t]['prompt_tokens']:>7} {cold * 1e3:>12.0f}ms {warm * 1e3:>9.0f}ms "
+              f"{warm / cold:>6.2f}")
+    same = all(a["reply"] == b["reply"] for x, y in zip(runs["cache"], runs["no cache"]) for a, b in zip(x, y))
+    print(f"turns 2-{args.chat_turns}: TTFT with the cache / without: mean {sum(ratios) / len(ratios):.2f}, worst "
+          f"{max(ratios):.2f} (target <= 0.3); replies identical with and without the cache: {same}")
+    print(f"prefix cache counters (/health): {json.dumps(stats)}")
+    return 0 if same else 1
+
+
+def start_server(folder: Path, args, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
+    """`quark serve` on a free port: (process, base URL, model id) once it answers."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "quark", "serve", "--model", str(folder), "--port", str(port),
+           "--max-batch", str(max(args.concurrency)), "--log-level", "warning", "--device", "cpu", *extra]
+    cmd += ["--max-queue", str(SATURATE_QUEUE)] if args.saturate else []
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600  # a real model on a busy machine loads for minutes
+    while True:
+        try:
+            return server, base, httpx.get(base + "/v1/models", timeout=2).json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError):
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()  # else reading its output waits for a server that is still loading
+                print(server.stdout.read())
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.3)
+
+
 def merge(rounds: list[dict], engine: dict) -> dict:
     out = [r for rd in rounds for r in rd["out"]]
     wall = sum(rd["wall_s"] for rd in rounds)
@@ -301,6 +415,10 @@ def main() -> int:
                     help="fault mode: SIGKILL the engine worker S seconds into one run at the highest concurrency")
     ap.add_argument("--saturate", action="store_true",
                     help="overload mode: twice the clients the server admits, plus a 160,000-sequence request")
+    ap.add_argument("--chat-turns", type=int, metavar="N", help="prefix-cache mode: an N-turn chat, TTFT per turn "
+                    "with and without the prefix cache (two servers)")
+    ap.add_argument("--chat-tokens", type=int, default=1500, help="--chat-turns: tokens the chat grows to (~1500)")
+    ap.add_argument("--prefix-cache-mb", type=float, help="the server's --prefix-cache-mb (default: its own)")
     args = ap.parse_args()
     if args.kill_worker_at is not None and not 0 < args.kill_worker_at < args.duration:
         raise SystemExit(f"--kill-worker-at must be in (0, --duration={args.duration}), got {args.kill_worker_at}")
@@ -310,25 +428,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else make_model(Path(tmp) / f"{args.preset}-random", args.preset)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        cmd = [sys.executable, "-m", "quark", "serve", "--model", str(folder), "--port", str(port),
-               "--max-batch", str(max(args.concurrency)), "--log-level", "warning", "--device", "cpu"]
-        cmd += ["--max-queue", str(SATURATE_QUEUE)] if args.saturate else []
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if args.chat_turns:
+            return run_chat_turns(folder, args)
+        extra = [] if args.prefix_cache_mb is None else ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+        server, base, model = start_server(folder, args, extra)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    model = httpx.get(base + "/v1/models", timeout=2).json()["data"][0]["id"]
-                    break
-                except (httpx.HTTPError, KeyError):
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        print(server.stdout.read())
-                        raise SystemExit("the server did not start") from None
-                    time.sleep(0.3)
             asyncio.run(run_level(base, model, 2, 2.0, 8))  # warm-up
             if args.kill_worker_at is not None:
                 return report_kill(asyncio.run(run_with_kill(base, model, args)), args)

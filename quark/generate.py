@@ -62,17 +62,24 @@ class Decoder:
         return self.prefill_forward(idx, self.cache.rows(0, b), 0, self._mask(b), T)
 
     @torch.no_grad()
-    def prefill_rows(self, idx: torch.Tensor, lengths: torch.Tensor | None, start: int) -> torch.Tensor:
+    def prefill_rows(self, idx: torch.Tensor, lengths: torch.Tensor | None, start: int,
+                     offsets: torch.Tensor | None = None, n_keys: int | None = None) -> torch.Tensor:
         """m prompts right-padded into idx (m, T), true lengths `lengths` (m,) (None: all T), into rows
         start..start+m-1 while the other rows keep their state. Returns each prompt's last-token logits (m, V).
-        Padding slots are written too; a row's decode step overwrites each before any query of the row sees it."""
+        Padding slots are written too; a row's decode step overwrites each before any query of the row sees it.
+        With `offsets` (m,), row j's tokens go to slots offsets[j].. and attend over the slots before them too
+        (a prefix the caller copied in: quark/serve/prefix_cache.py); `n_keys` (> every real slot, the caller
+        knows it) bounds the slots attended over. Padding slots past the cache land on its last slot."""
         m, T = idx.shape
         if not 0 <= start <= self.B - m or T >= self.max_len:
             raise ValueError(f"prefill of {m}x{T} into rows {start}.. does not fit a decoder of "
                              f"{self.B}x{self.max_len}")
         self.key_mask[start:start + m].fill_(True)
-        return self.prefill_forward(idx, self.cache.rows(start, start + m), 0, None, T,
-                                    None if lengths is None else lengths - 1)
+        last = None if lengths is None else lengths - 1
+        if offsets is None:
+            return self.prefill_forward(idx, self.cache.rows(start, start + m), 0, None, T, last)
+        slots = (offsets[:, None] + torch.arange(T, device=offsets.device)).clamp_(max=self.max_len - 1)
+        return self.prefill_forward(idx, self.cache.rows(start, start + m), slots, None, n_keys, last)
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: torch.Tensor | None = None, n_keys: int | None = None) -> torch.Tensor:

@@ -11,7 +11,8 @@ Choices (litgpt's `LLM.load(...).generate(...)`, nanochat's `Engine`):
   caller's thread. A list of prompts is one batch; each prompt's reply is what it would be alone (with a `seed`,
   token for token what `quark chat --seed` and `generate(..., seed=)` give).
 - Defaults are the model card's recommended sampling, `quark.sampling.RECOMMENDED`; any call may override
-  `temperature`, `top_p`, `rep_penalty`, `max_new_tokens`, `seed`. `temperature=0` is greedy.
+  `temperature`, `top_p`, `rep_penalty`, `max_new_tokens`, `seed`. `temperature=0` is greedy. `response_format`
+  (OpenAI's json_object / json_schema) constrains the reply to JSON, as the server does.
 - `generate` takes plain text (for base models); `chat` renders OpenAI-format messages with the ChatML template
   (for instruction-tuned models). Both stop at <|im_end|> and <|endoftext|>, which never appear in the text.
 - `load` takes a run folder (newest checkpoint), a checkpoint, an HF export or a Llama folder; `device="auto"`
@@ -28,6 +29,7 @@ from .config import QuarkConfig
 from .model import Quark
 from .sampling import RECOMMENDED
 from .serve.engine import Engine, Request, SamplingParams
+from .serve.grammar import FormatError, schema_of
 from .serve.text import IncrementalDecoder
 from .tokenizer import Tokenizer
 from .weights import load_for_inference
@@ -52,11 +54,18 @@ class LLM:
 
     # ---- prompts -> ids ------------------------------------------------------------------------------------
     def params(self, **sampling) -> SamplingParams:
-        """The defaults with `sampling` overrides, checked (ValueError names the field)."""
-        unknown = set(sampling) - set(RECOMMENDED) - {"seed"}
+        """The defaults with `sampling` overrides, checked (ValueError names the field). `response_format` is
+        OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}} constrain the
+        reply to that JSON (quark/serve/grammar.py)."""
+        unknown = set(sampling) - set(RECOMMENDED) - {"seed", "response_format"}
         if unknown:
             raise TypeError(f"unknown sampling argument(s) {', '.join(sorted(unknown))}; allowed: "
-                            f"{', '.join([*RECOMMENDED, 'seed'])}")
+                            f"{', '.join([*RECOMMENDED, 'seed', 'response_format'])}")
+        if "response_format" in sampling:
+            try:
+                sampling["schema"] = schema_of(sampling.pop("response_format"))
+            except FormatError as e:
+                raise ValueError(f"response_format {e}") from None
         params = replace(self.defaults, **sampling)
         params.check()
         return params
@@ -107,7 +116,7 @@ class LLM:
     def _engine_for(self, batch: int) -> Engine:
         if self._engine is None or self._engine.max_batch < batch:
             tok = self.tokenizer
-            self._engine = Engine(self.model, tok.stop_ids, max_batch=max(batch, 1))
+            self._engine = Engine(self.model, tok.stop_ids, max_batch=max(batch, 1), tokenizer=tok)
         return self._engine
 
     def __repr__(self) -> str:

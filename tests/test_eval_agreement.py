@@ -33,3 +33,19 @@ def test_scores_and_loglikelihoods_agree_with_lm_eval():
         else:
             assert abs(r["ours"] - r["lm_eval"]) <= 0.005, r
             assert r["lm_eval_stderr"] is None or math.isclose(r["ours_stderr"], r["lm_eval_stderr"], rel_tol=1e-6)
+
+
+def test_lm_eval_through_the_server_agrees_with_quark_eval():
+    """lm-eval's `local-completions` against `quark serve` (echo + logprobs on /v1/completions) scores what `quark
+    eval` scores on the same items (bench/eval_agreement.py --server at a small --limit)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "eval_agreement.py"
+    spec = importlib.util.spec_from_file_location("eval_agreement", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("eval_agreement", mod)
+    spec.loader.exec_module(mod)
+    rows = mod.compare_server(["piqa", "arc_easy"], limit=20, batch_size=8)
+    assert {("piqa", "acc"), ("piqa", "acc_norm"), ("arc_easy", "acc"), ("arc_easy", "acc_norm")} <= \
+        {(r["task"], r["metric"]) for r in rows}
+    for r in rows:
+        assert r["n"] == 20 and r["dll"] < 5e-3, r
+        assert abs(r["ours"] - r["lm_eval"]) <= 1e-4, r

@@ -122,12 +122,13 @@ def test_probe_frequency_penalty_range(server):
 
 
 def test_probe_response_format(server):
-    """`response_format` returned 200 (ignored): anything but {"type": "text"} is refused until it is implemented."""
+    """`response_format` returned 200 (ignored). Now JSON formats are served (tests/test_serve_features.py) and a
+    malformed one is a 400 naming the field; {"type": "text"} is plain text."""
     msgs = [{"role": "user", "content": "hi"}]
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}, "json"):
+    for fmt in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}, "json", {"type": "xml"}):
         err = error(httpx.post(server.url + "/v1/chat/completions", json={
-            "messages": msgs, "max_tokens": 2, "response_format": fmt}), 400, "unsupported_parameter")
-        assert err["param"] == "response_format" and "not supported yet" in err["message"]
+            "messages": msgs, "max_tokens": 2, "response_format": fmt}), 400, "invalid_response_format")
+        assert err["param"] == "response_format"
     ok = httpx.post(server.url + "/v1/chat/completions", json={
         "messages": msgs, "max_tokens": 2, "response_format": {"type": "text"}}, timeout=60)
     assert ok.status_code == 200

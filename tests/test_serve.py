@@ -171,7 +171,11 @@ BAD_BODIES = [
     (json.dumps({"messages": [{"role": "user", "content": 5}]}), 400),
     (json.dumps({"messages": [{"role": "user"}]}), 400),
     (json.dumps({"messages": HELLO, "model": 3}), 400),
-    (json.dumps({"messages": HELLO, "logprobs": True}), 400),
+    (json.dumps({"messages": HELLO, "logprobs": 3}), 400),
+    (json.dumps({"messages": HELLO, "top_logprobs": 3}), 400),
+    (json.dumps({"messages": HELLO, "logprobs": True, "top_logprobs": 21}), 400),
+    (json.dumps({"messages": HELLO, "echo": True}), 400),
+    (json.dumps({"messages": HELLO, "max_tokens": 0}), 400),
     (json.dumps({"messages": HELLO, "tools": [{"type": "function"}]}), 400),
     (b"x" * (10 << 20), 413),
 ]

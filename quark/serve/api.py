@@ -6,11 +6,17 @@ Choices:
 - Omitted sampling fields default to the model card's recommended configuration (`quark.sampling.RECOMMENDED`),
   not OpenAI's temperature 1.0 / top_p 1.0: that is what this model needs to stay coherent.
 - `max_tokens` (or `max_completion_tokens`) is capped by the room left in the context and by the server-wide
-  limit; a prompt that leaves no room at all is a 400 `context_length_exceeded`.
+  limit; a prompt that leaves no room at all is a 400 `context_length_exceeded`. `max_tokens: 0` is accepted
+  only with `echo: true` (scoring a prompt, as lm-evaluation-harness and vLLM do).
+- Log-probs: the completions API's `logprobs: N` (0..20: each token's log-prob and the N likeliest) and `echo`
+  (the prompt's text and, with `logprobs`, its tokens' log-probs, the first one null); the chat API's `logprobs:
+  true` and `top_logprobs: N`. Their figures are the model's raw distribution (quark/serve/logprobs.py).
 - Fields this server does not implement are refused (400 `unsupported_parameter`), never silently ignored:
-  `logprobs`, `tools`, ... when set; `presence_penalty` / `frequency_penalty` other than 0 (they must still be
-  numbers in OpenAI's [-2, 2]; `repetition_penalty` is this server's penalty); `response_format` other than
-  `{"type": "text"}` (JSON mode is not implemented yet).
+  `suffix`, `tools`, ... when set (and `echo` on the chat API); `presence_penalty` / `frequency_penalty` other than 0 (they must still be
+  numbers in OpenAI's [-2, 2]; `repetition_penalty` is this server's penalty).
+- `response_format`: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
+  "schema"}} on both endpoints; the reply is then constrained to that JSON (quark/serve/grammar.py). A malformed
+  format or an invalid schema is a 400 `invalid_response_format` naming the problem.
 - The OpenAI `developer` role is the `system` role; any other role outside system/user/assistant is a 400.
 - Malformed bodies are 400s too: JSON nested deeper than the parser's recursion limit, and strings holding a
   lone UTF-16 surrogate (`"x\\ud800y"` is valid JSON but not Unicode, and the tokenizer cannot take it); the
@@ -24,11 +30,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..sampling import RECOMMENDED
 from ..tokenizer import Tokenizer
 from .engine import SamplingParams
+from .grammar import FormatError, schema_of
+from .logprobs import MAX_TOP
 
 DEFAULTS = {"temperature": RECOMMENDED["temperature"], "top_p": RECOMMENDED["top_p"],
             "repetition_penalty": RECOMMENDED["rep_penalty"]}
@@ -134,11 +142,12 @@ class Job:
     stops: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: no log-probs; N: the N likeliest tokens beside each one
+    echo: bool = False  # completions: the prompt comes back in front of the text (and its log-probs)
 
     def params_for(self, choice: int) -> SamplingParams:
         p = self.params
-        seed = None if p.seed is None else p.seed + choice
-        return SamplingParams(p.max_new_tokens, p.temperature, p.top_p, p.rep_penalty, seed)
+        return replace(p, seed=None if p.seed is None else p.seed + choice)
 
 
 def check_model(body: dict, served: str) -> None:
@@ -176,11 +185,29 @@ def check_budget(job: Job, max_tokens: int) -> int:
     return total
 
 
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "tool_choice")
+UNSUPPORTED = ("suffix", "logit_bias", "tools", "functions", "tool_choice")
 
 
-def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_tokens_limit: int) -> Job:
-    for name in UNSUPPORTED:  # refused rather than silently ignored
+def parse_logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(top-N log-probs or None, echo) from the completions API's `logprobs`/`echo` or the chat API's
+    `logprobs`/`top_logprobs`."""
+    if chat:
+        want = body.get("logprobs")
+        if want is not None and not isinstance(want, bool):
+            raise APIError(400, f"'logprobs' must be true or false, got {json.dumps(want)[:40]}", param="logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_TOP)
+        if top is not None and not want:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return (top or 0) if want else None, False
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise APIError(400, f"'echo' must be true or false, got {json.dumps(echo)[:40]}", param="echo")
+    return _integer(body, "logprobs", 0, MAX_TOP), bool(echo)
+
+
+def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_tokens_limit: int,
+                 chat: bool = False) -> Job:
+    for name in UNSUPPORTED + (("echo",) if chat else ()):  # refused rather than silently ignored
         if body.get(name) not in (None, False, {}, []):
             raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
     if body.get("best_of") not in (None, 1):
@@ -190,14 +217,20 @@ def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise APIError(400, f"'{name}' is not supported by this server (only 0); use 'repetition_penalty' "
                            "(> 0, 1.0 = off) to discourage repeats", param=name, code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise APIError(400, "'response_format' is not supported yet: only {\"type\": \"text\"} (plain text) is "
-                       f"accepted, got {json.dumps(fmt)[:60]}", param="response_format", code="unsupported_parameter")
+    try:
+        schema = schema_of(body.get("response_format"))
+    except FormatError as e:
+        raise APIError(400, f"'response_format' {e}", param="response_format", code="invalid_response_format") from None
     temperature = _number(body, "temperature", DEFAULTS["temperature"], 0.0, 2.0)
     top_p = _number(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0, lo_open=True)
     rep = _number(body, "repetition_penalty", DEFAULTS["repetition_penalty"], 0.0, 10.0, lo_open=True)
-    max_tokens = _integer(body, "max_tokens", 1)
+    logprobs, echo = parse_logprobs(body, chat)
+    if echo and schema is not None:
+        raise APIError(400, "'echo' cannot be combined with a JSON 'response_format'", param="response_format")
+    max_tokens = _integer(body, "max_tokens", 0)
+    if max_tokens == 0 and not echo:
+        raise APIError(400, "'max_tokens' must be >= 1 (0 only with 'echo': true, to score the prompt)",
+                       param="max_tokens")
     mct = _integer(body, "max_completion_tokens", 1)
     max_tokens = mct if mct is not None else max_tokens
     n = _integer(body, "n", 1, MAX_N) or 1
@@ -222,13 +255,13 @@ def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_
         raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop")
     longest = max(len(p) for p in prompts)
     room = context_length - longest
-    if room < 1:
+    if room < 1 and not (echo and max_tokens == 0):
         raise APIError(400, f"This model's maximum context length is {context_length} tokens; the prompt has "
                        f"{longest} tokens, leaving no room for a reply. Shorten the messages.",
                        param="messages", code="context_length_exceeded")
     max_new = min(max_tokens if max_tokens is not None else max_tokens_limit, room, max_tokens_limit)
-    params = SamplingParams(max_new, temperature, top_p, rep, seed)
-    return Job(prompts, n, params, stops, stream, include_usage)
+    params = SamplingParams(max_new, temperature, top_p, rep, seed, logprobs, prompt_logprobs=echo, schema=schema)
+    return Job(prompts, n, params, stops, stream, include_usage, logprobs, echo)
 
 
 def _content_text(content: object, index: int) -> str:

@@ -19,6 +19,13 @@ Choices:
   all free slots, are waiting), as TGI's `max_waiting_tokens` does: a prefill pass has a fixed cost (on CPU
   about what a short prompt's compute costs), so admitting arrivals in groups keeps more of the engine's time
   for decoding; an idle engine admits at once.
+- Prefix cache (quark/serve/prefix_cache.py, `prefix_cache_mb`, 0 = off): at admission a prompt's longest cached
+  run of full blocks is copied into its row and only the rest is prefilled (`prefill_rows` with per-row start
+  slots, attending over the copied slots); a prompt's blocks are kept once prefilled, a row's prompt + reply when
+  it retires. A request whose next `DEFER_BLOCKS` blocks a request admitted with it computes waits one step and
+  reuses them. Greedy tokens are the same with and without it (tests/test_serve_features.py).
+- Structured output (a request's `schema`): the row's xgrammar matcher checks each sampled token; a refused one is
+  sampled again from the masked logits (quark/serve/grammar.py).
 - Rows are grouped by (temperature, top_p, rep_penalty) and sampled together with the engine's generator. A
   request with a `seed` gets its own generator and is sampled alone by `quark.sampling.sample_next`, so its
   tokens are those of `generate(..., seed=seed)` whatever else is in the batch. Unseeded groups use quark/sampling.py
@@ -29,6 +36,12 @@ Choices:
 - A cancelled request (client gone) leaves the batch at the next step boundary; its slot is free at once.
 - Events go to each request's `sink(kind, value)`: ("token", id), then one ("done", "stop"|"length"|
   "cancelled") or ("error", message). Stop tokens (<|im_end|>, <|endoftext|>) end a reply and are not sent.
+  A request with `logprobs` also gets ("logprob", entry) before each token, and before the stop token that ends
+  it (so a scorer sees every sampled token); with `prompt_logprobs`, ("prompt_logprobs", entries) first (see
+  quark/serve/logprobs.py). Only "done" and "error" end a request.
+- Prompt log-probs (echo) come from the model's own forward over the prompt, as `quark eval` scores
+  (quark/serve/logprobs.py): a request for at most one new token (lm-eval's scoring requests: echo, logprobs,
+  max_tokens 0 or 1) is answered from that forward alone and never takes a cache row.
   `after_step` callbacks run once per step, so a consumer can hand a whole step's events on in one go.
 - The repetition penalty touches only the seen tokens: each row's tokens so far (prompt + output) are kept in
   `hist` (B, context + 1), and the penalty is a gather/scatter over them, the same arithmetic as
@@ -50,6 +63,12 @@ import torch
 from ..generate import check_prompts, make_decoder
 from ..model import Quark
 from ..sampling import RECOMMENDED, check_sampling_args, nucleus_sample, rep_penalty_ids, sample_next
+from ..tokenizer import Tokenizer
+from .grammar import Grammars
+from .logprobs import MAX_TOP, entries, score_prompts
+from .prefix_cache import BLOCK, DEFAULT_MB, PrefixCache
+
+DEFER_BLOCKS = 4  # a request waits a step to reuse the prefix of one admitted with it when they share this many
 
 
 @dataclass(frozen=True)
@@ -60,11 +79,16 @@ class SamplingParams:
     top_p: float = RECOMMENDED["top_p"]
     rep_penalty: float = RECOMMENDED["rep_penalty"]
     seed: int | None = None
+    logprobs: int | None = None  # None: none; N: each sampled token's log-prob and the N likeliest (0..MAX_TOP)
+    prompt_logprobs: bool = False  # also the prompt's own tokens' log-probs (echo), `logprobs` likeliest each
+    schema: str | None = None  # a JSON schema the reply must follow (quark/serve/grammar.py `schema_of`)
 
     def check(self) -> None:
         check_sampling_args(self.temperature, self.top_p, self.rep_penalty, self.max_new_tokens)
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < (0 if self.prompt_logprobs else 1):
+            raise ValueError(f"max_new_tokens must be >= 1 (0 only to score a prompt), got {self.max_new_tokens}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP}], got {self.logprobs!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -94,16 +118,17 @@ class Request:
         self.finish_reason: str | None = None
         self.n_generated = 0
         self.submitted = time.perf_counter()
+        self.block_keys: list[int] | None = None  # the prompt's prefix-cache keys, once computed
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
 class _Row:
-    __slots__ = ("req", "length", "generator")
+    __slots__ = ("req", "length", "generator", "matcher")
 
-    def __init__(self, req: Request, generator: torch.Generator | None):
-        self.req, self.length, self.generator = req, len(req.prompt), generator
+    def __init__(self, req: Request, generator: torch.Generator | None, matcher: object = None):
+        self.req, self.length, self.generator, self.matcher = req, len(req.prompt), generator, matcher
 
 
 class Engine:
@@ -112,7 +137,8 @@ class Engine:
     state = "ok"  # as `ProcessEngine.state`; a failed step fails only its requests, so this engine stays "ok"
 
     def __init__(self, model: Quark, stop_ids: Sequence[int], *, max_batch: int = 32, prefill_tokens: int = 4096,
-                 seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4):
+                 seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4,
+                 prefix_cache_mb: float = DEFAULT_MB, tokenizer: Tokenizer | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model.eval()
@@ -126,6 +152,12 @@ class Engine:
         self.device = model.device  # the norms' device, also after int8 weight quantization
         self.dec = make_decoder(model, max_batch, cfg.context_length)  # CUDA: a captured graph decoder
         self.dec.busy = True  # the engine owns it for good: generate() calls get their own decoders
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0: no prefix cache), got {prefix_cache_mb!r}")
+        self.prefix = PrefixCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, self.dec.dtype, self.device,
+                                  int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
+        self._now = False  # admit the next waiting request without waiting for company (see _admit)
+        self.tokenizer, self._grammars = tokenizer, None  # structured output: built at its first request
         self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.hist = torch.zeros(max_batch, cfg.context_length + 1, dtype=torch.long, device=self.device)
         self.last_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -148,6 +180,8 @@ class Engine:
                sink: Callable[[str, object], None] | None = None) -> Request:
         """Queue a prompt. ValueError if it cannot run (empty, bad ids, prompt + max_new_tokens > context)."""
         check_request(prompt, params, self.vocab_size, self.context_length)
+        if params.schema is not None and self.tokenizer is None:
+            raise ValueError("structured output (a schema) needs an engine built with its tokenizer")
         req = Request(prompt, params, sink)
         with self.lock:
             self.pending.append(req)
@@ -175,7 +209,10 @@ class Engine:
     def load(self) -> dict:
         with self.lock:
             pending = len(self.pending)
-        return {"active": len(self.rows), "pending": pending, "max_batch": self.max_batch, **self.stats}
+        out = {"active": len(self.rows), "pending": pending, "max_batch": self.max_batch, **self.stats}
+        if self.prefix is not None:
+            out["prefix_cache"] = self.prefix.stats()
+        return out
 
     def iter_tokens(self, req: Request) -> Iterator[int]:
         """Token ids of a request submitted without a sink, as they come; drives `step()` itself when no
@@ -188,6 +225,8 @@ class Engine:
                 kind, value = req.events.get()
                 if kind == "token":
                     yield value
+                elif kind in ("logprob", "prompt_logprobs"):
+                    continue
                 elif kind == "error":
                     raise RuntimeError(f"generation failed: {value}")
                 else:
@@ -249,12 +288,14 @@ class Engine:
             if not self.pending:
                 self._waited = 0
                 return False
-            if self.rows and len(self.pending) < min(self.admit_batch, self.max_batch - len(self.rows)):
+            if self.rows and not self._now and len(self.pending) < min(self.admit_batch,
+                                                                        self.max_batch - len(self.rows)):
                 self._waited += 1
                 if self._waited <= self.admit_wait_steps:
                     return False  # decode on; a few more arrivals will share one prefill pass
-            self._waited = 0
+            self._waited, self._now = 0, False
             budget = self.prefill_tokens
+            coming: set[int] = set()  # prefix-cache blocks the requests admitted so far will add
             while self.pending and len(self.rows) + len(new) < self.max_batch:
                 req = self.pending[0]
                 if req.cancelled:
@@ -264,6 +305,11 @@ class Engine:
                 longest = max([len(r.prompt) for r in new] + [len(req.prompt)])
                 if new and longest * (len(new) + 1) > budget:
                     break
+                if self.prefix is not None and not req.params.prompt_logprobs:
+                    if self._shares_with(req, coming):
+                        self._now = True  # next step, once the earlier one's blocks are in
+                        break
+                    coming.update(req.block_keys)
                 new.append(self.pending.popleft())
         if not new:
             return False
@@ -272,19 +318,49 @@ class Engine:
         self._admitting = []
         return True
 
+    def _shares_with(self, req: Request, coming: set[int]) -> bool:
+        """Whether the next `DEFER_BLOCKS` blocks `req` would compute are ones a request admitted with it computes
+        too: then it waits a step and reuses them (prefix caching within a batch). A shorter shared run is not
+        worth the step: a prefill pass has a fixed cost."""
+        if req.block_keys is None:
+            req.block_keys = PrefixCache.keys(req.prompt)
+        end = len(self.prefix.match(req.prompt, req.block_keys)) + DEFER_BLOCKS  # a chain: the last one says all
+        return end <= (len(req.prompt) - 1) // BLOCK and req.block_keys[end - 1] in coming
+
     def _prefill(self, reqs: list[Request]) -> None:
+        scored = [r for r in reqs if r.params.prompt_logprobs]
+        if scored:
+            self._score(scored)
+            reqs = [r for r in reqs if not r.params.prompt_logprobs or r.params.max_new_tokens > 1]
+            if not reqs:
+                return
         n0, m = len(self.rows), len(reqs)
-        T = max(len(r.prompt) for r in reqs)
+        offsets = [0] * m  # prompt tokens whose K/V the prefix cache gives
+        if self.prefix is not None:
+            for j, r in enumerate(reqs):
+                r.block_keys = r.block_keys or PrefixCache.keys(r.prompt)
+                found = self.prefix.lookup(r.prompt, r.block_keys)
+                if found:
+                    self.prefix.copy_in(found, self.dec.cache, n0 + j)
+                    offsets[j] = len(found) * BLOCK
+        T = max(len(r.prompt) - o for r, o in zip(reqs, offsets))
         idx = torch.zeros(m, T, dtype=torch.long)
-        for j, r in enumerate(reqs):
-            idx[j, :len(r.prompt)] = torch.tensor(r.prompt)
-        lengths = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
-        logits = self.dec.prefill_rows(idx.to(self.device), lengths, n0)  # (m, V)
+        for j, (r, o) in enumerate(zip(reqs, offsets)):
+            idx[j, :len(r.prompt) - o] = torch.tensor(r.prompt[o:])
+        lengths = torch.tensor([len(r.prompt) - o for r, o in zip(reqs, offsets)], device=self.device)
+        if any(offsets):
+            logits = self.dec.prefill_rows(idx.to(self.device), lengths, n0, torch.tensor(offsets, device=self.device),
+                                           max(len(r.prompt) for r in reqs))
+        else:
+            logits = self.dec.prefill_rows(idx.to(self.device), lengths, n0)  # (m, V)
+        if self.prefix is not None:
+            for j, r in enumerate(reqs):
+                self.prefix.insert(r.prompt, self.dec.cache, n0 + j, r.block_keys)
         for j, r in enumerate(reqs):
             gen = None
             if r.params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(r.params.seed)
-            self.rows.append(_Row(r, gen))
+            self.rows.append(_Row(r, gen, None if r.params.schema is None else self._grammar().matcher(r.params.schema)))
             prompt = torch.tensor(r.prompt, device=self.device)
             self.seen[n0 + j] = False
             self.seen[n0 + j, prompt] = True
@@ -293,6 +369,50 @@ class Engine:
             self.lengths[n0 + j] = len(r.prompt)
         self.stats["requests"] += m
         self._sample_and_emit(logits, first=n0)
+
+    def _score(self, reqs: list[Request]) -> None:
+        """Prompt log-probs (echo), through the model's own forward as `quark eval` scores. A request for at most
+        one new token is then done without a cache row: its token comes from the same forward."""
+        scores, last = score_prompts(self.model, [r.prompt for r in reqs], [r.params.logprobs or 0 for r in reqs])
+        for j, r in enumerate(reqs):
+            r.sink("prompt_logprobs", scores[j])
+            p = r.params
+            if p.max_new_tokens > 1:
+                continue  # prefilled into a row next, as any request
+            self.stats["requests"] += 1
+            if p.max_new_tokens == 0:
+                self._finish_event(r, "done", "length")
+                continue
+            gen = self.generator if p.seed is None else torch.Generator(device=self.device).manual_seed(p.seed)
+            seen = None
+            if p.rep_penalty != 1.0:
+                seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
+                seen[0, torch.tensor(r.prompt, device=self.device)] = True
+            t = int(sample_next(last[j:j + 1], seen, p.temperature, p.top_p, p.rep_penalty, gen)[0])
+            r.sink("logprob", entries(last[j:j + 1], torch.tensor([t]), p.logprobs or 0)[0])
+            if t in self.stop_ids:
+                self._finish_event(r, "done", "stop")
+            else:
+                r.n_generated += 1
+                self.stats["tokens"] += 1
+                r.sink("token", t)
+                self._finish_event(r, "done", "length")
+
+    def _grammar(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, sorted(self.stop_ids))
+        return self._grammars
+
+    def _constrain(self, tok: torch.Tensor, raw: torch.Tensor, rows: list[_Row], first: int) -> None:
+        """Rows with a grammar: keep a sampled token the grammar accepts, else sample again from the masked
+        logits `raw` (n, V) (quark/serve/grammar.py: the same distribution as masking first)."""
+        for i, row in enumerate(rows):
+            if row.matcher is None or row.matcher.accept_token(int(tok[i])):
+                continue
+            masked = self._grammar().mask(raw[i:i + 1], [row.matcher])
+            tok[i] = self._sample_group(masked, [row], torch.tensor([first + i], device=self.device))[0]
+            if not row.matcher.accept_token(int(tok[i])):  # nothing allowed (cannot happen with a stop token)
+                tok[i] = min(self.stop_ids)
 
     def _decode(self) -> None:
         n = len(self.rows)
@@ -334,7 +454,17 @@ class Engine:
     def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
         """Sample for rows first..end, send the tokens, retire finished rows."""
         rows = self.rows[first:]
-        tok = self._sample(logits, rows, first)
+        asked = [i for i, row in enumerate(rows) if row.req.params.logprobs is not None]
+        if asked:
+            ix = torch.tensor(asked, device=self.device)
+            raw = logits[ix]
+        tok = self._sample(logits, rows, first)  # sampling never writes into `logits`
+        if any(row.matcher is not None for row in rows):
+            self._constrain(tok, logits, rows, first)
+        if asked:
+            for i, e in zip(asked, entries(raw, tok[ix], max(rows[i].req.params.logprobs for i in asked))):
+                top = e[2][:rows[i].req.params.logprobs]
+                rows[i].req.sink("logprob", (e[0], e[1], top))
         n = len(rows)
         at = torch.arange(first, first + n, device=self.device)
         self.seen[at, tok] = True
@@ -360,6 +490,8 @@ class Engine:
     def _free(self, indices: list[int]) -> None:
         """Retire rows, keeping the active rows compact: the last row moves into each hole."""
         for i in sorted(indices, reverse=True):
+            if self.prefix is not None:  # prompt + reply: a chat's next turn starts with them
+                self.prefix.insert(self.hist[i, :self.rows[i].length].tolist(), self.dec.cache, i)
             last = len(self.rows) - 1
             if i != last:
                 self.dec.move_row(last, i, self.rows[last].length)

@@ -34,16 +34,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
-import json
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,9 +57,9 @@ from .api import (
     parse_json,
     parse_messages,
 )
+from .completion import Completion
 from .engine import Engine
 from .guard import BrowserGuard, check_origin
-from .text import IncrementalDecoder, StopMatcher
 
 STATIC = Path(__file__).parent / "static"
 RECOVERING = ("restarting", "unresponsive")  # engine states that may end by themselves: wait, Retry-After: 1
@@ -93,7 +91,7 @@ class _Dispatcher:
         def put(kind: str, value: object) -> None:
             with self.lock:
                 self.events.append((queue, (k, kind, value)))
-                if kind != "token":  # every sequence ends with exactly one done or error event
+                if kind in ("done", "error"):  # every sequence ends with exactly one of them
                     self.outstanding -= 1
         return put
 
@@ -109,35 +107,6 @@ class _Dispatcher:
             events, self.events, self.scheduled = self.events, [], False
         for queue, event in events:
             queue.put_nowait(event)
-
-
-class _Choice:
-    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
-        self.decoder, self.stopper = IncrementalDecoder(tokenizer), StopMatcher(stops)
-        self.req = None
-        self.tokens, self.text, self.finish = 0, [], None
-
-    def feed(self, kind: str, value: object) -> str:
-        """One engine event -> newly visible text; sets `finish` when this choice is over."""
-        if self.finish is not None:
-            return ""
-        if kind == "token":
-            self.tokens += 1
-            out = self.stopper.push(self.decoder.push(value))
-            if self.stopper.stopped:
-                self.finish = "stop"
-                self.req.cancel()
-        elif kind == "done":
-            out = self.stopper.push(self.decoder.flush())
-            out += self.stopper.flush()
-            self.finish = "length" if value == "length" and not self.stopper.stopped else "stop"
-        elif getattr(self.req, "engine_lost", False):  # its worker died: a new one is on its way
-            raise APIError(503, f"generation failed: {value}; retry in a moment", type_="server_error",
-                           code="engine_unavailable", retry_after=1)
-        else:
-            raise APIError(500, f"generation failed: {value}", type_="server_error", code="engine_error")
-        self.text.append(out)
-        return out
 
 
 @dataclass(frozen=True)
@@ -221,6 +190,8 @@ class _Server:
         self.capacity = engine.max_batch + limits.max_queue
         self.created = int(time.time())
         self.dispatcher = _Dispatcher(engine)
+        if isinstance(engine, Engine) and engine.tokenizer is None:
+            engine.tokenizer = tokenizer  # structured output builds its grammar's vocabulary from it
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -298,7 +269,7 @@ class _Server:
         self.room_for(count_sequences(body, self.limits.max_request_seqs, chat=True))
         messages = parse_messages(body)
         job = parse_common(body, [self.tokenizer.render_prompt(messages)], self.context,
-                           self.limits.max_tokens_limit)
+                           self.limits.max_tokens_limit, chat=True)
         return await self.run(job, request, chat=True)
 
     async def completions(self, request: Request):
@@ -342,129 +313,12 @@ class _Server:
     async def run(self, job: Job, request: Request, chat: bool):
         check_budget(job, self.limits.max_request_tokens)
         await self.engine_ready()
-        completion = _Completion(self, job, chat)
+        completion = Completion(self, job, chat)
         completion.submit(self.admit(job))
         if not job.stream:
             return await completion.whole(request)
         return StreamingResponse(completion.sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class _Completion:
-    """One HTTP request's choices while the engine runs them: their events, the response body or its SSE chunks."""
-
-    def __init__(self, server: _Server, job: Job, chat: bool):
-        self.engine, self.dispatcher, self.job, self.chat = server.engine, server.dispatcher, job, chat
-        self.tokenizer = server.tokenizer
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.choices: list[_Choice] = []
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                     "created": int(time.time()), "model": server.model_name}
-
-    def submit(self, seqs: int) -> None:
-        """One engine request per choice; `seqs` reserved sequences are released for any not submitted."""
-        job = self.job
-        try:
-            for prompt in job.prompts:
-                for i in range(job.n):
-                    c = _Choice(self.tokenizer, job.stops)
-                    c.req = self.engine.submit(prompt, job.params_for(i),
-                                               self.dispatcher.sink(self.events, len(self.choices)))
-                    self.choices.append(c)
-        except (ValueError, RuntimeError) as e:  # RuntimeError: the engine process is gone or restarting
-            self.dispatcher.release(seqs - len(self.choices))  # the submitted ones release themselves as they finish
-            for c in self.choices:
-                self.engine.cancel(c.req)
-            if isinstance(e, RuntimeError):
-                raise APIError(503, str(e), type_="server_error", code="engine_unavailable", retry_after=1) from None
-            raise APIError(400, str(e)) from None
-
-    def usage(self) -> dict:
-        prompt_tokens = sum(len(p) for p in self.job.prompts)
-        done = sum(c.tokens for c in self.choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
-
-    async def next_events(self) -> dict[int, tuple[str, str | None]]:
-        """Wait for one event, then take all that are already queued: {choice: (text, finish or None)}."""
-        batch = [await self.events.get()]
-        while not self.events.empty():
-            batch.append(self.events.get_nowait())
-        out = {}
-        for k, kind, value in batch:
-            c = self.choices[k]
-            was_open = c.finish is None
-            text = c.feed(kind, value)
-            if was_open:
-                prev, _ = out.get(k, ("", None))
-                out[k] = (prev + text, c.finish)
-        return out
-
-    def open_count(self) -> int:
-        return sum(c.finish is None for c in self.choices)
-
-    def cancel_all(self) -> None:
-        for c in self.choices:
-            if c.req.finish_reason is None:
-                self.engine.cancel(c.req)
-
-    async def whole(self, request: Request):
-        """The non-streaming response, once every choice is over; 499 when the client leaves first."""
-        try:
-            checked = time.monotonic()
-            while self.open_count():
-                try:
-                    await asyncio.wait_for(self.next_events(), timeout=0.25)
-                except TimeoutError:  # only ever cancelled while waiting on the queue: nothing lost
-                    pass
-                if time.monotonic() - checked > 0.25:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return Response(status_code=499)  # the client left: free its slots now
-        finally:
-            self.cancel_all()
-        if self.chat:
-            out = [{"index": k, "message": {"role": "assistant", "content": "".join(c.text)},
-                    "logprobs": None, "finish_reason": c.finish} for k, c in enumerate(self.choices)]
-        else:
-            out = [{"index": k, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish}
-                   for k, c in enumerate(self.choices)]
-        obj = "chat.completion" if self.chat else "text_completion"
-        return {**self.head, "object": obj, "choices": out, "usage": self.usage()}
-
-    def chunk(self, k: int, text: str | None, finish: str | None, role: bool = False) -> str:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
-        payload = {**self.head, "choices": [choice]}
-        if self.job.include_usage:
-            payload["usage"] = None
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-    async def sse(self):
-        """The SSE stream: a role chunk per choice (chat), text chunks as they come, finish chunks, usage, [DONE]."""
-        try:
-            if self.chat:
-                for k in range(len(self.choices)):
-                    yield self.chunk(k, None, None, role=True)
-            while self.open_count():
-                try:
-                    batch = await self.next_events()
-                except APIError as e:
-                    yield f"data: {json.dumps(e.body())}\n\n"
-                    break
-                for k, (text, finish) in batch.items():
-                    if text:
-                        yield self.chunk(k, text, None)
-                    if finish is not None:
-                        yield self.chunk(k, None, finish)
-            if self.job.include_usage:
-                yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            self.cancel_all()
 
 
 class ServerThread:

@@ -71,6 +71,7 @@ class WorkerSpec:
     stop_ids: tuple[int, ...] | None  # None: the tokenizer's <|im_end|> and <|endoftext|>
     max_batch: int
     seed: int | None
+    prefix_cache_mb: float = 512
 
 
 def _beat(beat: ctypes.c_double) -> None:
@@ -95,7 +96,8 @@ def _worker(conn: Connection, spec: WorkerSpec, beat: ctypes.c_double) -> None:
     try:
         model, tokenizer = load_for_inference(spec.model_path, spec.device, spec.quantize)
         stops = list(spec.stop_ids) if spec.stop_ids is not None else tokenizer.stop_ids
-        engine = Engine(model, stops, max_batch=spec.max_batch, seed=spec.seed)
+        engine = Engine(model, stops, max_batch=spec.max_batch, seed=spec.seed, prefix_cache_mb=spec.prefix_cache_mb,
+                        tokenizer=tokenizer)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -107,7 +109,7 @@ def _worker(conn: Connection, spec: WorkerSpec, beat: ctypes.c_double) -> None:
     def sink(rid: int):
         def put(kind: str, value: object) -> None:
             events.append((rid, kind, value))
-            if kind != "token":
+            if kind in ("done", "error"):
                 live.pop(rid, None)
         return put
 
@@ -180,7 +182,7 @@ class ProcessEngine:
                  stop_ids: Sequence[int] | None = None, max_batch: int = 32, seed: int | None = None,
                  start_timeout: float = 600.0, max_restarts: int = 5, backoff_s: float = 0.5,
                  stable_s: float = 60.0, heartbeat_timeout: float = 3.0, hang_timeout: float = 30.0,
-                 stall_timeout: float = 120.0):
+                 stall_timeout: float = 120.0, prefix_cache_mb: float = 512):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(max_restarts, int) or max_restarts < 0:
@@ -193,7 +195,7 @@ class ProcessEngine:
         self.heartbeat_timeout, self.hang_timeout, self.stall_timeout = heartbeat_timeout, hang_timeout, stall_timeout
         self.model_path, self.start_timeout = str(model_path), start_timeout
         self._spec = WorkerSpec(str(model_path), device, quantize, None if stop_ids is None else tuple(stop_ids),
-                                max_batch, seed)
+                                max_batch, seed, prefix_cache_mb)
         self.max_batch, self.max_restarts, self.backoff_s, self.stable_s = max_batch, max_restarts, backoff_s, stable_s
         self._standby = None  # (process, connection, heartbeat) of a worker that has imported torch and waits
         self.proc, self.conn, self.beat = self._launch()
@@ -371,7 +373,7 @@ class ProcessEngine:
                 req = self._requests.get(rid)
                 if req is None:
                     continue
-                if kind != "token":
+                if kind in ("done", "error"):
                     req.finish_reason = value if kind == "done" else "error"
                     self._requests.pop(rid, None)
                 req.sink(kind, value)

@@ -49,6 +49,7 @@ function params() {
     max_tokens: parseInt($("max_tokens").value, 10),
   };
   if ($("seed").value !== "") p.seed = parseInt($("seed").value, 10);
+  if ($("json_mode").checked) p.response_format = { type: "json_object" };
   return p;
 }
 
