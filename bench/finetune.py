@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--base", help="model to fine-tune (default: SmolLM2-135M-Instruct imported from the wheel)")
     ap.add_argument("--work", default="/tmp/quark-bench-finetune", help="work folder (runs resume from it)")
     ap.add_argument("--eval-limit", type=int, default=100, help="PIQA / HellaSwag items each (0: skip; issue: 500)")
+    ap.add_argument("--identity", type=int, default=64, help="identity conversations in the SFT set")
+    ap.add_argument("--control", type=int, default=40, help="control conversations (arithmetic, capitals)")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--lora-lr", type=float, default=5e-4)
@@ -163,20 +165,23 @@ def main() -> None:
         base = str(work / "smollm2")
         if not (work / "smollm2" / "config.json").exists():
             quark("import", smollm2_gguf(), "--out", base)
-    convs = sft_conversations()
+    convs = sft_conversations(args.identity, args.control)
     asked = {c[0]["content"] for c in convs}
     assert not asked & set(HELD_OUT_ASK + HELD_OUT_CONTROL), "held-out prompts leaked into the training set"
     (work / "train.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-    data = work / "data"
+    data = work / f"data-{args.identity}-{args.control}-{args.seq_len}"
     if not (data / "manifest.json").exists():
         quark("prepare", "--sft", str(work / "train.jsonl"), "--tokenizer", base, "--out", str(data),
               "--seq-len", str(args.seq_len), "--val-fraction", "0", "--quiet")
     common = [f"epochs={args.epochs}", f"batch_size={args.batch_size}", "warmup_steps=5"]
     results, seconds = {}, {}
+    print(f"{len(convs)} conversations; scoring the base", flush=True)
     results["base"] = score(Path(base), args.eval_limit)
+    print(json.dumps(results["base"])[:800], flush=True)
     seconds["full_sft"] = train(base, data, work / "full", common + [f"lr={args.full_lr}",
                                                                      f"min_lr={args.full_lr / 10}"])
     results["full SFT"] = score(work / "full", args.eval_limit)
+    print(json.dumps(results["full SFT"])[:800], flush=True)
     seconds["lora"] = train(base, data, work / "lora", common + [f"lora_rank={args.lora_rank}", f"lr={args.lora_lr}",
                                                                  f"min_lr={args.lora_lr / 10}"])
     results[f"LoRA r={args.lora_rank}"] = score(work / "lora", args.eval_limit)

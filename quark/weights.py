@@ -142,7 +142,12 @@ def weights_fingerprint(path: str | Path) -> str:
     or its bytes' SHA-256 (any other file, a .gguf included)."""
     path = resolve_model_path(path)
     h = hashlib.sha256()
-    for f in ([path] if path.is_file() else weight_files(path)):
+    if path.is_dir() and (path / LORA_JSON).exists():  # a LoRA checkpoint as the base: its base, then its adapters
+        h.update(str(read_lora_json(path)["base_fingerprint"]).encode())
+        files = [path / ADAPTER_FILE]
+    else:
+        files = [path] if path.is_file() else weight_files(path)
+    for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 rec = (sf.metadata() or {}).get(HASH_KEY)
