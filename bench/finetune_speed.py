@@ -123,7 +123,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for mode, rs in results.items():
         best = max(rs, key=lambda r: r["tok_s"])
-        print(f"| {mode} | {best['trainable'] / 1e6:.2f}M | {best['tok_s']:.0f} | {best['peak_rss_mb']:.0f} | "
+        print(f"| {mode} | {best['trainable'] / 1e6:.2f}M | {best['tok_s']:.2f} | {best['peak_rss_mb']:.0f} | "
               f"{best['train_rss_mb']:.0f} |")
     for ours, peer in (("quark-full", "hf-full"), ("quark-lora", "hf-peft")):
         if ours in results and peer in results:
