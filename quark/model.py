@@ -411,7 +411,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         wc = w.to(cd)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         gh = torch.empty_like(h)
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        need_gw = ctx.needs_input_grad[1]  # a frozen head (LoRA) needs no (vocab x d) weight gradient
+        gw = torch.zeros(w.shape if need_gw else (0,), dtype=torch.float32, device=w.device)
         for i in range(0, h.shape[0], chunk_rows):
             hc, tc = h[i:i + chunk_rows].to(cd), t[i:i + chunk_rows]
             valid = tc != -100
@@ -424,7 +425,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.mul_(valid[:, None])
             g = g.to(cd)
             gh[i:i + chunk_rows] = (g @ wc).to(h.dtype)
-            if cd == torch.float32:
+            if not need_gw:
+                pass
+            elif cd == torch.float32:
                 gw.addmm_(g.T, hc)
             else:
                 gw += (g.T @ hc).float()
@@ -435,4 +438,5 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         gh, gw = ctx.saved_tensors
-        return gh * grad.to(gh.dtype), (gw * grad).to(ctx.w_dtype), None, None
+        gw = (gw * grad).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return gh * grad.to(gh.dtype), gw, None, None

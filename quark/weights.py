@@ -13,6 +13,10 @@ Choices:
   tensors just read (0.2-0.5 s for quark-72m's 287 MB on 2 CPU cores, dev/LOG.md); `QUARK_NO_VERIFY=1` skips that.
   Files without the key (HF or Llama folders from elsewhere) load unverified. Every file, ours or not, is
   refused at load when a tensor holds NaN or Inf, and `save_safetensors` refuses to write one.
+- A LoRA checkpoint (quark/lora.py) is `config.json` (the base's) + `adapter.safetensors` (the adapters only) +
+  `lora.json` (rank, alpha, dropout, targets, the base's path and `base_fingerprint`, a hash of its weights).
+  `load_model` loads the base, refuses it when its fingerprint differs, applies the adapters and merges them:
+  every reader of a model folder (chat, serve, eval, export) gets plain weights.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .tokenizer import Tokenizer
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HASH_KEY = "quark_sha256"
 TOKENIZER_KEY = "quark_tokenizer_sha256"
+LORA_JSON, ADAPTER_FILE = "lora.json", "adapter.safetensors"
 NO_VERIFY_ENV = "QUARK_NO_VERIFY"
 
 
@@ -104,6 +109,79 @@ def save_model(model: Quark, folder: str | Path, dtype: torch.dtype | None = Non
     save_safetensors(sd, folder / "model.safetensors", metadata=meta)
     atomic_write_text(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
     return folder
+
+
+def save_adapter(model: Quark, folder: str | Path, lora: dict, tokenizer: Tokenizer | None = None) -> Path:
+    """Write a LoRA checkpoint folder: config.json, adapter.safetensors (adapters only), lora.json (`lora`: rank,
+    alpha, dropout, targets, base, base_fingerprint) and the tokenizer files."""
+    from .lora import lora_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt"}
+    if tokenizer is not None:
+        tokenizer.save(folder, model_max_length=model.config.context_length)
+        meta[TOKENIZER_KEY] = tokenizer.sha256()
+    save_safetensors(lora_state_dict(model), folder / ADAPTER_FILE, metadata=meta)
+    atomic_write_text(folder / LORA_JSON, json.dumps(lora, indent=2) + "\n")
+    atomic_write_text(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+    return folder
+
+
+def read_lora_json(folder: Path) -> dict:
+    try:
+        d = json.loads(read_utf8(folder / LORA_JSON))
+        return {"rank": int(d["rank"]), "alpha": float(d["alpha"]), "dropout": float(d.get("dropout", 0.0)),
+                "targets": list(d["targets"]), "base": str(d["base"]), "base_fingerprint": d.get("base_fingerprint")}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise IntegrityError(f"{folder / LORA_JSON}: not a LoRA description (rank, alpha, targets, base): {e}") from None
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """SHA-256 naming a model's weights: over each weight file's recorded `quark_sha256` (Quark-written files)
+    or its bytes' SHA-256 (any other file, a .gguf included)."""
+    path = resolve_model_path(path)
+    h = hashlib.sha256()
+    if path.is_dir() and (path / LORA_JSON).exists():  # a LoRA checkpoint as the base: its base, then its adapters
+        h.update(str(read_lora_json(path)["base_fingerprint"]).encode())
+        files = [path / ADAPTER_FILE]
+    else:
+        files = [path] if path.is_file() else weight_files(path)
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                rec = (sf.metadata() or {}).get(HASH_KEY)
+        except (SafetensorError, OSError, ValueError):
+            rec = None
+        if rec is None:
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                while block := fp.read(1 << 24):
+                    fh.update(block)
+            rec = fh.hexdigest()
+        h.update(rec.encode())
+    return h.hexdigest()
+
+
+def load_adapted(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Quark:
+    """A LoRA checkpoint as a plain model: its base, checked against `base_fingerprint`, plus the merged adapters."""
+    from .lora import apply_lora, load_lora_state, merge_lora
+
+    lora = read_lora_json(folder)
+    adapters = read_safetensors(folder / ADAPTER_FILE)
+    base = Path(lora["base"])
+    if not base.exists():
+        raise FileNotFoundError(f"{folder / LORA_JSON}: base model {base} not found; these adapters need the "
+                                "model they were trained on (edit \"base\" there if it moved)")
+    if lora["base_fingerprint"] and (got := weights_fingerprint(base)) != lora["base_fingerprint"]:
+        raise IntegrityError(f"{folder / LORA_JSON}: base model {base} has weights {got[:12]}..., the adapters "
+                             f"were trained on {lora['base_fingerprint'][:12]}...: not the same base model")
+    model = load_model(base, device=device, dtype=torch.float32)
+    if model.config != config_from_folder(folder):
+        raise ValueError(f"{folder / 'config.json'}: differs from the base model {base}'s config")
+    apply_lora(model, lora["rank"], lora["alpha"], targets=lora["targets"])
+    load_lora_state(model, adapters, str(folder / ADAPTER_FILE))
+    return merge_lora(model).to(dtype).eval()
 
 
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu", verify: bool | None = None) -> dict[str, torch.Tensor]:
@@ -312,6 +390,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     path = resolve_model_path(path)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         read_safetensors(path)  # raises the pickle refusal
+    if path.is_dir() and (path / LORA_JSON).exists():
+        return load_adapted(path, device, dtype)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder")
     files = weight_files(path) if path.is_dir() else [path]  # a missing or pickle-only folder fails first
@@ -329,7 +409,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 def recorded_tokenizer_sha256(path: Path) -> str | None:
     """The tokenizer hash a model folder's weights were saved with (safetensors metadata), if recorded."""
     try:
-        with safe_open(str(weight_files(path)[0]), framework="pt", device="cpu") as f:
+        file = path / ADAPTER_FILE if (path / LORA_JSON).exists() else weight_files(path)[0]
+        with safe_open(str(file), framework="pt", device="cpu") as f:
             return (f.metadata() or {}).get(TOKENIZER_KEY)
     except (SafetensorError, OSError, ValueError):
         return None  # unreadable weights fail later, at load, with their own message

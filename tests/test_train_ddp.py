@@ -69,3 +69,43 @@ def test_two_processes_match_one_process(tmp_path, tiny_tokenizer):
     assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3  # training moved the weights
     for k in a:  # fp32 sums in another order: agreement to ~1e-7 seen, 1e-5 allowed
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def losses(run) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+# slow: two torchrun agents (one per "node") and their two workers, ~5 s of torch import each
+@pytest.mark.slow
+def test_two_nodes_match_one_process_with_lora(tmp_path, tiny_tokenizer):
+    """`torchrun --nnodes 2` as two launchers on this machine (c10d rendezvous on localhost, gloo), as on two
+    machines: LoRA SFT with one row per node gives one process's losses and adapters with the same global batch."""
+    data = write_sft_data(tmp_path / "data", tiny_tokenizer, conversations(), seq_len=48)
+    base = tmp_path / "base"
+    save_model(Quark(QuarkConfig.from_name("test")).init_weights(1), base)
+    tiny_tokenizer.save(base)
+    # lr 1e-4: Adam normalises lora_A's near-zero first gradients (B starts at 0), so fp32 summation-order noise
+    # becomes a full-size step; a small lr keeps that within the tolerance (1e-2 gave 4e-4 loss differences)
+    common = dict(max_steps=3, warmup_steps=1, lr=1e-4, min_lr=1e-5, log_every=1, eval_every=0, eval_batches=1, samples=0,
+                  tensorboard=False, plot=False, lora_rank=4)
+    train(TrainConfig(kind="sft", data=str(data), base=str(base), out=str(tmp_path / "one"), batch_size=2, **common))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    port = free_port()
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in common.items()]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}", "--rdzv_id=quark-test",
+                               "-m", "quark", "sft", "--data", str(data), "--from", str(base), "--out",
+                               str(tmp_path / "two"), "--set=batch_size=1", *sets],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=240) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(o[1][-2000:] for o in outs)
+    assert any("1 x 48 tokens x 2 process(es) x 1 accum" in o[0] for o in outs)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
+    step = ("checkpoints", "step_000003", "adapter.safetensors")
+    a, b = read_safetensors((tmp_path / "one").joinpath(*step)), read_safetensors((tmp_path / "two").joinpath(*step))
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 0  # the adapters trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)

@@ -152,8 +152,9 @@ def _check_options(job: _Job) -> None:
     if mixture.kind == "pretrain":
         if tokens is None:
             raise ValueError(f"mixture {mixture.name!r}: give a token budget (--tokens N or tokens = N in the file)")
-        if job.tok.base_vocab_size > 65536:
-            raise ValueError(f"tokenizer base vocabulary {job.tok.base_vocab_size} does not fit uint16 shards")
+        if job.tok.base_vocab_size > 65536:  # SFT rows are int32 and take any vocabulary
+            raise ValueError(f"tokenizer vocabulary of {job.tok.base_vocab_size:,} ids does not fit pre-training's "
+                             "uint16 shards (at most 65,536 ids); SFT data (--sft) takes any vocabulary")
     else:
         if not 8 <= job.seq_len <= 1 << 20:
             raise ValueError(f"--seq-len must be in [8, 1048576], got {job.seq_len}")

@@ -157,7 +157,8 @@ def card_facts(checkpoint: str | Path, *, run: str | Path | None = None, eval_re
             base = None  # the base run is not on this machine; the card names its path only
     ev, ev_path = _find_eval(folder, run_dir, eval_results)
     tok = Tokenizer.load(folder)
-    n_params = count_params(folder)
+    lora = (folder / "lora.json").exists()  # a LoRA checkpoint stores adapters only: count the merged model
+    n_params = sum(p.numel() for p in model.parameters()) if lora and model is not None else count_params(folder)
     if model is not None and sum(p.numel() for p in model.parameters()) != n_params:
         raise RuntimeError(f"{folder}: the weights file and the loaded model disagree on the parameter count")
     finished = (rf or {}).get("finished") or ""

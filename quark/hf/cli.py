@@ -10,7 +10,11 @@ import json
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format != "gguf" and (args.quant or args.gguf_amx_safe):
         raise ValueError(f"--quant and --gguf-amx-safe apply to --format gguf, not --format {args.format}")
-    if args.format == "gguf":
+    if args.format == "peft":
+        from .peft_export import export_peft
+
+        out = export_peft(args.checkpoint, args.out, overwrite=args.force, base_model=args.base_model)
+    elif args.format == "gguf":
         from .gguf_export import export_gguf
 
         out = export_gguf(args.checkpoint, args.out, dtype=args.gguf_dtype, overwrite=args.force, name=args.name,
@@ -44,9 +48,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                       "or a GGUF file, with a generated model card")
     p.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or run folder (newest step)")
     p.add_argument("--out", required=True, help="output folder (hf, llama) or .gguf file (gguf)")
-    p.add_argument("--format", choices=("hf", "llama", "gguf"), default="hf",
+    p.add_argument("--format", choices=("hf", "llama", "gguf", "peft"), default="hf",
                    help="hf: config.json + auto_map + modeling_quark.py (default); llama: plain LlamaForCausalLM "
-                        "folder, no remote code; gguf: one llama.cpp file")
+                        "folder, no remote code; gguf: one llama.cpp file (a LoRA run's adapters are merged into "
+                        "all three); peft: a LoRA run's adapters as a PEFT adapter folder")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output")
     p.add_argument("--run", help="run folder whose run.json/metrics.jsonl fill the card (default: found from the "
                                  "checkpoint's path)")
@@ -54,7 +59,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name shown in the card / GGUF metadata (default: the output's name)")
     p.add_argument("--repo-id", help="Hub repository id used in the card's Quickstart (default: the name)")
     p.add_argument("--base-model", help="the Hub model id (org/name) of the base model, for an SFT model's card "
-                   "(base_model in its front matter); left out when not given")
+                   "(base_model in its front matter); left out when not given. --format peft: the transformers "
+                   "base the adapters load onto (default: the base the run recorded)")
     p.add_argument("--gguf-dtype", choices=("f32", "f16"), default="f32",
                    help="GGUF weight type for the matrices (norms stay f32); default f32")
     p.add_argument("--quant", choices=("q8_0", "q4_0"), help="gguf: quantize the matrices (gguf package quantizers)")

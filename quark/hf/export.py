@@ -44,7 +44,7 @@ from .remote_code import remote_code_files
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_quark.QuarkForCausalLM"}
 # The card's "Recommended starting configuration" for generate_text(), in transformers' names.
 RECOMMENDED = {("repetition_penalty" if k == "rep_penalty" else k): v for k, v in SAMPLING_RECOMMENDED.items()}
-FORMATS = ("hf", "llama", "gguf")
+FORMATS = ("hf", "llama", "gguf", "peft")
 
 
 def _transformers_version() -> str | None:
@@ -123,7 +123,7 @@ def check_not_source(out: Path, source: Path) -> None:
                          "; exporting there would replace the model being read: choose another --out")
 
 
-def _staging_dir(out: Path, overwrite: bool) -> Path:
+def staging_dir(out: Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -135,7 +135,7 @@ def _staging_dir(out: Path, overwrite: bool) -> Path:
         raise write_error(e, out.parent) or e from None
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old")
@@ -152,7 +152,8 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
     """Write `checkpoint` (a model folder, checkpoint or run folder) as a `fmt` ("hf" or "llama") model folder
     at `out`, with README.md (the generated model card) and LICENSE. Returns `out`."""
     if fmt not in ("hf", "llama"):
-        raise ValueError(f"format {fmt!r}: allowed formats are {', '.join(FORMATS)} (gguf: quark.hf.gguf_export)")
+        raise ValueError(f"format {fmt!r}: allowed formats are {', '.join(FORMATS)} (gguf: quark.hf.gguf_export, "
+                         "peft: quark.hf.peft_export)")
     from .card import MIT_LICENSE, card_facts, render_model_card
 
     out = Path(out)
@@ -162,7 +163,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
     cfg = model.config
     facts = card_facts(folder, run=run, eval_results=eval_results, name=name or out.name, repo_id=repo_id,
                        base_model=base_model, model=model)
-    tmp = _staging_dir(out, overwrite)
+    tmp = staging_dir(out, overwrite)
     try:
         sd = {k: v.to(torch.float32) for k, v in state_dict_for_save(model).items()}
         save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt", TOKENIZER_KEY: tok.sha256()})
@@ -183,7 +184,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
             card, notice = render_model_card(facts, fmt=fmt), MIT_LICENSE.format(year=facts["year"])
         atomic_write_text(tmp / "README.md", card)
         atomic_write_text(tmp / "LICENSE", notice)
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if (err := write_error(e, out)) is not None:  # a full disk or read-only folder: named in one line

@@ -1,7 +1,9 @@
 """Training checkpoints: a model folder plus the full training state, written atomically, last K kept.
 
 Layout of `RUN/checkpoints/step_NNNNNN/`:
-    config.json, model.safetensors, tokenizer files     (a model folder: `quark chat`, `eval`, `export` load it)
+    config.json, model.safetensors, tokenizer files     (a model folder: `quark chat`, `eval`, `export` load it;
+                                                         a LoRA run writes adapter.safetensors + lora.json instead
+                                                         of model.safetensors: the adapters only, see quark.weights)
     train_state.safetensors                             (AdamW moments and step counts, RNG states)
     train_state.json                                    (step, tokens, elapsed time, schedule plan, loader
                                                          state, optimizer hyper-parameters, train config)
@@ -50,7 +52,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     ckpts = Path(run_dir) / "checkpoints"
     if not ckpts.is_dir():
         return []
-    return sorted(p for p in ckpts.glob("step_*") if (p / STATE_JSON).exists() and (p / "model.safetensors").exists())
+    return sorted(p for p in ckpts.glob("step_*") if (p / STATE_JSON).exists() and model_file(p).exists())
+
+
+def model_file(ckpt: Path) -> Path:
+    """The weights a checkpoint holds: the LoRA adapters of a LoRA run, else the whole model."""
+    return ckpt / weights.ADAPTER_FILE if (ckpt / weights.LORA_JSON).exists() else ckpt / "model.safetensors"
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -85,7 +92,9 @@ def verify_checkpoint(ckpt: str | Path) -> None:
     ckpt = Path(ckpt)
     read_state_json(ckpt)
     weights.config_from_folder(ckpt)
-    weights.read_safetensors(ckpt / "model.safetensors")
+    if (ckpt / weights.LORA_JSON).exists():
+        weights.read_lora_json(ckpt)
+    weights.read_safetensors(model_file(ckpt))
     check_state_json(ckpt, weights.read_safetensors(ckpt / STATE_TENSORS))
 
 
@@ -153,8 +162,9 @@ def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer,
-                    optimizer: torch.optim.Optimizer, state: dict, *, keep_last: int = 3) -> Path:
-    """Write `RUN/checkpoints/step_NNNNNN/` atomically, then delete all but the newest `keep_last`."""
+                    optimizer: torch.optim.Optimizer, state: dict, *, keep_last: int = 3, lora: dict | None = None) -> Path:
+    """Write `RUN/checkpoints/step_NNNNNN/` atomically, then delete all but the newest `keep_last`. With `lora`
+    (the lora.json contents) only the model's adapters are written."""
     ckpts = Path(run_dir) / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / step_dir_name(step)
@@ -162,7 +172,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        weights.save_model(model, tmp, tokenizer=tokenizer)  # the tokenizer's hash goes into the weights' metadata
+        if lora is not None:
+            weights.save_adapter(model, tmp, lora, tokenizer=tokenizer)
+        else:
+            weights.save_model(model, tmp, tokenizer=tokenizer)  # the tokenizer's hash goes into the weights' metadata
         names = optimizer_param_names(model, optimizer)
         tensors, groups = optimizer_tensors(optimizer, names)
         tensors["rng.cpu"] = torch.get_rng_state()
@@ -197,9 +210,14 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
     state = read_state_json(ckpt)
     weights.config_from_folder(ckpt)
     device = next(model.parameters()).device
-    sd = weights.read_safetensors(ckpt / "model.safetensors", device=device)
-    with torch.no_grad():
-        weights.load_state_into(model, sd, str(ckpt / "model.safetensors"))
+    sd = weights.read_safetensors(model_file(ckpt), device=device)
+    if (ckpt / weights.LORA_JSON).exists():
+        from ..lora import load_lora_state
+
+        load_lora_state(model, sd, str(model_file(ckpt)))
+    else:
+        with torch.no_grad():
+            weights.load_state_into(model, sd, str(ckpt / "model.safetensors"))
     tensors = weights.read_safetensors(ckpt / STATE_TENSORS)
     check_state_json(ckpt, tensors)
     if optimizer is not None:

@@ -11,6 +11,10 @@ Choices:
   token a target), so the SFT run keeps practising its pre-training distribution; `epochs` still counts SFT rows.
   On the tiny speedrun's base, 250 SFT steps raised the full pre-training val loss by 0.69 nats/token without it
   and by 0.003 with pretrain_mix = 0.25, at a 0.11 higher SFT val loss (dev/LOG.md, 2026-12-02 issue 23).
+- LoRA (`lora_rank` > 0, SFT only): the base is frozen and `quark.lora` adapters of that rank train on the
+  `lora_targets` matrices (default: all seven of attention and MLP), scaled by lora_alpha / lora_rank (lora_alpha
+  0: twice the rank, a common choice that keeps the update's size as the rank changes); the checkpoints hold only
+  the adapters. AdamW only: Muon orthogonalises whole matrices, which a rank-r factor is not.
 - Budgets: a run stops at the first of `max_steps`, `max_tokens`, `epochs` (SFT) and `max_minutes`; at least one
   must be set. The cosine schedule spans the planned steps; a time-bounded run plans its step count from the
   speed of its first steps and stores the plan in its checkpoints, so a resumed run follows the same schedule.
@@ -24,6 +28,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..lora import LORA_TARGETS, check_targets
 from ..textio import read_utf8
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -51,6 +56,10 @@ class TrainConfig:
     pretrain_data: str = ""         # SFT: a pre-training data folder: its val loss (first eval_batches windows)
                                     # is logged as pretrain_val_loss; with pretrain_mix > 0 its windows mixed in
     pretrain_mix: float = 0.0       # SFT: share of each micro-batch's rows that are pre-training windows (< 1)
+    lora_rank: int = 0              # SFT: > 0 trains LoRA adapters of this rank, the base frozen (0: full SFT)
+    lora_alpha: float = 0.0         # LoRA scale = lora_alpha / lora_rank; 0: 2 * lora_rank
+    lora_dropout: float = 0.0       # dropout on the adapters' input (PEFT's lora_dropout)
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
     optimizer: str = "adamw"        # adamw | muon (Muon on hidden matrices, AdamW on the rest; quark/train/optim.py)
     lr: float = 3e-3
     min_lr: float = 3e-4            # the cosine floor
@@ -92,9 +101,24 @@ class TrainConfig:
         need(not self.pretrain_mix or self.kind == "sft", "pretrain_mix", "applies to SFT runs only")
         need(not self.pretrain_mix or bool(self.pretrain_data), "pretrain_mix",
              "needs pretrain_data, the pre-training data folder (`quark prepare --mixture ...`) to mix in")
+        need(self.lora_rank >= 0, "lora_rank", "must be >= 0 (0: full fine-tuning)")
+        need(not self.lora_rank or self.kind == "sft", "lora_rank", "applies to SFT runs only (quark sft)")
+        need(not self.lora_rank or self.optimizer == "adamw", "lora_rank",
+             f"trains with optimizer='adamw' only (optimizer={self.optimizer!r})")
+        need(self.lora_alpha >= 0, "lora_alpha", "must be >= 0 (0: 2 * lora_rank)")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        check_targets(self.lora_targets, "train config: lora_targets")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.min_lr <= self.lr, "min_lr", f"must be <= lr={self.lr}")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "beta1 and beta2 must be in [0, 1)")
+
+    @property
+    def lora(self) -> dict | None:
+        """rank, alpha, dropout and targets of a LoRA run (None: full fine-tuning)."""
+        if not self.lora_rank:
+            return None
+        return {"rank": self.lora_rank, "alpha": self.lora_alpha or 2.0 * self.lora_rank,
+                "dropout": self.lora_dropout, "targets": list(check_targets(self.lora_targets))}
 
     def check_budget(self) -> None:
         if not (self.max_steps or self.max_tokens or self.max_minutes or self.epochs):

@@ -3,12 +3,15 @@ against each other before any training step, with errors that name the file and 
 
 Choices:
 - The tokenizer is `tokenizer` from the config when given, else the data folder's own (`DATA/tokenizer.json`, or
-  `DATA/tokenizer/`), else (SFT) the base checkpoint's. When the manifest records `tokenizer_sha256`, the
-  tokenizer must hash to it: shards encoded with one tokenizer are meaningless under another.
-- Pre-training builds the model from a preset name or a `config.json`; its `vocab_size` (embedding rows, chat
-  tokens included) must equal the tokenizer's.
-- SFT takes the architecture and weights from the base (a checkpoint, an export or a run folder's newest
-  checkpoint); a folder of another architecture fails naming the unknown fields or tensors.
+  `DATA/tokenizer/`), else (SFT) the base model's own files (`quark.weights.load_tokenizer_for`: a folder, a run
+  or a .gguf file). When the manifest records `tokenizer_sha256`, the tokenizer must hash to it: shards encoded
+  with one tokenizer are meaningless under another.
+- Vocabulary: every id of the tokenizer must have an embedding row (`vocab_size` >= the tokenizer's ids); a model
+  in Quark's own layout (chat tokens as the last two ids) must match exactly, since its rows are those ids.
+- Pre-training builds the model from a preset name or a `config.json`.
+- SFT takes the architecture and weights from the base: any model Quark loads (a checkpoint, a run folder's
+  newest checkpoint, an export, an imported or HF Llama folder, a llama .gguf file); a model of another
+  architecture fails naming the field Quark cannot run.
 - Loaders come from `quark.data.loader.make_loader`. With `pretrain_data` an SFT run also measures the pre-training
   validation loss at each evaluation (what SFT costs the base), and with `pretrain_mix` its train batches are a
   `MixedLoader`: round(pretrain_mix * batch_size) rows (at least 1) of pre-training windows of the SFT row length,
@@ -24,7 +27,7 @@ import torch
 from ..config import QuarkConfig
 from ..data.loader import make_loader, read_manifest
 from ..tokenizer import Tokenizer
-from ..weights import config_from_file, config_from_folder, resolve_model_path
+from ..weights import config_for, config_from_file, config_from_folder, load_tokenizer_for, resolve_model_path
 from .config import TrainConfig
 
 
@@ -53,7 +56,8 @@ def load_tokenizer(cfg: TrainConfig, manifest: dict) -> Tokenizer:
     if not cands:
         raise FileNotFoundError(f"{cfg.data}: no tokenizer found (looked for tokenizer.json and tokenizer/ there); "
                                 "pass --tokenizer PATH (the one given to `quark prepare`)")
-    tok = Tokenizer.load(cands[0])
+    is_model = cands[0].is_file() and cands[0].suffix == ".gguf" or (cands[0] / "config.json").exists()
+    tok = load_tokenizer_for(cands[0]) if is_model else Tokenizer.load(cands[0])
     want = manifest.get("tokenizer_sha256")
     if want and tok.sha256() != want:
         raise ValueError(f"{cands[0]}: tokenizer sha256 {tok.sha256()[:12]}... differs from the one the data in "
@@ -61,7 +65,7 @@ def load_tokenizer(cfg: TrainConfig, manifest: dict) -> Tokenizer:
     vocab = manifest.get("vocab_size")
     if vocab is not None and vocab not in (tok.vocab_size, tok.base_vocab_size):
         raise ValueError(f"{cfg.data}/manifest.json: vocab_size={vocab} but tokenizer {cands[0]} has "
-                         f"{tok.base_vocab_size} (+2 chat tokens)")
+                         f"{tok.vocab_size} ids")
     return tok
 
 
@@ -86,16 +90,18 @@ def base_model_path(cfg: TrainConfig) -> Path:
 def base_config(cfg: TrainConfig) -> QuarkConfig:
     path = base_model_path(cfg)
     try:
-        return config_from_folder(path if path.is_dir() else path.parent)
+        return config_for(path)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"base checkpoint {cfg.base} is not a Quark model: {e}") from None
 
 
 def check_vocab(mc: QuarkConfig, tok: Tokenizer, where: str) -> None:
-    if mc.vocab_size != tok.vocab_size:
+    if mc.vocab_size < tok.vocab_size or (tok.quark_layout and mc.vocab_size != tok.vocab_size):
+        chat = f" ({tok.base_vocab_size} + 2 chat tokens)" if tok.quark_layout else ""
+        need = "" if tok.quark_layout else " or more"
         raise ValueError(f"{where}: the model has vocab_size={mc.vocab_size} embedding rows but the tokenizer has "
-                         f"{tok.vocab_size} ids ({tok.base_vocab_size} + 2 chat tokens); use a model config with "
-                         f"vocab_size={tok.vocab_size} or the tokenizer the model was trained with")
+                         f"{tok.vocab_size} ids{chat}; use a model config with vocab_size={tok.vocab_size}{need} or "
+                         "the tokenizer the model was trained with")
 
 
 class MixedLoader:

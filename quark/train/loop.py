@@ -13,6 +13,9 @@ Choices:
 - A non-finite loss or gradient norm stops the run before the optimizer step: the bad update is never applied
   and never saved; weights holding NaN/Inf are never written as a checkpoint either. Resume falls back past
   checkpoints that fail verification (`checkpoint.set_aside`), and "the last good checkpoint" is one that verifies.
+- LoRA (`lora_rank` > 0): the base loads as for full SFT, then `quark.lora.apply_lora` freezes it and wraps the
+  target linears; the optimizer sees only the adapters, checkpoints hold only them (plus lora.json naming the
+  base and its weights' fingerprint), and loading a checkpoint anywhere else gives the merged model.
 - `train_step` is public so benchmarks (bench/gpu.py, bench/train_cpu.py) time the very same step.
 """
 
@@ -153,7 +156,13 @@ class Trainer:
             mc = base_config(cfg)
             check_vocab(mc, self.tok, f"base checkpoint {cfg.base}")
         if self.resume_from is not None:
-            from ..weights import config_from_folder
+            from ..weights import LORA_JSON, config_from_folder
+
+            was_lora = (self.resume_from / LORA_JSON).exists()
+            if was_lora != bool(cfg.lora_rank):
+                held = "LoRA adapters" if was_lora else "full weights"
+                raise ValueError(f"{self.resume_from}: the run folder holds {held}, but lora_rank={cfg.lora_rank}; "
+                                 "resume with the run's own lora_rank, or use a new --out folder")
 
             try:
                 saved = config_from_folder(self.resume_from)
@@ -189,6 +198,14 @@ class Trainer:
                 raise ValueError(f"base checkpoint {cfg.base}: {e}") from None
         else:
             model = Quark(self.mc).init_weights(cfg.seed)
+        self.lora = None
+        if cfg.lora:
+            from ..lora import apply_lora
+            from ..weights import weights_fingerprint
+
+            lo = cfg.lora
+            apply_lora(model, lo["rank"], lo["alpha"], dropout=lo["dropout"], targets=lo["targets"], seed=cfg.seed)
+            self.lora = dict(lo, base=str(path.resolve()), base_fingerprint=weights_fingerprint(path))
         self.model = model.to(self.dev).train()
         if self.dev.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left outside autocast
@@ -260,7 +277,7 @@ class Trainer:
                 "base": str(Path(self.cfg.base).resolve()) if self.cfg.base else None,
                 "hardware": dist_.hardware(self.d), "world_size": self.d.world_size, "started": self.started,
                 "finished": now_iso() if finished else None, "wall_time_s": round(self.elapsed(), 2),
-                "steps": self.step, "tokens": self.tokens}
+                "steps": self.step, "tokens": self.tokens, "lora": self.lora}
 
     def _next_micro_batches(self):
         out = []
@@ -295,7 +312,7 @@ class Trainer:
             try:
                 ckpt.clean_partial(self.run_dir)
                 ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tok, self.optimizer, state,
-                                     keep_last=self.cfg.keep_last)
+                                     keep_last=self.cfg.keep_last, lora=self.lora)
                 write_run_json(self.run_dir, self.run_info(finished=False))
             except OSError as e:
                 from ..cli import os_error_message
@@ -355,8 +372,9 @@ class Trainer:
             return
         self.model.eval()
         with self.autocast():
+            # fast=False under LoRA: the fast decoder fuses plain nn.Linear weights, not adapter layers
             outs = generate(self.model, prompts, max_new_tokens=n, temperature=0.8, top_p=0.95, eos_token_id=eos,
-                            seed=cfg.seed)
+                            seed=cfg.seed, fast=False if self.lora else None)
         self.model.train()
         lines = []
         for t, o in zip(texts, outs):
@@ -382,6 +400,14 @@ class Trainer:
             print(f"planned {self.total} steps to fit max_minutes={cfg.max_minutes:g} "
                   f"({per_step:.3f}s per step)", flush=True)
 
+    def _params_line(self) -> str:
+        line = f"{self.mc.n_params() / 1e6:.2f}M params"
+        if self.lora:
+            n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            line += (f" (LoRA rank {self.lora['rank']} on {', '.join(self.lora['targets'])}: {n / 1e6:.2f}M "
+                     "trainable, base frozen)")
+        return line
+
     # ---- the loop -----------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, d = self.cfg, self.d
@@ -389,7 +415,7 @@ class Trainer:
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_run_json(self.run_dir, self.run_info(finished=False))
-            print(f"{cfg.kind}: {self.mc.n_params() / 1e6:.2f}M params on {dist_.hardware(d)}; "
+            print(f"{cfg.kind}: {self._params_line()} on {dist_.hardware(d)}; "
                   f"{cfg.batch_size} x {self.seq_len} tokens x {d.world_size} process(es) x {self.accum} accum per "
                   f"step; {self.plan}; run folder {self.run_dir}", flush=True)
         total_for_lr = self.total or 10**9
@@ -465,8 +491,11 @@ class Trainer:
             if self.monitor:
                 self.monitor.plot_losses()
                 self.monitor.close()
+            last = ckpt.latest_checkpoint(self.run_dir)
+            size = ckpt.model_file(last).stat().st_size
+            what = "adapters only" if self.lora else "weights"
             print(f"done: {self.step} steps, {self.tokens:,} tokens in {fmt_duration(self.elapsed())}; "
-                  f"checkpoint {ckpt.latest_checkpoint(self.run_dir)}", flush=True)
+                  f"checkpoint {last} ({what}: {size / 1e6:.1f} MB)", flush=True)
         if val:
             info.update({k: v for k, v in val.items() if k != "step"})
         return info
