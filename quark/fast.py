@@ -36,7 +36,7 @@ from . import kernels
 from .cpu_settings import Threads
 from .generate import Decoder, register_fast_decoder
 from .model import Block, Context, KVCache, Quark, layer_forward
-from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int8_linear
+from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_torch, int8_linear
 
 F32_KERNEL_ROWS = 8
 # the tensors a fused matrix stacks, by the kind of its modules (int4: the kernels' table is None off the CPU)
@@ -54,9 +54,10 @@ class FusedLinear:
         self.mods, self.kind = mods, type(mods[0])
         self.parts = [self._stack(name) for name in _PARTS[self.kind]]
         w = self.parts[0]
+        ours = w.device.type == "cpu" and kernels.available()
         # decided here, not per call (a compiled graph calling this must not trace the CPU's flags)
-        self.f32_kernel = (self.kind is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32
-                           and kernels.available())
+        self.f32_kernel = self.kind is nn.Linear and w.dtype == torch.float32 and ours
+        self.torch_packed = int4_pack_for_torch(w) if self.kind is Int4Linear and not ours else None
 
     def _stack(self, name: str) -> torch.Tensor | None:
         ts = [getattr(m, name) for m in self.mods]
@@ -83,7 +84,7 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind is Int4Linear:
-            return int4_linear(x, *self.parts)
+            return int4_linear(x, *self.parts, self.torch_packed)
         if self.kind is Int8Linear:
             return int8_linear(x, *self.parts)
         rows = x.numel() // x.shape[-1]

@@ -7,10 +7,10 @@ Choices (int8):
   the same model; `copy.deepcopy` it first to keep the float model. Norm weights and RoPE tables stay as they are,
   so `model.dtype` (the norms' dtype) remains the compute dtype; activations and the KV cache keep it.
 - The int8 buffer is named `weight` (device and shape read as before) with a float `scale` beside it.
-- The matmul has two ways, as every CPU decode step (quark/fast.py): up to KERNEL_ROWS rows on a CPU where quark's
-  kernels run (quark/kernels.py: activations quantized in blocks of 32 as llama.cpp's q8_0, int8 dot products),
-  else dequantize the weight and run an ordinary matmul in the compute dtype (larger batches, other devices, no
-  compiler).
+- The matmul, as every CPU decode step (quark/fast.py), runs quark's kernels up to KERNEL_ROWS rows where they run
+  (quark/kernels.py: activations quantized in blocks of 32 as llama.cpp's q8_0, int8 dot products); else, on a
+  CPU, torch's `_weight_int8pack_mm` (bf16 activations) up to TORCH_KERNEL_ROWS rows; else the weight dequantized
+  and an ordinary matmul in the compute dtype (larger batches, other devices).
 - With tied embeddings the embedding and lm_head share one int8 table.
 - `quark quantize --model M [--data D] [--bits 4]` (quantize_cli.py) quantizes a model folder and reports size,
   decode speed and, with a data folder, validation loss/perplexity of fp32 vs the quantized model.
@@ -22,7 +22,9 @@ Choices (int4, `quantize_int4`), gpt-fast's int4 path:
 - The module keeps its nibbles in a plain layout (`qweight` (N, K/2) uint8: column 2j in the low nibble, 2j+1 in
   the high one), so fusing q/k/v is a concatenation of rows, and on the CPU quark's kernels' (scale, zero) table
   (`table`, (N, K/32, 2), derived: rebuilt at load_state_dict, not saved).
-- Up to KERNEL_ROWS rows on a CPU where quark's kernels run go through them; otherwise dequantize and matmul.
+- Up to KERNEL_ROWS rows on a CPU where quark's kernels run go through them; without them, the fast decoder's
+  fused matrices go through torch's int4 kernel (`int4_pack_for_torch`, a packed copy the decoder makes) up to
+  TORCH_KERNEL_ROWS rows; otherwise dequantize and matmul.
 - A layer whose input size is not a multiple of `group_size` (the tiny preset's d_ff=688) stays int8, and the
   embedding / tied lm_head are int8 (as llama.cpp keeps the output matrix at higher precision in its 4-bit types).
 """
@@ -40,6 +42,9 @@ from quark import kernels
 # up to this many rows quark's kernels beat dequantize + matmul (two threads, AMD EPYC, dev/LOG.md 2026-12-03 sixth
 # session: a 2688x512 matrix at 256 rows int8 3.1 vs 5.5 ms, int4 4.4 vs 14.5): decode batches and prompts this long
 KERNEL_ROWS = 256
+# without quark's kernels, up to this many rows torch's int8 / int4 kernels (bf16 activations) beat dequantize +
+# matmul on CPU (one token of quark-72m, one thread: int8 25 vs 542 ms, int4 18 vs 1401; dev/LOG.md 2026-12-07)
+TORCH_KERNEL_ROWS = 32
 
 
 def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,12 +59,18 @@ def _kernel_rows(x2: torch.Tensor) -> bool:
     return x2.device.type == "cpu" and x2.shape[0] <= KERNEL_ROWS and kernels.available()
 
 
+def _torch_rows(x2: torch.Tensor) -> bool:
+    return x2.device.type == "cpu" and x2.shape[0] <= TORCH_KERNEL_ROWS
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = x @ (weight * scale[:, None]).T in x's dtype. weight int8 (N, K), scale fp32 (N,)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if _kernel_rows(x2):
         y = kernels.int8_gemv(x2, weight, scale)
+    elif _torch_rows(x2):
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), weight, scale.to(torch.bfloat16))
     else:
         y = F.linear(x2, weight.to(x.dtype)) * scale.to(x.dtype)
     return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
@@ -126,17 +137,27 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, table: torch.Tensor | None = None
-                ) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, table: torch.Tensor | None = None,
+                torch_packed: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequant(qweight).T in x's dtype; qweight (N, K/2) plain nibbles, sz (K/g, N, 2) bf16, `table` the
-    kernels' (N, K/32, 2) copy of sz (`kernels.int4_table`)."""
+    kernels' (N, K/32, 2) copy of sz (`kernels.int4_table`), `torch_packed` torch's (`int4_pack_for_torch`)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if table is not None and _kernel_rows(x2):
         y = kernels.int4_gemv(x2, qweight, table)
+    elif torch_packed is not None and _torch_rows(x2):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), torch_packed,
+                                                       shape[-1] // sz.shape[0], sz)
     else:
         y = F.linear(x2, int4_dequantize(qweight, sz, x.dtype))
     return y.to(x.dtype).view(*shape[:-1], qweight.shape[0])
+
+
+def int4_pack_for_torch(qweight: torch.Tensor) -> torch.Tensor | None:
+    """torch's CPU int4 kernel's copy of the nibbles (rows interleaved in blocks; N a multiple of 16), or None."""
+    if qweight.device.type != "cpu" or qweight.shape[0] % 16:
+        return None
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1)
 
 
 def int4_dequantize(qweight: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -69,13 +69,13 @@ def test_decode_layer_is_layer_forward(tier, shape, bits):  # noqa: F811
                 got = x.reshape(rows, -1).clone()
                 kernels.decode_layer(got, layer.kernel_args(), (cache.k[i], cache.v[i]), w.tables, slot_t,
                                      key_mask=key_mask, n_keys=n_keys, tier=tier)
-                # the same matmuls up to float order: fp32 exact to rounding; int8/int4 activations are quantized
-                # in both paths by quark's kernels (prompt rows), but rounding on either side of a grid point moves
-                # a few products by a step
-                tol = 1e-4 if bits == 32 or not kernels.available() else 2e-3
+                # fp32: exact to rounding. int8/int4: layer_forward's matmuls are quark's kernels too (the same
+                # activation grid; a value rounding the other way moves a product by a step), or with
+                # QUARK_CPU_ISA=torch torch's kernels on bf16 activations
+                tol = 1e-4 if bits == 32 else 2e-3 if kernels.available() else 3e-2
                 assert (got - want).abs().max() <= tol * want.abs().max(), (rows, i)
-                torch.testing.assert_close(cache.k[i], ref_cache.k[i], rtol=1e-4, atol=1e-4)
-                torch.testing.assert_close(cache.v[i], ref_cache.v[i], rtol=1e-4, atol=1e-4)
+                for got_kv, want_kv in ((cache.k[i], ref_cache.k[i]), (cache.v[i], ref_cache.v[i])):
+                    assert (got_kv - want_kv).abs().max() <= tol * want_kv.abs().max(), (rows, i)
 
 
 @pytest.mark.parametrize("bits", [32, 8, 4])

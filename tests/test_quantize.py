@@ -16,6 +16,7 @@ from quark.quantize import (
     Int8Linear,
     int4_dequantize,
     int4_linear,
+    int4_pack_for_torch,
     int8_linear,
     is_quantized,
     model_nbytes,
@@ -174,7 +175,7 @@ def test_int4_tensor_error_bound_and_nibbles_round_trip():
         quantize_int4_tensor(torch.randn(4, 48), 32)
 
 
-@pytest.mark.parametrize("ours", [True, False])  # quark's kernel where it runs, else dequantize + matmul
+@pytest.mark.parametrize("ours", [True, False])  # quark's kernel where it runs, else torch's (or dequantized)
 @pytest.mark.parametrize("rows", [1, 5, 100])
 def test_int4_linear_kernel_and_dequant_paths_agree(rows, ours, monkeypatch):
     if not ours:
@@ -184,7 +185,7 @@ def test_int4_linear_kernel_and_dequant_paths_agree(rows, ours, monkeypatch):
     qw = pack_nibbles(q)
     x = torch.randn(rows, 128)
     ref = x @ int4_dequantize(qw, sz).T
-    got = int4_linear(x, qw, sz, kernels.int4_table(sz, 32))
+    got = int4_linear(x, qw, sz, kernels.int4_table(sz, 32), int4_pack_for_torch(qw))
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
     assert ((got - ref).norm() / ref.norm()).item() < 0.01  # int8 activations (quark's) or none
 
