@@ -10,7 +10,8 @@ Choices:
 - Tiers, each its own extension compiled with its own flags (as ggml-cpu builds one variant per architecture) and
   chosen at run time from the CPU's flags: `avx512` (AVX512-VNNI, -BW, -VL), `avx2` (AVX2 + FMA, plus AVX-VNNI's dot
   product where the CPU has it), `portable` (plain C++, no intrinsics: any CPU with a C++ compiler, ARM64 and Apple
-  included). The portable tier is the reference: tests hold every tier this CPU runs to it and to `layer_forward`.
+  included, where it is built with -mcpu=native so the compiler may use NEON's int8 dot product). The portable
+  tier is the reference: tests hold every tier this CPU runs to it and to `layer_forward`.
   QUARK_CPU_ISA=avx512|avx2|portable forces a tier, `torch` the eager torch path, `auto` (default) the best here.
 - Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; one C++ file a tier, ~20-40 s once), then
   loaded from torch's extension cache (TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions), a folder per tier, torch
@@ -81,6 +82,8 @@ def chosen_tier() -> str | None:
 
 def compile_flags(tier: str) -> list[str]:
     extra = ["-mavxvnni"] if tier == "avx2" and "avx_vnni" in cpu_flags() else []
+    if tier == "portable" and platform.machine().lower() in ("arm64", "aarch64"):
+        extra = ["-mcpu=native"]  # NEON and, where the CPU has it, the int8 dot product
     # -fopenmp: `at::parallel_for` is OpenMP in torch's headers; the extension links the libgomp torch loaded
     return ["-O3", *TIER_FLAGS[tier], *extra] + (["-fopenmp"] if platform.system() == "Linux" else [])
 

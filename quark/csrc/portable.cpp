@@ -31,18 +31,21 @@ struct Portable {
                    float* y) {
     const Quantized xq(x, M, K);
     const int64_t nb = K / 32;
+    std::vector<int8_t> even(M * K / 2), odd(M * K / 2);  // x's even / odd columns, as the nibbles hold them
+    for (int64_t i = 0; i < M * K / 2; ++i) {
+      even[i] = xq.q[2 * i];
+      odd[i] = xq.q[2 * i + 1];
+    }
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* wn = w + n * (K / 2);
         for (int64_t m = 0; m < M; ++m) {
-          const int8_t* xm = &xq.q[m * nb * 32];
           float acc = 0.f;
           for (int64_t b = 0; b < nb; ++b) {
+            const int8_t* e = &even[m * K / 2 + b * 16];
+            const int8_t* o = &odd[m * K / 2 + b * 16];
             int32_t s = 0;
-            for (int64_t j = 0; j < 16; ++j) {
-              const uint8_t byte = wn[b * 16 + j];
-              s += (byte & 15) * xm[b * 32 + 2 * j] + (byte >> 4) * xm[b * 32 + 2 * j + 1];
-            }
+            for (int64_t j = 0; j < 16; ++j) s += (wn[b * 16 + j] & 15) * e[j] + (wn[b * 16 + j] >> 4) * o[j];
             // sum_k ((q_k - 8) * scale + zero) * d * xq_k = scale * d * sum(q xq) + (zero - 8 scale) * d * sum(xq)
             const float sc = bf16(table[(n * nb + b) * 2]), zero = bf16(table[(n * nb + b) * 2 + 1]);
             const float d = xq.d[m * nb + b];
