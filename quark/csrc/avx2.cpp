@@ -5,8 +5,9 @@
 //
 // int8: per block of 32 columns, |w| times x with w's sign (the sign trick keeps every pair of products within
 // int16, so vpmaddubsw cannot saturate), summed to int32 (vpmaddwd, or one vpdpbusd with AVX-VNNI), times the
-// block's activation scale into a float accumulator. int4: 64 columns (32 bytes of nibbles) at a time, low nibbles
-// against the even columns of x and high ones against the odd, so x is stored split the same way. Each weight row
+// block's activation scale into a float accumulator. int4: 128 columns (64 bytes of nibbles, 4 blocks) at a time,
+// low nibbles against the even columns of x and high ones against the odd, so x is stored split the same way; the
+// blocks' (scale, zero) pairs are converted 4 at a time and their offset terms summed as one vector product. Each weight row
 // is read once per call, prefetched ahead, and used for every row of x while it is in L1.
 #include <immintrin.h>
 
@@ -69,51 +70,61 @@ struct Avx2 {
   static void int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* table, int64_t N,
                    float* y) {
     const Quantized xq(x, M, K);
-    const int64_t nb = K / 32;
-    std::vector<int8_t> even(M * K / 2), odd(M * K / 2);  // x's even / odd columns, 16 of each a block
+    const int64_t nb = K / 32, n4 = nb / 4 * 4;  // blocks; those in whole groups of 4 (128 columns)
+    // per row of x: its even / odd columns (16 of each a block, as the nibbles hold them), each block's scale d
+    // spread over the 4 lanes its dot products land in, and the offsets' partners (-8 X, X) with X = d * sum(xq),
+    // against the table's (scale, zero) pairs: sum_k w_k x_k = scale * d * sum(q xq) + (zero - 8 scale) * X
+    std::vector<int8_t> even(M * K / 2), odd(M * K / 2);
+    std::vector<float> dl(M * nb * 4), xo(M * nb * 2);
     for (int64_t i = 0; i < M * K / 2; ++i) {
       even[i] = xq.q[2 * i];
       odd[i] = xq.q[2 * i + 1];
     }
+    for (int64_t i = 0; i < M * nb; ++i) {
+      std::fill(&dl[i * 4], &dl[i * 4] + 4, xq.d[i]);
+      xo[2 * i] = -8.f * xq.d[i] * static_cast<float>(xq.sums[i]);
+      xo[2 * i + 1] = xq.d[i] * static_cast<float>(xq.sums[i]);
+    }
     const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i lanes_a = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);  // the scales of blocks b, b + 1
+    const __m256i lanes_b = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);  // and of b + 2, b + 3
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      std::vector<float> sc(nb), off(nb);
       for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* wn = w + n * (K / 2);
-        for (int64_t b = 0; b < nb; ++b) {  // w = q * scale + (zero - 8 * scale)
-          sc[b] = bf16(table[(n * nb + b) * 2]);
-          off[b] = bf16(table[(n * nb + b) * 2 + 1]) - 8.f * sc[b];
-        }
+        const uint16_t* tn = table + n * nb * 2;
         for (int64_t m = 0; m < M; ++m) {
           const int8_t* em = &even[m * K / 2];
           const int8_t* om = &odd[m * K / 2];
-          const float* dm = &xq.d[m * nb];
-          const int32_t* sm = &xq.sums[m * nb];
-          __m256 acc = _mm256_setzero_ps();
-          float rest = 0.f;  // the offset terms, and a last single block
-          int64_t b = 0;
-          for (; b + 2 <= nb; b += 2) {
-            if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + b * 16) + PREFETCH, _MM_HINT_T0);
+          const float* dm = &dl[m * nb * 4];
+          const float* xm = &xo[m * nb * 2];
+          __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();
+          auto chunk = [&](int64_t b) {  // blocks b, b + 1: 64 columns, 32 bytes of nibbles -> 8 int32 lanes
             const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + b * 16));
             const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-            const __m256i p = _mm256_add_epi32(
+            return _mm256_cvtepi32_ps(_mm256_add_epi32(
                 dot_u8s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(em + b * 16))),
-                dot_u8s8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(om + b * 16))));
-            const __m256 f = _mm256_set_m128(_mm_set1_ps(sc[b + 1] * dm[b + 1]), _mm_set1_ps(sc[b] * dm[b]));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), f, acc);
+                dot_u8s8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(om + b * 16)))));
+          };
+          for (int64_t b = 0; b < n4; b += 4) {
+            if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + b * 16) + PREFETCH, _MM_HINT_T0);
+            // (scale, zero) of blocks b..b+3 as floats (a bf16 is the top half of a float)
+            const __m256 sz = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tn + b * 2))), 16));
+            off = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xm + b * 2), off);
+            acc = _mm256_fmadd_ps(chunk(b), _mm256_mul_ps(_mm256_permutevar8x32_ps(sz, lanes_a),
+                                                           _mm256_loadu_ps(dm + b * 4)), acc);
+            acc = _mm256_fmadd_ps(chunk(b + 2), _mm256_mul_ps(_mm256_permutevar8x32_ps(sz, lanes_b),
+                                                               _mm256_loadu_ps(dm + b * 4 + 8)), acc);
           }
-          if (b < nb) {
-            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + b * 16));
-            const __m128i l4 = _mm256_castsi256_si128(low);
-            const __m128i p = _mm_add_epi32(
-                dot_u8s8(_mm_and_si128(bytes, l4), _mm_loadu_si128(reinterpret_cast<const __m128i*>(em + b * 16))),
-                dot_u8s8(_mm_and_si128(_mm_srli_epi16(bytes, 4), l4),
-                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(om + b * 16))));
-            const __m128i s2 = _mm_add_epi32(p, _mm_unpackhi_epi64(p, p));
-            rest += sc[b] * dm[b] * static_cast<float>(_mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_srli_si128(s2, 4))));
+          float rest = 0.f;  // the last nb % 4 blocks, in plain C++
+          for (int64_t b = n4; b < nb; ++b) {
+            int32_t s = 0;
+            for (int64_t j = 0; j < 16; ++j)
+              s += (wn[b * 16 + j] & 15) * em[b * 16 + j] + (wn[b * 16 + j] >> 4) * om[b * 16 + j];
+            rest += bf16(tn[b * 2]) * dm[b * 4] * static_cast<float>(s) + bf16(tn[b * 2]) * xm[b * 2] +
+                    bf16(tn[b * 2 + 1]) * xm[b * 2 + 1];
           }
-          for (int64_t j = 0; j < nb; ++j) rest += off[j] * dm[j] * static_cast<float>(sm[j]);
-          y[m * N + n] = hsum(acc) + rest;
+          y[m * N + n] = hsum(_mm256_add_ps(acc, off)) + rest;
         }
       }
     });
