@@ -165,7 +165,7 @@ def test_tier_choice(monkeypatch):
     monkeypatch.setenv("QUARK_CPU_ISA", "torch")
     assert kernels.chosen_tier() is None and not kernels.available()
     x, q, s, ref = _case(1, 96, 64)
-    torch.testing.assert_close(int8_linear(x, q, s), ref, rtol=1e-5, atol=1e-4)  # eager torch: dequantized
+    assert ((int8_linear(x, q, s) - ref).norm() / ref.norm()).item() < 0.02  # eager torch: bf16 activations
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "avx_vnni"})
     assert "-mavxvnni" in kernels.compile_flags("avx2") and "-mavxvnni" not in kernels.compile_flags("portable")
 
