@@ -235,7 +235,7 @@ class Competitor:
 
 def measure(args, folder: Path, ggufs: dict[str, Path]) -> dict:
     """{phase: {(tool, precision, setting, batch): best tok/s or error}} plus greedy tokens for the pairs."""
-    threads = ["auto", "1", str(os.cpu_count() or 1)] if (os.cpu_count() or 1) > 1 else ["auto"]
+    threads = args.threads or (["auto", "1", str(os.cpu_count() or 1)] if (os.cpu_count() or 1) > 1 else ["auto"])
     base = {"new_tokens": args.new_tokens, "prompt_len": 8, "batches": args.batches, "threads": threads,
             "path": args.path, "isa": args.isa, "llama_path": args.llama_path}
     results: dict = {}
@@ -253,11 +253,11 @@ def measure(args, folder: Path, ggufs: dict[str, Path]) -> dict:
                                 ("llama.cpp", {**base, "gguf": str(ggufs[PAIRS[ours]])})]
                         for tool, spec in (jobs if r % 2 == 0 else jobs[::-1]):
                             got = run_worker(tool, spec, policy)
+                            if "build" in got:
+                                builds[tool] = got.pop("build")["info"]
                             print(f"# {phase} round {r + 1} {tool} {ours if tool == 'ours' else PAIRS[ours]} "
                                   f"OMP_WAIT_POLICY={policy}: " + (got["error"] if "error" in got else ", ".join(
                                       f"{k} {v['tok_s']:.1f}" for k, v in got.items())), flush=True)
-                            if "build" in got:
-                                builds[tool] = got.pop("build")["info"]
                             record(res, tool, ours, policy, got)
         finally:
             if ctx:
@@ -326,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--isa", choices=("avx512", "avx2", "portable", "torch"),
                     help="QUARK_CPU_ISA for ours (default: the best tier here)")
     ap.add_argument("--llama-path", help="a folder holding the llama_cpp package to run (e.g. an AVX2-only build)")
+    ap.add_argument("--threads", help="thread settings to run, e.g. auto (each tool's default only); default "
+                    "auto,1,<cores>")
     ap.add_argument("--worker", choices=("ours", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -337,6 +339,7 @@ def main(argv=None) -> int:
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.phases = [p for p in args.phases.split(",") if p]
     args.policies = [p for p in args.policies.split(",") if p]
+    args.threads = [t for t in (args.threads or "").split(",") if t]
     bad = [p for p in args.precisions if p not in PAIRS] + [p for p in args.phases if p not in ("idle", *BUSY)]
     bad += [p for p in args.policies if p not in ("unset", "ACTIVE", "PASSIVE")]
     if bad:

@@ -19,7 +19,8 @@ Choices:
   buffers at every `decoder_for` call.
 - fp32 matmuls of up to F32_KERNEL_ROWS rows outside the layers (the lm_head) run quark's `f32_gemv` where the
   kernels run: it reads the weight once for all rows, where MKL's sgemm at a few rows does not reach memory speed.
-- CPU decode steps run on the cores other processes leave free (quark/cpu_settings.py).
+- CPU prefills and decode steps run on the cores other processes leave free (quark/cpu_settings.py): a
+  prefill at all of torch's threads beside a busy core waits at every op's barrier.
 """
 
 from __future__ import annotations
@@ -274,9 +275,9 @@ class FastDecoder(Decoder):
         return self.w.lm_head(self.w.norm(x)).float()
 
     def prefill_forward(self, *args) -> torch.Tensor:
-        if self.threads is not None:
-            self.threads.release()  # prefill at torch's own count
-        return self.how.prefill(self, *args)
+        if self.threads is None:
+            return self.how.prefill(self, *args)
+        return self.threads.run(lambda: self.how.prefill(self, *args))
 
     def decode(self, tok: torch.Tensor, slots: int | torch.Tensor, n_keys: int | None) -> torch.Tensor:
         if self.threads is None:

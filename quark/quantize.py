@@ -192,7 +192,7 @@ class Int4Linear(nn.Module):
         return cls(pack_nibbles(q).to(w.device), sz.to(w.device))
 
     @property
-    def weight(self) -> torch.Tensor:  # device / shape queries and the fast path's change tracking, as nn.Linear
+    def weight(self) -> torch.Tensor:  # device / shape queries, as nn.Linear
         return self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
