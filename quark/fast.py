@@ -19,8 +19,7 @@ Choices:
   buffers at every `decoder_for` call.
 - fp32 matmuls of up to F32_KERNEL_ROWS rows outside the layers (the lm_head) run quark's `f32_gemv` where the
   kernels run: it reads the weight once for all rows, where MKL's sgemm at a few rows does not reach memory speed.
-- CPU prefills and decode steps run on the cores other processes leave free (quark/cpu_settings.py): a
-  prefill at all of torch's threads beside a busy core waits at every op's barrier.
+- CPU prefills and decode steps run on the cores other processes leave free (quark/cpu_settings.py).
 """
 
 from __future__ import annotations
