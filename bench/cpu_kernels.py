@@ -1,24 +1,25 @@
-"""CPU matmul kernels for one decode token: the weights of quark-72m's 57 matrices, one activation row each.
+"""CPU matmuls of one decode token: quark-72m's 57 fused matrices, each tier of quark's kernels beside eager torch.
 
-    python bench/cpu_kernels.py               # one thread
-    python bench/cpu_kernels.py --threads 2
-    python bench/cpu_kernels.py --threads 2 --rows 8   # a decode batch of 8 (1 row: batch-1 decoding)
+    PYTHONPATH=. python bench/cpu_kernels.py                      # one thread, one row (batch-1 decoding)
+    PYTHONPATH=. python bench/cpu_kernels.py --threads 2 --rows 8 # a decode batch of 8
 
 Decoding at batch 1 is a matrix-vector product per weight matrix, bound by how fast the weights stream from memory.
-This prints, per kernel torch offers on the CPU, the time of one token's matmuls and the weight bytes read per
-second, beside a memory-read reference (`sum` over the same fp32 bytes), so the gap of `quark/fast.py`'s and
-`quark/quantize.py`'s choices to the machine's bandwidth (and to llama.cpp's whole-token time in
-bench/llamacpp.py) is a measured figure. Different random matrices per call: no weight is reused from cache.
+This prints, per tier this CPU runs (quark/kernels.py) and per precision, the time of one token's matmuls and the
+weight bytes read per second, beside eager torch's way to the same product (F.linear; int8/int4: dequantize then
+F.linear, quark/quantize.py's fallback) and a memory-read reference (`sum` over the same fp32 bytes). Different
+random matrices per call: no weight is reused from cache. Rounds alternate the kernels, best of `--rounds`.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
+
+from quark import kernels
+from quark.quantize import int4_dequantize, pack_nibbles, quantize_int4_tensor, quantize_tensor, unpack_nibbles
 
 
 def shapes(n_layers: int = 14, d: int = 512, kv: int = 128, d_ff: int = 1344, vocab: int = 65538) -> list[tuple[int, int]]:
@@ -26,99 +27,72 @@ def shapes(n_layers: int = 14, d: int = 512, kv: int = 128, d_ff: int = 1344, vo
     return [(d + 2 * kv, d), (d, d), (2 * d_ff, d), (d, d_ff)] * n_layers + [(vocab, d)]
 
 
-def time_token(fns: list, xs: list[torch.Tensor], rounds: int) -> float:
+def time_token(fns: list, xs: list[torch.Tensor]) -> float:
+    t0 = time.perf_counter()
     for f, x in zip(fns, xs):
         f(x)
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        for f, x in zip(fns, xs):
-            f(x)
-    return (time.perf_counter() - t0) / rounds
+    return time.perf_counter() - t0
 
 
-def kernels(ws: list[torch.Tensor], rows: int = 1) -> dict[str, tuple[list, int]]:
-    """name -> (one callable per matrix, weight bytes read per token), built lazily so a missing op is skipped."""
-    from quark import kernels as quark_kernels
-    from quark.quantize import int8_pack_dynamic, pack_nibbles, quantize_int4_tensor, quantize_tensor
-
-    out = {}
-    ours = quark_kernels.available()  # quark's kernels (quark/kernels.py) where this CPU has AVX512-VNNI
-    out["fp32 F.linear (out, in)"] = ([lambda x, w=w: F.linear(x, w) for w in ws], 4)
-    if ours:
-        out["fp32 quark f32_gemv [quark fp32]"] = ([lambda x, w=w: quark_kernels.f32_gemv(x, w) for w in ws], 4)
-    wt = [w.t().contiguous() for w in ws]
-    out["fp32 x @ W (in, out) MKL [QUARK_CPU_COMPILE=0]"] = ([lambda x, w=w: x @ w for w in wt], 4)
-    del wt
-    from quark.fast import DNNL_PACK_ROWS, dnnl_linear, dnnl_pack, matvec
-
-    if rows == 1:
-        for w in ws:
-            torch._dynamo.maybe_mark_dynamic(w, 0)  # as quark/fast.py does: one kernel per input size
-        out["fp32 inductor (x * W).sum(-1)" + ("" if ours else " [quark fp32]")] = (
-            [lambda x, w=w: matvec(x, w) for w in ws], 4)
-    if dnnl_linear(torch.zeros(2, 4), torch.zeros(3, 4)) is not None:
-        out["fp32 oneDNN linear" + (" [quark fp32, prefill]" if rows > DNNL_PACK_ROWS else "")] = (
-            [lambda x, w=w: dnnl_linear(x, w) for w in ws], 4)
-        packed = [dnnl_pack(w) for w in ws]
-        out["fp32 oneDNN linear, packed" + (" [quark fp32]" if 1 < rows <= DNNL_PACK_ROWS and not ours else "")] = (
-            [lambda x, w=w: dnnl_linear(x, w) for w in packed], 4)
-        del packed
-    if hasattr(torch.ops.mkl, "_mkl_linear"):
-        pk = [(torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w) for w in ws]
-        out["fp32 MKL packed"] = ([lambda x, p=p: torch.ops.mkl._mkl_linear(x, p[0], p[1], None, rows)
-                                   for p in pk], 4)
-    bf = [w.bfloat16() for w in ws]
-    out["bf16 F.linear"] = ([lambda x, w=w: F.linear(x.bfloat16(), w) for w in bf], 2)
+def candidates(ws: list[torch.Tensor], tiers: list[str]) -> dict[str, tuple[list, int]]:
+    """name -> (one callable per matrix, weight bytes read per token)."""
     q8 = [quantize_tensor(w) for w in ws]
-    if ours:
-        out["int8 quark int8_gemv (VNNI) [quark int8]"] = (
-            [lambda x, q=q: quark_kernels.int8_gemv(x, q[0], q[1]) for q in q8], 1 + 4 / 512)
-    out["int8 _weight_int8pack_mm, bf16 act" + (" [quark int8]" if rows > 1 and not ours else "")] = (
-        [lambda x, q=q: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q[0], q[1].bfloat16()) for q in q8], 1)
-    dyn = [int8_pack_dynamic(q, s) for q, s in q8]
-    if all(p is not None for p in dyn) and rows == 1:
-        out["int8 fbgemm dynamic" + ("" if ours else " [quark int8, 1 row]")] = (
-            [lambda x, p=p: torch.ops.quantized.linear_dynamic(x, p, True) for p in dyn], 1)
-    q4 = [quantize_int4_tensor(w, 32) for w in ws[:-1]]  # the tied head stays int8, as quantize_int4 keeps it
-    n_layer, n_head = sum(w.numel() for w in ws[:-1]), ws[-1].numel()
-    int4_bytes = ((0.5 + 4 / 32) * n_layer + n_head) / (n_layer + n_head)  # nibbles, bf16 (scale, zero) / 32
-    q, s = q8[-1]
-    if ours:
-        t4 = [(pack_nibbles(q4i), quark_kernels.int4_table(sz, 32)) for q4i, sz in q4]
-        out["int4 quark int4_gemv (VNNI) + int8 head [quark int4]"] = (
-            [lambda x, t=t: quark_kernels.int4_gemv(x, *t) for t in t4]
-            + [lambda x: quark_kernels.int8_gemv(x, q, s)], int4_bytes)
-    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and (dyn[-1] is not None or rows > 1):
-        p4 = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4i.to(torch.int32), 1), sz) for q4i, sz in q4]
-        # the int8 head: fbgemm for one row, _weight_int8pack_mm for several (as quark/quantize.py without its kernels)
-        head = (lambda x, p=dyn[-1]: torch.ops.quantized.linear_dynamic(x, p, True)) if rows == 1 else (
-            lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()))
-        out["int4 _weight_int4pack_mm_for_cpu + int8 head" + ("" if ours else " [quark int4]")] = (
-            [lambda x, p=p: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p[0], 32, p[1]) for p in p4]
-            + [head], int4_bytes)
+    q4 = []
+    for w in ws:
+        q, sz = quantize_int4_tensor(w, 32)
+        q4.append((pack_nibbles(q), sz, kernels.int4_table(sz, 32)))
+    out = {
+        "read fp32 (reference)": ([lambda x, w=w: w.sum() for w in ws], sum(w.numel() * 4 for w in ws)),
+        "torch fp32 F.linear": ([lambda x, w=w: F.linear(x, w) for w in ws], sum(w.numel() * 4 for w in ws)),
+        "torch int8 dequantize": ([lambda x, q=q, s=s: F.linear(x, q.float() * s[:, None]) for q, s in q8],
+                                  sum(q.numel() for q, _ in q8)),
+        "torch int4 dequantize": ([lambda x, t=t: F.linear(x, int4_dequantize(t[0], t[1])) for t in q4],
+                                  sum(t[0].numel() + t[2].numel() * 2 for t in q4)),
+    }
+    bf = [(q, s.bfloat16()) for q, s in q8]
+    out["torch int8 _weight_int8pack_mm"] = (
+        [lambda x, q=q, s=s: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s) for q, s in bf],
+        sum(q.numel() for q, _ in q8))
+    int4pack = []  # torch's int4 kernel takes N % 16 == 0 only: the lm_head (int8 in quark's int4 models) int8
+    for t, (q, s) in zip(q4, bf):
+        if t[0].shape[0] % 16:
+            int4pack.append(lambda x, q=q, s=s: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s))
+            continue
+        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(t[0]).to(torch.int32), 1)
+        int4pack.append(lambda x, p=p, sz=t[1]: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p, 32, sz))
+    out["torch int4 _weight_int4pack_mm_for_cpu"] = (int4pack, sum(t[0].numel() + t[2].numel() * 2 for t in q4))
+    for tier in tiers:
+        out[f"{tier} fp32"] = ([lambda x, w=w, t=tier: kernels.f32_gemv(x, w, tier=t) for w in ws],
+                               sum(w.numel() * 4 for w in ws))
+        out[f"{tier} int8"] = ([lambda x, q=q, s=s, t=tier: kernels.int8_gemv(x, q, s, tier=t) for q, s in q8],
+                               sum(q.numel() for q, _ in q8))
+        out[f"{tier} int4"] = ([lambda x, a=a, t=tier: kernels.int4_gemv(x, a[0], a[2], tier=t) for a in q4],
+                               sum(a[0].numel() + a[2].numel() * 2 for a in q4))
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--rows", type=int, default=1, help="activation rows per matmul (a decode batch, a prefill)")
-    args = ap.parse_args()
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tiers", default=",".join(kernels.supported_tiers()), help="tiers to run (default: all here)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    warnings.filterwarnings("ignore")
-    sh = shapes()
-    ws = [torch.randn(o, i) * 0.02 for o, i in sh]
-    n = sum(o * i for o, i in sh)
-    xs = [torch.randn(args.rows, i) for _, i in sh]
-    print(f"# {n / 1e6:.1f}M weights in {len(sh)} matrices, {args.rows} row(s), {args.threads} thread(s), "
-          f"torch {torch.__version__}")
-    ref = time_token([lambda x, w=w: w.sum() for w in ws], xs, args.rounds)
-    print(f"{'memory read reference (fp32 sum)':46s} {ref * 1e3:7.2f} ms/token  {4 * n / ref / 1e9:5.1f} GB/s")
-    for name, (fns, bytes_per_weight) in kernels(ws, args.rows).items():
-        dt = time_token(fns, xs, args.rounds)
-        print(f"{name:46s} {dt * 1e3:7.2f} ms/token  {bytes_per_weight * n / dt / 1e9:5.1f} GB/s", flush=True)
+    tiers = [t for t in args.tiers.split(",") if t and kernels.ops(t) is not None]
+    ws = [torch.randn(n, k) * 0.02 for n, k in shapes()]
+    xs = [torch.randn(args.rows, k) for _, k in shapes()]
+    cands = candidates(ws, tiers)
+    best = {name: float("inf") for name in cands}
+    for _ in range(args.rounds):
+        for name, (fns, _) in cands.items():
+            best[name] = min(best[name], time_token(fns, xs))
+    print(f"# quark-72m token matmuls, {args.rows} row(s), {args.threads} thread(s), best of {args.rounds}; "
+          f"tiers here: {', '.join(kernels.supported_tiers())}")
+    print("| kernel | ms / token | weight GB/s |\n|---|---|---|")
+    for name, (_, nbytes) in cands.items():
+        print(f"| {name} | {best[name] * 1e3:.2f} | {nbytes / best[name] / 1e9:.1f} |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,13 @@
     PYTHONPATH=. python bench/llamacpp.py                     # quark-72m random weights, idle and shared
     PYTHONPATH=. python bench/llamacpp.py --phases idle --rounds 1 --new-tokens 32   # a quick look
 
+The AVX2 phase (where most laptops are: no AVX-512): Quark forced to its AVX2 tier against llama.cpp built for AVX2
+only, in a folder of its own so it does not replace another build:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+        pip install --no-cache-dir --no-deps --target /tmp/lcp-avx2 llama-cpp-python==0.3.36
+    PYTHONPATH=. python bench/llamacpp.py --isa avx2 --llama-path /tmp/lcp-avx2 --phases idle,shared,shared-mem
+
 What runs, per precision (ours fp32 / int8 / int4 beside llama.cpp f32 / q8_0 / q4_0 of the same weights, exported
 by `quark export --format gguf [--quant]`): greedy decoding of `--new-tokens` after an 8-token prompt, batch 1 and
 batch 8 (llama.cpp: 8 sequences in one llama_batch, its low-level API), tok/s = new tokens x rows / wall time,
@@ -11,13 +18,15 @@ prompt included, as a user sees it. Ours runs through the serving engine (`--pat
 `quark.load(...).generate`, `quark chat` and `quark serve` run, a 2048-slot cache) or `quark.generate.generate`.
 - Every measurement runs in a fresh subprocess (a llama.cpp crash is a row, not the end of the bench); processes
   alternate ours / llama.cpp, and each figure is the best of `--rounds` rounds.
-- Out of the box: ours = no settings (libgomp's default wait policy; decode threads tuned at run time by
-  quark/cpu_settings.py, as `quark chat`, `quark serve` and the Python API run); llama.cpp = llama-cpp-python's
-  `Llama()` thread defaults (n_threads = cores // 2, n_threads_batch = cores), its other defaults as they are.
+- Out of the box: ours = no settings (QUARK_CPU_ISA from --isa, else the best tier here; decode threads on the
+  free cores, quark/cpu_settings.py); llama.cpp = llama-cpp-python's `Llama()` thread defaults (n_threads =
+  cores // 2, n_threads_batch = cores), its other defaults as they are.
 - At its best: each tool over threads {auto, 1, all cores} and OMP_WAIT_POLICY {unset, ACTIVE} (`--policies`;
   both link libgomp); the fastest setting is shown with its figure.
-- Phases: idle, and shared (a competing CPU-bound process spins on one core the whole phase).
-The header prints the CPU model, core count and load average; the first greedy tokens of each pair are compared.
+- Phases: idle; shared (a `while True` process spins on one core the whole phase); shared-mem (a memory-bound
+  process on one core: another model's weights read over and over, as an evaluation does).
+The header prints the CPU model, core count, load average, our tier and llama.cpp's build; the first greedy tokens
+of each pair are compared.
 """
 
 from __future__ import annotations
@@ -95,6 +104,7 @@ def _decode_ours(model, engine, prompts: list[list[int]], n: int) -> list[list[i
 def worker_ours(spec: dict) -> dict:
     import torch
 
+    from quark import kernels
     from quark.quantize import quantize_int4, quantize_int8
     from quark.serve.engine import Engine
     from quark.weights import load_model
@@ -103,7 +113,7 @@ def worker_ours(spec: dict) -> dict:
     model = {"fp32": lambda m: m, "int8": quantize_int8, "int4": quantize_int4}[spec["precision"]](model)
     out = {}
     for threads in spec["threads"]:
-        os.environ["QUARK_THREADS"] = str(threads)  # "auto": the tuner; N: decode steps pinned to N
+        os.environ["QUARK_THREADS"] = str(threads)  # "auto": the free cores; N: decode steps pinned to N
         for batch in spec["batches"]:
             prompts = _prompts(batch, spec["prompt_len"], (model.config.vocab_size - 2))
             # the engine: as quark.load(...).generate, `quark chat` and `quark serve` decode
@@ -113,6 +123,8 @@ def worker_ours(spec: dict) -> dict:
             toks = _decode_ours(model, engine, prompts, spec["new_tokens"])
             out[f"{threads} b{batch}"] = {"tok_s": batch * spec["new_tokens"] / (time.perf_counter() - t0),
                                           "tokens": toks[0][:16]}
+    tier = kernels.chosen_tier() if kernels.available() else "torch"
+    out["build"] = {"tok_s": 0.0, "tokens": [], "info": f"Quark's CPU tier {tier}"}
     return out
 
 
@@ -146,6 +158,8 @@ def _llama_generate(L, ctx, b, n_vocab: int, prompts: list[list[int]], n_new: in
 def worker_llama(spec: dict) -> dict:
     import ctypes
 
+    if spec.get("llama_path"):
+        sys.path.insert(0, spec["llama_path"])
     import llama_cpp as L
 
     L.llama_backend_init()
@@ -174,12 +188,16 @@ def worker_llama(spec: dict) -> dict:
             L.llama_batch_free(b)
             L.llama_free(ctx)
     L.llama_model_free(model)
+    info = f"{Path(L.__file__).parent}: {L.llama_print_system_info().decode().strip()}"
+    out["build"] = {"tok_s": 0.0, "tokens": [], "info": info}
     return out
 
 
 def run_worker(tool: str, spec: dict, policy: str, timeout: float = 900) -> dict:
     """One worker process; a crash or error comes back as {"error": ...}."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "QUARK_THREADS", "GOMP_SPINCOUNT")}
+    if tool == "ours" and spec.get("isa"):
+        env["QUARK_CPU_ISA"] = spec["isa"]
     if policy != "unset":
         env["OMP_WAIT_POLICY"] = policy
     try:
@@ -195,11 +213,19 @@ def run_worker(tool: str, spec: dict, policy: str, timeout: float = 900) -> dict
 
 
 # ---- the comparison ------------------------------------------------------------------------------------------------
+BUSY = {"shared": "while True: pass",  # CPU-bound, one core
+        # memory-bound, one core: 256 MB of weights read over and over, as another model's evaluation does
+        "shared-mem": "import torch\ntorch.set_num_threads(1)\nw = torch.randn(64 << 20)\nwhile True: w.sum()"}
+
+
 class Competitor:
-    """A CPU-bound process (one core's worth of busy work) for the shared phase."""
+    """Another process on one core for the whole phase (BUSY[phase])."""
+
+    def __init__(self, phase: str):
+        self.code = BUSY[phase]
 
     def __enter__(self):
-        self.p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        self.p = subprocess.Popen([sys.executable, "-c", self.code])
         return self
 
     def __exit__(self, *exc):
@@ -209,13 +235,14 @@ class Competitor:
 
 def measure(args, folder: Path, ggufs: dict[str, Path]) -> dict:
     """{phase: {(tool, precision, setting, batch): best tok/s or error}} plus greedy tokens for the pairs."""
-    threads = ["auto", "1", str(os.cpu_count() or 1)] if (os.cpu_count() or 1) > 1 else ["auto"]
+    threads = args.threads or (["auto", "1", str(os.cpu_count() or 1)] if (os.cpu_count() or 1) > 1 else ["auto"])
     base = {"new_tokens": args.new_tokens, "prompt_len": 8, "batches": args.batches, "threads": threads,
-            "path": args.path}
+            "path": args.path, "isa": args.isa, "llama_path": args.llama_path}
     results: dict = {}
+    builds = results.setdefault("builds", {})
     for phase in args.phases:
         res = results[phase] = {}
-        ctx = Competitor() if phase == "shared" else None
+        ctx = Competitor(phase) if phase in BUSY else None
         if ctx:
             ctx.__enter__()
         try:
@@ -226,6 +253,8 @@ def measure(args, folder: Path, ggufs: dict[str, Path]) -> dict:
                                 ("llama.cpp", {**base, "gguf": str(ggufs[PAIRS[ours]])})]
                         for tool, spec in (jobs if r % 2 == 0 else jobs[::-1]):
                             got = run_worker(tool, spec, policy)
+                            if "build" in got:
+                                builds[tool] = got.pop("build")["info"]
                             print(f"# {phase} round {r + 1} {tool} {ours if tool == 'ours' else PAIRS[ours]} "
                                   f"OMP_WAIT_POLICY={policy}: " + (got["error"] if "error" in got else ", ".join(
                                       f"{k} {v['tok_s']:.1f}" for k, v in got.items())), flush=True)
@@ -252,6 +281,8 @@ def table(results: dict, args) -> list[str]:
     lines = ["| phase | ours | llama.cpp | batch | ours out of the box | llama.cpp out of the box | ratio | "
              "ours at best | llama.cpp at best | ratio |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for phase, res in results.items():
+        if phase == "builds":
+            continue
         for ours in args.precisions:
             for batch in (f"b{b}" for b in args.batches):
                 cells = []
@@ -292,6 +323,11 @@ def main(argv=None) -> int:
     ap.add_argument("--path", choices=("engine", "generate"), default="engine",
                     help="ours through the serving engine (quark.load(...).generate, chat, serve) or "
                          "quark.generate.generate")
+    ap.add_argument("--isa", choices=("avx512", "avx2", "portable", "torch"),
+                    help="QUARK_CPU_ISA for ours (default: the best tier here)")
+    ap.add_argument("--llama-path", help="a folder holding the llama_cpp package to run (e.g. an AVX2-only build)")
+    ap.add_argument("--threads", help="thread settings to run, e.g. auto (each tool's default only); default "
+                    "auto,1,<cores>")
     ap.add_argument("--worker", choices=("ours", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -303,10 +339,11 @@ def main(argv=None) -> int:
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.phases = [p for p in args.phases.split(",") if p]
     args.policies = [p for p in args.policies.split(",") if p]
-    bad = [p for p in args.precisions if p not in PAIRS] + [p for p in args.phases if p not in ("idle", "shared")]
+    args.threads = [t for t in (args.threads or "").split(",") if t]
+    bad = [p for p in args.precisions if p not in PAIRS] + [p for p in args.phases if p not in ("idle", *BUSY)]
     bad += [p for p in args.policies if p not in ("unset", "ACTIVE", "PASSIVE")]
     if bad:
-        raise SystemExit(f"unknown precision/phase {bad}; allowed: {', '.join(PAIRS)} / idle, shared")
+        raise SystemExit(f"unknown precision/phase {bad}; allowed: {', '.join(PAIRS)} / idle, {', '.join(BUSY)}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     folder, ggufs = prepare(work, args.preset, args.model)
@@ -318,8 +355,10 @@ def main(argv=None) -> int:
     print()
     print("\n".join(table(results, args)))
     print(f"\n# {time.time() - t0:.0f} s; load average after: {os.getloadavg()[0]:.2f}. Out of the box: ours unset "
-          "policy + run-time thread tuner; llama.cpp: llama-cpp-python's Llama() threads (cores // 2). Best: over "
+          "policy + threads on the free cores; llama.cpp: llama-cpp-python's Llama() threads (cores // 2). Best: over "
           f"threads {{auto, 1, all}} x OMP_WAIT_POLICY {{{', '.join(args.policies)}}}.")
+    for tool, info in results.pop("builds").items():
+        print(f"# {tool}: {info}")
     for phase, res in results.items():
         for ours in args.precisions:
             a, b = res.get(("ours", ours, "unset t=auto", "b1")), res.get(("llama.cpp", ours, "unset t=auto", "b1"))

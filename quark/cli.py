@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # libgomp reads OMP_WAIT_POLICY when torch loads, which `import quark` has already done: this reaches only the
     # processes a command starts (torchrun, serve's engine worker). chat/serve own the machine: libgomp's spin-then-
-    # sleep default plus the decode thread tuner (quark/cpu_settings.py); other commands' children share it: passive.
+    # sleep default plus decode threads on the free cores (quark/cpu_settings.py); other commands' children share
+    # it: passive.
     if (sys.argv[1:] if argv is None else argv)[:1] not in (["chat"], ["serve"]):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()

@@ -36,14 +36,14 @@ class Decoder:
     shared position; generate), or `prefill_rows(idx, lengths, start)` then `step(tok, pos)` with per-row slots
     and `move_row` (continuous batching, quark/serve/engine.py)."""
 
-    def __init__(self, model: Quark, batch_size: int, max_len: int, spare_slots: int = 0):
+    def __init__(self, model: Quark, batch_size: int, max_len: int):
         c = model.config
         if max_len > c.context_length:
             raise ValueError(f"decoder max_len={max_len} exceeds the model's context_length={c.context_length}")
         self.config, self.B, self.max_len = c, batch_size, max_len
         self.device, self.dtype = _device_dtype(model)
-        self.cache = KVCache(c, batch_size, max_len, device=self.device, dtype=self.dtype, spare=spare_slots)
-        self.key_mask = torch.ones(batch_size, max_len + spare_slots, dtype=torch.bool, device=self.device)
+        self.cache = KVCache(c, batch_size, max_len, device=self.device, dtype=self.dtype)
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=self.device)
         self.padded, self.pos, self.busy = False, 0, False
         self._model = weakref.ref(model)  # a decoder kept in a per-model registry must not keep its model alive
 
@@ -96,7 +96,7 @@ class Decoder:
 
     def decode(self, tok: torch.Tensor, slots: int | torch.Tensor, n_keys: int | None) -> torch.Tensor:
         """One token per row at `slots` (the shared int position, or (b, 1) per row). FastDecoder overrides
-        this for its thread tuner and CUDA graph."""
+        this with the step its decoder_for chose."""
         b = tok.shape[0]
         if n_keys is None and not isinstance(slots, int):
             n_keys = int(slots.max()) + 1 if slots.device.type == "cpu" else self.max_len  # no sync off the CPU

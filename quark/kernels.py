@@ -1,35 +1,29 @@
-"""Quark's hand-written CPU kernels: int8 and int4 weights times a few float rows (`quark::int8_gemv`,
-`quark::int4_gemv`, quark/csrc), the matmuls of decode steps and short prefills (1..256 rows a call).
+"""Quark's C++ CPU kernels (quark/csrc/): int8 / int4 / fp32 weights times a few float rows, and `decode_layer`
+(one decoder layer's decode step, `quark.model.layer_forward`'s math in C++), in three tiers built for the CPU
+they run on.
 
-Why it exists: batch-1 decoding reads every weight once a token, so its speed is the int8 matmul's memory
-bandwidth. torch has no one-row int8 kernel that a compiled graph can call at that speed: inductor's fused
-dequantize-and-reduce keeps one accumulator chain a row (~10 GB/s on one AMD EPYC core), fbgemm's dynamic linear
-takes a ScriptObject dynamo cannot trace, oneDNN's int8 linear needs frozen weights and costs ~20 us a call. This
-kernel quantizes each activation row in blocks of 32 (llama.cpp q8_0's scheme) and multiplies with AVX512-VNNI
-int8 dot products, prefetching the weights: 16-18 GB/s on one core, 23-30 on two where a plain read of memory runs
-at 21-23 and 27-37 (dev/LOG.md 2026-12-03, fourth session).
-The int4 kernel does the same over quark's int4 layout (plain nibbles, a (scale, zero) pair per 32 columns), where
-torch's int4 kernel (bf16 activations) is the alternative.
-`quark::decode_layer` (quark/csrc/decode_layer.cpp) runs a whole decoder layer (fp32, int8 or int4 weights; fp32
-through `quark::f32_gemv`) for one token of each row around those matmuls: quark/fast.py's CPU decode step, one call
-a layer instead of a compiled graph whose Python wrapper, guards and ~60 small kernels cost as much as the matmuls.
+Why: batch-1 decoding reads every weight once a token, so its speed is the matmuls' memory bandwidth, and a small
+model's step spends as long between its matmuls (dozens of small torch ops a layer) as in them. One C++ call a
+layer, over int8 dot products on activations quantized in blocks of 32 (llama.cpp q8_0's scheme), does both.
 
 Choices:
-- Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; ~15 s once, then loaded from torch's
-  extension cache, TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, a folder per torch version and sources),
-  registered as torch operators: `torch.ops.quark.int8_gemv` and `.int4_gemv` with fake (shape-only) implementations,
-  so `torch.compile` graphs call them as extern kernels; `.f32_gemv` and `.decode_layer`, called eagerly.
+- Tiers, each its own extension compiled with its own flags (as ggml-cpu builds one variant per architecture) and
+  chosen at run time from the CPU's flags: `avx512` (AVX512-VNNI, -BW, -VL), `avx2` (AVX2 + FMA, plus AVX-VNNI's dot
+  product where the CPU has it), `portable` (plain C++, no intrinsics: any CPU with a C++ compiler, ARM64 and Apple
+  included, where it is built with -mcpu=native so the compiler may use NEON's int8 dot product). The portable
+  tier is the reference: tests hold every tier this CPU runs to it and to `layer_forward`.
+  QUARK_CPU_ISA=avx512|avx2|portable forces a tier, `torch` the eager torch path, `auto` (default) the best here.
+- Built at first use with `torch.utils.cpp_extension.load` (g++ and ninja; one C++ file a tier, ~20-40 s once), then
+  loaded from torch's extension cache (TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions), a folder per tier, torch
+  version, sources and flags; the ops are `torch.ops.quark_<tier>.{int8_gemv, int4_gemv, f32_gemv, decode_layer}`.
 - torch's build lock (`lock`, a bare file) outlives a killed build, and torch waits on it forever. So a build first
   takes quark's own lock, an flock on `quark.lock` with the owner's pid written in it: the kernel drops it when the
   owner dies, so holding it means any `lock` there is orphaned (removed, one note); another process's live build is
-  waited for at most BUILD_WAIT_S, then this process uses torch's kernels (one note).
+  waited for at most BUILD_WAIT_S, then this process decodes with eager torch (one note).
 - A built library in a folder this process may not write, or with no compiler (`$CXX` or c++) on PATH, is loaded as
-  it is; with neither a library nor a compiler, one line says so ("c++ not found") instead of torch's banners.
-- Only on CPUs that report avx512_vnni, avx512bw and avx512vl; elsewhere, when the build fails (warned once) or
-  with QUARK_CPU_KERNELS=0, `available()` is False and quark/quantize.py runs torch's kernels instead.
-- Threads: torch's own OpenMP pool (`at::parallel_for`), so `torch.set_num_threads` and the thread tuner apply.
-- Accuracy: per-32 activation blocks keep the relative error of a product near 0.5% (fbgemm's per-tensor 7-bit
-  activations: ~1.4%); tests compare it with the float product of the dequantized weights.
+  it is; with neither a library nor a compiler, one line says so and decoding uses eager torch; a failed build is
+  one warning naming the compiler's first error.
+- Threads: torch's own OpenMP pool (`at::parallel_for`), so `torch.set_num_threads` applies.
 """
 
 from __future__ import annotations
@@ -37,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import shutil
 import sys
 import time
@@ -46,37 +41,63 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / f
-           for f in ("int8_gemv.cpp", "int4_gemv.cpp", "f32_gemv.cpp", "decode_layer.cpp")]
-HEADERS = [Path(__file__).parent / "csrc" / "gemv.h"]
-# -fopenmp: `at::parallel_for` is OpenMP in torch's headers; the extension links the libgomp torch already loaded
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
-_LOADED: list[bool] = []  # [whether the torch.ops.quark kernels are usable], once decided in this process
-BUILD_WAIT_S = 120.0  # the longest wait for another process's build (~15-60 s) before using torch's kernels
-LIBRARY = "quark_cpu_kernels"
+CSRC = Path(__file__).parent / "csrc"
+TIERS = ("avx512", "avx2", "portable")  # fastest first
+NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma"}, "avx2": {"avx2", "fma"},
+         "portable": set()}  # CPU flags (Linux /proc/cpuinfo names) each tier runs on
+TIER_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"], "avx2": ["-mavx2", "-mfma"],
+              "portable": []}
+BUILD_WAIT_S = 120.0  # the longest wait for another process's build before decoding with eager torch
+_OPS: dict[str, object | None] = {}  # tier -> its torch.ops namespace, or None once it failed in this process
 
 
-def build_directory() -> Path:
-    """One folder per torch version and per copy of the sources (their path and content): two checkouts or
-    versions of quark on one machine would otherwise rebuild over each other at every process start."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which leaves the portable tier)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1] for ln in lines if ln.split(":")[0].strip() in ("flags", "Features")), "").split())
+
+
+def supported_tiers() -> list[str]:
+    """The tiers this CPU runs, fastest first (always ending with portable)."""
+    flags = cpu_flags()
+    return [t for t in TIERS if NEEDS[t] <= flags]
+
+
+def chosen_tier() -> str | None:
+    """The tier QUARK_CPU_ISA asks for (auto: the fastest this CPU runs), or None for eager torch."""
+    v = os.environ.get("QUARK_CPU_ISA", "auto").strip().lower() or "auto"
+    if v == "torch":
+        return None
+    if v != "auto" and v not in TIERS:
+        raise ValueError(f"QUARK_CPU_ISA={v!r}: allowed values are auto, {', '.join(TIERS)}, torch")
+    here = supported_tiers()
+    if v != "auto" and v not in here:
+        raise ValueError(f"QUARK_CPU_ISA={v}: this CPU lacks {', '.join(sorted(NEEDS[v] - cpu_flags()))}; "
+                         f"allowed here: {', '.join(here)}, torch (or unset it)")
+    return here[0] if v == "auto" else v
+
+
+def compile_flags(tier: str) -> list[str]:
+    extra = ["-mavxvnni"] if tier == "avx2" and "avx_vnni" in cpu_flags() else []
+    if tier == "portable" and platform.machine().lower() in ("arm64", "aarch64"):
+        extra = ["-mcpu=native"]  # NEON and, where the CPU has it, the int8 dot product
+    # -fopenmp: `at::parallel_for` is OpenMP in torch's headers; the extension links the libgomp torch loaded
+    return ["-O3", *TIER_FLAGS[tier], *extra] + (["-fopenmp"] if platform.system() == "Linux" else [])
+
+
+def build_directory(tier: str) -> Path:
+    """One folder per tier, torch version, copy of the sources (their path and content) and flags: two checkouts
+    or versions of quark on one machine would otherwise rebuild over each other at every process start."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(b"".join(str(f).encode() + f.read_bytes() for f in SOURCES + HEADERS)).hexdigest()[:12]
-    tag = f"quark_cpu_kernels-torch{torch.__version__.split('+')[0]}-{digest}"
+    files = [CSRC / f"{tier}.cpp", CSRC / "layer.h"]
+    digest = hashlib.sha256(b"".join(str(f).encode() + f.read_bytes() for f in files)
+                            + " ".join(compile_flags(tier)).encode()).hexdigest()[:12]
+    tag = f"quark_{tier}-torch{torch.__version__.split('+')[0]}-{digest}"
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / tag
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU reports AVX512-VNNI, -BW and -VL (Linux /proc/cpuinfo)."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return {"avx512_vnni", "avx512bw", "avx512vl"} <= set(flags.split())
-
-
-def _fake(x: torch.Tensor, w: torch.Tensor, _scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 
 def _note(message: str) -> None:
@@ -117,50 +138,44 @@ def build_lock(folder: Path, wait_s: float) -> Iterator[bool]:
         os.close(fd)  # drops the flock
 
 
-def _register_fakes() -> bool:
-    for op in ("quark::int8_gemv", "quark::int4_gemv"):
-        torch.library.register_fake(op)(_fake)
-    return True
-
-
-def _load() -> bool:
-    if os.environ.get("QUARK_CPU_KERNELS", "1") == "0" or not cpu_has_vnni():
-        return False
+def _load(tier: str) -> object | None:
+    """Build (or load) `tier`'s extension; its torch.ops namespace, or None (noted or warned once)."""
+    name = f"quark_{tier}"
     try:
         from torch.utils import cpp_extension
 
-        folder = build_directory()
-        library = folder / f"{LIBRARY}.so"
+        folder = build_directory(tier)
+        library = folder / f"{name}.so"
         compiler = os.environ.get("CXX") or "c++"
         has_compiler = shutil.which(compiler) is not None
         writable = os.access(_existing_parent(folder), os.W_OK)
         if library.is_file() and not (writable and has_compiler):  # built already: nothing to write or compile
             torch.ops.load_library(str(library))
-            return _register_fakes()
+            return getattr(torch.ops, name)
         if not has_compiler:
             _note(f"{compiler} not found on PATH (install g++, or set CXX to a C++ compiler, to build quark's CPU "
                   "kernels); using torch's kernels")
-            return False
+            return None
         if not writable:
             _note(f"{folder} is not writable, so quark's CPU kernels cannot be built there (set TORCH_EXTENSIONS_DIR "
                   "to a folder you may write to); using torch's kernels")
-            return False
+            return None
         folder.mkdir(parents=True, exist_ok=True)
         with build_lock(folder, BUILD_WAIT_S) as held:
             if not held:
-                return False
+                return None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # cpp_extension's notes on compiler versions
-                cpp_extension.load(name=LIBRARY, sources=[str(f) for f in SOURCES], extra_cflags=FLAGS,
-                                   extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
-        return _register_fakes()
-    except Exception as e:  # noqa: BLE001 -- a failed build: torch's kernels still work
+                cpp_extension.load(name=name, sources=[str(CSRC / f"{tier}.cpp")], extra_cflags=compile_flags(tier),
+                                   extra_ldflags=["-fopenmp"] if "-fopenmp" in compile_flags(tier) else [],
+                                   build_directory=str(folder), is_python_module=False)
+        return getattr(torch.ops, name)
+    except Exception as e:  # noqa: BLE001 -- a failed build: eager torch still works
         lines = str(e).splitlines() or [""]
         first_error = next((line for line in lines if ": error" in line), None) or lines[0]  # the compiler's
-        warnings.warn(f"quark's CPU kernels could not be built ({type(e).__name__}: {first_error[:400]}); int8/int4 "
-                      "decoding uses torch's kernels (slower; set QUARK_CPU_KERNELS=0 to skip the attempt)",
-                      stacklevel=3)
-        return False
+        warnings.warn(f"quark's {tier} CPU kernels could not be built ({type(e).__name__}: {first_error[:400]}); "
+                      "decoding with eager torch (slower; QUARK_CPU_ISA=torch skips the attempt)", stacklevel=3)
+        return None
 
 
 def _existing_parent(path: Path) -> Path:
@@ -169,44 +184,50 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def ops(tier: str | None = None) -> object | None:
+    """`tier`'s ops (default: the chosen tier), built or loaded the first time; None where they do not run."""
+    tier = tier or chosen_tier()
+    if tier is None:
+        return None
+    if tier not in _OPS:
+        _OPS[tier] = _load(tier)
+    return _OPS[tier]
+
+
 def available() -> bool:
-    """Whether the `torch.ops.quark` kernels run here; builds or loads them the first time (call it eagerly, before
-    compiling a graph that uses them)."""
-    if not _LOADED:
-        _LOADED.append(_load())
-    return _LOADED[0]
+    """Whether decoding runs quark's kernels here (the chosen tier built or loaded)."""
+    return ops() is not None
 
 
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, tier: str | None = None) -> torch.Tensor:
     """x (M, K) float @ (weight int8 (N, K) * scale fp32 (N,)[:, None]).T -> (M, N) float32, x's rows quantized
-    in blocks of 32. Requires `available()`."""
-    return torch.ops.quark.int8_gemv(x, weight, scale)
+    in blocks of 32. Requires `available()` (or a built `tier`)."""
+    return ops(tier).int8_gemv(x, weight, scale)
 
 
 def int4_table(sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """quantize.py's int4 scales_and_zeros (K/group, N, 2) bf16 -> the kernel's (N, K/32, 2): each row's
+    """quantize.py's int4 scales_and_zeros (K/group, N, 2) bf16 -> the kernels' (N, K/32, 2): each row's
     (scale, zero) pairs in order, one per 32 columns (a group of 64..256 repeats its pair)."""
     return sz.transpose(0, 1).repeat_interleave(group_size // 32, dim=1).contiguous()
 
 
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, tier: str | None = None) -> torch.Tensor:
     """x (M, K) float @ dequant(qweight).T -> (M, N) float32; qweight (N, K/2) plain nibbles, `table` from
-    `int4_table`. Requires `available()`."""
-    return torch.ops.quark.int4_gemv(x, qweight, table)
+    `int4_table`."""
+    return ops(tier).int4_gemv(x, qweight, table)
+
+
+def f32_gemv(x: torch.Tensor, weight: torch.Tensor, tier: str | None = None) -> torch.Tensor:
+    """x (M, K) float @ weight float32 (N, K).T -> (M, N) float32 (the weight read once for all rows)."""
+    return ops(tier).f32_gemv(x, weight)
 
 
 def decode_layer(x: torch.Tensor, layer: tuple, kv: tuple[torch.Tensor, torch.Tensor],
                  tables: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, *, key_mask: torch.Tensor | None,
-                 n_keys: int) -> None:
+                 n_keys: int, tier: str | None = None) -> None:
     """One decoder layer (`quark.model.layer_forward`) for one new token of each row of x (B, D) float32, in place.
     `layer` (ln1, ln2, eps, qkv, o, gate_up, down), each matrix [fp32 weight], [int8 weight, fp32 scale] or [int4
     nibbles, `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,);
     attention over the first `n_keys` slots under `quark.model.attention_mask`'s rule with `key_mask`
-    (B, >= n_keys) bool or None; `tables` the RoPE cos/sin (positions, hd). Requires `available()`."""
-    torch.ops.quark.decode_layer(x, *layer, *kv, *tables, slots, key_mask, n_keys)
-
-
-def f32_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float @ weight float32 (N, K).T -> (M, N) float32 (reads the weight once for all rows). Requires
-    `available()`."""
-    return torch.ops.quark.f32_gemv(x, weight)
+    (B, >= n_keys) bool or None; `tables` the RoPE cos/sin (positions, hd)."""
+    ops(tier).decode_layer(x, *layer, *kv, *tables, slots, key_mask, n_keys)

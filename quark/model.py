@@ -7,9 +7,10 @@ Choices:
 - Attention is `F.scaled_dot_product_attention` with `enable_gqa=True`: K/V keep n_kv_heads, never repeated.
   A single-token step instead folds the query heads that share a KV head into queries of that head (plain
   SDPA, ~10-25% faster on CPU than the GQA path).
-- The layer math is written once (`rms_norm`, `apply_rope`, `attend`, `layer_forward`); quark/fast.py runs the
-  same functions over its fused weights. To change the architecture, edit this file (and the exports'
-  parameter maps in quark/hf/ when a parameter is added or renamed).
+- The layer math is written here once (`rms_norm`, `apply_rope`, `attend`, `layer_forward`); quark/fast.py runs the
+  same functions over its fused weights. Its one copy is C++: quark/csrc/layer.h's `decode_layer` (the CPU decode
+  step of quark's kernels), held to `layer_forward` by tests/test_decode_layer.py. To change the architecture, edit
+  this file and layer.h (and the exports' parameter maps in quark/hf/ when a parameter is added or renamed).
 - One cache type, `KVCache`: a (B, n_kv, max_len, hd) tensor per layer. `input_pos` says which cache slots the
   new tokens fill: an int start, a (T,) tensor shared by the batch, or (B, T) per row (continuous batching).
   The RoPE position of a token is its slot; a left-padded row therefore sees the same relative positions as an
@@ -105,15 +106,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     that many queries of it (plain SDPA, ~10-25% faster on CPU than the GQA path)."""
     B, nh, T, hd = q.shape
     n_kv = k.shape[1]
-    if T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
-        # in quark/fast.py's compiled CPU step: plain reductions, which inductor fuses (SDPA's CPU kernel costs
-        # ~40 us a call at this size, a third of a layer's time)
-        qg = q.reshape(B, n_kv, nh // n_kv, 1, hd) * hd ** -0.5
-        scores = (qg * k[:, :, None]).sum(-1)  # (B, n_kv, nh / n_kv, L)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # mask (B|1, 1, 1, L)
-        y = (scores.softmax(-1)[..., None] * v[:, :, None]).sum(-2)  # (B, n_kv, nh / n_kv, hd)
-        return y.reshape(B, 1, nh * hd)
     if T == 1 and nh != n_kv:
         y = F.scaled_dot_product_attention(q.reshape(B, n_kv, nh // n_kv, hd), k, v, attn_mask=mask)
         return y.reshape(B, 1, nh * hd)
@@ -124,15 +116,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class KVCache:
     """Preallocated keys/values, one (B, n_kv, max_len, hd) tensor per layer (so a compiled step mutates whole
     graph inputs in place). The one cache of every decode path: generate, the fast decoder, the serving engine,
-    evaluation. `spare` slots past max_len are allocated but never written (quark/fast.py's compiled CPU step
-    attends over a prefix of the cache, which is then always shorter than the cache)."""
+    evaluation."""
 
     def __init__(self, config: QuarkConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, spare: int = 0):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         max_len = max_len or config.context_length
         if max_len > config.context_length:
             raise ValueError(f"KVCache max_len={max_len} exceeds the model's context_length={config.context_length}")
-        shape = (batch_size, config.n_kv_heads, max_len + spare, config.head_dim)
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 

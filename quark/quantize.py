@@ -7,46 +7,30 @@ Choices (int8):
   the same model; `copy.deepcopy` it first to keep the float model. Norm weights and RoPE tables stay as they are,
   so `model.dtype` (the norms' dtype) remains the compute dtype; activations and the KV cache keep it.
 - The int8 buffer is named `weight` (device and shape read as before) with a float `scale` beside it.
-- Up to KERNEL_ROWS rows on a CPU with AVX512-VNNI (decode steps and prompts up to 256 tokens) go through quark's
-  own kernel (quark/kernels.py): each row quantized in blocks of 32 as llama.cpp's q8_0 does, int8 dot products,
-  1.3-1.9x `_weight_int8pack_mm` below and 1.1-1.2x fbgemm's one-row linear, and callable from compiled graphs.
-  Other CPUs (or no compiler) take the torch kernels of the next two points.
-- One row on CPU (batch-1 decode) goes through fbgemm's dynamic int8 linear
-  (`torch.ops.quantized.linear_dynamic`, the kernel of `torch.ao.quantization.quantize_dynamic`): the row is
-  quantized on the fly to 8 bits (7-bit range, fbgemm's `reduce_range`, so no int16 saturation) and multiplied
-  with int8 dot products, as llama.cpp's q8_0 quantizes activations; 1.8x the decode speed of the bf16-activation
-  kernel below on an AMD EPYC (dev/LOG.md 2026-12-03). fbgemm wants its own prepacked copy of the weight
-  (`int8_pack_dynamic`, built lazily, ~1 byte per weight more in memory). Where torch has no fbgemm (or drops
-  its deprecated quantized tensors), this path is skipped.
-- Other small batches (2..SMALL_BATCH_ROWS rows) on CPU use `torch.ops.aten._weight_int8pack_mm` with bf16
-  activations, whose rows are independent (fbgemm's activation scale is per tensor, which would couple the rows
-  of a batch): it reads 1 byte per weight, 4x less memory traffic than fp32. Larger batches (prefill, scoring)
-  and other devices dequantize the weight and run an ordinary matmul in the compute dtype.
+- The matmul, as every CPU decode step (quark/fast.py), runs quark's kernels up to KERNEL_ROWS rows where they run
+  (quark/kernels.py: activations quantized in blocks of 32 as llama.cpp's q8_0, int8 dot products); else, on a
+  CPU, torch's `_weight_int8pack_mm` (bf16 activations) up to TORCH_KERNEL_ROWS rows; else the weight dequantized
+  and an ordinary matmul in the compute dtype (larger batches, other devices).
 - With tied embeddings the embedding and lm_head share one int8 table.
 - `quark quantize --model M [--data D] [--bits 4]` (quantize_cli.py) quantizes a model folder and reports size,
   decode speed and, with a data folder, validation loss/perplexity of fp32 vs the quantized model.
 
 Choices (int4, `quantize_int4`), gpt-fast's int4 path:
 - Group-wise asymmetric: each row is cut into groups of `group_size` (32 by default, llama.cpp q4_0's block) input
-  columns; q in [0, 15] and `w ~= (q - 8) * scale + zero` with scale = (max - min) / 15, zero = min + 8 * scale,
-  the convention of `torch.ops.aten._weight_int4pack_mm_for_cpu`, which runs the matmul with bf16 activations and
-  bf16 scales/zeros ((K/g, N, 2), stored as such: the dequantizing path uses the same values).
-- Up to KERNEL_ROWS rows on a CPU with AVX512-VNNI run quark's int4 kernel (quark/kernels.py: the plain
-  nibbles, a (scale, zero) table per 32 columns, int8 activations per 32, 1.27x torch's int4 kernel at two
-  threads in bench/cpu_kernels.py, even at one); elsewhere torch's int4 kernel. `packed` holds whichever second
-  operand the kernel in use takes (`int4_pack_for_kernel`): quark's (N, K/32, 2) table or torch's packed weight.
+  columns; q in [0, 15] and `w ~= (q - 8) * scale + zero` with scale = (max - min) / 15, zero = min + 8 * scale;
+  scales and zeros in bf16 ((K/g, N, 2), torch's int4 layout, as saved).
 - The module keeps its nibbles in a plain layout (`qweight` (N, K/2) uint8: column 2j in the low nibble, 2j+1 in
-  the high one), because torch's kernel packing is not row-separable (rows are interleaved in blocks of 64): the
-  fast path (quark/fast.py) fuses q/k/v by concatenating plain nibbles and packing once.
+  the high one), so fusing q/k/v is a concatenation of rows, and on the CPU quark's kernels' (scale, zero) table
+  (`table`, (N, K/32, 2), derived: rebuilt at load_state_dict, not saved).
+- Up to KERNEL_ROWS rows on a CPU where quark's kernels run go through them; without them, the fast decoder's
+  fused matrices go through torch's int4 kernel (`int4_pack_for_torch`, a packed copy the decoder makes) up to
+  TORCH_KERNEL_ROWS rows; otherwise dequantize and matmul.
 - A layer whose input size is not a multiple of `group_size` (the tiny preset's d_ff=688) stays int8, and the
   embedding / tied lm_head are int8 (as llama.cpp keeps the output matrix at higher precision in its 4-bit types).
-- Batches above KERNEL_ROWS (quark's kernel) or SMALL_BATCH_ROWS (torch's) and other devices dequantize and run an
-  ordinary matmul.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -55,12 +39,12 @@ from torch import nn
 
 from quark import kernels
 
-_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-SMALL_BATCH_ROWS = 32  # up to this many rows torch's int8/int4 kernels beat dequantize + matmul on CPU (measured)
-# up to this many rows quark's kernels do (two threads, AMD EPYC, dev/LOG.md 2026-12-03 sixth session: a 2688x512
-# matrix at 256 rows int8 3.1 vs 5.5 ms, int4 4.4 vs 14.5; at 512 rows a 768x512 int4 one lost, 3.1 vs 2.9):
-# decode batches and the prefill of prompts up to this long
+# up to this many rows quark's kernels beat dequantize + matmul (two threads, AMD EPYC, dev/LOG.md 2026-12-03 sixth
+# session: a 2688x512 matrix at 256 rows int8 3.1 vs 5.5 ms, int4 4.4 vs 14.5): decode batches and prompts this long
 KERNEL_ROWS = 256
+# without quark's kernels, up to this many rows torch's int8 / int4 kernels (bf16 activations) beat dequantize +
+# matmul on CPU (one token of quark-72m, one thread: int8 25 vs 542 ms, int4 18 vs 1401; dev/LOG.md 2026-12-07)
+TORCH_KERNEL_ROWS = 32
 
 
 def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,38 +55,22 @@ def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-_DYNAMIC = hasattr(torch.ops.quantized, "linear_dynamic") and any(
-    e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+def _kernel_rows(x2: torch.Tensor) -> bool:
+    return x2.device.type == "cpu" and x2.shape[0] <= KERNEL_ROWS and kernels.available()
 
 
-def int8_pack_dynamic(weight: torch.Tensor, scale: torch.Tensor) -> object | None:
-    """fbgemm's prepacked copy of int8 `weight` (N, K) with per-row `scale` for `int8_linear`'s one-row path, or
-    None off the CPU or where this torch lacks the kernel."""
-    if not _DYNAMIC or weight.device.type != "cpu":
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch deprecates quantized tensors; the packing still takes one
-        try:
-            qw = torch._make_per_channel_quantized_tensor(weight.detach().contiguous(), scale.detach().double(),
-                                                         torch.zeros(weight.shape[0], dtype=torch.long), 0)
-            return torch.ops.quantized.linear_prepack(qw, None)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            return None
+def _torch_rows(x2: torch.Tensor) -> bool:
+    return x2.device.type == "cpu" and x2.shape[0] <= TORCH_KERNEL_ROWS
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor | None = None,
-                packed: object | None = None) -> torch.Tensor:
-    """y = x @ (weight * scale[:, None]).T in x's dtype. weight int8 (N, K), scale fp32 (N,); `packed` is
-    `int8_pack_dynamic(weight, scale)` for the one-row CPU kernel."""
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x @ (weight * scale[:, None]).T in x's dtype. weight int8 (N, K), scale fp32 (N,)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x.device.type == "cpu" and x2.shape[0] <= KERNEL_ROWS and kernels.available():
+    if _kernel_rows(x2):
         y = kernels.int8_gemv(x2, weight, scale)
-    elif packed is not None and x2.shape[0] == 1 and x.device.type == "cpu":
-        y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), packed, True)
-    elif _INT8PACK and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
-        s = scale_bf16 if scale_bf16 is not None else scale.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), weight, s)
+    elif _torch_rows(x2):
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), weight, scale.to(torch.bfloat16))
     else:
         y = F.linear(x2, weight.to(x.dtype)) * scale.to(x.dtype)
     return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
@@ -113,22 +81,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
-        self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self._packed = None  # (weight's data pointer, int8_pack_dynamic's copy), built at the first one-row call
-        self.register_load_state_dict_post_hook(Int8Linear._rescale)  # `scale_bf16`, `_packed` are derived
-
-    @staticmethod
-    def _rescale(module: Int8Linear, _incompatible: object) -> None:
-        with torch.no_grad():
-            module.scale_bf16.copy_(module.scale)
-        module._packed = None
-
-    def packed(self) -> object | None:
-        """fbgemm's copy of this layer's weight (rebuilt when the weight is replaced or reloaded)."""
-        if self._packed is None or self._packed[0] != self.weight.data_ptr():
-            self._packed = (self.weight.data_ptr(), int8_pack_dynamic(self.weight, self.scale))
-        return self._packed[1]
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int8Linear:
@@ -136,8 +89,7 @@ class Int8Linear(nn.Module):
         return cls(q.to(w.device), s.to(w.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_row = x.device.type == "cpu" and x.numel() == x.shape[-1] and not kernels.available()
-        return int8_linear(x, self.weight, self.scale, self.scale_bf16, self.packed() if one_row else None)
+        return int8_linear(x, self.weight, self.scale)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
@@ -158,9 +110,7 @@ class Int8Embedding(nn.Module):
 
 
 # ---- int4 ----------------------------------------------------------------------------------------------------------
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-_INT4_GROUP_TENSOR = hasattr(torch.ops.quantized, "int4mm_packed_weight_cpu")  # the same kernel, group size a tensor
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernels' 32-column blocks (torch's int4 sizes)
 
 
 def quantize_int4_tensor(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,37 +137,27 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-def int4_pack_for_kernel(qweight: torch.Tensor, sz: torch.Tensor) -> torch.Tensor | None:
-    """The CPU kernel's second operand beside the plain nibbles: quark's (N, K/32, 2) (scale, zero) table where its
-    kernel runs (quark/kernels.py), else torch's packed weight; None off the CPU or without either kernel."""
-    if qweight.device.type != "cpu":
-        return None
-    if kernels.available():
-        return kernels.int4_table(sz, qweight.shape[1] * 2 // sz.shape[0])
-    if not _INT4PACK:
-        return None
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1)
-
-
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, packed: torch.Tensor | None = None,
-                group: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(qweight).T in x's dtype; qweight (N, K/2) plain nibbles, sz (K/g, N, 2) bf16. `group`, the
-    group size as a 0-d tensor, is for compiled graphs (quark/fast.py): torch's int4 op then takes it as an input
-    (inductor turns an int into a constant tensor, which dynamo's nested compile regions cannot take)."""
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, table: torch.Tensor | None = None,
+                torch_packed: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(qweight).T in x's dtype; qweight (N, K/2) plain nibbles, sz (K/g, N, 2) bf16, `table` the
+    kernels' (N, K/32, 2) copy of sz (`kernels.int4_table`), `torch_packed` torch's (`int4_pack_for_torch`)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    N, g = qweight.shape[0], shape[-1] // sz.shape[0]
-    if packed is not None and packed.dim() == 3 and x.device.type == "cpu" and x2.shape[0] <= KERNEL_ROWS:
-        y = kernels.int4_gemv(x2, qweight, packed)  # quark's kernel: `packed` is its (scale, zero) table
-    elif packed is not None and x.device.type == "cpu" and x2.shape[0] <= SMALL_BATCH_ROWS:
-        xb = x2.to(torch.bfloat16).contiguous()
-        if group is not None and _INT4_GROUP_TENSOR:
-            y = torch.ops.quantized.int4mm_packed_weight_cpu(xb, packed, group, sz)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, g, sz)
+    if table is not None and _kernel_rows(x2):
+        y = kernels.int4_gemv(x2, qweight, table)
+    elif torch_packed is not None and _torch_rows(x2):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), torch_packed,
+                                                       shape[-1] // sz.shape[0], sz)
     else:
         y = F.linear(x2, int4_dequantize(qweight, sz, x.dtype))
-    return y.to(x.dtype).view(*shape[:-1], N)
+    return y.to(x.dtype).view(*shape[:-1], qweight.shape[0])
+
+
+def int4_pack_for_torch(qweight: torch.Tensor) -> torch.Tensor | None:
+    """torch's CPU int4 kernel's copy of the nibbles (rows interleaved in blocks; N a multiple of 16), or None."""
+    if qweight.device.type != "cpu" or qweight.shape[0] % 16:
+        return None
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1)
 
 
 def int4_dequantize(qweight: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -233,19 +173,18 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.register_buffer("packed", int4_pack_for_kernel(qweight, scales_and_zeros), persistent=False)
         self.in_features, self.out_features = qweight.shape[1] * 2, qweight.shape[0]
         self.group_size = self.in_features // scales_and_zeros.shape[0]
-        self.register_load_state_dict_post_hook(Int4Linear._repack)  # `packed` is derived, not saved
+        self.register_buffer("table", self._table(), persistent=False)
+        self.register_load_state_dict_post_hook(Int4Linear._retable)  # `table` is derived, not saved
+
+    def _table(self) -> torch.Tensor | None:
+        cpu = self.qweight.device.type == "cpu"
+        return kernels.int4_table(self.scales_and_zeros, self.group_size) if cpu else None
 
     @staticmethod
-    def _repack(module: Int4Linear, _incompatible: object) -> None:
-        """Recompute the kernel's packed copy of freshly loaded nibbles, in place (holders keep the pointer)."""
-        packed = int4_pack_for_kernel(module.qweight, module.scales_and_zeros)
-        if module.packed is not None and packed is not None and packed.shape == module.packed.shape:
-            module.packed.copy_(packed)
-        else:
-            module.packed = packed
+    def _retable(module: Int4Linear, _incompatible: object) -> None:
+        module.table = module._table()
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 32) -> Int4Linear:
@@ -253,11 +192,12 @@ class Int4Linear(nn.Module):
         return cls(pack_nibbles(q).to(w.device), sz.to(w.device))
 
     @property
-    def weight(self) -> torch.Tensor:  # device / shape queries and the fast path's change tracking, as nn.Linear
+    def weight(self) -> torch.Tensor:  # device / shape queries, as nn.Linear
         return self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.qweight, self.scales_and_zeros, self.packed)
+        table = self.table if self.table is not None and self.table.device == x.device else None
+        return int4_linear(x, self.qweight, self.scales_and_zeros, table)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return int4_dequantize(self.qweight, self.scales_and_zeros, dtype)

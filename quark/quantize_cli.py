@@ -5,7 +5,7 @@ Prints JSON: fp32 and quantized sizes, greedy decode tok/s of both (this machine
 validation loss of both on the first `--eval-tokens` tokens of a pre-training data folder's val split, with
 `ppl_ratio` = quantized perplexity / fp32 perplexity (tests/test_quantize.py holds int8 below 1.02 and int4 below
 1.03), and the same over `--decode-eval-tokens` tokens decoded one at a time (`decode_ppl_ratio`): batch-1 decoding
-runs other kernels than a batched forward (quark's int8/int4 kernels or fbgemm's, which also quantize the activation
+runs other kernels than a batched forward (quark's int8/int4 kernels, which also quantize the activation
 rows), and it is what `quark chat` runs.
 """
 

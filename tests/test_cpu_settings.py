@@ -1,6 +1,5 @@
-"""The decode thread tuner: it settles on the count whose steps are fastest, follows a change of conditions (a
-competing process), backs off probing a clearly slower count, does not probe counts other processes leave no cores
-for, restores torch's count, and never changes tokens."""
+"""The decode thread rule (quark/cpu_settings.py): steps run on the cores other processes leave free, looked at
+again every RECHECK steps; QUARK_THREADS pins the count; torch's count is restored; the tokens never change."""
 
 import os
 import subprocess
@@ -12,38 +11,8 @@ import torch
 
 from quark import Quark
 from quark.config import PRESETS
-from quark.cpu_settings import (
-    FIRST_INTERVAL,
-    MAX_INTERVAL,
-    PROBE_SAMPLES,
-    RECHECK,
-    CpuLoad,
-    Pinned,
-    ThreadTuner,
-    candidates,
-    threads_setting,
-)
+from quark.cpu_settings import RECHECK, CpuLoad, Threads, threads_setting
 from quark.generate import generate
-
-
-class FakeMachine:
-    """A clock and a step whose duration depends on the thread count torch is set to when it runs."""
-
-    def __init__(self, cost: dict[int, float]):
-        self.cost, self.now, self.seen = cost, 0.0, []
-
-    def clock(self) -> float:
-        return self.now
-
-    def step(self):
-        n = torch.get_num_threads()
-        self.seen.append(n)
-        self.now += self.cost[n]
-        return n
-
-
-def unknown_load():
-    return None  # no /proc/stat reading: every count is probed
 
 
 @pytest.fixture
@@ -54,113 +23,38 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_setting_and_candidates(monkeypatch):
+def test_setting(monkeypatch):
     monkeypatch.delenv("QUARK_THREADS", raising=False)
     assert threads_setting() is None
     monkeypatch.setenv("QUARK_THREADS", "3")
     assert threads_setting() == 3
     monkeypatch.setenv("QUARK_THREADS", "many")
-    with pytest.raises(ValueError, match="QUARK_THREADS='many': allowed values are auto or a positive integer"):
+    with pytest.raises(ValueError, match="allowed values are auto or a positive integer"):
         threads_setting()
-    assert candidates(2) == [1, 2] and candidates(16) == [1, 8, 16] and candidates(1) == [1]
 
 
-def test_tuner_settles_follows_contention_and_backs_off(two_threads):
-    m = FakeMachine({2: 1.0, 1: 1.6})  # idle: two threads win
-    tuner = ThreadTuner(2, clock=m.clock, load=unknown_load)
-    for _ in range(200):
-        assert tuner.run(m.step) in (1, 2)
-    tuner.release()
-    assert torch.get_num_threads() == 2  # the count it found
-    assert tuner.best == 2 and m.seen[-40:].count(2) >= 36
-    assert tuner.interval > FIRST_INTERVAL  # two threads keep winning: probes spaced further apart
-    # after the first round, a probe of one thread ends after two steps (1.6x > CUT)
-    later = "".join(map(str, m.seen[8:]))
-    assert later.count("11") >= 1 and "111" not in later
-    m.cost = {2: 4.0, 1: 1.0}  # a competing process holds a core: spinning workers collapse
-    m.seen.clear()
-    for _ in range(12):  # the winner's own steps turned slower: a probe at once, not at the next interval
-        tuner.run(m.step)
-    assert tuner.best == 1 and m.seen[-4:] == [1, 1, 1, 1] and tuner.interval == FIRST_INTERVAL
-    m.seen.clear()
-    for _ in range(3000):
-        tuner.run(m.step)
-    assert tuner.interval == MAX_INTERVAL  # two threads keep losing 4x: probed ever more rarely
-    assert m.seen.count(2) <= 16  # each probe is two 4x steps
-    m.cost = {2: 1.0, 1: 1.6}  # the other process is gone: found at the next probe
-    for _ in range(MAX_INTERVAL + 10):
-        tuner.run(m.step)
-    assert tuner.best == 2
-
-
-def test_a_slow_first_step_at_a_count_does_not_disqualify_it(two_threads):
-    """The first step at a new thread count can take seconds (quark/fast.py compiles its CPU step per count): the
-    probe goes on, and that count wins if its later steps are faster."""
-
-    class Compiling(FakeMachine):
-        def step(self):
-            n = torch.get_num_threads()
-            first = n not in self.seen
-            out = super().step()
-            self.now += 200.0 if first else 0.0
-            return out
-
-    m = Compiling({2: 1.0, 1: 1.6})
-    tuner = ThreadTuner(2, clock=m.clock, load=unknown_load)
-    for _ in range(40):
-        tuner.run(m.step)
-    assert tuner.best == 2 and m.seen[-20:].count(2) >= 19
-
-
-def test_one_slow_step_does_not_end_a_probe(two_threads):
-    """A single hiccup (another process's burst) in a probe of the faster count: the probe goes on and that count
-    still wins; two slow steps in a row end it."""
-
-    class Hiccup(FakeMachine):
-        def step(self):
-            out = super().step()
-            if len(self.seen) == 7:  # the second step of the probe of one thread (after its compile step)
-                self.now += 50.0
-            return out
-
-    m = Hiccup({2: 1.6, 1: 1.0})
-    tuner = ThreadTuner(2, clock=m.clock, load=unknown_load)
-    for _ in range(30):
-        tuner.run(m.step)
-    assert m.seen[:5] == [2, 2, 2, 2, 1] and tuner.best == 1 and m.seen[-20:].count(1) == 20
-
-
-def test_counts_other_processes_leave_no_cores_for_are_not_probed(two_threads):
-    """A round starts at the most threads the free cores allow; while another process keeps the second core busy,
-    two threads are never run (a probe there costs a stream its wake-up stall), whatever they measured before;
-    when the core frees up, the next round probes them again."""
-    busy = [0.0]
-    m = FakeMachine({2: 1.0, 1: 1.6})
-    tuner = ThreadTuner(2, clock=m.clock, load=lambda: busy[0])
-    for _ in range(20):
-        tuner.run(m.step)
-    assert m.seen[:4] == [2, 2, 2, 2] and tuner.best == 2  # idle: all cores from the first step
-    busy[0] = 1.0
-    m.cost = {2: 4.0, 1: 1.0}
-    m.seen.clear()
-    for _ in range(2000):
-        tuner.run(m.step)
-    assert tuner.best == 1 and m.seen.count(2) <= 3  # the steps that found the winner slower, then never again
-    m.seen.clear()
-    m.cost = {2: 1.0, 1: 1.6}  # 2 is faster again, but the reading says the core is still busy
-    for _ in range(2000):
-        tuner.run(m.step)
-    assert m.seen.count(2) == 0
-    busy[0] = 0.1  # the other process is gone: within RECHECK steps a round probes two threads, and they win
-    m.seen.clear()
-    for _ in range(RECHECK + 2 * PROBE_SAMPLES + 2):
-        tuner.run(m.step)
-    assert tuner.best == 2 and m.seen[-2:] == [2, 2]
-    fresh = ThreadTuner(2, clock=m.clock, load=lambda: 0.9)  # a new tuner on a busy machine: one thread only
-    m.seen.clear()
-    for _ in range(100):
-        fresh.run(m.step)
-    assert set(m.seen) == {1}
+def test_rule_follows_the_free_cores_and_restores_torch_count(monkeypatch, two_threads):
+    """Idle: all of torch's threads; another process on a core: one; it leaves: back to two within RECHECK steps.
+    Unknown load (no /proc/stat): torch's count. Pinned: that count whatever the load."""
+    monkeypatch.delenv("QUARK_THREADS", raising=False)
+    monkeypatch.setattr("quark.cpu_settings._IMPORTED.cpus", {0, 1})
+    busy = [0.02]
+    threads = Threads(load=lambda: busy[0])
+    seen = [threads.run(torch.get_num_threads) for _ in range(RECHECK)]
+    busy[0] = 0.95  # a process arrives
+    seen += [threads.run(torch.get_num_threads) for _ in range(2 * RECHECK)]
+    busy[0] = 0.1  # and leaves
+    seen += [threads.run(torch.get_num_threads) for _ in range(2 * RECHECK)]
+    assert seen == [2] * RECHECK + [1] * 2 * RECHECK + [2] * 2 * RECHECK
+    readings = (None, 0.0, 0.29, 0.31, 1.9, 5.0)
+    assert [Threads(load=lambda b=b: b).count() for b in readings] == [2, 2, 2, 1, 1, 1]
+    threads.release()
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("QUARK_THREADS", "1")
+    pinned = Threads(load=lambda: 0.0)
+    assert pinned.run(torch.get_num_threads) == 1
+    pinned.release()
+    assert torch.get_num_threads() == 2
 
 
 def test_cpu_load_counts_other_processes_not_ours():
@@ -192,15 +86,7 @@ def test_cpu_load_counts_other_processes_not_ours():
     assert load.others() == others  # asked again within MIN_WINDOW: the same answer
 
 
-def test_pinned_restores_count(two_threads):
-    m = FakeMachine({1: 1.0, 2: 1.0})
-    p = Pinned(1)
-    assert p.run(m.step) == 1
-    p.release()
-    assert torch.get_num_threads() == 2
-
-
-def test_tuned_and_pinned_decoding_give_the_same_tokens(monkeypatch, two_threads):
+def test_rule_and_pinned_decoding_give_the_same_tokens(monkeypatch, two_threads):
     model = Quark(PRESETS["test"].replace(init_std=0.3)).init_weights(seed=5).eval()
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
     out = {}

@@ -1,7 +1,7 @@
 """Issue 36's probes of the kernel build (findings 1 and 9) and of CLI edges (finding 7), one test per case; each
 failed on the code before its fix. The kernel cases run `quark.kernels._load` in a child process (a hang there
-must not hang the suite) with `cpu_has_vnni` forced true and a compiler that cannot build (CXX=false), so no case
-compiles anything and each takes a few seconds on any CPU."""
+must not hang the suite) with the portable tier (which every CPU runs) and a compiler that cannot build (CXX=false),
+so no case compiles anything and each takes a few seconds on any CPU."""
 
 import os
 import subprocess
@@ -14,13 +14,13 @@ from quark import kernels
 from quark.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = "from quark import kernels\nkernels.cpu_has_vnni = lambda: True  # the build decision, on any CPU\n"
+KERNELS = "from quark import kernels\n"
 
 
 def _kernels_child(tmp_path, code, timeout=60, **env):
     """Run KERNELS + code in a child process with its extension folder under tmp_path; the old code hung here."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": "false",
-           **env}
+           "QUARK_CPU_ISA": "portable", **env}
     env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run([sys.executable, "-c", KERNELS + code], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=ROOT)
@@ -28,7 +28,7 @@ def _kernels_child(tmp_path, code, timeout=60, **env):
 
 def _build_folder(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    folder = kernels.build_directory()
+    folder = kernels.build_directory("portable")
     folder.mkdir(parents=True)
     return folder
 
@@ -86,24 +86,22 @@ def test_probe_no_compiler_one_line(tmp_path):
 def test_probe_read_only_built_folder_is_loaded(tmp_path, monkeypatch):
     """Finding 9: "an already-built, read-only extension folder is not used". The built library is loaded as it is,
     with nothing written there and no compiler run (here a placeholder file, and load_library records the call:
-    the real library needs an AVX512-VNNI CPU)."""
+    the real one would take a build)."""
     folder = _build_folder(tmp_path, monkeypatch)
-    (folder / "quark_cpu_kernels.so").write_bytes(b"placeholder")
+    (folder / "quark_portable.so").write_bytes(b"placeholder")
     folder.chmod(0o555)
     try:
         r = _kernels_child(tmp_path, """
 import os, torch
 os.access = lambda path, mode: mode != os.W_OK  # read-only for root too (root may write a 0o555 folder)
 loaded = []
-torch.ops.load_library = loaded.append  # the ops the library would define:
-torch.library.define("quark::int8_gemv", "(Tensor x, Tensor w, Tensor s) -> Tensor")
-torch.library.define("quark::int4_gemv", "(Tensor x, Tensor w, Tensor t) -> Tensor")
+torch.ops.load_library = loaded.append
 print(kernels.available(), loaded)
 """)
     finally:
         folder.chmod(0o755)
-    assert r.stdout.strip() == f"True ['{folder / 'quark_cpu_kernels.so'}']", r.stdout + r.stderr
-    assert sorted(p.name for p in folder.iterdir()) == ["quark_cpu_kernels.so"]  # no lock, no build files
+    assert r.stdout.strip() == f"True ['{folder / 'quark_portable.so'}']", r.stdout + r.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["quark_portable.so"]  # no lock, no build files
 
 
 def _one_error_line(capsys, command: str) -> str:

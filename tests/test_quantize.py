@@ -16,9 +16,8 @@ from quark.quantize import (
     Int8Linear,
     int4_dequantize,
     int4_linear,
-    int4_pack_for_kernel,
+    int4_pack_for_torch,
     int8_linear,
-    int8_pack_dynamic,
     is_quantized,
     model_nbytes,
     pack_nibbles,
@@ -75,30 +74,11 @@ def test_int8_linear_kernel_and_dequant_paths_agree(rows):
     ref = x @ (q.float() * s[:, None]).T
     got = int8_linear(x, q, s)
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
-    assert ((got - ref).norm() / ref.norm()).item() < 0.01  # int8 (quark's kernel) or bf16 activations
-
-
-def test_int8_one_row_kernel_close_to_dequantized_weights(monkeypatch):
-    """Without quark's kernel (another CPU), one row on CPU goes through fbgemm's dynamic int8 linear (the row
-    quantized on the fly, 7-bit range): within 3% of x @ dequantized W; more rows keep the row-independent kernel
-    (a row's result is the same in any batch)."""
-    monkeypatch.setattr(kernels, "_LOADED", [False])
-    w = torch.randn(96, 64) * 0.05
-    q, s = quantize_tensor(w)
-    packed = int8_pack_dynamic(q, s)
-    if packed is None:
-        pytest.skip("this torch has no fbgemm dynamic int8 linear (torch.ops.quantized.linear_dynamic)")
-    x = torch.randn(5, 64)
-    ref = x @ (q.float() * s[:, None]).T
-    one = int8_linear(x[:1], q, s, packed=packed)
-    assert one.shape == (1, 96) and ((one - ref[:1]).norm() / ref[:1].norm()).item() < 0.03
-    assert not torch.equal(one, int8_linear(x[:1], q, s))  # it is the other kernel
-    rows = int8_linear(x, q, s, packed=packed)
-    assert torch.equal(rows[1:2], int8_linear(x[1:2].repeat(5, 1), q, s, packed=packed)[:1])
+    assert ((got - ref).norm() / ref.norm()).item() < 0.01  # int8 activations (quark's kernel) or none (dequantized)
 
 
 def test_int8_one_row_decode_matches_fp32_greedy_and_fast_equals_plain(trained):
-    """Batch-1 decoding (each step one row: fbgemm's kernel) keeps fp32's greedy tokens on the trained model,
+    """Batch-1 decoding keeps fp32's greedy tokens on the trained model,
     and the fused fast path equals the module path."""
     m, held_out = trained
     q = quantize_int8(copy.deepcopy(m))
@@ -195,19 +175,19 @@ def test_int4_tensor_error_bound_and_nibbles_round_trip():
         quantize_int4_tensor(torch.randn(4, 48), 32)
 
 
-@pytest.mark.parametrize("ours", [True, False])  # quark's kernel where this CPU runs it, else torch's int4 kernel
+@pytest.mark.parametrize("ours", [True, False])  # quark's kernel where it runs, else torch's (or dequantized)
 @pytest.mark.parametrize("rows", [1, 5, 100])
 def test_int4_linear_kernel_and_dequant_paths_agree(rows, ours, monkeypatch):
     if not ours:
-        monkeypatch.setattr(kernels, "_LOADED", [False])
+        monkeypatch.setenv("QUARK_CPU_ISA", "torch")
     w = torch.randn(96, 128) * 0.05
     q, sz = quantize_int4_tensor(w, 32)
     qw = pack_nibbles(q)
     x = torch.randn(rows, 128)
     ref = x @ int4_dequantize(qw, sz).T
-    got = int4_linear(x, qw, sz, int4_pack_for_kernel(qw, sz))
+    got = int4_linear(x, qw, sz, kernels.int4_table(sz, 32), int4_pack_for_torch(qw))
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
-    assert ((got - ref).norm() / ref.norm()).item() < 0.01  # int8 (quark's) or bf16 (torch's) activations
+    assert ((got - ref).norm() / ref.norm()).item() < 0.01  # int8 activations (quark's) or none
 
 
 def test_int4_model_structure_and_fallbacks():
@@ -215,7 +195,7 @@ def test_int4_model_structure_and_fallbacks():
     assert is_quantized(m) and m.dtype == torch.float32
     assert isinstance(m.model.layers[0].mlp.down_proj, Int4Linear) and isinstance(m.lm_head, Int8Linear)
     assert m.lm_head.weight is m.model.embed_tokens.weight  # tied: one int8 table, as q4_0 exports keep it q8_0
-    def saved(model):  # persistent state only (the kernel's packed copy is rebuilt from the nibbles)
+    def saved(model):  # persistent state only (the kernels' table is rebuilt from the scales)
         return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
 
     int8 = quantize_int8(Quark(PRESETS["test"]))
@@ -259,7 +239,7 @@ def test_quantize_cli_int4(tmp_path, capsys):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fast_path_follows_load_state_dict_of_quantized_model(bits):
     """Quantized weights are buffers (no optimizer touches them); a load_state_dict into the quantized model is
-    seen by the fused copies the fast decoder holds, and by int4's kernel-packed copy (not in the state dict)."""
+    seen by the next fast decoder's fused copies, and by int4's kernel table (derived, not in the state dict)."""
     from quark.fast import decoder_for
 
     make = quantize_int8 if bits == 8 else quantize_int4
@@ -267,7 +247,7 @@ def test_fast_path_follows_load_state_dict_of_quantized_model(bits):
     b = make(Quark(PRESETS["test"]).init_weights(seed=2).eval())
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
 
-    def fast_logits(m):  # two rows and one row (int8: fbgemm's prepacked copy, also derived)
+    def fast_logits(m):  # two rows and one row
         return torch.cat([decoder_for(m, 2, 8).prefill(idx), decoder_for(m, 1, 8).prefill(idx[:1, :1])])
 
     before = fast_logits(a)
@@ -279,5 +259,5 @@ def test_fast_path_follows_load_state_dict_of_quantized_model(bits):
     after = fast_logits(a)
     assert torch.allclose(after, fast_logits(b), atol=1e-5)
     assert not torch.allclose(after, before, atol=1e-3)
-    with torch.no_grad():  # the modules themselves: int4's kernel-packed copy is derived, rebuilt on load
+    with torch.no_grad():  # the modules themselves: int4's kernel table is derived, rebuilt on load
         assert torch.allclose(a(idx)[:, -1], b(idx)[:, -1], atol=1e-5)
