@@ -57,7 +57,7 @@ def ours(model, wins: list[list[int]], decode: bool = False) -> tuple[float, np.
     return total / n, np.concatenate(tops)
 
 
-def llama_cpp(gguf: Path, wins: list[list[int]], threads: int) -> tuple[float, np.ndarray]:
+def llama_cpp_scores(gguf: Path, wins: list[list[int]], threads: int) -> tuple[float, np.ndarray]:
     from llama_cpp import Llama
 
     L = Llama(str(gguf), n_ctx=len(wins[0]), n_batch=len(wins[0]), logits_all=True, n_threads=threads,
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                 for quant in (None, "q8_0", "q4_0"):
                     g = export_gguf(args.model, Path(tmp) / f"{quant or 'f32'}.gguf", quant=quant, overwrite=True)
                     t = time.perf_counter()
-                    loss, top = llama_cpp(g, wins, args.threads)
+                    loss, top = llama_cpp_scores(g, wins, args.threads)
                     ref = ref or (loss, top)
                     rows[f"llama.cpp {quant or 'f32'}"] = (loss, ref[0], top, ref[1], time.perf_counter() - t)
     print("\n| weights | perplexity | ratio to its fp32 | top-1 agreement with its fp32 | seconds |")

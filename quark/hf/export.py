@@ -115,6 +115,26 @@ def generation_config_dict(cfg: QuarkConfig, tok: Tokenizer) -> dict:
             "eos_token_id": eos_ids(tok), "pad_token_id": tok.eot_id}
 
 
+def imported_card(name: str, cfg: QuarkConfig, tok: Tokenizer, source: dict, fmt: str) -> tuple[str, str]:
+    """(README.md, LICENSE) for an export of an imported model: what it is and where it came from, under the
+    source's own licence (Quark's card describes models trained with Quark, which this one was not)."""
+    lic = source.get("license") or "unknown"
+    card = "\n".join([
+        "---", f"license: {lic}", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- llama",
+        "- quark", "---", "", f"# {name}", "",
+        f"A {cfg.n_params() / 1e6:.1f}M-parameter Llama-architecture model ({cfg.n_layers} layers, d_model "
+        f"{cfg.d_model}, {cfg.n_heads} query / {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}, SwiGLU "
+        f"{cfg.d_ff}, RoPE theta {cfg.rope_theta:g}, context {cfg.context_length:,}, vocabulary {cfg.vocab_size:,}), "
+        f"imported with `quark import` from `{Path(source.get('path', '?')).name}` ({source.get('format')}, "
+        f"sha256 {source.get('sha256', 'n/a')}) on {source.get('imported', '?')} and exported as "
+        f"{'a remote-code HF folder' if fmt == 'hf' else 'a plain Llama folder'}.",
+        "", f"Licence: the source's, `{lic}`; see the original model's terms. The tokenizer and chat template are "
+        f"the source's own ({tok.vocab_size:,} ids; stop ids {tok.stop_ids}).", ""])
+    notice = (f"This model was imported from {Path(source.get('path', '?')).name} and is distributed under its "
+              f"original licence: {lic}. See the original model's licence terms.\n")
+    return card, notice
+
+
 def check_not_source(out: Path, source: Path) -> None:
     """An export (or import) never replaces what it reads: `out` may be neither the source nor a folder holding it."""
     o, src = out.resolve(), source.resolve()
@@ -177,8 +197,6 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
         _check_tokenizer_config(tmp, tok)
         source = (json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {})
         if isinstance(source, dict) and "quark_source" in source:  # an imported model: its own card and licence
-            from .importer import imported_card
-
             card, notice = imported_card(name or out.name, cfg, tok, source["quark_source"], fmt)
         else:
             card, notice = render_model_card(facts, fmt=fmt), MIT_LICENSE.format(year=facts["year"])

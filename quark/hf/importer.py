@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import QuarkConfig
 from ..io import atomic_write_text, write_error
 from ..model import Quark
 from ..tokenizer import Tokenizer, read_json_object
@@ -72,26 +71,6 @@ def source_license(src: Path) -> str | None:
         m = re.search(r"^license:\s*(\S+)", readme.read_text(encoding="utf-8", errors="replace"), re.M)
         return m.group(1) if m else None
     return None
-
-
-def imported_card(name: str, cfg: QuarkConfig, tok: Tokenizer, source: dict, fmt: str) -> tuple[str, str]:
-    """(README.md, LICENSE) for an export of an imported model: what it is and where it came from, under the
-    source's own licence (Quark's card describes models trained with Quark, which this one was not)."""
-    lic = source.get("license") or "unknown"
-    card = "\n".join([
-        "---", f"license: {lic}", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- llama",
-        "- quark", "---", "", f"# {name}", "",
-        f"A {cfg.n_params() / 1e6:.1f}M-parameter Llama-architecture model ({cfg.n_layers} layers, d_model "
-        f"{cfg.d_model}, {cfg.n_heads} query / {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}, SwiGLU "
-        f"{cfg.d_ff}, RoPE theta {cfg.rope_theta:g}, context {cfg.context_length:,}, vocabulary {cfg.vocab_size:,}), "
-        f"imported with `quark import` from `{Path(source.get('path', '?')).name}` ({source.get('format')}, "
-        f"sha256 {source.get('sha256', 'n/a')}) on {source.get('imported', '?')} and exported as "
-        f"{'a remote-code HF folder' if fmt == 'hf' else 'a plain Llama folder'}.",
-        "", f"Licence: the source's, `{lic}`; see the original model's terms. The tokenizer and chat template are "
-        f"the source's own ({tok.vocab_size:,} ids; stop ids {tok.stop_ids}).", ""])
-    notice = (f"This model was imported from {Path(source.get('path', '?')).name} and is distributed under its "
-              f"original licence: {lic}. See the original model's licence terms.\n")
-    return card, notice
 
 
 def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
