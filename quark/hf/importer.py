@@ -21,7 +21,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -75,7 +74,7 @@ def source_license(src: Path) -> str | None:
 
 def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the model at `src` (HF Llama folder or .gguf file) as a Quark model folder at `out`."""
-    from .export import check_not_source, llama_config_dict
+    from .export import check_not_source, llama_config_dict, move_into_place, staging_dir
 
     src_path, out = resolve_model_path(src), Path(out)
     check_not_source(out, src_path)
@@ -92,24 +91,14 @@ def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -
         source["sha256"] = file_sha256(src_path)
     if (lic := source_license(src_path)) is not None:
         source["license"] = lic
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = staging_dir(out, overwrite)
     try:
         save_safetensors(keep, tmp / "model.safetensors", metadata={"format": "pt", TOKENIZER_KEY: tok.sha256()})
         config = {**llama_config_dict(cfg, tok), "quark": cfg.to_dict(), "quark_source": source}
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         atomic_write_text(tmp / "generation_config.json", json.dumps(generation_config(src_path, tok), indent=2) + "\n")
         tok.save(tmp, model_max_length=cfg.context_length)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if (err := write_error(e, out)) is not None:
