@@ -147,12 +147,20 @@ def _stdlib(name: str) -> str:
 
 
 def test_nan_loss_fails_eval_and_writes_nothing(tmp_path, data, capsys, monkeypatch, tiny_tokenizer):
-    """Finite weights whose forward overflows (final norm 3e38): NaN loss and log-likelihoods are errors."""
+    """Finite weights whose forward overflows (final norm 3e38): refused at load (one test forward pass); where
+    the overflow shows only on the data (the load-time check passed), NaN loss and log-likelihoods are errors."""
+    import quark.weights
+
     m = Quark(PRESETS["test"]).init_weights(0)
     with torch.no_grad():
         m.model.norm.weight.fill_(3e38)
     d = save_model(m, tmp_path / "overflow")
     tiny_tokenizer.save(d)
+    rc, err = run(capsys, "eval", "--model", str(d), "--tasks", "", "--perplexity", str(data))
+    assert rc == 2 and err == (f"quark eval: error: {d}: the weights overflow in the output head (activations reach "
+                               "Inf/NaN on a test input, in this dtype): these weights are broken; use an earlier "
+                               "checkpoint")
+    monkeypatch.setattr(quark.weights, "check_activations", lambda *a: None)
     rc, err = run(capsys, "eval", "--model", str(d), "--tasks", "", "--perplexity", str(data))
     assert rc == 2 and err == (f"quark eval: error: {data}: the validation loss over the val split is nan (NaN/Inf): "
                                "the model's weights overflow on this data; nothing was written. Evaluate an earlier "

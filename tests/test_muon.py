@@ -146,7 +146,11 @@ def test_muon_under_ddp_matches_one_process(tmp_path, tiny_tokenizer):
     a, b, _ = one_vs_two_processes(tmp_path, common)
     start = read_safetensors(base / "model.safetensors")
     assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3
-    for k in a:  # Newton-Schulz runs in bf16: the gradients' fp32 summation order flips bf16 roundings, which moves
-        d = (a[k] - b[k]).abs()  # Muon's weights by ~1% of their movement (measured); a real mismatch moves more
+    # Newton-Schulz runs in bf16: the gradients' fp32 summation order flips bf16 roundings, which moves Muon's weights
+    # (and through them the next steps' other gradients) by a few % of their movement: ~1% measured on an AVX-512
+    # EPYC, up to 4.5% on an AVX2 EPYC (2026-12-07, dev/LOG.md); a real mismatch (gradients not averaged, a skipped
+    # micro-batch) moves them by tens of %
+    for k in a:
+        d = (a[k] - b[k]).abs()
         moved = (a[k] - start[k]).abs().mean()
-        assert d.mean() <= 0.03 * moved + 1e-7, (k, float(d.mean()), float(moved))
+        assert d.mean() <= 0.08 * moved + 1e-7, (k, float(d.mean()), float(moved))

@@ -80,23 +80,19 @@ def test_bad_requests_fail_in_the_parent(engine):
 def test_cancel_frees_the_slot(engine, folder):
     """A running request, cancelled: it ends "cancelled" and its row is freed. It is greedy and its reply (checked
     against quark.generate) holds no stop token, so it cannot end on its own before its ~125 tokens (it once
-    sampled <|im_end|> first); the cancel goes out from the reader thread as the first token arrives, so the
-    worker is a token or two further on, not 125."""
+    sampled <|im_end|> first); the cancel goes out as soon as the first token has arrived, so the worker is a few
+    tokens further on, not 125."""
     from quark.generate import generate
     from quark.weights import load_model
 
     prompt, n = [5, 6, 7], CFG.context_length - 3
     assert CFG.vocab_size - 1 not in generate(load_model(folder), [prompt], n, temperature=0.0)[0]
-    q, box = queue.SimpleQueue(), queue.SimpleQueue()
-
-    def sink(kind, value):
-        if kind == "token" and q.empty():  # the request is running: the state the cancel must meet
-            engine.cancel(box.get(timeout=10))  # (the handle, once submit has returned it)
-        q.put((kind, value))
-
-    req = engine.submit(prompt, SamplingParams(n, 0.0, 1.0, 1.0), sink)
-    box.put(req)
-    tokens = 0
+    q = queue.SimpleQueue()
+    req = engine.submit(prompt, SamplingParams(n, 0.0, 1.0, 1.0), lambda kind, value: q.put((kind, value)))
+    event = q.get(timeout=60)
+    assert event[0] == "token"  # the request is running: the state the cancel must meet
+    engine.cancel(req)  # from this thread: a callback that waited for `req` could stall the event reader
+    tokens = 1
     while (event := q.get(timeout=60))[0] == "token":
         tokens += 1
     assert event == ("done", "cancelled") and req.finish_reason == "cancelled" and 1 <= tokens < n

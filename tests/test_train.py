@@ -184,8 +184,9 @@ def test_pretrain_cli_writes_the_run_folder_contract(tmp_path, tiny_tokenizer):
     assert val[-1]["val_bpb"] == pytest.approx(val[-1]["val_loss"] * man["tokens"] / (man["bytes"] * math.log(2)))
     info = json.loads((out / "run.json").read_text())
     assert set(info) == {"kind", "train_config", "model_config", "data", "data_manifest", "base", "hardware",
-                         "world_size", "started", "finished", "wall_time_s", "steps", "tokens"}
+                         "world_size", "started", "finished", "wall_time_s", "steps", "tokens", "lora"}
     assert info["steps"] == 20 and info["tokens"] == 40960 and info["finished"] and info["base"] is None
+    assert info["lora"] is None  # full training; a LoRA run records its rank, targets and base here
     from quark.weights import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(out)  # the run folder is a loadable model

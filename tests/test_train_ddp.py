@@ -16,7 +16,7 @@ import torch
 
 from quark.config import QuarkConfig
 from quark.model import Quark
-from quark.train.config import TrainConfig
+from quark.train.config import TrainConfig, load_config
 from quark.train.loop import train
 from quark.weights import read_safetensors, save_model
 from tests.test_train import ROOT, write_sft_data
@@ -42,7 +42,8 @@ def one_vs_two_processes(tmp_path, common: dict) -> tuple[dict, dict, str]:
     """SFT `common` (3 steps) as one process with batch 4 and as `torchrun` 2 processes x batch 1 (so 2 accumulated
     micro-batches each): the step-3 weights of both, and the torchrun run's stdout."""
     one, two = tmp_path / "one", tmp_path / "two"
-    train(TrainConfig(out=str(one), batch_size=4, **common))  # accum 1
+    # `quark sft` without --config runs the packaged `sft` config: the in-process run starts from the same file
+    train(load_config("sft", out=str(one), batch_size=4, **common))  # accum 1
     sets = [f"--set={k}={json.dumps(v)}" for k, v in common.items() if k not in ("data", "base", "kind")]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
