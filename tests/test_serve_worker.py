@@ -207,7 +207,9 @@ def test_kill_the_worker_under_load(folder, caplog):
         following = engine._standby  # the next standby, launched once this one took over
     failures = [text for _, failed, text in results if failed]
     assert 1 <= len(failures) <= 4, failures  # only the requests in flight at the kill; later ones waited
-    assert all("killed by signal 9 (SIGKILL)" in text for text in failures), failures
+    # in flight at the kill: the cause named; arriving in the instant before the supervisor noticed: told to retry
+    assert all("killed by signal 9 (SIGKILL)" in text or "has just exited; it is being restarted" in text
+               for text in failures), failures
     assert reaped(pid) and engine.proc.pid == standby and final["worker_pid"] == standby
     assert following is not None and following[0].pid not in (pid, standby) and reaped(following[0].pid)
     assert final["status"] == "ok" and final["restarts"] == 1 and final["in_flight"] == 0
