@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -143,6 +145,21 @@ def check_not_source(out: Path, source: Path) -> None:
                          "; exporting there would replace the model being read: choose another --out")
 
 
+@contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder to write into; on success it replaces `out`, on any failure it is removed and a
+    full disk or read-only folder is raised as one OSError naming `out`."""
+    tmp = staging_dir(out, overwrite)
+    try:
+        yield tmp
+        move_into_place(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (err := write_error(e, out)) is not None:  # a full disk or read-only folder: named in one line
+            raise err from None
+        raise
+
+
 def staging_dir(out: Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a folder")
@@ -183,8 +200,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
     cfg = model.config
     facts = card_facts(folder, run=run, eval_results=eval_results, name=name or out.name, repo_id=repo_id,
                        base_model=base_model, model=model)
-    tmp = staging_dir(out, overwrite)
-    try:
+    with staged_folder(out, overwrite) as tmp:
         sd = {k: v.to(torch.float32) for k, v in state_dict_for_save(model).items()}
         save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt", TOKENIZER_KEY: tok.sha256()})
         config = hf_config_dict(cfg, tok) if fmt == "hf" else llama_config_dict(cfg, tok)
@@ -202,12 +218,6 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "hf", *, overwrit
             card, notice = render_model_card(facts, fmt=fmt), MIT_LICENSE.format(year=facts["year"])
         atomic_write_text(tmp / "README.md", card)
         atomic_write_text(tmp / "LICENSE", notice)
-        move_into_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (err := write_error(e, out)) is not None:  # a full disk or read-only folder: named in one line
-            raise err from None
-        raise
     return out
 
 

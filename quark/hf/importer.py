@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_text, write_error
+from ..io import atomic_write_text
 from ..model import Quark
 from ..tokenizer import Tokenizer, read_json_object
 from ..weights import (
@@ -74,7 +73,7 @@ def source_license(src: Path) -> str | None:
 
 def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the model at `src` (HF Llama folder or .gguf file) as a Quark model folder at `out`."""
-    from .export import check_not_source, llama_config_dict, move_into_place, staging_dir
+    from .export import check_not_source, llama_config_dict, staged_folder
 
     src_path, out = resolve_model_path(src), Path(out)
     check_not_source(out, src_path)
@@ -91,17 +90,10 @@ def import_model(src: str | Path, out: str | Path, *, overwrite: bool = False) -
         source["sha256"] = file_sha256(src_path)
     if (lic := source_license(src_path)) is not None:
         source["license"] = lic
-    tmp = staging_dir(out, overwrite)
-    try:
+    with staged_folder(out, overwrite) as tmp:
         save_safetensors(keep, tmp / "model.safetensors", metadata={"format": "pt", TOKENIZER_KEY: tok.sha256()})
         config = {**llama_config_dict(cfg, tok), "quark": cfg.to_dict(), "quark_source": source}
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         atomic_write_text(tmp / "generation_config.json", json.dumps(generation_config(src_path, tok), indent=2) + "\n")
         tok.save(tmp, model_max_length=cfg.context_length)
-        move_into_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (err := write_error(e, out)) is not None:
-            raise err from None
-        raise
     return out

@@ -16,13 +16,12 @@ Choices:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from ..io import atomic_write_text, write_error
+from ..io import atomic_write_text
 from ..tokenizer import Tokenizer
 from ..weights import ADAPTER_FILE, LORA_JSON, read_lora_json, read_safetensors, resolve_model_path, save_safetensors
-from .export import check_not_source, move_into_place, staging_dir
+from .export import check_not_source, staged_folder
 
 PREFIX = "base_model.model."
 
@@ -49,16 +48,9 @@ def export_peft(checkpoint: str | Path, out: str | Path, *, overwrite: bool = Fa
     lora = read_lora_json(folder)
     tensors = {PREFIX + k: v for k, v in read_safetensors(folder / ADAPTER_FILE).items()}
     tok = Tokenizer.load(folder)
-    tmp = staging_dir(out, overwrite)
-    try:
+    with staged_folder(out, overwrite) as tmp:
         save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         config = peft_adapter_config(lora, base_model or lora["base"])
         atomic_write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
         tok.save(tmp)
-        move_into_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (err := write_error(e, out)) is not None:
-            raise err from None
-        raise
     return out
