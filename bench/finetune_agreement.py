@@ -1,8 +1,10 @@
 """Agreement of a fine-tuned run's exports with independent loaders, on the real model: the Llama export in
-transformers' LlamaForCausalLM, and (a LoRA run) the PEFT export through peft.PeftModel on the transformers base,
-each against Quark's own logits of the run (adapters merged) on a chat prompt. Prints the max |logit difference|.
+transformers' LlamaForCausalLM, the GGUF export (f32) in llama.cpp (llama-cpp-python, where installed), and (a LoRA
+run) the PEFT export through peft.PeftModel on the transformers base, each against Quark's own logits of the run
+(adapters merged) on a chat prompt. Prints the max |logit difference| of each.
 
     python bench/finetune_agreement.py --run /tmp/quark-bench-finetune/lora --hf-base /tmp/quark-bench-finetune/smollm2
+    PYTHONPATH=/tmp/lcp-avx2 python bench/finetune_agreement.py ...   # a llama_cpp package built in its own folder
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ def main() -> None:
         with torch.no_grad():
             diff = (hf(ids).logits[0] - ours).abs().max().item()
         print(f"llama export in transformers vs quark: max |logit diff| {diff:.2e} over {ids.shape[1]} tokens")
+        try:
+            import llama_cpp
+        except ImportError:
+            print("gguf export in llama.cpp: skipped (pip install llama-cpp-python)")
+        else:
+            import numpy as np
+
+            from quark.hf.gguf_export import export_gguf
+
+            export_gguf(args.run, Path(tmp) / "m.gguf")
+            llm = llama_cpp.Llama(model_path=str(Path(tmp) / "m.gguf"), n_ctx=256, n_batch=256, logits_all=True,
+                                  verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+            llm.eval(ids[0].tolist())
+            theirs = torch.from_numpy(np.array(llm.scores[:ids.shape[1]])[:, :ours.shape[1]])
+            print(f"gguf export (f32) in llama.cpp {llama_cpp.__version__} vs quark: max |logit diff| "
+                  f"{(theirs - ours).abs().max().item():.2e}, greedy next tokens equal at "
+                  f"{int((theirs.argmax(-1) == ours.argmax(-1)).sum())} of {ids.shape[1]} positions")
         if (resolve_model_path(args.run) / LORA_JSON).exists():
             import peft
 

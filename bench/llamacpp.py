@@ -3,6 +3,7 @@
     pip install llama-cpp-python   # compiles llama.cpp (~11 min on 2 cores); the `llamacpp` extra
     PYTHONPATH=. python bench/llamacpp.py                     # quark-72m random weights, idle and shared
     PYTHONPATH=. python bench/llamacpp.py --phases idle --rounds 1 --new-tokens 32   # a quick look
+    PYTHONPATH=. python bench/llamacpp.py --model .../SmolLM2-135M-Instruct.Q4_1.gguf  # a real model's own file
 
 The AVX2 phase (where most laptops are: no AVX-512): Quark forced to its AVX2 tier against llama.cpp built for AVX2
 only, in a folder of its own so it does not replace another build:
@@ -58,7 +59,9 @@ def cpu_model() -> str:
 # ---- weights -------------------------------------------------------------------------------------------------------
 def prepare(work: Path, preset: str, model: str | None) -> tuple[Path, dict[str, Path]]:
     """A model folder (random `preset` weights and a tokenizer of its vocabulary size, unless `model` is given) and
-    its GGUF exports f32 / q8_0 / q4_0, cached in `work`."""
+    its GGUF exports f32 / q8_0 / q4_0, cached in `work`. A `model` that is a .gguf file (e.g. the shipped
+    SmolLM2-135M-Instruct.Q4_1.gguf) is imported (`quark import`) for ours, and llama.cpp runs that very file beside
+    our int4 instead of a q4_0 export; f32 / q8_0 are exported from the import."""
     import sysconfig
 
     from quark import Quark
@@ -68,6 +71,13 @@ def prepare(work: Path, preset: str, model: str | None) -> tuple[Path, dict[str,
     from quark.weights import save_model
 
     folder = Path(model) if model else work / f"{preset}-random"
+    shipped = folder if folder.suffix == ".gguf" else None
+    if shipped:
+        from quark.hf.importer import import_model
+
+        folder = work / shipped.stem
+        if not (folder / "config.json").is_file():
+            import_model(shipped, folder)
     if not model and not (folder / "config.json").is_file():
         cfg = QuarkConfig.from_name(preset)
         stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -78,6 +88,9 @@ def prepare(work: Path, preset: str, model: str | None) -> tuple[Path, dict[str,
         tok.save(folder)
     ggufs = {}
     for kind in PAIRS.values():
+        if shipped and kind == "q4_0":
+            ggufs[kind] = shipped
+            continue
         path = work / f"{folder.name}-{kind}.gguf"
         if not path.is_file():
             export_gguf(folder, path, quant=None if kind == "f32" else kind)
@@ -255,7 +268,7 @@ def measure(args, folder: Path, ggufs: dict[str, Path]) -> dict:
                             got = run_worker(tool, spec, policy)
                             if "build" in got:
                                 builds[tool] = got.pop("build")["info"]
-                            print(f"# {phase} round {r + 1} {tool} {ours if tool == 'ours' else PAIRS[ours]} "
+                            print(f"# {phase} round {r + 1} {tool} {ours if tool == 'ours' else args.labels[ours]} "
                                   f"OMP_WAIT_POLICY={policy}: " + (got["error"] if "error" in got else ", ".join(
                                       f"{k} {v['tok_s']:.1f}" for k, v in got.items())), flush=True)
                             record(res, tool, ours, policy, got)
@@ -303,8 +316,8 @@ def table(results: dict, args) -> list[str]:
                 def best_fig(x, err):
                     return f"{x[1]['tok_s']:.1f} ({x[0]})" if x else fig(None, err)
 
-                lines.append(f"| {phase} | {ours} | {PAIRS[ours]} | {batch[1:]} | {fig(od, oe)} | {fig(ld, le)} | "
-                             f"{ratio(od, ld)} | {best_fig(ob, oe)} | {best_fig(lb, le)} | "
+                lines.append(f"| {phase} | {ours} | {args.labels[ours]} | {batch[1:]} | {fig(od, oe)} | "
+                             f"{fig(ld, le)} | {ratio(od, ld)} | {best_fig(ob, oe)} | {best_fig(lb, le)} | "
                              f"{ratio(ob[1] if ob else None, lb[1] if lb else None)} |")
     return lines
 
@@ -312,7 +325,8 @@ def table(results: dict, args) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quark-72m")
-    ap.add_argument("--model", help="a model folder instead of random preset weights")
+    ap.add_argument("--model", help="a model folder, or a .gguf file (imported; llama.cpp runs the file beside "
+                    "our int4), instead of random preset weights")
     ap.add_argument("--work", default="runs/bench-llamacpp", help="cache for the model folder and GGUF files")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best counts")
@@ -347,6 +361,9 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     folder, ggufs = prepare(work, args.preset, args.model)
+    args.labels = dict(PAIRS)
+    if args.model and args.model.endswith(".gguf"):  # llama.cpp runs the given file beside our int4
+        args.labels["int4"] = f"{Path(args.model).stem.rsplit('.', 1)[-1]} (the file)"
     print(f"# bench/llamacpp.py  model {folder}  {cpu_model()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f}; greedy, prompt 8, {args.new_tokens} new tokens, best of {args.rounds} rounds; "
           f"ours through {args.path}")
@@ -364,7 +381,7 @@ def main(argv=None) -> int:
             a, b = res.get(("ours", ours, "unset t=auto", "b1")), res.get(("llama.cpp", ours, "unset t=auto", "b1"))
             if a and b:
                 same = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
-                print(f"# {phase} greedy tokens {ours} vs {PAIRS[ours]}: "
+                print(f"# {phase} greedy tokens {ours} vs {args.labels[ours]}: "
                       + ("first 16 equal" if same is None else f"first difference at token {same}"))
     return 0
 
