@@ -9,7 +9,7 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from quark.serve.engine import Engine  # noqa: E402
+from quark.serve.engine import Engine, SamplingParams  # noqa: E402
 from quark.serve.server import ServerThread, create_app  # noqa: E402
 
 from .test_serve_engine import contextual  # noqa: E402
@@ -239,3 +239,26 @@ def test_llm_chat_response_format(model, tiny_tokenizer):
         jsonschema.validate(json.loads(reply), BOUNDED)
     with pytest.raises(ValueError, match="response_format"):
         llm.chat([{"role": "user", "content": "a"}], response_format={"type": "yaml"})
+
+
+def test_kv_cache_budget_cuts_the_context_per_sequence(model):
+    """The preallocated cache fits --kv-cache-mb: SmolLM2's 8,192-token context at 32 rows (12 GB in fp32) is cut
+    to what 4 GB holds; a prompt beyond the cut is refused, one within it runs."""
+    from quark.config import QuarkConfig
+    from quark.serve.engine import kv_context
+
+    smol = QuarkConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+                       context_length=8192)
+    assert kv_context(smol, 32, None, 4096, 4) == 2880  # 46,080 bytes a token: 4 GiB / 32 rows, to 64
+    assert kv_context(smol, 1, None, 4096, 4) == 8192 and kv_context(smol, 1, 1000, 4096, 4) == 1000
+    assert kv_context(QuarkConfig.from_name("quark-72m"), 32, None, 4096, 4) == 2048  # fits: unchanged
+    with pytest.raises(ValueError, match="raise the KV cache budget"):
+        kv_context(smol, 32, None, 10, 4)
+    c = model.config
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
+    eng = Engine(model, [], max_batch=4, kv_cache_mb=4 * 64 * per_token / 2**20, prefix_cache_mb=0)
+    assert eng.context_length == 64 < c.context_length and eng.hist.shape[1] == 65
+    with pytest.raises(ValueError, match="context"):
+        eng.submit(list(range(5, 65)), SamplingParams(16, 0.0, 1.0, 1.0))
+    req = eng.submit(list(range(5, 45)), SamplingParams(16, 0.0, 1.0, 1.0))
+    assert len(list(eng.iter_tokens(req))) == 16

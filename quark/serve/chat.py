@@ -99,7 +99,7 @@ def run_chat(llm: LLM, params: SamplingParams, system: str | None = None, stdin:
     """The chat loop over `llm` (a `quark.llm.LLM`) until /quit or end of input."""
     params.check()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    context = llm.model.config.context_length
+    context = llm._engine_for(1).context_length  # the model's context, as far as the KV cache budget allows
     session = ChatSession(llm.tokenizer, context, system)
     interactive = stdin.isatty()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..sampling import RECOMMENDED as CARD
 from ..weights import load_for_inference, resolve_device
-from .engine import SamplingParams
+from .engine import KV_CACHE_MB, SamplingParams
 from .prefix_cache import DEFAULT_MB as PREFIX_MB
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -57,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not args.hang_timeout >= 3 or not args.stall_timeout > 0:  # 3 s: when /health starts saying "unresponsive"
         raise ValueError(f"--hang-timeout must be >= 3 and --stall-timeout > 0 (seconds), got {args.hang_timeout:g} "
                          f"and {args.stall_timeout:g}")
+    if args.ctx_size is not None and args.ctx_size < 1 or not args.kv_cache_mb > 0:
+        raise ValueError(f"--ctx-size must be >= 1 and --kv-cache-mb > 0, got {args.ctx_size} and {args.kv_cache_mb:g}")
     if not args.prefix_cache_mb >= 0:
         raise ValueError(f"--prefix-cache-mb must be >= 0 (0: no prefix cache), got {args.prefix_cache_mb:g}")
     with listen(args.host, args.port) as sock:  # before the model loads: a port in use fails at once
@@ -101,11 +103,12 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
         engine = ProcessEngine(args.model, resolve_device(args.device), args.quantize,
                                stop_ids=tokenizer.stop_ids, max_batch=args.max_batch,
                                max_restarts=args.max_restarts, hang_timeout=args.hang_timeout,
-                               stall_timeout=args.stall_timeout, prefix_cache_mb=args.prefix_cache_mb)
+                               stall_timeout=args.stall_timeout, prefix_cache_mb=args.prefix_cache_mb,
+                               max_context=args.ctx_size, kv_cache_mb=args.kv_cache_mb)
     else:
         model, tokenizer = load_for_inference(args.model, args.device, args.quantize)
         engine = Engine(model, tokenizer.stop_ids, max_batch=args.max_batch, prefix_cache_mb=args.prefix_cache_mb,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, max_context=args.ctx_size, kv_cache_mb=args.kv_cache_mb)
     app = create_app(engine, tokenizer, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      max_request_seqs=args.max_request_seqs, max_queue=args.max_queue,
                      max_request_tokens=args.max_request_tokens or None, bound_host=args.host,
@@ -148,6 +151,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set QUARK_API_KEY)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--ctx-size", type=int, metavar="N", help="tokens per sequence (prompt + reply; default: the "
+                   "model's context, as far as --kv-cache-mb allows)")
+    p.add_argument("--kv-cache-mb", type=float, default=KV_CACHE_MB, metavar="MB",
+                   help=f"memory of the KV cache of all --max-batch sequences (default {KV_CACHE_MB}); the context "
+                   "per sequence is cut to fit (shown on /health as context_length)")
     p.add_argument("--prefix-cache-mb", type=float, default=PREFIX_MB, metavar="MB",
                    help=f"memory for the prefix cache: K/V of earlier prompts and replies, reused by requests that "
                    f"start with the same tokens (default {PREFIX_MB}; 0 turns it off; counters on /health)")

@@ -3,7 +3,7 @@
 Choices:
 - One owner: a single thread (or the caller, for the chat) runs `step()`; other threads only `submit()` and
   `cancel()`, which touch a lock-protected queue. The model and the KV cache are never shared.
-- One preallocated cache with `max_batch` rows and the full context, owned by the model's decoder
+- One preallocated cache with `max_batch` rows of `context_length` slots, owned by the model's decoder
   (`quark.generate.make_decoder`: quark/fast.py's FastDecoder with fused weights and on CUDA its captured
   CUDA-graph step, or the reference `Decoder` for a model the fast path does not take: `QUARK_FAST=0`, an
   overridden forward/hidden), through its per-row methods `prefill_rows`, `step`, `move_row`. Active sequences are kept
@@ -60,7 +60,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generate import check_prompts, make_decoder
+from ..config import QuarkConfig
+from ..generate import _device_dtype, check_prompts, make_decoder
 from ..model import Quark
 from ..sampling import RECOMMENDED, check_sampling_args, nucleus_sample, rep_penalty_ids, sample_next
 from ..tokenizer import Tokenizer
@@ -131,6 +132,27 @@ class _Row:
         self.req, self.length, self.generator, self.matcher = req, len(req.prompt), generator, matcher
 
 
+KV_CACHE_MB = 4096  # the default budget of the preallocated KV cache (all rows)
+
+
+def kv_context(cfg: QuarkConfig, rows: int, max_context: int | None, kv_cache_mb: float, itemsize: int) -> int:
+    """Slots per row of the engine's cache: the model's context, or `max_context` if smaller, cut (to a multiple
+    of 64) so that `rows` rows of keys and values fit `kv_cache_mb`. A model with a long context (SmolLM2: 8,192
+    tokens, 46 KiB a token in fp32) would otherwise preallocate 12 GB at 32 rows."""
+    if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+        raise ValueError(f"max_context must be an integer >= 1, got {max_context!r}")
+    if not kv_cache_mb > 0:
+        raise ValueError(f"kv_cache_mb must be > 0, got {kv_cache_mb!r}")
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+    want = min(cfg.context_length, max_context or cfg.context_length)
+    fit = int(kv_cache_mb * 2**20) // (rows * per_token) // 64 * 64
+    if fit < min(want, 64):
+        raise ValueError(f"a KV cache of {kv_cache_mb:g} MB holds {fit} tokens per sequence at {rows} sequences "
+                         f"({per_token / 1024:.0f} KiB a token); raise the KV cache budget (--kv-cache-mb) or lower "
+                         "--max-batch")
+    return min(want, fit)
+
+
 class Engine:
     """Continuous batching over one model. Use `start()` for a background thread, or call `step()` yourself."""
 
@@ -138,19 +160,20 @@ class Engine:
 
     def __init__(self, model: Quark, stop_ids: Sequence[int], *, max_batch: int = 32, prefill_tokens: int = 4096,
                  seed: int | None = None, admit_batch: int = 4, admit_wait_steps: int = 4,
-                 prefix_cache_mb: float = DEFAULT_MB, tokenizer: Tokenizer | None = None):
+                 prefix_cache_mb: float = DEFAULT_MB, tokenizer: Tokenizer | None = None,
+                 max_context: int | None = None, kv_cache_mb: float = KV_CACHE_MB):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model.eval()
         cfg = model.config
-        self.context_length = cfg.context_length
+        self.context_length = kv_context(cfg, max_batch, max_context, kv_cache_mb, _device_dtype(model)[1].itemsize)
         self.vocab_size = cfg.vocab_size
         self.stop_ids = {int(i) for i in stop_ids}
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         self.admit_batch, self.admit_wait_steps = admit_batch, admit_wait_steps
         self._waited = 0  # decode steps the oldest waiting request has waited
         self.device = model.device  # the norms' device, also after int8 weight quantization
-        self.dec = make_decoder(model, max_batch, cfg.context_length)  # CUDA: a captured graph decoder
+        self.dec = make_decoder(model, max_batch, self.context_length)  # CUDA: a captured graph decoder
         self.dec.busy = True  # the engine owns it for good: generate() calls get their own decoders
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0: no prefix cache), got {prefix_cache_mb!r}")
@@ -159,7 +182,7 @@ class Engine:
         self._now = False  # admit the next waiting request without waiting for company (see _admit)
         self.tokenizer, self._grammars = tokenizer, None  # structured output: built at its first request
         self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=self.device)
-        self.hist = torch.zeros(max_batch, cfg.context_length + 1, dtype=torch.long, device=self.device)
+        self.hist = torch.zeros(max_batch, self.context_length + 1, dtype=torch.long, device=self.device)
         self.last_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.generator = torch.Generator(device=self.device)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from .engine import SamplingParams, check_request
+from .engine import KV_CACHE_MB, SamplingParams, check_request
 
 log = logging.getLogger("quark.serve")
 BEAT_S = 0.5  # the worker's heartbeat period
@@ -72,6 +72,8 @@ class WorkerSpec:
     max_batch: int
     seed: int | None
     prefix_cache_mb: float = 512
+    max_context: int | None = None
+    kv_cache_mb: float = KV_CACHE_MB
 
 
 def _beat(beat: ctypes.c_double) -> None:
@@ -97,7 +99,7 @@ def _worker(conn: Connection, spec: WorkerSpec, beat: ctypes.c_double) -> None:
         model, tokenizer = load_for_inference(spec.model_path, spec.device, spec.quantize)
         stops = list(spec.stop_ids) if spec.stop_ids is not None else tokenizer.stop_ids
         engine = Engine(model, stops, max_batch=spec.max_batch, seed=spec.seed, prefix_cache_mb=spec.prefix_cache_mb,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, max_context=spec.max_context, kv_cache_mb=spec.kv_cache_mb)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -182,7 +184,8 @@ class ProcessEngine:
                  stop_ids: Sequence[int] | None = None, max_batch: int = 32, seed: int | None = None,
                  start_timeout: float = 600.0, max_restarts: int = 5, backoff_s: float = 0.5,
                  stable_s: float = 60.0, heartbeat_timeout: float = 3.0, hang_timeout: float = 30.0,
-                 stall_timeout: float = 120.0, prefix_cache_mb: float = 512):
+                 stall_timeout: float = 120.0, prefix_cache_mb: float = 512, max_context: int | None = None,
+                 kv_cache_mb: float = KV_CACHE_MB):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(max_restarts, int) or max_restarts < 0:
@@ -195,7 +198,7 @@ class ProcessEngine:
         self.heartbeat_timeout, self.hang_timeout, self.stall_timeout = heartbeat_timeout, hang_timeout, stall_timeout
         self.model_path, self.start_timeout = str(model_path), start_timeout
         self._spec = WorkerSpec(str(model_path), device, quantize, None if stop_ids is None else tuple(stop_ids),
-                                max_batch, seed, prefix_cache_mb)
+                                max_batch, seed, prefix_cache_mb, max_context, kv_cache_mb)
         self.max_batch, self.max_restarts, self.backoff_s, self.stable_s = max_batch, max_restarts, backoff_s, stable_s
         self._standby = None  # (process, connection, heartbeat) of a worker that has imported torch and waits
         self.proc, self.conn, self.beat = self._launch()
