@@ -262,3 +262,23 @@ def test_kv_cache_budget_cuts_the_context_per_sequence(model):
         eng.submit(list(range(5, 65)), SamplingParams(16, 0.0, 1.0, 1.0))
     req = eng.submit(list(range(5, 45)), SamplingParams(16, 0.0, 1.0, 1.0))
     assert len(list(eng.iter_tokens(req))) == 16
+
+
+def test_json_format_drops_the_default_repetition_penalty(model, tiny_tokenizer):
+    """The default penalty pushes down the quotes and braces a JSON reply repeats (SmolLM2's strings never closed);
+    under a JSON format it is off unless the request sets one, on both the server and quark.load(...)."""
+    pytest.importorskip("xgrammar")
+    from quark.llm import LLM
+    from quark.sampling import RECOMMENDED
+    from quark.serve.api import parse_common
+
+    fmt = {"type": "json_object"}
+    job = parse_common({"max_tokens": 8}, [[5, 6]], 128, 64)
+    assert job.params.rep_penalty == RECOMMENDED["rep_penalty"] != 1.0
+    assert parse_common({"max_tokens": 8, "response_format": fmt}, [[5, 6]], 128, 64).params.rep_penalty == 1.0
+    assert parse_common({"max_tokens": 8, "response_format": fmt, "repetition_penalty": 1.3}, [[5, 6]], 128,
+                        64).params.rep_penalty == 1.3
+    llm = LLM(model, tiny_tokenizer)
+    assert llm.params(response_format=fmt).rep_penalty == 1.0
+    assert llm.params(response_format=fmt, rep_penalty=1.2).rep_penalty == 1.2
+    assert llm.params().rep_penalty == RECOMMENDED["rep_penalty"]
