@@ -56,14 +56,12 @@ class LLM:
     def params(self, **sampling) -> SamplingParams:
         """The defaults with `sampling` overrides, checked (ValueError names the field). `response_format` is
         OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}} constrain the
-        reply to that JSON (quark/serve/grammar.py), with rep_penalty 1.0 unless given."""
+        reply to that JSON (quark/serve/grammar.py)."""
         unknown = set(sampling) - set(RECOMMENDED) - {"seed", "response_format"}
         if unknown:
             raise TypeError(f"unknown sampling argument(s) {', '.join(sorted(unknown))}; allowed: "
                             f"{', '.join([*RECOMMENDED, 'seed', 'response_format'])}")
         if "response_format" in sampling:
-            if sampling["response_format"] is not None:  # as the server: no default penalty on the JSON's structure
-                sampling.setdefault("rep_penalty", 1.0)
             try:
                 sampling["schema"] = schema_of(sampling.pop("response_format"))
             except FormatError as e:

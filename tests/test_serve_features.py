@@ -264,21 +264,23 @@ def test_kv_cache_budget_cuts_the_context_per_sequence(model):
     assert len(list(eng.iter_tokens(req))) == 16
 
 
-def test_json_format_drops_the_default_repetition_penalty(model, tiny_tokenizer):
-    """The default penalty pushes down the quotes and braces a JSON reply repeats (SmolLM2's strings never closed);
-    under a JSON format it is off unless the request sets one, on both the server and quark.load(...)."""
+def test_repetition_penalty_spares_the_json_delimiters(model, tiny_tokenizer):
+    """A JSON reply repeats its quotes, commas and braces; penalizing them kept SmolLM2's strings from closing. The
+    penalty spares delimiter tokens in rows with a grammar and only there: greedy sampling with a huge penalty."""
     pytest.importorskip("xgrammar")
-    from quark.llm import LLM
-    from quark.sampling import RECOMMENDED
-    from quark.serve.api import parse_common
+    from types import SimpleNamespace
 
-    fmt = {"type": "json_object"}
-    job = parse_common({"max_tokens": 8}, [[5, 6]], 128, 64)
-    assert job.params.rep_penalty == RECOMMENDED["rep_penalty"] != 1.0
-    assert parse_common({"max_tokens": 8, "response_format": fmt}, [[5, 6]], 128, 64).params.rep_penalty == 1.0
-    assert parse_common({"max_tokens": 8, "response_format": fmt, "repetition_penalty": 1.3}, [[5, 6]], 128,
-                        64).params.rep_penalty == 1.3
-    llm = LLM(model, tiny_tokenizer)
-    assert llm.params(response_format=fmt).rep_penalty == 1.0
-    assert llm.params(response_format=fmt, rep_penalty=1.2).rep_penalty == 1.2
-    assert llm.params().rep_penalty == RECOMMENDED["rep_penalty"]
+    eng = Engine(model, [], max_batch=2, tokenizer=tiny_tokenizer, prefix_cache_mb=0)
+    quote, letter = tiny_tokenizer.encode('"')[0], tiny_tokenizer.encode("a")[0]
+    structural = eng._grammar().structural
+    assert structural[quote] and not structural[letter]
+    rows = [SimpleNamespace(matcher=object(), generator=None, length=3, req=SimpleNamespace(params=p))
+            for p in [SamplingParams(8, 0.0, 1.0, 100.0)] * 2]
+    rows[1].matcher = None
+    eng.seen[:2] = False
+    eng.seen[:2, [quote, letter]] = True
+    logits = torch.full((2, model.config.vocab_size), -5.0)
+    logits[:, quote], logits[:, letter] = 4.0, 3.0  # seen, so penalized /100: a fresh token at 1.0 wins
+    logits[:, letter + 1] = 1.0
+    assert eng._sample_group(logits, rows, slice(0, 2)).tolist() == [quote, letter + 1]
+

@@ -15,10 +15,8 @@ Choices:
   `suffix`, `tools`, ... when set (and `echo` on the chat API); `presence_penalty` / `frequency_penalty` other than 0 (they must still be
   numbers in OpenAI's [-2, 2]; `repetition_penalty` is this server's penalty).
 - `response_format`: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
-  "schema"}} on both endpoints; the reply is then constrained to that JSON (quark/serve/grammar.py), with no
-  repetition penalty unless the request sets one (the default penalty keeps strings from closing: every quote,
-  comma and brace the JSON repeats is pushed down). A malformed format or an invalid schema is a 400
-  `invalid_response_format` naming the problem.
+  "schema"}} on both endpoints; the reply is then constrained to that JSON (quark/serve/grammar.py). A malformed
+  format or an invalid schema is a 400 `invalid_response_format` naming the problem.
 - The OpenAI `developer` role is the `system` role; any other role outside system/user/assistant is a 400.
 - Malformed bodies are 400s too: JSON nested deeper than the parser's recursion limit, and strings holding a
   lone UTF-16 surrogate (`"x\\ud800y"` is valid JSON but not Unicode, and the tokenizer cannot take it); the
@@ -225,9 +223,7 @@ def parse_common(body: dict, prompts: list[list[int]], context_length: int, max_
         raise APIError(400, f"'response_format' {e}", param="response_format", code="invalid_response_format") from None
     temperature = _number(body, "temperature", DEFAULTS["temperature"], 0.0, 2.0)
     top_p = _number(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0, lo_open=True)
-    # no default penalty under a JSON format: it would push down the quotes, commas and braces the JSON repeats
-    rep = _number(body, "repetition_penalty", DEFAULTS["repetition_penalty"] if schema is None else 1.0, 0.0, 10.0,
-                  lo_open=True)
+    rep = _number(body, "repetition_penalty", DEFAULTS["repetition_penalty"], 0.0, 10.0, lo_open=True)
     logprobs, echo = parse_logprobs(body, chat)
     if echo and schema is not None:
         raise APIError(400, "'echo' cannot be combined with a JSON 'response_format'", param="response_format")

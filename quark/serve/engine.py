@@ -25,7 +25,8 @@ Choices:
   it retires. A request whose next `DEFER_BLOCKS` blocks a request admitted with it computes waits one step and
   reuses them. Greedy tokens are the same with and without it (tests/test_serve_features.py).
 - Structured output (a request's `schema`): the row's xgrammar matcher checks each sampled token; a refused one is
-  sampled again from the masked logits (quark/serve/grammar.py).
+  sampled again from the masked logits (quark/serve/grammar.py). The repetition penalty spares the row's JSON
+  delimiter tokens (a quote, comma, colon, brace or bracket), which the JSON must repeat.
 - Rows are grouped by (temperature, top_p, rep_penalty) and sampled together with the engine's generator. A
   request with a `seed` gets its own generator and is sampled alone by `quark.sampling.sample_next`, so its
   tokens are those of `generate(..., seed=seed)` whatever else is in the batch. Unseeded groups use quark/sampling.py
@@ -466,13 +467,25 @@ class Engine:
     def _sample_group(self, logits: torch.Tensor, rows: list[_Row], where: slice | torch.Tensor) -> torch.Tensor:
         """Rows with the same params; `where` selects their engine rows (a slice or an index tensor)."""
         p = rows[0].req.params
+        spare = self._structure(rows) if p.rep_penalty != 1.0 else None
         if rows[0].generator is not None or p.temperature == 0.0:
             seen = self.seen[where] if p.rep_penalty != 1.0 else None
+            if spare is not None:
+                seen = seen & ~spare
             return sample_next(logits, seen, p.temperature, p.top_p, p.rep_penalty, rows[0].generator)
         if p.rep_penalty != 1.0:
             n_seen = max(r.length for r in rows) + 1  # the newest token sits at index `length`
-            logits = rep_penalty_ids(logits.float(), self.hist[where, :n_seen], p.rep_penalty)
+            penalized = rep_penalty_ids(logits.float(), self.hist[where, :n_seen], p.rep_penalty)
+            logits = penalized if spare is None else torch.where(spare, logits.float(), penalized)
         return nucleus_sample(logits, p.temperature, p.top_p, self.generator)
+
+    def _structure(self, rows: list[_Row]) -> torch.Tensor | None:
+        """(n, V) True at the JSON delimiter tokens of rows with a grammar, which the repetition penalty spares: a
+        JSON reply repeats its quotes, commas and braces, and penalizing them keeps strings from closing."""
+        if all(row.matcher is None for row in rows):
+            return None
+        has = torch.tensor([row.matcher is not None for row in rows], device=self.device)
+        return has[:, None] & self._grammar().structural.to(self.device)[None]
 
     def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
         """Sample for rows first..end, send the tokens, retire finished rows."""

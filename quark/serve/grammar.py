@@ -80,6 +80,9 @@ class Grammars:
         special = set(tokenizer.special.values())
         vocab = [b"" if i in special else token_bytes(tokenizer, i) for i in range(tokenizer.vocab_size)]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_ids)
+        # tokens holding a JSON delimiter: the repetition penalty spares them in constrained rows (the engine)
+        self.structural = torch.zeros(vocab_size, dtype=torch.bool)
+        self.structural[[i for i, b in enumerate(vocab) if any(c in b for c in b'"{}[],:')]] = True
         self.compiler = xgr.GrammarCompiler(info)
         self.vocab_size = vocab_size
         self.compiled: dict[str, object] = {}
