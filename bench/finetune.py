@@ -175,21 +175,27 @@ def main() -> None:
               "--seq-len", str(args.seq_len), "--val-fraction", "0", "--quiet")
     common = [f"epochs={args.epochs}", f"batch_size={args.batch_size}", "warmup_steps=5"]
     results, seconds = {}, {}
+
+    def save(stage: str) -> None:  # after every stage, so a stopped run keeps what it measured
+        summary = {"results": results, "train_seconds": seconds, "total_seconds": round(time.time() - t_start, 1),
+                   "args": vars(args), "conversations": len(convs), "held_out": len(HELD_OUT_ASK),
+                   "controls": len(HELD_OUT_CONTROL), "load_average": os.getloadavg(), "done": stage}
+        (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        last = list(results.values())[-1] if results else {}
+        print(f"{stage}: " + json.dumps({k: v for k, v in last.items() if k != "examples"}), flush=True)
+
     print(f"{len(convs)} conversations; scoring the base", flush=True)
     results["base"] = score(Path(base), args.eval_limit)
-    print(json.dumps(results["base"])[:800], flush=True)
+    save("base")
     seconds["full_sft"] = train(base, data, work / "full", common + [f"lr={args.full_lr}",
                                                                      f"min_lr={args.full_lr / 10}"])
     results["full SFT"] = score(work / "full", args.eval_limit)
-    print(json.dumps(results["full SFT"])[:800], flush=True)
+    save("full SFT")
     seconds["lora"] = train(base, data, work / "lora", common + [f"lora_rank={args.lora_rank}", f"lr={args.lora_lr}",
                                                                  f"min_lr={args.lora_lr / 10}"])
     results[f"LoRA r={args.lora_rank}"] = score(work / "lora", args.eval_limit)
+    save("LoRA")
     total = time.time() - t_start
-    summary = {"results": results, "train_seconds": seconds, "total_seconds": round(total, 1), "args": vars(args),
-               "conversations": len(convs), "held_out": len(HELD_OUT_ASK), "controls": len(HELD_OUT_CONTROL),
-               "load_average": os.getloadavg()}
-    (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table(results))
     print(f"train: full {seconds['full_sft']:.0f}s, LoRA {seconds['lora']:.0f}s; total {total / 60:.1f} min; "
           f"load average {os.getloadavg()[0]:.1f}; details {work / 'results.json'}")
