@@ -32,14 +32,6 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-inline __m128i dot_u8s8(__m128i u, __m128i s) {
-#ifdef __AVXVNNI__
-  return _mm_dpbusd_avx_epi32(_mm_setzero_si128(), u, s);
-#else
-  return _mm_madd_epi16(_mm_maddubs_epi16(u, s), _mm_set1_epi16(1));
-#endif
-}
-
 struct Avx2 {
   static void int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N, float* y) {
     const Quantized xq(x, M, K);
