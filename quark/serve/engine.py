@@ -424,7 +424,7 @@ class Engine:
 
     def _grammar(self) -> Grammars:
         if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.vocab_size, sorted(self.stop_ids))
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, sorted(self.stop_ids), self.device)
         return self._grammars
 
     def _constrain(self, tok: torch.Tensor, raw: torch.Tensor, rows: list[_Row], first: int) -> None:
@@ -485,7 +485,7 @@ class Engine:
         if all(row.matcher is None for row in rows):
             return None
         has = torch.tensor([row.matcher is not None for row in rows], device=self.device)
-        return has[:, None] & self._grammar().structural.to(self.device)[None]
+        return has[:, None] & self._grammar().structural[None]
 
     def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
         """Sample for rows first..end, send the tokens, retire finished rows."""

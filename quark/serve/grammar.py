@@ -73,7 +73,7 @@ def schema_of(fmt: object) -> str | None:
 class Grammars:
     """Per engine: the vocabulary as xgrammar sees it, a compiler (caching compiled schemas), matchers per row."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: list[int]):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: list[int], device: torch.device | str = "cpu"):
         import xgrammar as xgr
 
         self.xgr = xgr
@@ -83,6 +83,7 @@ class Grammars:
         # tokens holding a JSON delimiter: the repetition penalty spares them in constrained rows (the engine)
         self.structural = torch.zeros(vocab_size, dtype=torch.bool)
         self.structural[[i for i, b in enumerate(vocab) if any(c in b for c in b'"{}[],:')]] = True
+        self.structural = self.structural.to(device)  # once: the engine reads it at every constrained step
         self.compiler = xgr.GrammarCompiler(info)
         self.vocab_size = vocab_size
         self.compiled: dict[str, object] = {}
