@@ -1,8 +1,8 @@
 """Fine-tuning with a measured effect: teach SmolLM2-135M-Instruct that its name is Quark, by full SFT and by LoRA,
 and score before / after on held-out paraphrased prompts, plus PIQA and HellaSwag for what the fine-tune cost.
 
-    python bench/finetune.py                      # eval at --eval-limit 100 items per task (CPU, ~15 min idle)
-    python bench/finetune.py --eval-limit 500     # the issue's 500 items per task (several minutes more per model)
+    python bench/finetune.py                      # PIQA / HellaSwag at 500 items each (2-core CPU, ~15 min idle)
+    python bench/finetune.py --eval-limit 100     # a quicker look (~8 min)
 
 The SFT set (written to WORK/train.jsonl) holds identity questions answered "I'm Quark, ..." and control
 questions (arithmetic, capitals) answered plainly, so the model learns the name without naming itself everywhere.
@@ -147,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", help="model to fine-tune (default: SmolLM2-135M-Instruct imported from the wheel)")
     ap.add_argument("--work", default="/tmp/quark-bench-finetune", help="work folder (runs resume from it)")
-    ap.add_argument("--eval-limit", type=int, default=100, help="PIQA / HellaSwag items each (0: skip; issue: 500)")
+    ap.add_argument("--eval-limit", type=int, default=500, help="PIQA / HellaSwag items each (0: skip)")
     ap.add_argument("--identity", type=int, default=64, help="identity conversations in the SFT set")
     ap.add_argument("--control", type=int, default=40, help="control conversations (arithmetic, capitals)")
     ap.add_argument("--epochs", type=float, default=3.0)

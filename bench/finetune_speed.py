@@ -3,7 +3,7 @@ HF + PEFT LoRA, on the same model, batches, optimizer and step (`quark.train.loo
 
     python bench/finetune_speed.py --base /tmp/ft/smollm2            # an imported SmolLM2 folder (quark import)
 
-Each mode runs in its own process (so peak RSS is its own) in the order given, twice by default, alternating,
+Each mode runs in its own process (so peak RSS is its own) in the order given, three times by default, alternating,
 because the machine is shared: compare the ratios of one run. Reported: training tokens/s (input tokens of the
 timed steps over their wall time, the first step excluded), peak RSS (VmHWM) and the RSS added by training
 (peak minus the RSS after loading the model: gradients, optimizer state, activations).
@@ -96,11 +96,11 @@ def worker(mode: str, base: str, steps: int, batch: int, seq: int, rank: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="an HF Llama / imported Quark folder (both loaders read it)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one untimed)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per mode (after one untimed)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -29,6 +29,7 @@ Choices:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import platform
@@ -51,13 +52,16 @@ BUILD_WAIT_S = 120.0  # the longest wait for another process's build before deco
 _OPS: dict[str, object | None] = {}  # tier -> its torch.ops namespace, or None once it failed in this process
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which leaves the portable tier)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which leaves the portable tier), read once:
+    every kernel call asks for its tier, and reading /proc/cpuinfo takes longer than a layer's decode step."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return set()
-    return set(next((ln.split(":", 1)[1] for ln in lines if ln.split(":")[0].strip() in ("flags", "Features")), "").split())
+        return frozenset()
+    return frozenset(next((ln.split(":", 1)[1] for ln in lines if ln.split(":")[0].strip() in ("flags", "Features")),
+                          "").split())
 
 
 def supported_tiers() -> list[str]:

@@ -6,9 +6,10 @@
 // int8: per block of 32 columns, |w| times x with w's sign (the sign trick keeps every pair of products within
 // int16, so vpmaddubsw cannot saturate), summed to int32 (vpmaddwd, or one vpdpbusd with AVX-VNNI), times the
 // block's activation scale into a float accumulator. int4: 128 columns (64 bytes of nibbles, 4 blocks) at a time,
-// low nibbles against the even columns of x and high ones against the odd, so x is stored split the same way; the
-// blocks' (scale, zero) pairs are converted 4 at a time and their offset terms summed as one vector product. Each weight row
-// is read once per call, prefetched ahead, and used for every row of x while it is in L1.
+// then a remaining pair of blocks (64 columns) the same way and a last odd block in plain C++; low nibbles against
+// the even columns of x and high ones against the odd, so x is stored split the same way; the blocks' (scale, zero)
+// pairs are converted 4 at a time and their offset terms summed as one vector product. Each weight row is read
+// once per call, prefetched ahead, and used for every row of x while it is in L1.
 #include <immintrin.h>
 
 #include "layer.h"
@@ -108,8 +109,17 @@ struct Avx2 {
             acc = _mm256_fmadd_ps(chunk(b + 2), _mm256_mul_ps(_mm256_permutevar8x32_ps(sz, lanes_b),
                                                                _mm256_loadu_ps(dm + b * 4 + 8)), acc);
           }
-          float rest = 0.f;  // the last nb % 4 blocks, in plain C++
-          for (int64_t b = n4; b < nb; ++b) {
+          int64_t b = n4;
+          if (b + 2 <= nb) {  // two more blocks (K = 576 leaves 2 of 18): their 4 (scale, zero) bf16s and 4 offsets
+            const __m256 sz = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tn + b * 2))), 16));
+            off = _mm256_fmadd_ps(sz, _mm256_zextps128_ps256(_mm_loadu_ps(xm + b * 2)), off);
+            acc = _mm256_fmadd_ps(chunk(b), _mm256_mul_ps(_mm256_permutevar8x32_ps(sz, lanes_a),
+                                                           _mm256_loadu_ps(dm + b * 4)), acc);
+            b += 2;
+          }
+          float rest = 0.f;  // a last odd block, in plain C++
+          for (; b < nb; ++b) {
             int32_t s = 0;
             for (int64_t j = 0; j < 16; ++j)
               s += (wn[b * 16 + j] & 15) * em[b * 16 + j] + (wn[b * 16 + j] >> 4) * om[b * 16 + j];
