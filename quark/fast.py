@@ -17,6 +17,8 @@ Choices:
   per load), so weights trained, loaded or edited between generations are always seen and nothing watches them.
   The CUDA decoder is kept per model and shape for its captured graph and re-copies the weights into the same
   buffers at every `decoder_for` call.
+- On a CPU the copies (all of them, o / down / lm_head included) live in memory Linux backs with 2 MiB pages
+  (`huge_page_empty`): streaming the weights once a token on 4 KiB pages spends a TLB miss every 4 KiB.
 - fp32 matmuls of up to F32_KERNEL_ROWS rows outside the layers (the lm_head) run quark's `f32_gemv` where the
   kernels run: it reads the weight once for all rows, where MKL's sgemm at a few rows does not reach memory speed.
 - CPU prefills and decode steps run on the cores other processes leave free (quark/cpu_settings.py).
@@ -24,6 +26,8 @@ Choices:
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import warnings
 import weakref
@@ -39,13 +43,33 @@ from .model import Block, Context, KVCache, Quark, layer_forward
 from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_torch, int8_linear
 
 F32_KERNEL_ROWS = 8
+HUGE_PAGE = 2 << 20  # bytes: x86-64's and most ARM64 Linux kernels' transparent huge page
 # the tensors a fused matrix stacks, by the kind of its modules (int4: the kernels' table is None off the CPU)
 _PARTS = {nn.Linear: ("weight",), Int8Linear: ("weight", "scale"), Int4Linear: ("qweight", "scales_and_zeros", "table")}
 
 
+def huge_page_empty(shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+    """An uninitialized CPU tensor in memory that Linux backs with 2 MiB pages (transparent huge pages, asked for
+    with madvise, which is what the kernel's default "madvise" mode honours), or None where that is not to be had
+    (another OS, or less than one huge page). A decode step streams every weight once a token; on 4 KiB pages that
+    costs a TLB miss every 4 KiB."""
+    n = math.prod(shape) * dtype.itemsize
+    if n < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        buf = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # the tensor keeps it alive
+        raw = torch.frombuffer(buf, dtype=torch.uint8)
+        at = -raw.data_ptr() % HUGE_PAGE  # a multiple of the 4 KiB page: mmap's memory is page aligned
+        buf.madvise(mmap.MADV_HUGEPAGE, at, n)
+    except (OSError, ValueError):
+        return None
+    return raw[at:at + n].view(dtype).view(shape)
+
+
 class FusedLinear:
-    """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked (a single module's
-    own tensors, uncopied)."""
+    """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked. On a CPU every part of
+    a huge page or more is a copy in huge-page memory (`huge_page_empty`), a single module's too; elsewhere a single
+    module's own tensors are used uncopied."""
 
     def __init__(self, mods: list[nn.Module]):
         kinds = {type(m) for m in mods}
@@ -59,20 +83,29 @@ class FusedLinear:
         self.f32_kernel = self.kind is nn.Linear and w.dtype == torch.float32 and ours
         self.torch_packed = int4_pack_for_torch(w) if self.kind is Int4Linear and not ours else None
 
-    def _stack(self, name: str) -> torch.Tensor | None:
+    def _tensors(self, name: str) -> list[torch.Tensor] | None:
         ts = [getattr(m, name) for m in self.mods]
-        if ts[0] is None:
+        return None if ts[0] is None else [t.detach() for t in ts]
+
+    def _stack(self, name: str) -> torch.Tensor | None:
+        ts = self._tensors(name)
+        if ts is None:
             return None
-        ts = [t.detach() for t in ts]
-        return ts[0] if len(ts) == 1 else torch.cat(ts, dim=1 if name == "scales_and_zeros" else 0)
+        dim = 1 if name == "scales_and_zeros" else 0
+        shape = list(ts[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in ts)
+        out = huge_page_empty(shape, ts[0].dtype) if ts[0].device.type == "cpu" else None
+        if out is not None:
+            return torch.cat(ts, dim=dim, out=out)
+        return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the modules' current weights into the fused copies, in place (a CUDA graph keeps their pointers)."""
         for part, name in zip(self.parts, _PARTS[self.kind]):
-            now = self._stack(name)
-            if part is not None and now is not part:
-                part.copy_(now)
+            ts = self._tensors(name)
+            if part is not None and not (len(ts) == 1 and ts[0].data_ptr() == part.data_ptr()):
+                torch.cat(ts, dim=1 if name == "scales_and_zeros" else 0, out=part)
 
     def kernel_operands(self) -> list[torch.Tensor] | None:
         """This matrix as quark::decode_layer takes it: [fp32 weight], [int8 rows, scales] or [int4 nibbles, table]."""

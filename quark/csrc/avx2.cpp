@@ -33,6 +33,114 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+// Rows 0 .. R-1 of x (q8_0 blocks `xq`, scales `d`, nb blocks a row) against one int8 weight row `wn` (its last,
+// short block zero-padded in `tail` when full < nb): each block of w is loaded, and its |w| formed, once for the R
+// rows; y[r * ldy] = the row's dot product times `scale`.
+template <int R>
+inline void int8_rows(const int8_t* xq, const float* d, int64_t nb, const int8_t* wn, int64_t full,
+                      const int8_t* tail, bool prefetch, float scale, float* y, int64_t ldy) {
+  __m256 acc[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (prefetch && b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + b * 32) + PREFETCH, _MM_HINT_T0);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b < full ? wn + b * 32 : tail));
+    const __m256i aw = _mm256_sign_epi8(wv, wv);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (r * nb + b) * 32));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aw, _mm256_sign_epi8(xv, wv))),
+                               _mm256_set1_ps(d[r * nb + b]), acc[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) * scale;
+}
+
+// Rows 0 .. R-1 of x against one int4 weight row (`wn` nibbles, `tn` its (scale, zero) table, nb blocks): row r's
+// even / odd columns at em + r * h / om + r * h, its block scales spread 4 a block at dl + r * nb * 4 and its
+// offset partners at xo + r * nb * 2 (Avx2::int4 prepares them). The nibbles are unpacked and the table's pairs
+// converted once for the R rows; y[r * ldy] = the row's dot product.
+template <int R>
+inline void int4_rows(const int8_t* em, const int8_t* om, const float* dl, const float* xo, int64_t h, int64_t nb,
+                      const uint8_t* wn, const uint16_t* tn, bool prefetch, float* y, int64_t ldy) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i lanes_a = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);  // the scales of blocks b, b + 1
+  const __m256i lanes_b = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);  // and of b + 2, b + 3
+  __m256 acc[R], off[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm256_setzero_ps();
+  // blocks b, b + 1 (64 columns, 32 bytes of nibbles) against each row, times `scales` (8 lanes), into acc
+  auto pair = [&](int64_t b, __m256 scales_of) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + b * 16));
+    const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 p = _mm256_cvtepi32_ps(_mm256_add_epi32(
+          dot_u8s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(em + r * h + b * 16))),
+          dot_u8s8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(om + r * h + b * 16)))));
+      acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(scales_of, _mm256_loadu_ps(dl + r * nb * 4 + b * 4)), acc[r]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wn + b * 16) + PREFETCH, _MM_HINT_T0);
+    // (scale, zero) of blocks b..b+3 as floats (a bf16 is the top half of a float)
+    const __m256 sz = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tn + b * 2))), 16));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) off[r] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xo + r * nb * 2 + b * 2), off[r]);
+    pair(b, _mm256_permutevar8x32_ps(sz, lanes_a));
+    pair(b + 2, _mm256_permutevar8x32_ps(sz, lanes_b));
+  }
+  if (b + 2 <= nb) {  // two more blocks (K = 576 leaves 2 of 18): their 4 (scale, zero) bf16s and 4 offsets
+    const __m256 sz = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tn + b * 2))), 16));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      off[r] = _mm256_fmadd_ps(sz, _mm256_zextps128_ps256(_mm_loadu_ps(xo + r * nb * 2 + b * 2)), off[r]);
+    pair(b, _mm256_permutevar8x32_ps(sz, lanes_a));
+    b += 2;
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    float rest = 0.f;  // a last odd block, in plain C++
+    for (int64_t c = b; c < nb; ++c) {
+      int32_t s = 0;
+      for (int64_t j = 0; j < 16; ++j)
+        s += (wn[c * 16 + j] & 15) * em[r * h + c * 16 + j] + (wn[c * 16 + j] >> 4) * om[r * h + c * 16 + j];
+      rest += bf16(tn[c * 2]) * dl[r * nb * 4 + c * 4] * static_cast<float>(s) +
+              bf16(tn[c * 2]) * xo[r * nb * 2 + c * 2] + bf16(tn[c * 2 + 1]) * xo[r * nb * 2 + c * 2 + 1];
+    }
+    y[r * ldy] = hsum(_mm256_add_ps(acc[r], off[r])) + rest;
+  }
+}
+
+// Rows 0 .. R-1 of x (K floats apart) against one fp32 weight row `wn`, each 16 columns of w loaded once for the R
+// rows; y[r * ldy] = the dot product.
+template <int R>
+inline void f32_rows(const float* x, int64_t K, const float* wn, bool prefetch, float* y, int64_t ldy) {
+  __m256 a0[R], a1[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (prefetch && k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + k) + PREFETCH, _MM_HINT_T0);
+    const __m256 w0 = _mm256_loadu_ps(wn + k), w1 = _mm256_loadu_ps(wn + k + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8), w1, a1[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    float s = hsum(_mm256_add_ps(a0[r], a1[r]));
+    for (int64_t j = k; j < K; ++j) s += x[r * K + j] * wn[j];
+    y[r * ldy] = s;
+  }
+}
+
 struct Avx2 {
   static void int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N, float* y) {
     const Quantized xq(x, M, K);
@@ -42,20 +150,11 @@ struct Avx2 {
       for (int64_t n = n0; n < n1; ++n) {
         const int8_t* wn = w + n * K;
         if (full < nb) std::memcpy(tail, wn + full * 32, K - full * 32);  // the last, short block, zero-padded
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* xm = &xq.q[m * nb * 32];
-          const float* dm = &xq.d[m * nb];
-          __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-          for (int64_t b = 0; b < nb; ++b) {
-            if (m == 0 && b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + b * 32) + PREFETCH, _MM_HINT_T0);
-            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b < full ? wn + b * 32 : tail));
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + b * 32));
-            const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)));
-            if (b % 2) a1 = _mm256_fmadd_ps(p, _mm256_set1_ps(dm[b]), a1);
-            else a0 = _mm256_fmadd_ps(p, _mm256_set1_ps(dm[b]), a0);
-          }
-          y[m * N + n] = hsum(_mm256_add_ps(a0, a1)) * scale[n];
-        }
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+          int8_rows<4>(&xq.q[m * nb * 32], &xq.d[m * nb], nb, wn, full, tail, m == 0, scale[n], y + m * N + n, N);
+        for (; m < M; ++m)
+          int8_rows<1>(&xq.q[m * nb * 32], &xq.d[m * nb], nb, wn, full, tail, m == 0, scale[n], y + m * N + n, N);
       }
     });
   }
@@ -63,7 +162,7 @@ struct Avx2 {
   static void int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* table, int64_t N,
                    float* y) {
     const Quantized xq(x, M, K);
-    const int64_t nb = K / 32, n4 = nb / 4 * 4;  // blocks; those in whole groups of 4 (128 columns)
+    const int64_t nb = K / 32;
     // per row of x: its even / odd columns (16 of each a block, as the nibbles hold them), each block's scale d
     // spread over the 4 lanes its dot products land in, and the offsets' partners (-8 X, X) with X = d * sum(xq),
     // against the table's (scale, zero) pairs: sum_k w_k x_k = scale * d * sum(q xq) + (zero - 8 scale) * X
@@ -78,56 +177,18 @@ struct Avx2 {
       xo[2 * i] = -8.f * xq.d[i] * static_cast<float>(xq.sums[i]);
       xo[2 * i + 1] = xq.d[i] * static_cast<float>(xq.sums[i]);
     }
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i lanes_a = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);  // the scales of blocks b, b + 1
-    const __m256i lanes_b = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);  // and of b + 2, b + 3
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* wn = w + n * (K / 2);
         const uint16_t* tn = table + n * nb * 2;
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* em = &even[m * K / 2];
-          const int8_t* om = &odd[m * K / 2];
-          const float* dm = &dl[m * nb * 4];
-          const float* xm = &xo[m * nb * 2];
-          __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();
-          auto chunk = [&](int64_t b) {  // blocks b, b + 1: 64 columns, 32 bytes of nibbles -> 8 int32 lanes
-            const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + b * 16));
-            const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-            return _mm256_cvtepi32_ps(_mm256_add_epi32(
-                dot_u8s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(em + b * 16))),
-                dot_u8s8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(om + b * 16)))));
-          };
-          for (int64_t b = 0; b < n4; b += 4) {
-            if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + b * 16) + PREFETCH, _MM_HINT_T0);
-            // (scale, zero) of blocks b..b+3 as floats (a bf16 is the top half of a float)
-            const __m256 sz = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tn + b * 2))), 16));
-            off = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xm + b * 2), off);
-            acc = _mm256_fmadd_ps(chunk(b), _mm256_mul_ps(_mm256_permutevar8x32_ps(sz, lanes_a),
-                                                           _mm256_loadu_ps(dm + b * 4)), acc);
-            acc = _mm256_fmadd_ps(chunk(b + 2), _mm256_mul_ps(_mm256_permutevar8x32_ps(sz, lanes_b),
-                                                               _mm256_loadu_ps(dm + b * 4 + 8)), acc);
-          }
-          int64_t b = n4;
-          if (b + 2 <= nb) {  // two more blocks (K = 576 leaves 2 of 18): their 4 (scale, zero) bf16s and 4 offsets
-            const __m256 sz = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tn + b * 2))), 16));
-            off = _mm256_fmadd_ps(sz, _mm256_zextps128_ps256(_mm_loadu_ps(xm + b * 2)), off);
-            acc = _mm256_fmadd_ps(chunk(b), _mm256_mul_ps(_mm256_permutevar8x32_ps(sz, lanes_a),
-                                                           _mm256_loadu_ps(dm + b * 4)), acc);
-            b += 2;
-          }
-          float rest = 0.f;  // a last odd block, in plain C++
-          for (; b < nb; ++b) {
-            int32_t s = 0;
-            for (int64_t j = 0; j < 16; ++j)
-              s += (wn[b * 16 + j] & 15) * em[b * 16 + j] + (wn[b * 16 + j] >> 4) * om[b * 16 + j];
-            rest += bf16(tn[b * 2]) * dm[b * 4] * static_cast<float>(s) + bf16(tn[b * 2]) * xm[b * 2] +
-                    bf16(tn[b * 2 + 1]) * xm[b * 2 + 1];
-          }
-          y[m * N + n] = hsum(_mm256_add_ps(acc, off)) + rest;
-        }
+        const int64_t h = K / 2;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+          int4_rows<4>(&even[m * h], &odd[m * h], &dl[m * nb * 4], &xo[m * nb * 2], h, nb, wn, tn, m == 0,
+                       y + m * N + n, N);
+        for (; m < M; ++m)
+          int4_rows<1>(&even[m * h], &odd[m * h], &dl[m * nb * 4], &xo[m * nb * 2], h, nb, wn, tn, m == 0,
+                       y + m * N + n, N);
       }
     });
   }
@@ -136,21 +197,9 @@ struct Avx2 {
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const float* wn = w + n * K;
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xm = x + m * K;
-          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          int64_t k = 0;
-          for (; k + 32 <= K; k += 32) {
-            if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + k) + PREFETCH, _MM_HINT_T0);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), _mm256_loadu_ps(wn + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 8), _mm256_loadu_ps(wn + k + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 16), _mm256_loadu_ps(wn + k + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 24), _mm256_loadu_ps(wn + k + 24), a3);
-          }
-          float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-          for (; k < K; ++k) s += xm[k] * wn[k];
-          y[m * N + n] = s;
-        }
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) f32_rows<4>(x + m * K, K, wn, m == 0, y + m * N + n, N);
+        for (; m < M; ++m) f32_rows<1>(x + m * K, K, wn, m == 0, y + m * N + n, N);
       }
     });
   }
