@@ -310,3 +310,44 @@ def test_decoder_for_picks_one_step(model, monkeypatch):
     assert generate(model, prompts, max_new_tokens=12, temperature=0.0) == want
     monkeypatch.setenv("QUARK_FAST", "0")
     assert decoder_for(model, 2, 16) is None
+
+
+def _anon_huge_kb(addr: int) -> int | None:
+    """AnonHugePages (kB) of this process's mapping holding `addr`, from /proc/self/smaps (None off Linux)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for ln in lines:
+        head = ln.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "AnonHugePages:":
+            return int(ln.split()[1])
+    return None
+
+
+def test_cpu_decode_weights_are_copies_in_huge_pages_that_follow_refresh():
+    from quark.fast import HUGE_PAGE, FusedLinear, huge_page_empty
+
+    if huge_page_empty([HUGE_PAGE], torch.uint8) is None:
+        pytest.skip("no madvise(MADV_HUGEPAGE) here (not Linux)")
+    lin = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB: two huge pages
+    f = FusedLinear([lin])
+    part = f.parts[0]
+    assert part.data_ptr() != lin.weight.data_ptr() and part.data_ptr() % HUGE_PAGE == 0
+    assert torch.equal(part, lin.weight.detach())
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    f.refresh()
+    assert torch.equal(part, lin.weight.detach())
+    small = FusedLinear([torch.nn.Linear(64, 64, bias=False)])  # under a huge page: the module's own tensor
+    assert small.parts[0].data_ptr() == small.mods[0].weight.data_ptr()
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        mode = "[never]"
+    if "[never]" not in mode:  # the kernel grants huge pages to madvised memory: these are
+        assert (_anon_huge_kb(part.data_ptr()) or 0) >= HUGE_PAGE // 1024

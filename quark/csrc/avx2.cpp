@@ -39,11 +39,10 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 template <int R>
 inline void int8_rows(const int8_t* xq, const float* d, int64_t nb, const int8_t* wn, int64_t full,
                       const int8_t* tail, bool prefetch, float scale, float* y, int64_t ldy) {
-  __m256 acc[R];
+  __m256 even[R], odd[R];  // the even and the odd blocks' sums: two chains of FMAs a row
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    if (prefetch && b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + b * 32) + PREFETCH, _MM_HINT_T0);
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, __m256* acc) {
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b < full ? wn + b * 32 : tail));
     const __m256i aw = _mm256_sign_epi8(wv, wv);
 #pragma GCC unroll 4
@@ -52,9 +51,16 @@ inline void int8_rows(const int8_t* xq, const float* d, int64_t nb, const int8_t
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aw, _mm256_sign_epi8(xv, wv))),
                                _mm256_set1_ps(d[r * nb + b]), acc[r]);
     }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wn + b * 32) + PREFETCH, _MM_HINT_T0);
+    block(b, even);
+    block(b + 1, odd);
   }
+  if (b < nb) block(b, even);
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) * scale;
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(even[r], odd[r])) * scale;
 }
 
 // Rows 0 .. R-1 of x against one int4 weight row (`wn` nibbles, `tn` its (scale, zero) table, nb blocks): row r's
