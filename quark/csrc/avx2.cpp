@@ -9,7 +9,9 @@
 // then a remaining pair of blocks (64 columns) the same way and a last odd block in plain C++; low nibbles against
 // the even columns of x and high ones against the odd, so x is stored split the same way; the blocks' (scale, zero)
 // pairs are converted 4 at a time and their offset terms summed as one vector product. Each weight row is read
-// once per call, prefetched ahead, and used for every row of x while it is in L1.
+// once per call, prefetched ahead, and used for every row of x while it is in L1: rows of x go four at a time
+// (`*_rows<4>`, then `*_rows<1>` for the rest), so each weight block is loaded and unpacked once for four rows.
+// The rows' accumulators are function-template arrays under `#pragma GCC unroll` so they stay in registers.
 #include <immintrin.h>
 
 #include "layer.h"
