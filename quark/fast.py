@@ -66,16 +66,40 @@ def huge_page_empty(shape: list[int], dtype: torch.dtype) -> torch.Tensor | None
     return raw[at:at + n].view(dtype).view(shape)
 
 
-class FusedLinear:
-    """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked. On a CPU every part of
-    a huge page or more is a copy in huge-page memory (`huge_page_empty`), a single module's too; elsewhere a single
-    module's own tensors are used uncopied."""
+class HugePageArena:
+    """CPU tensors carved one after another out of one `huge_page_empty` buffer: a decoder's weights share it, since
+    a buffer per matrix would leave each one's last partial 2 MiB (and every matrix under 2 MiB) on small pages."""
 
-    def __init__(self, mods: list[nn.Module]):
+    def __init__(self, nbytes: int):
+        self.buf = huge_page_empty([nbytes], torch.uint8)
+        self.used = 0
+
+    @staticmethod
+    def size(tensors: list[torch.Tensor]) -> int:
+        """Bytes that `take`s of these tensors' sizes need (each starts 64-byte aligned)."""
+        return sum(t.numel() * t.element_size() + 64 for t in tensors)
+
+    def take(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """The next uninitialized (shape, dtype) tensor of the buffer, or None without a buffer or room."""
+        if self.buf is None:
+            return None
+        n, at = math.prod(shape) * dtype.itemsize, -(-self.used // 64) * 64
+        if at + n > self.buf.numel():
+            return None
+        self.used = at + n
+        return self.buf[at:at + n].view(dtype).view(shape)
+
+
+class FusedLinear:
+    """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked. On a CPU every part is
+    a copy in huge-page memory (from `arena`, else its own `huge_page_empty` buffer when it is a huge page or more),
+    a single module's too; elsewhere a single module's own tensors are used uncopied."""
+
+    def __init__(self, mods: list[nn.Module], arena: HugePageArena | None = None):
         kinds = {type(m) for m in mods}
         if len(kinds) != 1 or not kinds <= set(_PARTS):
             raise TypeError("FusedLinear needs modules that are all nn.Linear, all Int8Linear or all Int4Linear")
-        self.mods, self.kind = mods, type(mods[0])
+        self.mods, self.kind, self.arena = mods, type(mods[0]), arena
         self.parts = [self._stack(name) for name in _PARTS[self.kind]]
         w = self.parts[0]
         ours = w.device.type == "cpu" and kernels.available()
@@ -94,7 +118,9 @@ class FusedLinear:
         dim = 1 if name == "scales_and_zeros" else 0
         shape = list(ts[0].shape)
         shape[dim] = sum(t.shape[dim] for t in ts)
-        out = huge_page_empty(shape, ts[0].dtype) if ts[0].device.type == "cpu" else None
+        out = None
+        if ts[0].device.type == "cpu":
+            out = self.arena.take(shape, ts[0].dtype) if self.arena is not None else huge_page_empty(shape, ts[0].dtype)
         if out is not None:
             return torch.cat(ts, dim=dim, out=out)
         return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
@@ -129,14 +155,14 @@ class FusedLinear:
 class FusedLayer:
     """A decoder layer in the fused layout, with the interface `quark.model.layer_forward` reads."""
 
-    def __init__(self, blk: Block):
+    def __init__(self, blk: Block, arena: HugePageArena | None = None):
         a, m = blk.self_attn, blk.mlp
         self.ln1, self.ln2, self.eps, self.hd = blk.ln1, blk.ln2, blk.eps, blk.hd
         self.split = [a.q_proj.out_features // blk.hd, a.k_proj.out_features // blk.hd, a.v_proj.out_features // blk.hd]
-        self.qkv_p = FusedLinear([a.q_proj, a.k_proj, a.v_proj])
-        self.o = FusedLinear([a.o_proj])
-        self.gate_up_p = FusedLinear([m.gate_proj, m.up_proj])
-        self.down = FusedLinear([m.down_proj])
+        self.qkv_p = FusedLinear([a.q_proj, a.k_proj, a.v_proj], arena)
+        self.o = FusedLinear([a.o_proj], arena)
+        self.gate_up_p = FusedLinear([m.gate_proj, m.up_proj], arena)
+        self.down = FusedLinear([m.down_proj], arena)
         self.linears = [self.qkv_p, self.o, self.gate_up_p, self.down]
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -155,10 +181,15 @@ class FusedWeights:
     """A model's weights in the fused layout, made from its current weights."""
 
     def __init__(self, model: Quark):
+        arena = None
+        if model.device.type == "cpu":
+            parts = [t for mods in _modules(model) for m in mods for name in _PARTS.get(type(m), ())
+                     if (t := getattr(m, name)) is not None]
+            arena = HugePageArena(HugePageArena.size(parts))
         self.embed = model.model.embed_tokens
-        self.layers = [FusedLayer(blk) for blk in model.model.layers]
+        self.layers = [FusedLayer(blk, arena) for blk in model.model.layers]
         self.norm = model.model.norm  # the model's RMSNorm module: its math is quark.model.rms_norm
-        self.lm_head = FusedLinear([model.lm_head])
+        self.lm_head = FusedLinear([model.lm_head], arena)
         self.tables = (model.rope_cos, model.rope_sin)
         self.linears = [lin for layer in self.layers for lin in layer.linears] + [self.lm_head]
 

@@ -330,7 +330,8 @@ def _anon_huge_kb(addr: int) -> int | None:
 
 
 def test_cpu_decode_weights_are_copies_in_huge_pages_that_follow_refresh():
-    from quark.fast import HUGE_PAGE, FusedLinear, huge_page_empty
+    """A matrix's copy, and a whole decoder's weights in one buffer, in 2 MiB pages where Linux grants them."""
+    from quark.fast import HUGE_PAGE, FusedLinear, FusedWeights, huge_page_empty
 
     if huge_page_empty([HUGE_PAGE], torch.uint8) is None:
         pytest.skip("no madvise(MADV_HUGEPAGE) here (not Linux)")
@@ -345,9 +346,15 @@ def test_cpu_decode_weights_are_copies_in_huge_pages_that_follow_refresh():
     assert torch.equal(part, lin.weight.detach())
     small = FusedLinear([torch.nn.Linear(64, 64, bias=False)])  # under a huge page: the module's own tensor
     assert small.parts[0].data_ptr() == small.mods[0].weight.data_ptr()
+    # a decoder's weights share one buffer: matrices under 2 MiB (most of the tiny preset's) are in huge pages too
+    w = FusedWeights(Quark(PRESETS["tiny"]).eval())
+    parts = [p for lin in w.linears for p in lin.parts if p is not None]
+    assert parts[0].data_ptr() % HUGE_PAGE == 0
+    assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
     try:
         mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     except OSError:
         mode = "[never]"
     if "[never]" not in mode:  # the kernel grants huge pages to madvised memory: these are
         assert (_anon_huge_kb(part.data_ptr()) or 0) >= HUGE_PAGE // 1024
+        assert (_anon_huge_kb(parts[0].data_ptr()) or 0) >= HUGE_PAGE // 1024
