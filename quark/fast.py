@@ -17,8 +17,8 @@ Choices:
   per load), so weights trained, loaded or edited between generations are always seen and nothing watches them.
   The CUDA decoder is kept per model and shape for its captured graph and re-copies the weights into the same
   buffers at every `decoder_for` call.
-- On a CPU the copies (all of them, o / down / lm_head included) live in memory Linux backs with 2 MiB pages
-  (`huge_page_empty`): streaming the weights once a token on 4 KiB pages spends a TLB miss every 4 KiB.
+- On a CPU the copies (all of them, o / down / lm_head included) share one buffer Linux backs with 2 MiB pages
+  (`HugePageArena`): streaming the weights once a token on 4 KiB pages spends a TLB miss every 4 KiB.
 - fp32 matmuls of up to F32_KERNEL_ROWS rows outside the layers (the lm_head) run quark's `f32_gemv` where the
   kernels run: it reads the weight once for all rows, where MKL's sgemm at a few rows does not reach memory speed.
 - CPU prefills and decode steps run on the cores other processes leave free (quark/cpu_settings.py).
@@ -70,20 +70,22 @@ class HugePageArena:
     """CPU tensors carved one after another out of one `huge_page_empty` buffer: a decoder's weights share it, since
     a buffer per matrix would leave each one's last partial 2 MiB (and every matrix under 2 MiB) on small pages."""
 
+    ALIGN = 64  # bytes: each tensor starts on a cache line
+
     def __init__(self, nbytes: int):
         self.buf = huge_page_empty([nbytes], torch.uint8)
         self.used = 0
 
     @staticmethod
     def size(tensors: list[torch.Tensor]) -> int:
-        """Bytes that `take`s of these tensors' sizes need (each starts 64-byte aligned)."""
-        return sum(t.numel() * t.element_size() + 64 for t in tensors)
+        """Bytes that `take`s of these tensors' sizes need."""
+        return sum(t.numel() * t.element_size() + HugePageArena.ALIGN for t in tensors)
 
     def take(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
         """The next uninitialized (shape, dtype) tensor of the buffer, or None without a buffer or room."""
         if self.buf is None:
             return None
-        n, at = math.prod(shape) * dtype.itemsize, -(-self.used // 64) * 64
+        n, at = math.prod(shape) * dtype.itemsize, -(-self.used // self.ALIGN) * self.ALIGN
         if at + n > self.buf.numel():
             return None
         self.used = at + n
@@ -91,9 +93,9 @@ class HugePageArena:
 
 
 class FusedLinear:
-    """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked. On a CPU every part is
-    a copy in huge-page memory (from `arena`, else its own `huge_page_empty` buffer when it is a huge page or more),
-    a single module's too; elsewhere a single module's own tensors are used uncopied."""
+    """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked. With an `arena` (a CPU
+    decoder's) every part is a copy in its huge-page memory, a single module's too; without one, or when the arena has
+    no buffer, a single module's own tensors are used uncopied."""
 
     def __init__(self, mods: list[nn.Module], arena: HugePageArena | None = None):
         kinds = {type(m) for m in mods}
@@ -111,16 +113,19 @@ class FusedLinear:
         ts = [getattr(m, name) for m in self.mods]
         return None if ts[0] is None else [t.detach() for t in ts]
 
+    @staticmethod
+    def _dim(name: str) -> int:
+        """The dim a part stacks its modules' tensors along (int4's scales_and_zeros are (K/group, N, 2))."""
+        return 1 if name == "scales_and_zeros" else 0
+
     def _stack(self, name: str) -> torch.Tensor | None:
         ts = self._tensors(name)
         if ts is None:
             return None
-        dim = 1 if name == "scales_and_zeros" else 0
+        dim = self._dim(name)
         shape = list(ts[0].shape)
         shape[dim] = sum(t.shape[dim] for t in ts)
-        out = None
-        if ts[0].device.type == "cpu":
-            out = self.arena.take(shape, ts[0].dtype) if self.arena is not None else huge_page_empty(shape, ts[0].dtype)
+        out = self.arena.take(shape, ts[0].dtype) if self.arena is not None else None
         if out is not None:
             return torch.cat(ts, dim=dim, out=out)
         return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
@@ -131,7 +136,7 @@ class FusedLinear:
         for part, name in zip(self.parts, _PARTS[self.kind]):
             ts = self._tensors(name)
             if part is not None and not (len(ts) == 1 and ts[0].data_ptr() == part.data_ptr()):
-                torch.cat(ts, dim=1 if name == "scales_and_zeros" else 0, out=part)
+                torch.cat(ts, dim=self._dim(name), out=part)
 
     def kernel_operands(self) -> list[torch.Tensor] | None:
         """This matrix as quark::decode_layer takes it: [fp32 weight], [int8 rows, scales] or [int4 nibbles, table]."""

@@ -331,12 +331,12 @@ def _anon_huge_kb(addr: int) -> int | None:
 
 def test_cpu_decode_weights_are_copies_in_huge_pages_that_follow_refresh():
     """A matrix's copy, and a whole decoder's weights in one buffer, in 2 MiB pages where Linux grants them."""
-    from quark.fast import HUGE_PAGE, FusedLinear, FusedWeights, huge_page_empty
+    from quark.fast import HUGE_PAGE, FusedLinear, FusedWeights, HugePageArena, huge_page_empty
 
     if huge_page_empty([HUGE_PAGE], torch.uint8) is None:
         pytest.skip("no madvise(MADV_HUGEPAGE) here (not Linux)")
     lin = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB: two huge pages
-    f = FusedLinear([lin])
+    f = FusedLinear([lin], HugePageArena(HugePageArena.size([lin.weight])))
     part = f.parts[0]
     assert part.data_ptr() != lin.weight.data_ptr() and part.data_ptr() % HUGE_PAGE == 0
     assert torch.equal(part, lin.weight.detach())
@@ -344,7 +344,7 @@ def test_cpu_decode_weights_are_copies_in_huge_pages_that_follow_refresh():
         lin.weight.mul_(2)
     f.refresh()
     assert torch.equal(part, lin.weight.detach())
-    small = FusedLinear([torch.nn.Linear(64, 64, bias=False)])  # under a huge page: the module's own tensor
+    small = FusedLinear([torch.nn.Linear(64, 64, bias=False)])  # no arena: the module's own tensor
     assert small.parts[0].data_ptr() == small.mods[0].weight.data_ptr()
     # a decoder's weights share one buffer: matrices under 2 MiB (most of the tiny preset's) are in huge pages too
     w = FusedWeights(Quark(PRESETS["tiny"]).eval())
