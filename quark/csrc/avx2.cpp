@@ -9,16 +9,18 @@
 // then a remaining pair of blocks (64 columns) the same way and a last odd block in plain C++; low nibbles against
 // the even columns of x and high ones against the odd, so x is stored split the same way; the blocks' (scale, zero)
 // pairs are converted 4 at a time and their offset terms summed as one vector product. Each weight row is read
-// once per call, prefetched ahead, and used for every row of x while it is in L1: rows of x go four at a time
+// once per call and used for every row of x while it is in L1: rows of x go four at a time
 // (`*_rows<4>`, then `*_rows<1>` for the rest), so each weight block is loaded and unpacked once for four rows.
 // The rows' accumulators are function-template arrays under `#pragma GCC unroll` so they stay in registers.
+// int8 and int4 rows are prefetched PREFETCH bytes ahead in software; fp32 rows are left to the hardware prefetcher,
+// which streams them faster alone (dev/LOG.md, 2026-12-08).
 #include <immintrin.h>
 
 #include "layer.h"
 
 namespace {
 
-constexpr int64_t PREFETCH = 1024;  // bytes ahead of the weight row being read
+constexpr int64_t PREFETCH = 1024;  // bytes ahead of the int8 / int4 weight row being read
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -127,13 +129,12 @@ inline void int4_rows(const int8_t* em, const int8_t* om, const float* dl, const
 // Rows 0 .. R-1 of x (K floats apart) against one fp32 weight row `wn`, each 16 columns of w loaded once for the R
 // rows; y[r * ldy] = the dot product.
 template <int R>
-inline void f32_rows(const float* x, int64_t K, const float* wn, bool prefetch, float* y, int64_t ldy) {
+inline void f32_rows(const float* x, int64_t K, const float* wn, float* y, int64_t ldy) {
   __m256 a0[R], a1[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    if (prefetch && k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + k) + PREFETCH, _MM_HINT_T0);
     const __m256 w0 = _mm256_loadu_ps(wn + k), w1 = _mm256_loadu_ps(wn + k + 8);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
@@ -206,8 +207,8 @@ struct Avx2 {
       for (int64_t n = n0; n < n1; ++n) {
         const float* wn = w + n * K;
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) f32_rows<4>(x + m * K, K, wn, m == 0, y + m * N + n, N);
-        for (; m < M; ++m) f32_rows<1>(x + m * K, K, wn, m == 0, y + m * N + n, N);
+        for (; m + 4 <= M; m += 4) f32_rows<4>(x + m * K, K, wn, y + m * N + n, N);
+        for (; m < M; ++m) f32_rows<1>(x + m * K, K, wn, y + m * N + n, N);
       }
     });
   }
