@@ -105,8 +105,9 @@ class FusedLinear:
         self.parts = [self._stack(name) for name in _PARTS[self.kind]]
         w = self.parts[0]
         ours = w.device.type == "cpu" and kernels.available()
-        # decided here, not per call (a compiled graph calling this must not trace the CPU's flags)
-        self.f32_kernel = self.kind is nn.Linear and w.dtype == torch.float32 and ours
+        # decided here, not per call (a compiled graph calling this must not trace the CPU's flags, and finding the
+        # tier reads the environment: a large share of a small model's step when done at every call)
+        self.f32_gemv = kernels.ops().f32_gemv if self.kind is nn.Linear and w.dtype == torch.float32 and ours else None
         self.torch_packed = int4_pack_for_torch(w) if self.kind is Int4Linear and not ours else None
 
     def _tensors(self, name: str) -> list[torch.Tensor] | None:
@@ -152,8 +153,8 @@ class FusedLinear:
         if self.kind is Int8Linear:
             return int8_linear(x, *self.parts)
         rows = x.numel() // x.shape[-1]
-        if self.f32_kernel and rows <= F32_KERNEL_ROWS and x.dtype == torch.float32:
-            return kernels.f32_gemv(x.reshape(rows, -1), self.parts[0]).view(*x.shape[:-1], -1)
+        if self.f32_gemv is not None and rows <= F32_KERNEL_ROWS and x.dtype == torch.float32:
+            return self.f32_gemv(x.reshape(rows, -1), self.parts[0]).view(*x.shape[:-1], -1)
         return F.linear(x, self.parts[0])
 
 
@@ -234,6 +235,7 @@ class KernelStep(EagerStep):
 
     def __init__(self, dec: FastDecoder):
         self.layers = [layer.kernel_args() for layer in dec.w.layers]
+        self.decode_layer = kernels.ops().decode_layer  # `kernels.decode_layer`'s op, its tier found once
 
     @staticmethod
     def runs(model: Quark, weights: FusedWeights) -> bool:
@@ -247,7 +249,7 @@ class KernelStep(EagerStep):
         n = n_keys or int(slots.max()) + 1
         x = dec.w.embed(tok).reshape(B, -1).contiguous()  # (B, D), updated in place by every layer
         for args, k, v in zip(self.layers, cache.k, cache.v):
-            kernels.decode_layer(x, args, (k, v), dec.w.tables, slots, key_mask=key_mask, n_keys=n)
+            self.decode_layer(x, *args, k, v, *dec.w.tables, slots, key_mask, n)
         return dec.w.lm_head(dec.w.norm(x)).float()
 
 
