@@ -6,7 +6,7 @@ import torch
 from quark import Quark
 from quark.config import PRESETS
 from quark.generate import generate, generate_text, stream_text_ids
-from quark.sampling import apply_rep_penalty, sample_next
+from quark.sampling import apply_rep_penalty, argmax_rows, sample_next
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,18 @@ def test_nan_logits_fall_back_to_greedy():
         assert tok[0].item() == 1  # greedy over the finite entries
     inf = torch.tensor([[float("inf"), 0.0, 1.0, 0.0]])
     assert sample_next(inf, temperature=0.7).item() == 0
+
+
+def test_argmax_rows_is_torch_argmax_first_maximum_included():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 49152, generator=g)
+    x[1, 7] = x[1, 40000] = 100.0  # a tie: the first one, as torch.argmax
+    x[2] = -float("inf")
+    x[2, 123] = 0.0
+    for t in (x, x[:, ::2], x.double(), x.bfloat16()):  # contiguous, strided, numpy's dtypes and torch's own
+        got = argmax_rows(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(-1))
+    assert argmax_rows(x)[1] == 7
 
 
 def test_nan_injected_into_the_model_does_not_propagate(model, monkeypatch):
