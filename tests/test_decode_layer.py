@@ -98,7 +98,7 @@ def test_decoder_steps_run_decode_layer_and_match_eager_steps(monkeypatch, bits)
             op = getattr(self.ops, name)
             return (lambda x, *a: calls.append(x.shape[0]) or op(x, *a)) if name == "decode_layer" else op
 
-    monkeypatch.setattr(kernels, "ops", lambda tier=None: Counting(real_ops(tier)))
+    monkeypatch.setattr(kernels, "ops", lambda name=None: Counting(real_ops(name)))
 
     def logits(step: type, b: int) -> torch.Tensor:
         dec = FastDecoder(q, 3, 20, step, weights)
