@@ -14,9 +14,10 @@ import torch
 
 from quark.config import QuarkConfig
 from quark.model import Quark
+from quark.train import optim
 from quark.train.config import TrainConfig
 from quark.train.loop import train
-from quark.train.optim import MuonAdamW, build_optimizer, set_lr
+from quark.train.optim import Muon, MuonAdamW, build_optimizer, set_lr
 from quark.weights import read_safetensors, save_model
 from tests.test_train import train_cfg, write_pretrain_data, write_sft_data
 from tests.test_train_ddp import conversations, one_vs_two_processes
@@ -75,10 +76,44 @@ def test_muon_step_equals_the_reference_algorithm():
         opt.zero_grad()
         want, bufs = keller_muon_update(grad, bufs)
         got = (before * (1 - lr * wd) - w.detach()) / (lr * 0.2 * math.sqrt(max(w.shape)))  # Moonshot's RMS scale
-        # torch orthogonalises in bf16: ~1.3% mean deviation from the float64 reference (measured); Keller's own
+        # bf16 Newton-Schulz (CUDA, AMX) is ~1.3% mean deviation from the float64 reference (measured); Keller's own
         # lr scale instead of Moonshot's is off by 60%, and a wrong momentum or transpose by more
         assert (got - want).abs().mean() < 0.03 * want.abs().mean()
         assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9995
+
+
+def test_newton_schulz_runs_in_bf16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("quark.kernels.cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert optim.ns_dtype(cpu) == torch.float32  # bf16 matmuls are a scalar loop there (~25x slower)
+    monkeypatch.setattr("quark.kernels.cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert optim.ns_dtype(cpu) == torch.bfloat16
+    assert optim.ns_dtype(torch.device("cuda")) == torch.bfloat16
+    # in bf16 the step is torch.optim.Muon's to the bit, state included; in fp32 it is closer to Keller's float64
+    g = torch.Generator().manual_seed(1)
+    shapes, grads = [(48, 16), (16, 40)], [[torch.randn(48, 16, generator=g), torch.randn(16, 40, generator=g)]
+                                           for _ in range(3)]
+    def run(cls, dtype):
+        monkeypatch.setattr(optim, "ns_dtype", lambda device: dtype)
+        ps = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
+        opt = cls(ps, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = gr.clone()
+            opt.step()
+        return [p.detach() for p in ps], opt.state_dict()
+
+    theirs, their_state = run(torch.optim.Muon, None)
+    ours, our_state = run(Muon, torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+    assert all(torch.equal(their_state["state"][i]["momentum_buffer"], our_state["state"][i]["momentum_buffer"])
+               for i in range(2))
+    fp32, _ = run(Muon, torch.float32)
+    p, buf = torch.ones(48, 16), torch.zeros(48, 16)
+    for step in grads:
+        want, buf = keller_muon_update(step[0], buf)
+        p = p * (1 - 0.02 * 0.1) - 0.02 * 0.2 * math.sqrt(48) * want
+    assert (fp32[0] - p).abs().max() < 0.2 * (ours[0] - p).abs().max()
 
 
 def test_merged_state_dict_round_trip_continues_identically():

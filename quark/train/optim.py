@@ -11,6 +11,10 @@ Choices:
   and weight decay live on AdamW's scale; `muon_lr` sets its peak (0: the same as `lr`) and the schedule scales
   both groups together (`lr_scale` in each param group). Under DDP every rank holds the full, all-reduced
   gradient, so each orthogonalises the same matrices and the replicas stay identical.
+- `Muon` is torch's with the Newton-Schulz iterations in the dtype the device multiplies fast (`ns_dtype`): torch
+  casts them to bf16, and a CPU without native bf16 matmuls (AVX2, most ARM) runs bf16 matmuls in a scalar loop:
+  the tiny preset's 28 matrices took 6.6 s a step in bf16 against 0.26 s in fp32 on a 2-core Zen 3. CUDA and CPUs
+  with AMX or AVX512-BF16 keep bf16. The update rule, the state (`momentum_buffer`) and the groups are torch's.
 - Both optimizers are wrapped as one `MuonAdamW` with a single `param_groups` list and a merged `state_dict`, so
   the checkpoint code saves and restores it like any torch optimizer.
 - The schedule is a pure function of the step and the planned step count, so the scheduler's state is just
@@ -39,6 +43,53 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
 
 
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where matmuls run natively in it (CUDA; a CPU with AMX or AVX512-BF16), else fp32."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    from ..kernels import cpu_flags
+
+    return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & cpu_flags() else torch.float32
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalisation of a 2-D update (quintic Newton-Schulz), computed in `dtype`."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    if g.size(0) > g.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if g.size(0) > g.size(1) else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon whose Newton-Schulz iterations run in `ns_dtype` of the parameters' device."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure here")
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       ns_dtype(p.device))
+                a, b = p.shape[:2]
+                scale = 0.2 * math.sqrt(max(a, b)) if group["adjust_lr_fn"] == "match_rms_adamw" else \
+                    math.sqrt(max(1, a / b))
+                p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-lr * scale)
+
+
 class MuonAdamW:
     """Muon on the hidden matrices and AdamW on everything else, behind one optimizer interface."""
 
@@ -55,7 +106,7 @@ class MuonAdamW:
         if not hidden:
             raise ValueError("optimizer=muon: the model has no hidden 2-D weights")
         scale = (muon_lr or lr) / lr
-        self.muon = torch.optim.Muon([{"params": hidden, "lr_scale": scale}], lr=lr * scale,
+        self.muon = Muon([{"params": hidden, "lr_scale": scale}], lr=lr * scale,
                                      weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
                                         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}],
