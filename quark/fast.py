@@ -101,13 +101,13 @@ class FusedLinear:
         kinds = {type(m) for m in mods}
         if len(kinds) != 1 or not kinds <= set(_PARTS):
             raise TypeError("FusedLinear needs modules that are all nn.Linear, all Int8Linear or all Int4Linear")
-        self.mods, self.kind, self.arena = mods, type(mods[0]), arena
-        self.parts = [self._stack(name) for name in _PARTS[self.kind]]
+        self.mods, self.kind = mods, type(mods[0])
+        self.parts = [self._stack(name, arena) for name in _PARTS[self.kind]]
         w = self.parts[0]
         ours = w.device.type == "cpu" and kernels.available()
-        # decided here, not per call (a compiled graph calling this must not trace the CPU's flags, and finding the
-        # tier reads the environment: a large share of a small model's step when done at every call)
-        self.f32_gemv = kernels.ops().f32_gemv if self.kind is nn.Linear and w.dtype == torch.float32 and ours else None
+        # the kernels' tier for fp32 weights, found here, not per call (a compiled graph calling this must not trace
+        # the CPU's flags, and finding it reads the environment: a large share of a small model's step at every call)
+        self.f32_tier = kernels.chosen_tier() if self.kind is nn.Linear and w.dtype == torch.float32 and ours else None
         self.torch_packed = int4_pack_for_torch(w) if self.kind is Int4Linear and not ours else None
 
     def _tensors(self, name: str) -> list[torch.Tensor] | None:
@@ -119,14 +119,14 @@ class FusedLinear:
         """The dim a part stacks its modules' tensors along (int4's scales_and_zeros are (K/group, N, 2))."""
         return 1 if name == "scales_and_zeros" else 0
 
-    def _stack(self, name: str) -> torch.Tensor | None:
+    def _stack(self, name: str, arena: HugePageArena | None) -> torch.Tensor | None:
         ts = self._tensors(name)
         if ts is None:
             return None
         dim = self._dim(name)
         shape = list(ts[0].shape)
         shape[dim] = sum(t.shape[dim] for t in ts)
-        out = self.arena.take(shape, ts[0].dtype) if self.arena is not None else None
+        out = arena.take(shape, ts[0].dtype) if arena is not None else None
         if out is not None:
             return torch.cat(ts, dim=dim, out=out)
         return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
@@ -153,8 +153,8 @@ class FusedLinear:
         if self.kind is Int8Linear:
             return int8_linear(x, *self.parts)
         rows = x.numel() // x.shape[-1]
-        if self.f32_gemv is not None and rows <= F32_KERNEL_ROWS and x.dtype == torch.float32:
-            return self.f32_gemv(x.reshape(rows, -1), self.parts[0]).view(*x.shape[:-1], -1)
+        if self.f32_tier is not None and rows <= F32_KERNEL_ROWS and x.dtype == torch.float32:
+            return kernels.f32_gemv(x.reshape(rows, -1), self.parts[0], self.f32_tier).view(*x.shape[:-1], -1)
         return F.linear(x, self.parts[0])
 
 
@@ -235,7 +235,7 @@ class KernelStep(EagerStep):
 
     def __init__(self, dec: FastDecoder):
         self.layers = [layer.kernel_args() for layer in dec.w.layers]
-        self.decode_layer = kernels.ops().decode_layer  # `kernels.decode_layer`'s op, its tier found once
+        self.tier = kernels.chosen_tier()  # found once: it reads the environment and the CPU's flags
 
     @staticmethod
     def runs(model: Quark, weights: FusedWeights) -> bool:
@@ -249,7 +249,7 @@ class KernelStep(EagerStep):
         n = n_keys or int(slots.max()) + 1
         x = dec.w.embed(tok).reshape(B, -1).contiguous()  # (B, D), updated in place by every layer
         for args, k, v in zip(self.layers, cache.k, cache.v):
-            self.decode_layer(x, *args, k, v, *dec.w.tables, slots, key_mask, n)
+            kernels.decode_layer(x, args, (k, v), dec.w.tables, slots, key_mask=key_mask, n_keys=n, tier=self.tier)
         return dec.w.lm_head(dec.w.norm(x)).float()
 
 
