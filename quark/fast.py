@@ -10,8 +10,9 @@ Choices:
   `decode_layer` call a layer (quark/csrc/layer.h), any row count; `EagerStep` (CPU otherwise: no compiler,
   QUARK_CPU_ISA=torch, bf16 activations): `layer_forward` over the fused layers in eager torch; `GraphStep`
   (CUDA): static buffers and the step captured as a CUDA graph (torch.compile'd first unless QUARK_COMPILE=0).
-  Prefill is `layer_forward` over the fused layers in all three (on CUDA compiled); quark's kernels run its
-  matmuls of prompts up to KERNEL_ROWS tokens (quark/quantize.py).
+  `KernelStep` prefills prompts of up to its `max_rows` tokens in all the same way, their tokens as the rows of
+  one `decode_layer` call a layer; other prefills are `layer_forward` over the fused layers (on CUDA compiled),
+  where quark's kernels run the matmuls of prompts up to KERNEL_ROWS tokens (quark/quantize.py).
 - When the fused copies are made: a CPU decoder makes them from the model's weights when it is made, and
   `decoder_for` makes a decoder at every call (`generate`: one per call; the serving engine and `quark.load`: one
   per load), so weights trained, loaded or edited between generations are always seen and nothing watches them.
@@ -40,7 +41,7 @@ from . import kernels
 from .cpu_settings import Threads
 from .generate import Decoder, register_fast_decoder
 from .model import Block, Context, KVCache, Quark, layer_forward
-from .quantize import Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_torch, int8_linear
+from .quantize import KERNEL_ROWS, Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_torch, int8_linear
 
 F32_KERNEL_ROWS = 8
 HUGE_PAGE = 2 << 20  # bytes: x86-64's and most ARM64 Linux kernels' transparent huge page
@@ -231,16 +232,39 @@ class EagerStep:
 
 
 class KernelStep(EagerStep):
-    """One token of each row through quark::decode_layer, a call a layer (quark/csrc/layer.h)."""
+    """One token of each row through quark::decode_layer, a call a layer (quark/csrc/layer.h); prompts too, their
+    tokens packed as rows that share their prompt's cache row, up to `max_rows` tokens in all (fp32 weights:
+    F32_KERNEL_ROWS, where torch's sgemm starts to be faster; int8 / int4: KERNEL_ROWS, as their matmuls)."""
 
     def __init__(self, dec: FastDecoder):
         self.layers = [layer.kernel_args() for layer in dec.w.layers]
         self.tier = kernels.chosen_tier()  # found once: it reads the environment and the CPU's flags
+        self.max_rows = F32_KERNEL_ROWS if len(self.layers[0][3]) == 1 else KERNEL_ROWS
 
     @staticmethod
     def runs(model: Quark, weights: FusedWeights) -> bool:
         return (model.device.type == "cpu" and model.dtype == torch.float32 and kernels.available()
                 and all(layer.kernel_args() is not None for layer in weights.layers))
+
+    def prefill(self, dec: FastDecoder, idx: torch.Tensor, cache: KVCache, slots: int | torch.Tensor,  # shape: forward
+                key_mask: torch.Tensor | None, n_keys: int | None, last: torch.Tensor | None = None) -> torch.Tensor:
+        """`Decoder.forward`'s prefill: prompt j (row j of idx, its first last[j] + 1 tokens; right padding is not
+        run) into cache row j at its slots; the logits (m, V) of each prompt's last token."""
+        m, T = idx.shape
+        lengths = torch.full((m,), T) if last is None else last + 1
+        if int(lengths.sum()) > self.max_rows:
+            return dec.forward(idx, cache, slots, key_mask, n_keys, last)
+        keep = torch.arange(T) < lengths[:, None]  # (m, T): the real tokens
+        pos = torch.arange(slots, slots + T).expand(m, T) if isinstance(slots, int) else slots.expand(m, T)
+        rows = torch.arange(m)[:, None].expand(m, T)[keep]
+        pos = pos[keep].long()
+        n = n_keys or int(pos.max()) + 1
+        mask = None if key_mask is None else key_mask[rows].contiguous()
+        x = dec.w.embed(idx[keep]).contiguous()  # (tokens, D), updated in place by every layer
+        for args, k, v in zip(self.layers, cache.k, cache.v):
+            kernels.decode_layer(x, args, (k, v), dec.w.tables, pos, key_mask=mask, n_keys=n, cache_rows=rows,
+                                 tier=self.tier)
+        return dec.w.lm_head(dec.w.norm(x[lengths.cumsum(0) - 1])).float()
 
     def decode(self, dec: FastDecoder, tok: torch.Tensor, slots: int | torch.Tensor, n_keys: int | None) -> torch.Tensor:
         B = tok.shape[0]

@@ -66,7 +66,7 @@ class Decoder:
                      offsets: torch.Tensor | None = None, n_keys: int | None = None) -> torch.Tensor:
         """m prompts right-padded into idx (m, T), true lengths `lengths` (m,) (None: all T), into rows
         start..start+m-1 while the other rows keep their state. Returns each prompt's last-token logits (m, V).
-        Padding slots are written too; a row's decode step overwrites each before any query of the row sees it.
+        Padding slots may be written too; a row's decode step overwrites each before any query of the row sees it.
         With `offsets` (m,), row j's tokens go to slots offsets[j].. and attend over the slots before them too
         (a prefix the caller copied in: quark/serve/prefix_cache.py); `n_keys` (> every real slot, the caller
         knows it) bounds the slots attended over. Padding slots past the cache land on its last slot."""

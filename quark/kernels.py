@@ -228,10 +228,11 @@ def f32_gemv(x: torch.Tensor, weight: torch.Tensor, tier: str | None = None) -> 
 
 def decode_layer(x: torch.Tensor, layer: tuple, kv: tuple[torch.Tensor, torch.Tensor],
                  tables: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, *, key_mask: torch.Tensor | None,
-                 n_keys: int, tier: str | None = None) -> None:
+                 n_keys: int, cache_rows: torch.Tensor | None = None, tier: str | None = None) -> None:
     """One decoder layer (`quark.model.layer_forward`) for one new token of each row of x (B, D) float32, in place.
     `layer` (ln1, ln2, eps, qkv, o, gate_up, down), each matrix [fp32 weight], [int8 weight, fp32 scale] or [int4
-    nibbles, `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,);
-    attention over the first `n_keys` slots under `quark.model.attention_mask`'s rule with `key_mask`
-    (B, >= n_keys) bool or None; `tables` the RoPE cos/sin (positions, hd)."""
-    ops(tier).decode_layer(x, *layer, *kv, *tables, slots, key_mask, n_keys)
+    nibbles, `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,),
+    or with `cache_rows` (B,) int64 into kv's row cache_rows[b] (kv (C, n_kv, L, hd)): rows sharing a cache row
+    are one prompt's tokens, a prefill. Attention over the first `n_keys` slots under `quark.model.attention_mask`'s
+    rule with `key_mask` (B, >= n_keys) bool or None; `tables` the RoPE cos/sin (positions, hd)."""
+    ops(tier).decode_layer(x, *layer, *kv, *tables, slots, key_mask, n_keys, cache_rows)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +70,19 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(-1)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) float -> (B,) int64: each row's first maximum over its finite entries (NaN as -inf, +inf as
+    the largest float), `sample_next` at temperature 0. On the CPU one argmax answers it wherever the maximum it
+    finds is finite (a row with a NaN has one at its argmax: numpy's and torch's argmax return the first NaN); only
+    other rows are cleaned first, which off the CPU every row is (no host sync)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        x = logits.detach().numpy()
+        tok = x.argmax(-1)
+        if np.isfinite(x[np.arange(x.shape[0]), tok]).all():
+            return torch.from_numpy(tok)
+    return argmax_rows(_finite_rows(logits, sync=False)[2])
+
+
 def _finite_rows(logits: torch.Tensor, sync: bool = True) -> tuple[torch.Tensor, bool, torch.Tensor]:
     """(B,) whether each row's logits are all finite, whether all rows are (found only with `sync`, a host round
     trip; False without it), and the logits with NaN -> -inf and +inf -> float max, copied only when needed. NaN
@@ -93,15 +107,14 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None = None, temperat
     logits = logits.float()
     if seen is not None:
         logits = apply_rep_penalty(logits, seen, rep_penalty)
-    finite, _, safe = _finite_rows(logits, sync=logits.device.type == "cpu")  # no host sync off the CPU
-    greedy = argmax_rows(safe)
     if temperature == 0.0:
-        return greedy
+        return greedy(logits)
+    finite, _, safe = _finite_rows(logits, sync=logits.device.type == "cpu")  # no host sync off the CPU
     probs = top_p_filter(scale_logits(safe, temperature), top_p).softmax(-1)
     probs = torch.where(finite[:, None], probs, torch.zeros_like(probs))
     probs[:, 0] += (~finite).float()  # keep rows valid for multinomial; replaced by greedy below
     sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return torch.where(finite, sampled, greedy)
+    return torch.where(finite, sampled, argmax_rows(safe))
 
 
 def rep_penalty_ids(logits: torch.Tensor, ids: torch.Tensor, rep_penalty: float) -> torch.Tensor:
@@ -123,9 +136,9 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float,
     the kept set and accepts with probability >= top_p, so no row is sorted. A row still rejected after `tries`
     draws is sampled from its explicitly masked distribution (one sort, of that row only)."""
     logits = logits.float()
-    finite, all_finite, safe = _finite_rows(logits)
     if temperature == 0.0:
-        return argmax_rows(safe)
+        return greedy(logits)
+    finite, all_finite, safe = _finite_rows(logits)
     probs = scale_logits(safe, temperature).softmax(-1)  # (B, V)
     B, V = probs.shape
     cdf = probs.cumsum(-1)

@@ -81,7 +81,8 @@ def test_decode_layer_is_layer_forward(tier, shape, bits):  # noqa: F811
 @pytest.mark.parametrize("bits", [32, 8, 4])
 def test_decoder_steps_run_decode_layer_and_match_eager_steps(monkeypatch, bits):
     """Decode steps (one row, and three at their own slots as the serving engine steps them) are one
-    quark::decode_layer call a layer where the kernels run, with the logits of the decoder's eager steps."""
+    quark::decode_layer call a layer where the kernels run, with the logits of the decoder's eager steps; so are
+    prefills of up to KernelStep.max_rows tokens in all (their tokens packed as the call's rows)."""
     if not kernels.available():
         pytest.skip("quark's kernels do not run here")
     q = _quantized(noisy_test_model(), bits)
@@ -102,12 +103,44 @@ def test_decoder_steps_run_decode_layer_and_match_eager_steps(monkeypatch, bits)
     with torch.no_grad():
         for b in (1, 3):
             got = logits(KernelStep, b)
-            assert calls == [b] * 7 * q.config.n_layers
+            packed = [5 * b] * q.config.n_layers if 5 * b <= FastDecoder(q, 1, 8).how.max_rows else []
+            assert calls == packed + [b] * 7 * q.config.n_layers
             calls.clear()
             want = logits(EagerStep, b)
             assert not calls
             assert (got - want).abs().max() <= 2e-3 * want.abs().max()
             assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_packed_prefill_is_the_eager_prefill(bits):
+    """KernelStep's prefill (the prompts' real tokens as the rows of one decode_layer call a layer, each prompt's
+    sharing its cache row) against the eager prefill: right-padded prompts of three lengths, the same after a
+    prefix at per-row offsets, and left-padded prompts under a key mask; the same logits and cache slots."""
+    if not kernels.available():
+        pytest.skip("quark's kernels do not run here")
+    q = _quantized(noisy_test_model(), bits)
+    weights = FusedWeights(q)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, q.config.vocab_size, (3, 7), generator=g)
+    lengths, offsets = torch.tensor([7, 3, 5]), torch.tensor([4, 3, 5])  # an offset within the row's prompt
+    key_mask = torch.ones(3, 7, dtype=torch.bool)
+    key_mask[1, :3] = key_mask[2, :1] = False
+    decs = {step: FastDecoder(q, 4, 24, step, weights) for step in (EagerStep, KernelStep)}
+    decs[KernelStep].how.max_rows = 64
+    with torch.no_grad():
+        got, want = ([dec.prefill_rows(idx, lengths, 1), dec.prefill_rows(idx, lengths, 1, offsets, 20),
+                      dec.prefill(idx, key_mask)] for dec in decs.values())
+    tol = 1e-4 if bits == 32 else 2e-3
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= tol * b.abs().max()
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    real = torch.zeros(4, 24, dtype=torch.bool)  # (cache row, slot) written: the last call's, row 3's before it
+    real[:3, :7] = True
+    real[3, :10] = True
+    kernel, eager = (dec.cache.k + dec.cache.v for dec in decs.values())
+    for a, b in zip(kernel, eager):
+        assert (a.transpose(1, 2)[real] - b.transpose(1, 2)[real]).abs().max() <= tol * b.abs().max()
 
 
 def test_decode_layer_rejects_bad_operands_with_a_clear_error(tier):  # noqa: F811
@@ -128,3 +161,5 @@ def test_decode_layer_rejects_bad_operands_with_a_clear_error(tier):  # noqa: F8
         call(x.double(), args, kv, w.tables, torch.tensor([1]), key_mask=None, n_keys=10)
     with pytest.raises(RuntimeError, match=r"n_keys must be in \[1, 10\]"):
         call(x, args, kv, w.tables, torch.tensor([1]), key_mask=None, n_keys=11)
+    with pytest.raises(RuntimeError, match=r"cache row 1 of row 0 outside \[0, 1\)"):
+        call(x, args, kv, w.tables, torch.tensor([1]), key_mask=None, n_keys=10, cache_rows=torch.tensor([1]))

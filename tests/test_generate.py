@@ -6,7 +6,7 @@ import torch
 from quark import Quark
 from quark.config import PRESETS
 from quark.generate import generate, generate_text, stream_text_ids
-from quark.sampling import apply_rep_penalty, argmax_rows, sample_next
+from quark.sampling import apply_rep_penalty, argmax_rows, greedy, sample_next
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,25 @@ def test_argmax_rows_is_torch_argmax_first_maximum_included():
         got = argmax_rows(t)
         assert got.dtype == torch.int64 and torch.equal(got, t.argmax(-1))
     assert argmax_rows(x)[1] == 7
+
+
+def test_greedy_is_the_argmax_over_finite_entries_in_every_row():
+    """`greedy` (one argmax, rows cleaned only where its maximum is not finite) equals the argmax of the cleaned
+    logits: NaN as -inf, +inf as the largest float, for rows with a NaN, a +inf, -inf entries, and all -inf."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(3))
+    x[1, 5] = nan
+    x[1, 9] = 50.0
+    x[2, 17] = x[2, 40] = inf
+    x[3, ::2] = -inf
+    x[4] = -inf
+    x[5, 0] = nan
+    x[5, 1] = -inf
+    for t in (x, x.double(), x.bfloat16()):
+        want = torch.nan_to_num(t.float(), nan=-inf, posinf=torch.finfo(torch.float32).max).argmax(-1)
+        assert torch.equal(greedy(t), want)
+        assert torch.equal(sample_next(t, temperature=0.0), want)
+    assert greedy(x)[1] == 9 and greedy(x)[2] == 17
 
 
 def test_nan_injected_into_the_model_does_not_propagate(model, monkeypatch):

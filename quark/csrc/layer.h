@@ -11,7 +11,9 @@
 //
 // `decode_layer<Tier>` is quark/model.py's `layer_forward` for one new token of each of B rows, written in plain
 // C++ that the compiler vectorizes for each tier's flags: RMSNorm, the fused q/k/v matmul, RoPE, the new key and
-// value written into the layer's cache at each row's slot, grouped-query attention over the first n_keys slots
+// value written into the layer's cache at each row's slot (in cache row `cache_rows[b]` if given, else b: rows that
+// share a cache row are a prompt's tokens, all written before any attends), grouped-query attention over the first
+// n_keys slots
 // (slot j is seen by row b when j <= slot_b and (no key_mask, key_mask[b, j] or j == slot_b), as
 // `quark.model.attention_mask`), the output matmul and residual, RMSNorm, the fused gate/up matmul,
 // SiLU(gate) * up, the down matmul and residual; x (B, D) is updated in place. It is the C++ copy of
@@ -185,14 +187,27 @@ template <class Tier>
 void decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& ln2, double eps, at::TensorList qkv,
                   at::TensorList o, at::TensorList gate_up, at::TensorList down, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
-                  const std::optional<at::Tensor>& key_mask, int64_t n_keys) {
+                  const std::optional<at::Tensor>& key_mask, int64_t n_keys,
+                  const std::optional<at::Tensor>& cache_rows) {
   auto f32 = [](const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(); };
   TORCH_CHECK(f32(x) && x.dim() == 2, "decode_layer: x must be a contiguous float32 CPU (B, D), got ", x.sizes());
   const int64_t B = x.size(0), D = x.size(1);
   TORCH_CHECK(f32(ln1) && f32(ln2) && ln1.numel() == D && ln2.numel() == D, "decode_layer: norms must be float32 (", D, ",)");
   TORCH_CHECK(f32(k_cache) && f32(v_cache) && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
-              k_cache.size(0) == B, "decode_layer: caches must be contiguous float32 (", B, ", n_kv, L, hd), got ",
-              k_cache.sizes());
+              (cache_rows.has_value() || k_cache.size(0) == B),
+              "decode_layer: caches must be contiguous float32 (", B, ", n_kv, L, hd), got ", k_cache.sizes());
+  // row b's keys and values: cache row crow[b] (b without cache_rows); several rows may share one (a prompt's tokens)
+  std::vector<int64_t> crow(B);
+  for (int64_t b = 0; b < B; ++b) crow[b] = b;
+  if (cache_rows.has_value()) {
+    const at::Tensor cr = cache_rows->contiguous();
+    TORCH_CHECK(cr.scalar_type() == at::kLong && cr.numel() == B, "decode_layer: cache_rows must be int64 (", B, ",)");
+    for (int64_t b = 0; b < B; ++b) {
+      crow[b] = cr.data_ptr<int64_t>()[b];
+      TORCH_CHECK(crow[b] >= 0 && crow[b] < k_cache.size(0), "decode_layer: cache row ", crow[b], " of row ", b,
+                  " outside [0, ", k_cache.size(0), ")");
+    }
+  }
   const int64_t n_kv = k_cache.size(1), L = k_cache.size(2), hd = k_cache.size(3);
   TORCH_CHECK(f32(cos) && f32(sin) && cos.dim() == 2 && cos.size(1) == hd && cos.sizes() == sin.sizes(),
               "decode_layer: cos/sin must be float32 (positions, ", hd, ")");
@@ -231,7 +246,7 @@ void decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& 
     const float* s = sin.data_ptr<float>() + pos[b] * hd;
     for (int64_t j = 0; j < nh; ++j) rope(row + j * hd, c, s, hd, scale, q.data() + (b * nh + j) * hd);
     for (int64_t g = 0; g < n_kv; ++g) {
-      const int64_t at = ((b * n_kv + g) * L + pos[b]) * hd;
+      const int64_t at = ((crow[b] * n_kv + g) * L + pos[b]) * hd;
       rope(row + (nh + g) * hd, c, s, hd, 1.f, kp + at);
       std::copy(row + (nh + n_kv + g) * hd, row + (nh + n_kv + g + 1) * hd, vp + at);
     }
@@ -246,8 +261,8 @@ void decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& 
     std::vector<float> sc(n_keys);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / n_kv, g = t % n_kv, seen_to = std::min(pos[b] + 1, n_keys);
-      const float* K = kp + (b * n_kv + g) * L * hd;
-      const float* V = vp + (b * n_kv + g) * L * hd;
+      const float* K = kp + (crow[b] * n_kv + g) * L * hd;
+      const float* V = vp + (crow[b] * n_kv + g) * L * hd;
       for (int64_t i = 0; i < group; ++i) {
         const float* qi = q.data() + (b * nh + g * group + i) * hd;
         for (int64_t j = 0; j < n_keys; ++j) {
@@ -298,7 +313,7 @@ void decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& 
     m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");                                                                 \
     m.def("decode_layer(Tensor(a!) x, Tensor ln1, Tensor ln2, float eps, Tensor[] qkv, Tensor[] o, "                 \
           "Tensor[] gate_up, Tensor[] down, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor cos, Tensor sin, "        \
-          "Tensor slots, Tensor? key_mask, int n_keys) -> ()");                                                      \
+          "Tensor slots, Tensor? key_mask, int n_keys, Tensor? cache_rows=None) -> ()");                                                      \
   }                                                                                                                  \
   TORCH_LIBRARY_IMPL(NS, CPU, m) {                                                                                   \
     m.impl("int8_gemv", &int8_op<Tier>);                                                                             \
