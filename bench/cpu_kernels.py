@@ -61,8 +61,9 @@ def candidates(ws: list[torch.Tensor], tiers: list[str]) -> dict[str, tuple[list
         p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(t[0]).to(torch.int32), 1)
         int4pack.append(lambda x, p=p, sz=t[1]: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p, 32, sz))
     out["torch int4 _weight_int4pack_mm_for_cpu"] = (int4pack, sum(t[0].numel() + t[2].numel() * 2 for t in q4))
+    packed = [kernels.f32_pack(w) for w in ws]
     for tier in tiers:
-        out[f"{tier} fp32"] = ([lambda x, w=w, t=tier: kernels.f32_gemv(x, w, tier=t) for w in ws],
+        out[f"{tier} fp32"] = ([lambda x, w=w, t=tier: kernels.f32_gemv(x, w, tier=t) for w in packed],
                                sum(w.numel() * 4 for w in ws))
         out[f"{tier} int8"] = ([lambda x, q=q, s=s, t=tier: kernels.int8_gemv(x, q, s, tier=t) for q, s in q8],
                                sum(q.numel() for q, _ in q8))

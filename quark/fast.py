@@ -20,8 +20,10 @@ Choices:
   buffers at every `decoder_for` call.
 - On a CPU the copies (all of them, o / down / lm_head included) share one buffer Linux backs with 2 MiB pages
   (`HugePageArena`): streaming the weights once a token on 4 KiB pages spends a TLB miss every 4 KiB.
-- fp32 matmuls of up to F32_KERNEL_ROWS rows outside the layers (the lm_head) run quark's `f32_gemv` where the
-  kernels run: it reads the weight once for all rows, where MKL's sgemm at a few rows does not reach memory speed.
+- Where quark's kernels run, the fp32 copies are in `kernels.f32_pack`'s layout and every matmul of them (the
+  layers', the lm_head's) is `f32_gemv`: it reads the weight once for all rows, at the memory's speed, where MKL's
+  sgemm at a few rows does not. A prefill of more than F32_KERNEL_ROWS tokens, where the sgemm is faster, runs the
+  model's own modules (`Decoder.forward`).
 - CPU prefills and decode steps run on the cores other processes leave free (quark/cpu_settings.py).
 """
 
@@ -96,20 +98,21 @@ class HugePageArena:
 class FusedLinear:
     """One matmul over the rows of several Linear / Int8Linear / Int4Linear modules stacked. With an `arena` (a CPU
     decoder's) every part is a copy in its huge-page memory, a single module's too; without one, or when the arena has
-    no buffer, a single module's own tensors are used uncopied."""
+    no buffer, a single module's own tensors are used uncopied. fp32 weights where quark's kernels run are always a
+    copy, in `kernels.f32_pack`'s layout, which only `kernels.f32_gemv` reads."""
 
     def __init__(self, mods: list[nn.Module], arena: HugePageArena | None = None):
         kinds = {type(m) for m in mods}
         if len(kinds) != 1 or not kinds <= set(_PARTS):
             raise TypeError("FusedLinear needs modules that are all nn.Linear, all Int8Linear or all Int4Linear")
         self.mods, self.kind = mods, type(mods[0])
-        self.parts = [self._stack(name, arena) for name in _PARTS[self.kind]]
-        w = self.parts[0]
+        w = mods[0].weight if self.kind is not Int4Linear else mods[0].qweight
         ours = w.device.type == "cpu" and kernels.available()
         # the kernels' tier for fp32 weights, found here, not per call (a compiled graph calling this must not trace
         # the CPU's flags, and finding it reads the environment: a large share of a small model's step at every call)
         self.f32_tier = kernels.chosen_tier() if self.kind is nn.Linear and w.dtype == torch.float32 and ours else None
-        self.torch_packed = int4_pack_for_torch(w) if self.kind is Int4Linear and not ours else None
+        self.parts = [self._stack(name, arena) for name in _PARTS[self.kind]]
+        self.torch_packed = int4_pack_for_torch(self.parts[0]) if self.kind is Int4Linear and not ours else None
 
     def _tensors(self, name: str) -> list[torch.Tensor] | None:
         ts = [getattr(m, name) for m in self.mods]
@@ -128,6 +131,8 @@ class FusedLinear:
         shape = list(ts[0].shape)
         shape[dim] = sum(t.shape[dim] for t in ts)
         out = arena.take(shape, ts[0].dtype) if arena is not None else None
+        if self.f32_tier is not None:
+            return kernels.f32_pack(torch.cat(ts), out)
         if out is not None:
             return torch.cat(ts, dim=dim, out=out)
         return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
@@ -137,7 +142,9 @@ class FusedLinear:
         """Copy the modules' current weights into the fused copies, in place (a CUDA graph keeps their pointers)."""
         for part, name in zip(self.parts, _PARTS[self.kind]):
             ts = self._tensors(name)
-            if part is not None and not (len(ts) == 1 and ts[0].data_ptr() == part.data_ptr()):
+            if self.f32_tier is not None:
+                kernels.f32_pack(torch.cat(ts), part)
+            elif part is not None and not (len(ts) == 1 and ts[0].data_ptr() == part.data_ptr()):
                 torch.cat(ts, dim=self._dim(name), out=part)
 
     def kernel_operands(self) -> list[torch.Tensor] | None:
@@ -153,9 +160,9 @@ class FusedLinear:
             return int4_linear(x, *self.parts, self.torch_packed)
         if self.kind is Int8Linear:
             return int8_linear(x, *self.parts)
-        rows = x.numel() // x.shape[-1]
-        if self.f32_tier is not None and rows <= F32_KERNEL_ROWS and x.dtype == torch.float32:
-            return kernels.f32_gemv(x.reshape(rows, -1), self.parts[0], self.f32_tier).view(*x.shape[:-1], -1)
+        if self.f32_tier is not None:
+            out = kernels.f32_gemv(x.reshape(-1, x.shape[-1]), self.parts[0], self.f32_tier)
+            return out.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, self.parts[0])
 
 
@@ -234,7 +241,8 @@ class EagerStep:
 class KernelStep(EagerStep):
     """One token of each row through quark::decode_layer, a call a layer (quark/csrc/layer.h); prompts too, their
     tokens packed as rows that share their prompt's cache row, up to `max_rows` tokens in all (fp32 weights:
-    F32_KERNEL_ROWS, where torch's sgemm starts to be faster; int8 / int4: KERNEL_ROWS, as their matmuls)."""
+    F32_KERNEL_ROWS, where torch's sgemm starts to be faster; int8 / int4: KERNEL_ROWS, as their matmuls). Longer
+    prefills run the model's own modules (`Decoder.forward`)."""
 
     def __init__(self, dec: FastDecoder):
         self.layers = [layer.kernel_args() for layer in dec.w.layers]
@@ -253,7 +261,7 @@ class KernelStep(EagerStep):
         m, T = idx.shape
         lengths = torch.full((m,), T) if last is None else last + 1
         if int(lengths.sum()) > self.max_rows:
-            return dec.forward(idx, cache, slots, key_mask, n_keys, last)
+            return Decoder.forward(dec, idx, cache, slots, key_mask, n_keys, last)
         keep = torch.arange(T) < lengths[:, None]  # (m, T): the real tokens
         pos = torch.arange(slots, slots + T).expand(m, T) if isinstance(slots, int) else slots.expand(m, T)
         rows = torch.arange(m)[:, None].expand(m, T)[keep]

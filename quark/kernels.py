@@ -221,17 +221,32 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, tier:
     return ops(tier).int4_gemv(x, qweight, table)
 
 
-def f32_gemv(x: torch.Tensor, weight: torch.Tensor, tier: str | None = None) -> torch.Tensor:
-    """x (M, K) float @ weight float32 (N, K).T -> (M, N) float32 (the weight read once for all rows)."""
-    return ops(tier).f32_gemv(x, weight)
+F32_BLOCK = 32  # rows of W a block of `f32_pack`'s layout holds (quark/csrc/layer.h)
+
+
+def f32_pack(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W (N, K) float32 -> the same values in `f32_gemv`'s layout (quark/csrc/layer.h), an (N, K) tensor (`out`, if
+    given): blocks of F32_BLOCK rows one after another, each stored column by column (the last block narrower)."""
+    N, K = w.shape
+    full = N // F32_BLOCK * F32_BLOCK
+    out = torch.empty(N, K, dtype=torch.float32) if out is None else out
+    flat = out.view(-1)
+    flat[:full * K].view(N // F32_BLOCK, K, F32_BLOCK).copy_(w[:full].reshape(N // F32_BLOCK, F32_BLOCK, K).transpose(1, 2))
+    flat[full * K:].view(K, N - full).copy_(w[full:].T)
+    return out
+
+
+def f32_gemv(x: torch.Tensor, packed: torch.Tensor, tier: str | None = None) -> torch.Tensor:
+    """x (M, K) float @ W.T -> (M, N) float32, W (N, K) float32 given as `f32_pack(W)` (read once for all rows)."""
+    return ops(tier).f32_gemv(x, packed)
 
 
 def decode_layer(x: torch.Tensor, layer: tuple, kv: tuple[torch.Tensor, torch.Tensor],
                  tables: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, *, key_mask: torch.Tensor | None,
                  n_keys: int, cache_rows: torch.Tensor | None = None, tier: str | None = None) -> None:
     """One decoder layer (`quark.model.layer_forward`) for one new token of each row of x (B, D) float32, in place.
-    `layer` (ln1, ln2, eps, qkv, o, gate_up, down), each matrix [fp32 weight], [int8 weight, fp32 scale] or [int4
-    nibbles, `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,),
+    `layer` (ln1, ln2, eps, qkv, o, gate_up, down), each matrix [`f32_pack`ed fp32 weight], [int8 weight, fp32
+    scale] or [int4 nibbles, `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,),
     or with `cache_rows` (B,) int64 into kv's row cache_rows[b] (kv (C, n_kv, L, hd)): rows sharing a cache row
     are one prompt's tokens, a prefill. Attention over the first `n_keys` slots under `quark.model.attention_mask`'s
     rule with `key_mask` (B, >= n_keys) bool or None; `tables` the RoPE cos/sin (positions, hd)."""

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from quark import Quark
+from quark import Quark, kernels
 from quark.config import PRESETS
 from quark.fast import EagerStep, FastDecoder, GraphStep, KernelStep, decoder_for
 from quark.generate import generate, generate_text
@@ -299,8 +299,6 @@ def test_cuda_graph_step_traces_as_one_graph_on_cpu(model, monkeypatch):
 def test_decoder_for_picks_one_step(model, monkeypatch):
     """decoder_for picks the step once: quark's kernels where they run (fp32 activations), else eager torch (also
     with QUARK_CPU_ISA=torch, which gives the same greedy tokens)."""
-    from quark import kernels
-
     prompts = [[5, 6, 7, 8], [9]]
     want = generate(model, prompts, max_new_tokens=12, temperature=0.0, fast=False)
     assert isinstance(decoder_for(model, 2, 16).how, KernelStep if kernels.available() else EagerStep)
@@ -332,6 +330,7 @@ def _anon_huge_kb(addr: int) -> int | None:
 def test_cpu_decode_weights_are_copies_in_huge_pages_that_follow_refresh():
     """A matrix's copy, and a whole decoder's weights in one buffer, in 2 MiB pages where Linux grants them."""
     from quark.fast import HUGE_PAGE, FusedLinear, FusedWeights, HugePageArena, huge_page_empty
+    from quark.quantize import Int8Linear
 
     if huge_page_empty([HUGE_PAGE], torch.uint8) is None:
         pytest.skip("no madvise(MADV_HUGEPAGE) here (not Linux)")
@@ -339,12 +338,16 @@ def test_cpu_decode_weights_are_copies_in_huge_pages_that_follow_refresh():
     f = FusedLinear([lin], HugePageArena(HugePageArena.size([lin.weight])))
     part = f.parts[0]
     assert part.data_ptr() != lin.weight.data_ptr() and part.data_ptr() % HUGE_PAGE == 0
-    assert torch.equal(part, lin.weight.detach())
+
+    def layout(w):  # fp32 where quark's kernels run: f32_gemv's layout
+        return kernels.f32_pack(w.detach()) if kernels.available() else w.detach()
+
+    assert torch.equal(part, layout(lin.weight))
     with torch.no_grad():
         lin.weight.mul_(2)
     f.refresh()
-    assert torch.equal(part, lin.weight.detach())
-    small = FusedLinear([torch.nn.Linear(64, 64, bias=False)])  # no arena: the module's own tensor
+    assert torch.equal(part, layout(lin.weight))
+    small = FusedLinear([Int8Linear.from_float(torch.randn(64, 64))])  # no arena: the module's own tensors
     assert small.parts[0].data_ptr() == small.mods[0].weight.data_ptr()
     # a decoder's weights share one buffer: matrices under 2 MiB (most of the tiny preset's) are in huge pages too
     w = FusedWeights(Quark(PRESETS["tiny"]).eval())

@@ -118,19 +118,21 @@ def test_int4_gemv_rejects_bad_operands_with_a_clear_error(tier):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 512, 512), (1, 97, 1344), (3, 5, 688), (8, 2688, 512), (5, 7, 33),
-                                   (7, 64, 100), (1, 1, 16), (6, 3, 7), (2, 576, 576)])
+                                   (7, 64, 100), (1, 1, 16), (6, 3, 7), (2, 576, 576), (4, 70, 9)])
 def test_f32_gemv_is_the_float_product(tier, m, n, k):
-    """Any row count, output size and input size (tails), each row on its own."""
+    """Any row count, output size (a last narrower block) and input size, each row on its own, W `f32_pack`ed."""
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    y = kernels.f32_gemv(x, w, tier=tier)
+    packed = kernels.f32_pack(w)
+    assert packed.shape == w.shape and not (n > kernels.F32_BLOCK and torch.equal(packed, w))
+    y = kernels.f32_gemv(x, packed, tier=tier)
     assert y.shape == (m, n) and y.dtype == torch.float32
     torch.testing.assert_close(y, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-5 * k ** 0.5)
     for i in range(m):  # one row alone may take another summation order
-        torch.testing.assert_close(y[i:i + 1], kernels.f32_gemv(x[i:i + 1], w, tier=tier), rtol=1e-5,
+        torch.testing.assert_close(y[i:i + 1], kernels.f32_gemv(x[i:i + 1], packed, tier=tier), rtol=1e-5,
                                    atol=1e-5 * k ** 0.5)
     with pytest.raises(RuntimeError, match=r"x must be \(M, "):
-        kernels.f32_gemv(torch.randn(1, k + 1), w, tier=tier)
+        kernels.f32_gemv(torch.randn(1, k + 1), packed, tier=tier)
 
 
 def test_linears_take_the_kernels_up_to_kernel_rows():

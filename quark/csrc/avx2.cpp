@@ -12,8 +12,7 @@
 // once per call and used for every row of x while it is in L1: rows of x go four at a time
 // (`*_rows<4>`, then `*_rows<1>` for the rest), so each weight block is loaded and unpacked once for four rows.
 // The rows' accumulators are function-template arrays under `#pragma GCC unroll` so they stay in registers.
-// int8 and int4 rows are prefetched PREFETCH bytes ahead in software; fp32 rows are left to the hardware prefetcher,
-// which streams them faster alone (dev/LOG.md, 2026-12-08).
+// Weight rows are prefetched PREFETCH bytes ahead in software. fp32 is layer.h's, as in every tier.
 #include <immintrin.h>
 
 #include "layer.h"
@@ -126,30 +125,6 @@ inline void int4_rows(const int8_t* em, const int8_t* om, const float* dl, const
   }
 }
 
-// Rows 0 .. R-1 of x (K floats apart) against one fp32 weight row `wn`, each 16 columns of w loaded once for the R
-// rows; y[r * ldy] = the dot product.
-template <int R>
-inline void f32_rows(const float* x, int64_t K, const float* wn, float* y, int64_t ldy) {
-  __m256 a0[R], a1[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m256 w0 = _mm256_loadu_ps(wn + k), w1 = _mm256_loadu_ps(wn + k + 8);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8), w1, a1[r]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    float s = hsum(_mm256_add_ps(a0[r], a1[r]));
-    for (int64_t j = k; j < K; ++j) s += x[r * K + j] * wn[j];
-    y[r * ldy] = s;
-  }
-}
-
 struct Avx2 {
   static void int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N, float* y) {
     const Quantized xq(x, M, K);
@@ -198,17 +173,6 @@ struct Avx2 {
         for (; m < M; ++m)
           int4_rows<1>(&even[m * h], &odd[m * h], &dl[m * nb * 4], &xo[m * nb * 2], h, nb, wn, tn, m == 0,
                        y + m * N + n, N);
-      }
-    });
-  }
-
-  static void f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const float* wn = w + n * K;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) f32_rows<4>(x + m * K, K, wn, y + m * N + n, N);
-        for (; m < M; ++m) f32_rows<1>(x + m * K, K, wn, y + m * N + n, N);
       }
     });
   }

@@ -7,9 +7,7 @@
 // 128 * sum(xq) * d taken off afterwards. Four weight rows at a time share each activation load; every row of x
 // reuses them while they are in L1. int4: a 64-byte load holds 128 columns, low nibbles the even columns and high
 // ones the odd, so x is stored split the same way; per block sum_k w_k x_k ~= scale * d * sum_k q_k xq_k +
-// (zero - 8 scale) * d * sum_k xq_k. f32: one row of x streams each weight row (the hardware prefetcher follows);
-// several rows take four weight rows at a time, each 16-float chunk loaded once for up to four rows of x. Weights
-// are prefetched PREFETCH bytes ahead (the hardware prefetcher alone left int8 at ~10 GB/s on one AMD EPYC core,
+// (zero - 8 scale) * d * sum_k xq_k. fp32 is layer.h's, as in every tier. Weights are prefetched PREFETCH bytes ahead (the hardware prefetcher alone left int8 at ~10 GB/s on one AMD EPYC core,
 // 18-23 GB/s with it).
 #include <immintrin.h>
 
@@ -108,46 +106,6 @@ inline __m512 chunk_dot(__m512 acc, const Chunk& w, const Row& x, int64_t c) {
   return _mm512_mask3_fmadd_ps(w.sz, _mm512_maskz_loadu_ps(0xFF, x.xo.data() + c * 8), acc, 0xFF);
 }
 
-
-constexpr int64_t F32_PREFETCH = 2048;
-
-template <int R>  // R rows of x (1..4) against the 4 weight rows r -> out[m * 4 + i]
-void tile(const float* const* r, const float* x, int64_t K, bool prefetch, float* out) {
-  __m512 acc[R][4];
-  for (int m = 0; m < R; ++m)
-    for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
-    if (prefetch)  // the tile's rows are contiguous: fetch linearly ahead, 256 bytes a step as they are read
-      for (int i = 0; i < 4; ++i)
-        _mm_prefetch(reinterpret_cast<const char*>(r[0]) + k * 16 + 64 * i + F32_PREFETCH, _MM_HINT_T0);
-    __m512 w[4];
-    for (int i = 0; i < 4; ++i) w[i] = _mm512_maskz_loadu_ps(mask, r[i] + k);
-    for (int m = 0; m < R; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_fmadd_ps(xv, w[i], acc[m][i]);
-    }
-  }
-  for (int m = 0; m < R; ++m)
-    for (int i = 0; i < 4; ++i) out[m * 4 + i] = _mm512_reduce_add_ps(acc[m][i]);
-}
-
-// one row of x against one weight row, four accumulators for the FMA latency
-float row_dot(const float* w, const float* x, int64_t K) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(w + k + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), _mm512_loadu_ps(w + k + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), _mm512_loadu_ps(w + k + 48), a3);
-  }
-  for (; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + k), _mm512_maskz_loadu_ps(mask, w + k), a0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
 
 
 struct Avx512 {
@@ -257,40 +215,6 @@ struct Avx512 {
           pass(std::integral_constant<int64_t, 1>{}, 0);
         else
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) pass(std::integral_constant<int64_t, MAX_ROWS>{}, m0);
-      }
-    });
-  }
-
-  static void f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
-    float* yp = y;
-    const float* wp = w;
-    const float* xp = x;
-    if (M == 1) {
-      at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) yp[n] = row_dot(wp + n * K, xp, K);
-      });
-      return;
-    }
-    at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * 4, rows = std::min<int64_t>(4, N - n0);
-        const float* r[4];
-        for (int i = 0; i < 4; ++i) r[i] = wp + (n0 + std::min<int64_t>(i, rows - 1)) * K;  // short tile: repeat
-        float out[4 * 4];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {  // the first pass prefetches; later ones find the tile in L1
-          const float* xm = xp + m0 * K;
-          const int64_t mr = std::min<int64_t>(4, M - m0);
-          if (mr == 4)
-            tile<4>(r, xm, K, m0 == 0, out);
-          else if (mr == 3)
-            tile<3>(r, xm, K, m0 == 0, out);
-          else if (mr == 2)
-            tile<2>(r, xm, K, m0 == 0, out);
-          else
-            tile<1>(r, xm, K, m0 == 0, out);
-          for (int64_t m = 0; m < mr; ++m)
-            for (int64_t i = 0; i < rows; ++i) yp[(m0 + m) * N + n0 + i] = out[m * 4 + i];
-        }
       }
     });
   }

@@ -1,13 +1,18 @@
 // What every tier of quark's CPU kernels shares (portable.cpp, avx2.cpp, avx512.cpp include it): the operand checks
 // of the matmul ops, the activation quantizer, the decoder layer's math, and the registration of one tier's ops.
 //
-// A tier is a struct with three raw matmuls over contiguous memory, y (M, N) = x (M, K) @ W.T:
+// A tier is a struct with two raw matmuls over contiguous memory, y (M, N) = x (M, K) @ W.T:
 //   Tier::int8(x, M, K, w int8 (N, K), scale fp32 (N,), N, y)        W = w * scale[:, None]
 //   Tier::int4(x, M, K, nibbles uint8 (N, K/2), table bf16 bits (N, K/32, 2), N, y)
 //        W[n, k] = (q - 8) * scale + zero, q the nibble of column k (2j low, 2j+1 high), (scale, zero) of its 32
-//   Tier::f32(x, M, K, w fp32 (N, K), N, y)
 // int8 and int4 quantize each row of x to int8 in blocks of 32 (llama.cpp q8_0's scheme, `quantize_blocks`), so
 // every tier computes the same integer dot products and differs only in the order of its float sums.
+// The fp32 matmul is one for all tiers (`f32_packed`, plain C++ each tier's flags vectorize), over W packed in
+// blocks of F32_BLOCK rows (quark.kernels.f32_pack): block b, rows 32b .. 32b + w - 1 (w = min(32, N - 32b)), is
+// K x w floats, W[32b + i, k] at k * w + i, the blocks one after another (N x K floats, an (N, K) tensor). One row
+// of x then streams the weights in order with a broadcast and w / 8 vector FMAs a column and no horizontal sums,
+// so the core has few instructions in flight per byte read: it reads at the memory's speed (dev/LOG.md,
+// 2026-12-08: +10-20% over dot products of rows at batch 1).
 //
 // `decode_layer<Tier>` is quark/model.py's `layer_forward` for one new token of each of B rows, written in plain
 // C++ that the compiler vectorizes for each tier's flags: RMSNorm, the fused q/k/v matmul, RoPE, the new key and
@@ -123,22 +128,64 @@ at::Tensor int4_op(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   return y;
 }
 
-template <class Tier>
-at::Tensor f32_op(const at::Tensor& x, const at::Tensor& w) {
+// ---- the fp32 matmul: W packed (see the top) --------------------------------------------------------------------
+constexpr int64_t F32_BLOCK = 32;
+
+// rows 0..R-1 of x (K floats apart) against one packed block `w` of W columns: y[r * ldy + i] for i < W. Each
+// output sums over k in order; the block is read once, in order, for the R rows.
+template <int R, int W>
+inline void f32_block(const float* __restrict x, int64_t K, const float* __restrict w, float* __restrict y,
+                      int64_t ldy) {
+  float acc[R][W] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * K + k];
+#pragma omp simd
+      for (int i = 0; i < W; ++i) acc[r][i] += xv * w[k * W + i];
+    }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < W; ++i) y[r * ldy + i] = acc[r][i];
+}
+
+// y (M, N) = x (M, K) @ W.T, W packed; threads take blocks
+inline void f32_packed(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, float* y) {
+  const int64_t full = N / F32_BLOCK, tail = N - full * F32_BLOCK;
+  at::parallel_for(0, full + (tail > 0), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* w = wp + b * F32_BLOCK * K;
+      float* yb = y + b * F32_BLOCK;
+      if (b == full) {  // the last, narrower block: plain loops
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = 0; i < tail; ++i) {
+            float s = 0.f;
+            for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * tail + i];
+            yb[m * N + i] = s;
+          }
+        continue;
+      }
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) f32_block<3, F32_BLOCK>(x + m * K, K, w, yb + m * N, N);
+      for (; m + 2 <= M; m += 2) f32_block<2, F32_BLOCK>(x + m * K, K, w, yb + m * N, N);
+      for (; m < M; ++m) f32_block<1, F32_BLOCK>(x + m * K, K, w, yb + m * N, N);
+    }
+  });
+}
+
+inline at::Tensor f32_op(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "f32_gemv: CPU tensors only");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "f32_gemv: w must be float32 (N, K), got ", w.sizes());
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "f32_gemv: x must be (M, ", w.size(1), "), got ", x.sizes());
   const at::Tensor xf = x.to(at::kFloat).contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
-  Tier::f32(xf.data_ptr<float>(), x.size(0), w.size(1), wc.data_ptr<float>(), w.size(0), y.data_ptr<float>());
+  f32_packed(xf.data_ptr<float>(), x.size(0), w.size(1), wc.data_ptr<float>(), w.size(0), y.data_ptr<float>());
   return y;
 }
 
 template <class Tier>
 at::Tensor matmul(const at::Tensor& x, at::TensorList w) {
   TORCH_CHECK((w.size() == 1 && w[0].scalar_type() == at::kFloat) || w.size() == 2,
-              "decode_layer: a matrix is [fp32 weight], [int8 weight, fp32 scale] or [uint8 nibbles, bf16 table]");
-  if (w.size() == 1) return f32_op<Tier>(x, w[0]);
+              "decode_layer: a matrix is [packed fp32 weight], [int8 weight, fp32 scale] or [uint8 nibbles, bf16 table]");
+  if (w.size() == 1) return f32_op(x, w[0]);
   return w[0].scalar_type() == at::kChar ? int8_op<Tier>(x, w[0], w[1]) : int4_op<Tier>(x, w[0], w[1]);
 }
 
@@ -318,6 +365,6 @@ void decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& 
   TORCH_LIBRARY_IMPL(NS, CPU, m) {                                                                                   \
     m.impl("int8_gemv", &int8_op<Tier>);                                                                             \
     m.impl("int4_gemv", &int4_op<Tier>);                                                                             \
-    m.impl("f32_gemv", &f32_op<Tier>);                                                                               \
+    m.impl("f32_gemv", &f32_op);                                                                                     \
     m.impl("decode_layer", &decode_layer<Tier>);                                                                     \
   }

@@ -1,7 +1,7 @@
 // quark's portable CPU kernels: plain C++ with no intrinsics, for any CPU a C++ compiler targets (x86-64, ARM64,
 // Apple), vectorized as far as the compiler manages at -O3. They are the reference the AVX2 and AVX512 tiers are
 // tested against (tests/test_kernels.py) on every machine. Each weight row is read once per call and used for every
-// row of x while it is in L1. The layout and math of the operands: layer.h.
+// row of x while it is in L1. The layout and math of the operands: layer.h (whose fp32 matmul every tier shares).
 #include "layer.h"
 
 namespace {
@@ -54,13 +54,6 @@ struct Portable {
           y[m * N + n] = acc;
         }
       }
-    });
-  }
-
-  static void f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(x + m * K, w + n * K, K);
     });
   }
 };
