@@ -45,7 +45,7 @@ from .generate import Decoder, register_fast_decoder
 from .model import Block, Context, KVCache, Quark, layer_forward
 from .quantize import KERNEL_ROWS, Int4Linear, Int8Embedding, Int8Linear, int4_linear, int4_pack_for_torch, int8_linear
 
-F32_KERNEL_ROWS = 8
+F32_KERNEL_ROWS = 128  # prompt tokens in all that KernelStep prefills; past ~192 torch's sgemm is faster (dev/LOG.md)
 HUGE_PAGE = 2 << 20  # bytes: x86-64's and most ARM64 Linux kernels' transparent huge page
 # the tensors a fused matrix stacks, by the kind of its modules (int4: the kernels' table is None off the CPU)
 _PARTS = {nn.Linear: ("weight",), Int8Linear: ("weight", "scale"), Int4Linear: ("qweight", "scales_and_zeros", "table")}
