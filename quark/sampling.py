@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,7 +77,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
         x = logits.detach().numpy()
         tok = x.argmax(-1)
-        if np.isfinite(x[np.arange(x.shape[0]), tok]).all():
+        if all(math.isfinite(v) for v in x[range(x.shape[0]), tok].tolist()):
             return torch.from_numpy(tok)
     return argmax_rows(_finite_rows(logits, sync=False)[2])
 
