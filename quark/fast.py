@@ -11,8 +11,8 @@ Choices:
   QUARK_CPU_ISA=torch, bf16 activations): `layer_forward` over the fused layers in eager torch; `GraphStep`
   (CUDA): static buffers and the step captured as a CUDA graph (torch.compile'd first unless QUARK_COMPILE=0).
   `KernelStep` prefills prompts of up to its `max_rows` tokens in all the same way, their tokens as the rows of
-  one `decode_layer` call a layer; other prefills are `layer_forward` over the fused layers (on CUDA compiled),
-  where quark's kernels run the matmuls of prompts up to KERNEL_ROWS tokens (quark/quantize.py).
+  one `decode_layer` call a layer, and longer ones through the model's own modules; the other steps' prefills are
+  `layer_forward` over the fused layers (on CUDA compiled).
 - When the fused copies are made: a CPU decoder makes them from the model's weights when it is made, and
   `decoder_for` makes a decoder at every call (`generate`: one per call; the serving engine and `quark.load`: one
   per load), so weights trained, loaded or edited between generations are always seen and nothing watches them.

@@ -231,7 +231,8 @@ def f32_pack(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     full = N // F32_BLOCK * F32_BLOCK
     out = torch.empty(N, K, dtype=torch.float32) if out is None else out
     flat = out.view(-1)
-    flat[:full * K].view(N // F32_BLOCK, K, F32_BLOCK).copy_(w[:full].reshape(N // F32_BLOCK, F32_BLOCK, K).transpose(1, 2))
+    blocks = N // F32_BLOCK
+    flat[:full * K].view(blocks, K, F32_BLOCK).copy_(w[:full].reshape(blocks, F32_BLOCK, K).transpose(1, 2))
     flat[full * K:].view(K, N - full).copy_(w[full:].T)
     return out
 
@@ -246,8 +247,9 @@ def decode_layer(x: torch.Tensor, layer: tuple, kv: tuple[torch.Tensor, torch.Te
                  n_keys: int, cache_rows: torch.Tensor | None = None, tier: str | None = None) -> None:
     """One decoder layer (`quark.model.layer_forward`) for one new token of each row of x (B, D) float32, in place.
     `layer` (ln1, ln2, eps, qkv, o, gate_up, down), each matrix [`f32_pack`ed fp32 weight], [int8 weight, fp32
-    scale] or [int4 nibbles, `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at `slots` (B,),
-    or with `cache_rows` (B,) int64 into kv's row cache_rows[b] (kv (C, n_kv, L, hd)): rows sharing a cache row
-    are one prompt's tokens, a prefill. Attention over the first `n_keys` slots under `quark.model.attention_mask`'s
-    rule with `key_mask` (B, >= n_keys) bool or None; `tables` the RoPE cos/sin (positions, hd)."""
+    scale] or [int4 nibbles, `int4_table`]; the new keys and values are written into `kv` (B, n_kv, L, hd) each at
+    `slots` (B,), or with `cache_rows` (B,) int64 into kv's row cache_rows[b] (kv (C, n_kv, L, hd)): rows sharing
+    a cache row are one prompt's tokens, a prefill. Attention over the first `n_keys` slots under
+    `quark.model.attention_mask`'s rule with `key_mask` (B, >= n_keys) bool or None; `tables` the RoPE cos/sin
+    (positions, hd)."""
     ops(tier).decode_layer(x, *layer, *kv, *tables, slots, key_mask, n_keys, cache_rows)

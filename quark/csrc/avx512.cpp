@@ -7,8 +7,8 @@
 // 128 * sum(xq) * d taken off afterwards. Four weight rows at a time share each activation load; every row of x
 // reuses them while they are in L1. int4: a 64-byte load holds 128 columns, low nibbles the even columns and high
 // ones the odd, so x is stored split the same way; per block sum_k w_k x_k ~= scale * d * sum_k q_k xq_k +
-// (zero - 8 scale) * d * sum_k xq_k. fp32 is layer.h's, as in every tier. Weights are prefetched PREFETCH bytes ahead (the hardware prefetcher alone left int8 at ~10 GB/s on one AMD EPYC core,
-// 18-23 GB/s with it).
+// (zero - 8 scale) * d * sum_k xq_k. fp32 is layer.h's, as in every tier. Weights are prefetched PREFETCH bytes
+// ahead (the hardware prefetcher alone left int8 at ~10 GB/s on one AMD EPYC core, 18-23 GB/s with it).
 #include <immintrin.h>
 
 #include <type_traits>

@@ -18,12 +18,11 @@
 // C++ that the compiler vectorizes for each tier's flags: RMSNorm, the fused q/k/v matmul, RoPE, the new key and
 // value written into the layer's cache at each row's slot (in cache row `cache_rows[b]` if given, else b: rows that
 // share a cache row are a prompt's tokens, all written before any attends), grouped-query attention over the first
-// n_keys slots
-// (slot j is seen by row b when j <= slot_b and (no key_mask, key_mask[b, j] or j == slot_b), as
-// `quark.model.attention_mask`), the output matmul and residual, RMSNorm, the fused gate/up matmul,
-// SiLU(gate) * up, the down matmul and residual; x (B, D) is updated in place. It is the C++ copy of
-// `layer_forward`: tests/test_decode_layer.py fails when the two disagree. Threads: at::parallel_for (torch's
-// OpenMP pool) in the matmuls and over (row, KV head) in the attention.
+// n_keys slots (slot j is seen by row b when j <= slot_b and (no key_mask, key_mask[b, j] or j == slot_b), as
+// `quark.model.attention_mask`), the output matmul and residual, RMSNorm, the fused gate/up matmul, SiLU(gate) * up,
+// the down matmul and residual; x (B, D) is updated in place. It is the C++ copy of `layer_forward`:
+// tests/test_decode_layer.py fails when the two disagree. Threads: at::parallel_for (torch's OpenMP pool) in the
+// matmuls and over (row, KV head) in the attention.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -184,7 +183,8 @@ inline at::Tensor f32_op(const at::Tensor& x, const at::Tensor& w) {
 template <class Tier>
 at::Tensor matmul(const at::Tensor& x, at::TensorList w) {
   TORCH_CHECK((w.size() == 1 && w[0].scalar_type() == at::kFloat) || w.size() == 2,
-              "decode_layer: a matrix is [packed fp32 weight], [int8 weight, fp32 scale] or [uint8 nibbles, bf16 table]");
+              "decode_layer: a matrix is [packed fp32 weight], [int8 weight, fp32 scale] or "
+              "[uint8 nibbles, bf16 table]");
   if (w.size() == 1) return f32_op(x, w[0]);
   return w[0].scalar_type() == at::kChar ? int8_op<Tier>(x, w[0], w[1]) : int4_op<Tier>(x, w[0], w[1]);
 }
@@ -360,7 +360,7 @@ void decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& 
     m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");                                                                 \
     m.def("decode_layer(Tensor(a!) x, Tensor ln1, Tensor ln2, float eps, Tensor[] qkv, Tensor[] o, "                 \
           "Tensor[] gate_up, Tensor[] down, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor cos, Tensor sin, "        \
-          "Tensor slots, Tensor? key_mask, int n_keys, Tensor? cache_rows=None) -> ()");                                                      \
+          "Tensor slots, Tensor? key_mask, int n_keys, Tensor? cache_rows=None) -> ()");                             \
   }                                                                                                                  \
   TORCH_LIBRARY_IMPL(NS, CPU, m) {                                                                                   \
     m.impl("int8_gemv", &int8_op<Tier>);                                                                             \
