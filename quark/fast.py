@@ -132,10 +132,10 @@ class FusedLinear:
         shape[dim] = sum(t.shape[dim] for t in ts)
         out = arena.take(shape, ts[0].dtype) if arena is not None else None
         if self.f32_tier is not None:
-            return kernels.f32_pack(torch.cat(ts), out)
+            return kernels.f32_pack(_joined(ts, dim), out)
         if out is not None:
             return torch.cat(ts, dim=dim, out=out)
-        return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
+        return _joined(ts, dim)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -143,7 +143,7 @@ class FusedLinear:
         for part, name in zip(self.parts, _PARTS[self.kind]):
             ts = self._tensors(name)
             if self.f32_tier is not None:
-                kernels.f32_pack(torch.cat(ts), part)
+                kernels.f32_pack(_joined(ts, 0), part)
             elif part is not None and not (len(ts) == 1 and ts[0].data_ptr() == part.data_ptr()):
                 torch.cat(ts, dim=self._dim(name), out=part)
 
@@ -164,6 +164,11 @@ class FusedLinear:
             out = kernels.f32_gemv(x.reshape(-1, x.shape[-1]), self.parts[0], self.f32_tier)
             return out.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, self.parts[0])
+
+
+def _joined(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The tensors concatenated along `dim`; a single one as it is, not copied."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
 
 
 class FusedLayer:
@@ -247,7 +252,7 @@ class KernelStep(EagerStep):
     def __init__(self, dec: FastDecoder):
         self.layers = [layer.kernel_args() for layer in dec.w.layers]
         self.tier = kernels.chosen_tier()  # found once: it reads the environment and the CPU's flags
-        self.max_rows = F32_KERNEL_ROWS if len(self.layers[0][3]) == 1 else KERNEL_ROWS
+        self.max_rows = F32_KERNEL_ROWS if dec.w.layers[0].qkv_p.f32_tier is not None else KERNEL_ROWS
 
     @staticmethod
     def runs(model: Quark, weights: FusedWeights) -> bool:
