@@ -107,7 +107,7 @@ class MuonAdamW:
             raise ValueError("optimizer=muon: the model has no hidden 2-D weights")
         scale = (muon_lr or lr) / lr
         self.muon = Muon([{"params": hidden, "lr_scale": scale}], lr=lr * scale,
-                                     weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+                         weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
                                         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}],
                                        lr=lr, betas=tuple(betas), eps=eps, fused=True)
